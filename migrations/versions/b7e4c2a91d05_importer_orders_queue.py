@@ -1,0 +1,139 @@
+"""Queue state per order, kept current by a trigger that also sends the NOTIFY wake-up.
+
+Revision ID: b7e4c2a91d05
+Revises: 78d3d6d84aec
+Create Date: 2026-11-29
+
+``importer_orders`` holds one row per order uuid: its latest stage and row id, the replica
+that runs it and until when its lease holds, and how many attempts it has had. Claims and
+status queries read this table instead of scanning the ``imports`` history. The trigger
+keeps it current for every writer: OMERO.biomero, raw SQL and the documented manual retry
+(an UPDATE that sets every row of a uuid back to 'Import Pending').
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import sqlalchemy as sa
+from alembic import op
+
+from biomero_importer.db.sql import DEFAULT_CHANNEL, trigger_statements
+
+revision: str = "b7e4c2a91d05"
+down_revision: str | None = "78d3d6d84aec"
+branch_labels: str | Sequence[str] | None = None
+depends_on: str | Sequence[str] | None = None
+
+TRACK_ORDER = """
+CREATE OR REPLACE FUNCTION importer_track_order() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF TG_OP = 'INSERT' THEN
+        INSERT INTO importer_orders AS o (uuid, stage, latest_id)
+        VALUES (NEW.uuid, NEW.stage, NEW.id)
+        ON CONFLICT (uuid) DO UPDATE SET
+            stage = EXCLUDED.stage,
+            latest_id = EXCLUDED.latest_id,
+            updated_at = now(),
+            queued_at = CASE
+                WHEN EXCLUDED.stage = 'Import Pending' AND o.stage <> 'Import Pending'
+                THEN now() ELSE o.queued_at END,
+            -- a user re-queueing a finished order starts its attempt count afresh
+            attempts = CASE
+                WHEN EXCLUDED.stage = 'Import Pending'
+                     AND o.stage IN ('Import Completed', 'Import Failed')
+                THEN 0 ELSE o.attempts END,
+            cancel_requested = CASE
+                WHEN EXCLUDED.stage = 'Import Pending'
+                     AND o.stage IN ('Import Completed', 'Import Failed')
+                THEN false ELSE o.cancel_requested END
+        WHERE o.latest_id < EXCLUDED.latest_id;
+    ELSIF NEW.stage = 'Import Pending' AND OLD.stage IS DISTINCT FROM 'Import Pending' THEN
+        UPDATE importer_orders SET
+            stage = 'Import Pending',
+            queued_at = now(),
+            updated_at = now(),
+            attempts = CASE WHEN stage IN ('Import Completed', 'Import Failed')
+                            THEN 0 ELSE attempts END,
+            cancel_requested = false
+        WHERE uuid = NEW.uuid AND stage <> 'Import Pending';
+    END IF;
+    IF NEW.stage = 'Import Pending' THEN
+        PERFORM pg_notify(TG_ARGV[0], NEW.uuid);
+    END IF;
+    RETURN NULL;
+END;
+$$;
+"""
+
+NOTIFY_CANCEL = """
+CREATE OR REPLACE FUNCTION importer_notify_cancel() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_notify(TG_ARGV[0], 'cancel:' || NEW.uuid);
+    RETURN NULL;
+END;
+$$;
+"""
+
+
+def upgrade() -> None:
+    op.create_table(
+        "importer_orders",
+        sa.Column("uuid", sa.String(length=36), primary_key=True),
+        sa.Column("stage", sa.String(), nullable=False),
+        sa.Column("latest_id", sa.Integer(), nullable=False),
+        sa.Column(
+            "queued_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.text("now()")
+        ),
+        sa.Column(
+            "updated_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.text("now()")
+        ),
+        sa.Column("worker_id", sa.String(), nullable=True),
+        sa.Column("lease_expires_at", sa.DateTime(timezone=True), nullable=True),
+        sa.Column("attempts", sa.Integer(), nullable=False, server_default=sa.text("0")),
+        sa.Column(
+            "cancel_requested", sa.Boolean(), nullable=False, server_default=sa.text("false")
+        ),
+        sa.Column("objects", sa.JSON(), nullable=True),
+    )
+    # Raw SQL writers often leave out the timestamp; the original relied on a client default.
+    op.alter_column("imports", "timestamp", server_default=sa.text("now()"))
+    # Adopt the history: one queue row per uuid from its latest row. Orders the original left
+    # 'Import Started' have no worker and are recovered like an expired lease.
+    op.execute(
+        """
+        INSERT INTO importer_orders (uuid, stage, latest_id, queued_at, updated_at)
+        SELECT DISTINCT ON (uuid) uuid, stage, id,
+               COALESCE(timestamp, now()), COALESCE(timestamp, now())
+        FROM imports
+        ORDER BY uuid, id DESC
+        """
+    )
+    op.create_index(
+        "importer_orders_ix_pending",
+        "importer_orders",
+        ["queued_at"],
+        postgresql_where=sa.text("stage = 'Import Pending' AND worker_id IS NULL"),
+    )
+    op.create_index(
+        "importer_orders_ix_leases",
+        "importer_orders",
+        ["lease_expires_at"],
+        postgresql_where=sa.text("worker_id IS NOT NULL"),
+    )
+    op.create_index("importer_orders_ix_updated", "importer_orders", ["updated_at"])
+    op.execute(TRACK_ORDER)
+    op.execute(NOTIFY_CANCEL)
+    for statement in trigger_statements(DEFAULT_CHANNEL):
+        op.execute(statement)
+
+
+def downgrade() -> None:
+    op.execute("DROP TRIGGER IF EXISTS importer_track_insert ON imports")
+    op.execute("DROP TRIGGER IF EXISTS importer_track_retry ON imports")
+    op.drop_table("importer_orders")
+    op.execute("DROP FUNCTION IF EXISTS importer_track_order()")
+    op.execute("DROP FUNCTION IF EXISTS importer_notify_cancel()")
+    op.alter_column("imports", "timestamp", server_default=None)

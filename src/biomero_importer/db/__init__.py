@@ -1,0 +1,1 @@
+"""The database layer: models, migrations, the embedded server and every SQL statement."""

@@ -1,0 +1,115 @@
+"""SQLAlchemy models of the tables OMERO.biomero, Metabase and SQL clients read and write.
+
+``imports`` and ``imports_preprocessing`` are a public interface: their names, types, indexes
+and stage strings match the original importer exactly. ``importer_orders`` is ours: one row per
+order uuid, kept current by a trigger, so claiming never scans the event history.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    func,
+    text,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+STAGE_NEW_ORDER = "Import Pending"
+STAGE_IMPORTING = "Import Started"
+STAGE_PREPROCESSING = "Import Preprocessing"
+STAGE_IMPORTED = "Import Completed"
+STAGE_INGEST_FAILED = "Import Failed"
+
+TERMINAL_STAGES = (STAGE_IMPORTED, STAGE_INGEST_FAILED)
+RUNNING_STAGES = (STAGE_IMPORTING, STAGE_PREPROCESSING)
+ALL_STAGES = (STAGE_NEW_ORDER, *RUNNING_STAGES, *TERMINAL_STAGES)
+
+# The tables this service owns; migrations and autogenerate never look at anything else.
+OWNED_TABLES = frozenset({"imports", "imports_preprocessing", "importer_orders"})
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData()
+
+
+class Preprocessing(Base):
+    __tablename__ = "imports_preprocessing"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    container: Mapped[str] = mapped_column(String, nullable=False)
+    input_file: Mapped[str] = mapped_column(String, nullable=False)
+    output_folder: Mapped[str] = mapped_column(String, nullable=False)
+    alt_output_folder: Mapped[str | None] = mapped_column(String, nullable=True)
+    extra_params: Mapped[Any] = mapped_column(JSON, nullable=True)
+
+
+class IngestionTracking(Base):
+    __tablename__ = "imports"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    group_name: Mapped[str] = mapped_column(String, nullable=False)
+    user_name: Mapped[str] = mapped_column(String, nullable=False, index=True)
+    destination_id: Mapped[str] = mapped_column(String, nullable=False)
+    destination_type: Mapped[str] = mapped_column(String, nullable=False)
+    stage: Mapped[str] = mapped_column(String, nullable=False)
+    uuid: Mapped[str] = mapped_column(String(36), nullable=False, index=True)
+    timestamp: Mapped[datetime | None] = mapped_column(
+        DateTime(timezone=True), server_default=func.now()
+    )
+    files: Mapped[str] = mapped_column(Text, nullable=False)
+    file_names: Mapped[str | None] = mapped_column(Text, nullable=True)
+    description: Mapped[str | None] = mapped_column(Text, nullable=True)
+    preprocessing_id: Mapped[int | None] = mapped_column(
+        Integer, ForeignKey("imports_preprocessing.id"), nullable=True
+    )
+    preprocessing: Mapped[Preprocessing | None] = relationship(Preprocessing)
+
+    __table_args__ = (Index("imports_ix_uuid_timestamp", "uuid", "timestamp"),)
+
+
+class ImporterOrder(Base):
+    """Queue state of one order uuid; maintained by the ``importer_track_order`` trigger."""
+
+    __tablename__ = "importer_orders"
+
+    uuid: Mapped[str] = mapped_column(String(36), primary_key=True)
+    stage: Mapped[str] = mapped_column(String, nullable=False)
+    latest_id: Mapped[int] = mapped_column(Integer, nullable=False)
+    queued_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), nullable=False, server_default=func.now()
+    )
+    updated_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), nullable=False, server_default=func.now()
+    )
+    worker_id: Mapped[str | None] = mapped_column(String, nullable=True)
+    lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    attempts: Mapped[int] = mapped_column(Integer, nullable=False, server_default=text("0"))
+    cancel_requested: Mapped[bool] = mapped_column(
+        Boolean, nullable=False, server_default=text("false")
+    )
+    objects: Mapped[Any] = mapped_column(JSON, nullable=True)
+
+    __table_args__ = (
+        Index(
+            "importer_orders_ix_pending",
+            "queued_at",
+            postgresql_where=text("stage = 'Import Pending' AND worker_id IS NULL"),
+        ),
+        Index(
+            "importer_orders_ix_leases",
+            "lease_expires_at",
+            postgresql_where=text("worker_id IS NOT NULL"),
+        ),
+        Index("importer_orders_ix_updated", "updated_at"),
+    )

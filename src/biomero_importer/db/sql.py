@@ -1,0 +1,197 @@
+"""Every SQL statement the service runs on its hot paths, in one place.
+
+Stage rows are always appended (the ``imports`` table is event-sourced) by copying the order's
+latest row, so any reader that takes the highest id of a uuid sees a complete row. Writes made
+on behalf of a running order are guarded by ``worker_id``: a replica that lost its lease
+writes nothing.
+"""
+
+from __future__ import annotations
+
+DEFAULT_CHANNEL = "biomero_importer_orders"
+CANCEL_PREFIX = "cancel:"
+
+ORDER_COLUMNS = (
+    "group_name, user_name, destination_id, destination_type, stage, uuid,"
+    " files, file_names, description, preprocessing_id, timestamp"
+)
+
+
+def _copy_latest(stage: str, description: str, file_names: str, source: str) -> str:
+    """SELECT list that copies an order's latest row ``i`` with a new stage and description."""
+    return (
+        "SELECT i.group_name, i.user_name, i.destination_id, i.destination_type,"
+        f" {stage}, i.uuid, i.files, {file_names}, {description}, i.preprocessing_id,"
+        f" clock_timestamp() FROM {source}"
+    )
+
+
+def trigger_statements(channel: str) -> list[str]:
+    """(Re)create the wake-up triggers for a notification channel."""
+    return [
+        "DROP TRIGGER IF EXISTS importer_track_insert ON imports",
+        "DROP TRIGGER IF EXISTS importer_track_retry ON imports",
+        "DROP TRIGGER IF EXISTS importer_cancel_requested ON importer_orders",
+        "CREATE TRIGGER importer_track_insert AFTER INSERT ON imports"
+        f" FOR EACH ROW EXECUTE FUNCTION importer_track_order('{channel}')",
+        "CREATE TRIGGER importer_track_retry AFTER UPDATE OF stage ON imports"
+        " FOR EACH ROW WHEN (NEW.stage = 'Import Pending')"
+        f" EXECUTE FUNCTION importer_track_order('{channel}')",
+        "CREATE TRIGGER importer_cancel_requested AFTER UPDATE OF cancel_requested"
+        " ON importer_orders FOR EACH ROW"
+        " WHEN (NEW.cancel_requested AND NOT OLD.cancel_requested)"
+        f" EXECUTE FUNCTION importer_notify_cancel('{channel}')",
+    ]
+
+
+TRIGGER_CHANNEL = """
+SELECT encode(tgargs, 'escape') FROM pg_trigger
+WHERE tgname = 'importer_track_insert' AND tgrelid = 'imports'::regclass
+"""
+
+# $1 free slots, $2 worker id, $3 lease seconds
+CLAIM = """
+WITH picked AS (
+    SELECT uuid FROM importer_orders
+    WHERE stage = 'Import Pending' AND worker_id IS NULL AND NOT cancel_requested
+    ORDER BY queued_at
+    LIMIT $1
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE importer_orders o
+SET worker_id = $2,
+    lease_expires_at = now() + make_interval(secs => $3),
+    attempts = o.attempts + 1,
+    updated_at = now()
+FROM picked
+WHERE o.uuid = picked.uuid
+RETURNING o.uuid, o.latest_id, o.attempts, o.objects::text AS objects,
+          extract(epoch FROM o.queued_at)::float8 AS queued_at
+"""
+
+# $1 latest row ids of the claimed orders
+INSERT_STARTED = f"""
+WITH started AS (
+    INSERT INTO imports ({ORDER_COLUMNS})
+    {_copy_latest("'Import Started'", "NULL", "i.file_names", "imports i WHERE i.id = ANY($1::int[])")}
+    RETURNING *
+)
+SELECT s.uuid, s.group_name, s.user_name, s.destination_id, s.destination_type, s.files,
+       s.file_names, s.preprocessing_id, p.container, p.input_file, p.output_folder,
+       p.alt_output_folder, p.extra_params::text AS extra_params
+FROM started s LEFT JOIN imports_preprocessing p ON p.id = s.preprocessing_id
+"""
+
+# $1 uuid, $2 worker id, $3 stage, $4 description, $5 file_names (NULL keeps them)
+APPEND_STAGE = f"""
+INSERT INTO imports ({ORDER_COLUMNS})
+{_copy_latest("$3", "$4", "COALESCE($5, i.file_names)", "importer_orders o JOIN imports i ON i.id = o.latest_id")}
+WHERE o.uuid = $1 AND o.worker_id = $2
+RETURNING id
+"""
+
+# Ends (or hands back) several owned orders in one statement.
+# $1 uuids, $2 stages, $3 descriptions, $4 file_names, $5 objects (json text), $6 worker id.
+# A hand-back ('Import Pending') does not count as an attempt.
+FINISH_MANY = f"""
+WITH args AS (
+    SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[])
+        AS a(uuid, stage, description, file_names, objects)
+),
+released AS (
+    UPDATE importer_orders o
+    SET worker_id = NULL,
+        lease_expires_at = NULL,
+        objects = COALESCE(a.objects::json, o.objects),
+        attempts = o.attempts - CASE WHEN a.stage = 'Import Pending' THEN 1 ELSE 0 END
+    FROM args a
+    WHERE o.uuid = a.uuid AND o.worker_id = $6
+    RETURNING o.uuid, o.latest_id
+)
+INSERT INTO imports ({ORDER_COLUMNS})
+{
+    _copy_latest(
+        "a.stage",
+        "a.description",
+        "COALESCE(a.file_names, i.file_names)",
+        "released r JOIN args a ON a.uuid = r.uuid JOIN imports i ON i.id = r.latest_id",
+    )
+}
+RETURNING uuid
+"""
+
+# $1 uuid, $2 worker id, $3 objects json
+RECORD_OBJECTS = """
+UPDATE importer_orders SET objects = $3::json WHERE uuid = $1 AND worker_id = $2
+"""
+
+# $1 worker id, $2 uuids, $3 lease seconds
+RENEW_LEASES = """
+UPDATE importer_orders
+SET lease_expires_at = now() + make_interval(secs => $3)
+WHERE worker_id = $1 AND uuid = ANY($2::text[])
+RETURNING uuid, cancel_requested
+"""
+
+# Orders whose replica stopped renewing, and orders the original importer left running.
+# $1 max attempts, $2 batch size
+RECOVER_EXPIRED = f"""
+WITH expired AS (
+    SELECT uuid FROM importer_orders
+    WHERE (worker_id IS NOT NULL AND lease_expires_at < now())
+       OR (worker_id IS NULL AND stage IN ('Import Started', 'Import Preprocessing'))
+    ORDER BY updated_at
+    LIMIT $2
+    FOR UPDATE SKIP LOCKED
+),
+released AS (
+    UPDATE importer_orders o
+    SET worker_id = NULL, lease_expires_at = NULL, updated_at = now()
+    FROM expired e
+    WHERE o.uuid = e.uuid
+    RETURNING o.uuid, o.latest_id, o.attempts, o.attempts < $1 AND NOT o.cancel_requested AS requeue
+)
+INSERT INTO imports ({ORDER_COLUMNS})
+{
+    _copy_latest(
+        "CASE WHEN r.requeue THEN 'Import Pending' ELSE 'Import Failed' END",
+        "CASE WHEN r.requeue THEN format("
+        "'The importer stopped while this order ran (attempt %s of %s); it was queued again.',"
+        " r.attempts, $1)"
+        " ELSE format('The importer stopped while this order ran (attempt %s of %s). Retry it"
+        " with: biomero-importer retry %s', r.attempts, $1, r.uuid) END",
+        "i.file_names",
+        "released r JOIN imports i ON i.id = r.latest_id",
+    )
+}
+RETURNING uuid, stage
+"""
+
+CANCELLED = "Cancelled"
+
+# Pending orders whose cancel was requested: end them without starting. $1 uuid or NULL (all)
+CANCEL_PENDING = f"""
+WITH picked AS (
+    SELECT uuid, latest_id FROM importer_orders
+    WHERE stage = 'Import Pending' AND worker_id IS NULL AND cancel_requested
+      AND ($1::text IS NULL OR uuid = $1)
+    FOR UPDATE SKIP LOCKED
+)
+INSERT INTO imports ({ORDER_COLUMNS})
+{_copy_latest("'Import Failed'", f"'{CANCELLED}'", "i.file_names", "picked p JOIN imports i ON i.id = p.latest_id")}
+RETURNING uuid
+"""
+
+# $1 uuid. Returns the order's stage and owner when the request was recorded.
+REQUEST_CANCEL = """
+UPDATE importer_orders SET cancel_requested = true
+WHERE uuid = $1 AND stage NOT IN ('Import Completed', 'Import Failed')
+RETURNING stage, worker_id
+"""
+
+QUEUE_STATS = """
+SELECT count(*) AS pending,
+       COALESCE(extract(epoch FROM now() - min(queued_at)), 0)::float8 AS oldest_age
+FROM importer_orders
+WHERE stage = 'Import Pending' AND worker_id IS NULL
+"""

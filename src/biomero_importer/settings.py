@@ -1,0 +1,353 @@
+"""One settings model for the whole service.
+
+Sources, lowest to highest precedence: the model's defaults, the YAML file, then environment
+variables (``BIOMERO_IMPORTER_<KEY>`` for every key, plus the names the original importer read).
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+import re
+import socket
+import uuid
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit, urlunsplit
+
+import platformdirs
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+ENV_PREFIX = "BIOMERO_IMPORTER_"
+CONFIG_ENV = "BIOMERO_IMPORTER_CONFIG"
+DEFAULT_CONFIG_PATH = Path("config/settings.yml")
+
+# Environment names the original importer (and the NL-BIOMERO compose files) use.
+LEGACY_ENV: dict[str, str] = {
+    "INGEST_TRACKING_DB_URL": "ingest_tracking_db",
+    "OMERO_HOST": "omero_host",
+    "OMERO_USER": "omero_user",
+    "OMERO_PASSWORD": "omero_password",
+    "OMERO_PORT": "omero_port",
+    "PODMAN_USERNS_MODE": "podman_userns_mode",
+    "USE_REGISTER_ZARR": "use_register_zarr",
+    "ADI_RUN_MIGRATIONS": "run_migrations",
+    "PROCESSED_DATA_FOLDER": "processed_folder_name",
+}
+
+# Keys the original settings.yml carried that mean nothing any more.
+LEGACY_KEYS = frozenset(
+    {
+        "group_list",
+        "data_dir_name",
+        "upload_orders_dir_name",
+        "failed_uploads_directory_name",
+        "preprocessing",
+    }
+)
+LEGACY_KEY_PREFIXES = ("sample_",)
+# Upstream needed a manual stamp for databases without a version table; our baseline revision
+# adopts such databases by itself, so this switch has nothing left to switch.
+IGNORED_ENV = {
+    "ADI_ALLOW_AUTO_STAMP": "existing tables are adopted automatically by the baseline migration",
+}
+
+_URL_SCHEMES = ("postgresql", "postgres", "postgresql+psycopg2", "postgresql+asyncpg")
+
+
+class SettingsError(Exception):
+    """A configuration problem, worded as the one line an admin needs to fix it."""
+
+
+def default_data_dir() -> Path:
+    return Path(platformdirs.user_data_dir("biomero-importer", appauthor=False))
+
+
+def normalise_db_url(url: str) -> str:
+    """Accept every scheme the BIOMERO stack writes and return a plain ``postgresql://`` URL."""
+    parts = urlsplit(url.strip())
+    if parts.scheme not in _URL_SCHEMES:
+        raise ValueError(
+            f"unsupported database URL scheme '{parts.scheme}'"
+            f" (use one of: {', '.join(s + '://' for s in _URL_SCHEMES)})"
+        )
+    return urlunsplit(("postgresql", *parts[1:]))
+
+
+def mask_db_url(url: str) -> str:
+    """The URL with its password replaced, safe for logs and messages."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.netloc.rsplit("@", 1)[1]
+    user = parts.username or ""
+    return urlunsplit((parts.scheme, f"{user}:***@{host}", *parts[2:]))
+
+
+def _default_worker_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+PositiveFloat = Annotated[float, Field(gt=0)]
+
+
+class Settings(BaseModel):
+    """Every key of ``config/settings.yml``; README's configuration reference lists them all."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+    # --- database -------------------------------------------------------------------------
+    ingest_tracking_db: str | None = None
+    embedded_db_dir: Path = Field(default_factory=lambda: default_data_dir() / "postgres")
+    run_migrations: bool = True
+    notify_channel: str = "biomero_importer_orders"
+    db_pool_size: int = Field(default=10, ge=2, le=200)
+
+    # --- dispatcher -----------------------------------------------------------------------
+    max_workers: int = Field(default=4, ge=1, le=10_000)
+    poll_interval: PositiveFloat = 2.0
+    lease_seconds: PositiveFloat = 60.0
+    max_attempts: int = Field(default=1, ge=1)
+    shutdown_timeout: float = Field(default=30.0, ge=0)
+    worker_id: str = Field(default_factory=_default_worker_id)
+
+    # --- files ----------------------------------------------------------------------------
+    base_dir: Path = Path("/data")
+    import_roots: list[Path] | None = None
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+    log_file_path: Path | None = Path("logs/app.logs")
+    log_format: Literal["auto", "json", "console"] = "auto"
+    order_log_dir: Path = Path("logs")
+
+    # --- OMERO ----------------------------------------------------------------------------
+    omero_backend: Literal["blitz", "simulator"] = "blitz"
+    omero_host: str | None = None
+    omero_user: str | None = None
+    omero_password: SecretStr | None = None
+    omero_port: int = Field(default=4064, ge=1, le=65535)
+    omero_threads: int = Field(default=8, ge=1, le=256)
+    omero_retries: int = Field(default=3, ge=0)
+    omero_cli: str = "omero"
+    omero_managed_repository: Path = Path("/OMERO/ManagedRepository")
+    ttl_for_user_conn: int = Field(default=6 * 3600 * 1000, ge=60_000)
+    import_timeout: PositiveFloat = 6 * 3600.0
+    import_depth: int = Field(default=4, ge=1)
+    java_opts: str | None = None
+    fetch_jars: str | None = None
+    parallel_upload_per_worker: int = Field(default=2, ge=1)
+    parallel_filesets_per_worker: int = Field(default=2, ge=1)
+    skip_all: bool = False
+    skip_checksum: bool = False
+    skip_minmax: bool = False
+    skip_thumbnails: bool = False
+    skip_upgrade: bool = False
+    use_register_zarr: bool = False
+    annotation_namespace: str = "biomero.import"
+    omero_simulator_dir: Path | None = None
+    omero_simulator_import_delay: float = Field(default=0.0, ge=0)
+    omero_simulator_fail_pattern: str | None = None
+    omero_simulator_users: dict[str, list[str]] | None = None
+
+    # --- preprocessing --------------------------------------------------------------------
+    container_runtime: str = "podman"
+    container_runtime_args: list[str] = Field(default_factory=list)
+    podman_userns_mode: str | None = None
+    omero_inplace_dir: Path = Path("/OMERO/OMERO_inplace")
+    processed_folder_name: str = ".processed"
+    preprocessing_timeout: PositiveFloat = 3600.0
+    preprocessing_parallel: int = Field(default=1, ge=1, le=64)
+    allowed_containers: list[str] | None = None
+
+    # --- operations -----------------------------------------------------------------------
+    metrics_port: int | None = Field(default=None, ge=0, le=65535)
+    metrics_host: str = "127.0.0.1"
+
+    @field_validator("ingest_tracking_db")
+    @classmethod
+    def _normalise_url(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        return normalise_db_url(value)
+
+    @field_validator("notify_channel")
+    @classmethod
+    def _channel_is_identifier(cls, value: str) -> str:
+        if not re.fullmatch(r"[a-z_][a-z0-9_]{0,62}", value):
+            raise ValueError("must be a lower-case SQL identifier (letters, digits, underscore)")
+        return value
+
+    @field_validator("processed_folder_name")
+    @classmethod
+    def _plain_folder_name(cls, value: str) -> str:
+        if not value or "/" in value or value in {".", ".."}:
+            raise ValueError("must be a single folder name")
+        return value
+
+    @field_validator("omero_simulator_fail_pattern")
+    @classmethod
+    def _valid_regex(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                re.compile(value)
+            except re.error as exc:
+                raise ValueError(f"not a valid regular expression: {exc}") from exc
+        return value
+
+    @model_validator(mode="after")
+    def _absolute_roots(self) -> Settings:
+        for root in self.effective_import_roots:
+            if not root.is_absolute():
+                raise ValueError(f"import root '{root}' must be an absolute path")
+        return self
+
+    # --- derived values -------------------------------------------------------------------
+    @property
+    def effective_import_roots(self) -> list[Path]:
+        return list(self.import_roots) if self.import_roots is not None else [self.base_dir]
+
+    @property
+    def simulator_dir(self) -> Path:
+        if self.omero_simulator_dir is not None:
+            return self.omero_simulator_dir
+        return self.embedded_db_dir.parent / "omero-simulator"
+
+    @property
+    def uses_embedded_db(self) -> bool:
+        return self.ingest_tracking_db is None
+
+    def masked_db_url(self) -> str:
+        if self.ingest_tracking_db is None:
+            return f"embedded PostgreSQL in {self.embedded_db_dir}"
+        return mask_db_url(self.ingest_tracking_db)
+
+    def skip_flags(self) -> list[str]:
+        if self.skip_all:
+            return ["all"]
+        names = ("checksum", "minmax", "thumbnails", "upgrade")
+        return [name for name in names if getattr(self, f"skip_{name}")]
+
+
+FIELD_NAMES: frozenset[str] = frozenset(Settings.model_fields)
+
+
+class LoadedSettings(BaseModel):
+    """Settings plus what loading them noticed (deprecations), to be logged once at startup."""
+
+    settings: Settings
+    source: Path | None
+    notices: list[str]
+
+
+def _suggest(key: str) -> str:
+    close = difflib.get_close_matches(key, sorted(FIELD_NAMES), n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _parse_env_value(key: str, raw: str) -> Any:
+    """Environment values are strings; structured keys also take JSON or comma lists."""
+    annotation = str(Settings.model_fields[key].annotation)
+    structured = "list" in annotation or "dict" in annotation
+    if not structured:
+        return raw
+    text = raw.strip()
+    if text.startswith(("[", "{")):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise SettingsError(f"{key}: not valid JSON ({exc.msg})") from exc
+    if "dict" in annotation:
+        raise SettingsError(f"{key}: expected a JSON object")
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise SettingsError(f"config file {path}: not valid YAML ({exc})") from exc
+    except OSError as exc:
+        raise SettingsError(f"config file {path}: cannot be read ({exc.strerror})") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise SettingsError(f"config file {path}: expected a mapping of settings at the top level")
+    return data
+
+
+def resolve_config_path(explicit: Path | None, environ: dict[str, str]) -> Path | None:
+    if explicit is not None:
+        if not explicit.is_file():
+            raise SettingsError(f"config file {explicit} does not exist")
+        return explicit
+    from_env = environ.get(CONFIG_ENV)
+    if from_env:
+        path = Path(from_env)
+        if not path.is_file():
+            raise SettingsError(f"{CONFIG_ENV}={from_env}: file does not exist")
+        return path
+    return DEFAULT_CONFIG_PATH if DEFAULT_CONFIG_PATH.is_file() else None
+
+
+def load_settings(
+    config: Path | None = None, environ: dict[str, str] | None = None
+) -> LoadedSettings:
+    """Build the settings, or raise SettingsError naming the first bad key."""
+    env = dict(os.environ if environ is None else environ)
+    path = resolve_config_path(config, env)
+    values: dict[str, Any] = {}
+    origin: dict[str, str] = {}
+    notices: list[str] = []
+
+    if path is not None:
+        for key, value in _read_yaml(path).items():
+            key = str(key)
+            if key in LEGACY_KEYS or key.startswith(LEGACY_KEY_PREFIXES):
+                notices.append(f"setting '{key}' in {path} is no longer used and is ignored")
+                continue
+            if key not in FIELD_NAMES:
+                raise SettingsError(f"unknown setting '{key}' in {path}{_suggest(key)}")
+            values[key] = value
+            origin[key] = f"'{key}' in {path}"
+
+    for env_name, why in IGNORED_ENV.items():
+        if env_name in env:
+            notices.append(f"environment variable {env_name} is ignored: {why}")
+    for env_name, key in LEGACY_ENV.items():
+        if env_name in env:
+            values[key] = _parse_env_value(key, env[env_name])
+            origin[key] = env_name
+    for env_name, raw in env.items():
+        if not env_name.startswith(ENV_PREFIX) or env_name == CONFIG_ENV:
+            continue
+        key = env_name[len(ENV_PREFIX) :].lower()
+        if key not in FIELD_NAMES:
+            raise SettingsError(f"unknown environment variable {env_name}{_suggest(key)}")
+        values[key] = _parse_env_value(key, raw)
+        origin[key] = env_name
+
+    try:
+        settings = Settings(**values)
+    except ValidationError as exc:
+        raise SettingsError(_describe(exc, origin)) from None
+    return LoadedSettings(settings=settings, source=path, notices=notices)
+
+
+def _describe(exc: ValidationError, origin: dict[str, str]) -> str:
+    """One line for the first error, never echoing the offending value (it may be a secret)."""
+    error = exc.errors(include_input=False)[0]
+    loc = [str(part) for part in error["loc"]]
+    key = loc[0] if loc else "settings"
+    where = origin.get(key, f"'{key}'")
+    detail = error["msg"].removeprefix("Value error, ")
+    suffix = f" (at {'.'.join(loc[1:])})" if len(loc) > 1 else ""
+    return f"invalid setting {where}: {detail}{suffix}"

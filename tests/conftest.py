@@ -1,0 +1,78 @@
+"""A real PostgreSQL for every test: embedded by default, any server through an env variable.
+
+``BIOMERO_IMPORTER_TEST_DATABASE_URL`` names an existing server (its database is used only to
+create and drop one fresh database per test).
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import psycopg2
+import pytest
+
+from biomero_importer.db.embedded import EmbeddedPostgres
+from biomero_importer.db.migrate import migrate
+from biomero_importer.db.sql import DEFAULT_CHANNEL
+from biomero_importer.db.urls import with_database
+from biomero_importer.settings import normalise_db_url
+
+TEST_DB_ENV = "BIOMERO_IMPORTER_TEST_DATABASE_URL"
+
+
+@dataclass
+class PgServer:
+    admin_url: str
+    embedded: EmbeddedPostgres | None
+
+    def execute(self, sql: str) -> None:
+        conn = psycopg2.connect(self.admin_url)
+        try:
+            conn.autocommit = True
+            with conn.cursor() as cur:
+                cur.execute(sql)
+        finally:
+            conn.close()
+
+
+@pytest.fixture(scope="session")
+def pg_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PgServer]:
+    external = os.environ.get(TEST_DB_ENV)
+    if external:
+        yield PgServer(admin_url=normalise_db_url(external), embedded=None)
+        return
+    embedded = EmbeddedPostgres(tmp_path_factory.mktemp("pgdata"))
+    url = embedded.start()
+    try:
+        yield PgServer(admin_url=url, embedded=embedded)
+    finally:
+        embedded.stop()
+
+
+@pytest.fixture
+def database_url(pg_server: PgServer) -> Iterator[str]:
+    """A fresh, empty database for one test."""
+    name = f"test_{uuid.uuid4().hex[:16]}"
+    pg_server.execute(f"CREATE DATABASE {name}")
+    try:
+        yield with_database(pg_server.admin_url, name)
+    finally:
+        pg_server.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+@pytest.fixture
+def migrated_url(database_url: str) -> str:
+    """A fresh database migrated to head."""
+    migrate(database_url, channel=DEFAULT_CHANNEL)
+    return database_url
+
+
+@pytest.fixture
+def import_root(tmp_path: Path) -> Path:
+    root = tmp_path / "data"
+    root.mkdir()
+    return root
