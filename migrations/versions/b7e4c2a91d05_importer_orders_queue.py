@@ -28,36 +28,65 @@ depends_on: str | Sequence[str] | None = None
 TRACK_ORDER = """
 CREATE OR REPLACE FUNCTION importer_track_order() RETURNS trigger
 LANGUAGE plpgsql AS $$
+DECLARE
+    current importer_orders%ROWTYPE;
+    note text;
 BEGIN
-    IF TG_OP = 'INSERT' THEN
-        INSERT INTO importer_orders AS o (uuid, stage, latest_id)
-        VALUES (NEW.uuid, NEW.stage, NEW.id)
-        ON CONFLICT (uuid) DO UPDATE SET
-            stage = EXCLUDED.stage,
-            latest_id = EXCLUDED.latest_id,
-            updated_at = now(),
-            queued_at = CASE
-                WHEN EXCLUDED.stage = 'Import Pending' AND o.stage <> 'Import Pending'
-                THEN now() ELSE o.queued_at END,
-            -- a user re-queueing a finished order starts its attempt count afresh
-            attempts = CASE
-                WHEN EXCLUDED.stage = 'Import Pending'
-                     AND o.stage IN ('Import Completed', 'Import Failed')
-                THEN 0 ELSE o.attempts END,
-            cancel_requested = CASE
-                WHEN EXCLUDED.stage = 'Import Pending'
-                     AND o.stage IN ('Import Completed', 'Import Failed')
-                THEN false ELSE o.cancel_requested END
-        WHERE o.latest_id < EXCLUDED.latest_id;
-    ELSIF NEW.stage = 'Import Pending' AND OLD.stage IS DISTINCT FROM 'Import Pending' THEN
+    IF TG_OP = 'UPDATE' THEN
+        -- the documented manual retry rewrites every row of the uuid to 'Import Pending'
+        IF OLD.stage IS DISTINCT FROM 'Import Pending' THEN
+            UPDATE importer_orders SET
+                stage = 'Import Pending', queued_at = now(), updated_at = now(),
+                attempts = CASE WHEN stage IN ('Import Completed', 'Import Failed')
+                                THEN 0 ELSE attempts END,
+                cancel_requested = false
+            WHERE uuid = NEW.uuid AND stage <> 'Import Pending';
+            PERFORM pg_notify(TG_ARGV[0], NEW.uuid);
+        END IF;
+        RETURN NULL;
+    END IF;
+
+    SELECT * INTO current FROM importer_orders WHERE uuid = NEW.uuid FOR UPDATE;
+    IF NOT FOUND THEN
+        INSERT INTO importer_orders (uuid, stage, latest_id) VALUES (NEW.uuid, NEW.stage, NEW.id)
+        ON CONFLICT (uuid) DO UPDATE SET stage = EXCLUDED.stage, latest_id = EXCLUDED.latest_id
+        WHERE importer_orders.latest_id < EXCLUDED.latest_id;
+    ELSIF current.latest_id > NEW.id THEN
+        RETURN NULL;
+    ELSIF NEW.stage = 'Import Pending' AND (
+        (current.stage IN ('Import Started', 'Import Preprocessing')
+            AND current.worker_id IS NOT NULL)
+        OR (current.stage IN ('Import Completed', 'Import Failed')
+            AND current_setting('biomero_importer.requeue', true) IS DISTINCT FROM 'on')
+    ) THEN
+        -- A second submission of an order that is running or finished: keep one run and
+        -- restore the order's state, saying why, so latest-row readers never see a false
+        -- 'Import Pending'.
+        note := CASE WHEN current.stage IN ('Import Completed', 'Import Failed')
+            THEN 'Duplicate submission ignored: this order already finished;'
+                 || ' re-run it with biomero-importer retry'
+            ELSE 'Duplicate submission ignored: this order is already running' END;
+        INSERT INTO imports (group_name, user_name, destination_id, destination_type, stage,
+                             uuid, files, file_names, description, preprocessing_id, timestamp)
+        SELECT group_name, user_name, destination_id, destination_type, stage, uuid, files,
+               file_names, note, preprocessing_id, clock_timestamp()
+        FROM imports WHERE id = current.latest_id;
+        RETURN NULL;
+    ELSE
         UPDATE importer_orders SET
-            stage = 'Import Pending',
-            queued_at = now(),
+            stage = NEW.stage,
+            latest_id = NEW.id,
             updated_at = now(),
-            attempts = CASE WHEN stage IN ('Import Completed', 'Import Failed')
+            queued_at = CASE WHEN NEW.stage = 'Import Pending' AND current.stage <> 'Import Pending'
+                             THEN now() ELSE queued_at END,
+            -- a finished order queued again starts its attempt count afresh
+            attempts = CASE WHEN NEW.stage = 'Import Pending'
+                                 AND current.stage IN ('Import Completed', 'Import Failed')
                             THEN 0 ELSE attempts END,
-            cancel_requested = false
-        WHERE uuid = NEW.uuid AND stage <> 'Import Pending';
+            cancel_requested = CASE WHEN NEW.stage = 'Import Pending'
+                                         AND current.stage IN ('Import Completed', 'Import Failed')
+                                    THEN false ELSE cancel_requested END
+        WHERE uuid = NEW.uuid;
     END IF;
     IF NEW.stage = 'Import Pending' THEN
         PERFORM pg_notify(TG_ARGV[0], NEW.uuid);
@@ -88,11 +117,15 @@ def upgrade() -> None:
             "queued_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.text("now()")
         ),
         sa.Column(
-            "updated_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.text("now()")
+            "updated_at",
+            sa.DateTime(timezone=True),
+            nullable=False,
+            server_default=sa.text("now()"),
         ),
         sa.Column("worker_id", sa.String(), nullable=True),
         sa.Column("lease_expires_at", sa.DateTime(timezone=True), nullable=True),
         sa.Column("attempts", sa.Integer(), nullable=False, server_default=sa.text("0")),
+        sa.Column("runs", sa.Integer(), nullable=False, server_default=sa.text("0")),
         sa.Column(
             "cancel_requested", sa.Boolean(), nullable=False, server_default=sa.text("false")
         ),

@@ -25,7 +25,6 @@ from pydantic import (
     SecretStr,
     ValidationError,
     field_validator,
-    model_validator,
 )
 
 ENV_PREFIX = "BIOMERO_IMPORTER_"
@@ -127,6 +126,8 @@ class Settings(BaseModel):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
     log_file_path: Path | None = Path("logs/app.logs")
     log_format: Literal["auto", "json", "console"] = "auto"
+    log_file_max_bytes: int = Field(default=50 * 1024 * 1024, ge=4096)
+    log_file_backups: int = Field(default=5, ge=1, le=1000)
     order_log_dir: Path = Path("logs")
 
     # --- OMERO ----------------------------------------------------------------------------
@@ -203,12 +204,14 @@ class Settings(BaseModel):
                 raise ValueError(f"not a valid regular expression: {exc}") from exc
         return value
 
-    @model_validator(mode="after")
-    def _absolute_roots(self) -> Settings:
-        for root in self.effective_import_roots:
-            if not root.is_absolute():
-                raise ValueError(f"import root '{root}' must be an absolute path")
-        return self
+    @field_validator("import_roots")
+    @classmethod
+    def _absolute_roots(cls, value: list[Path] | None) -> list[Path] | None:
+        # Relative roots are taken from the working directory once, at load time, so that a
+        # later chdir can never widen what orders may reach.
+        if value is None:
+            return None
+        return [Path(os.path.abspath(root.expanduser())) for root in value]
 
     # --- derived values -------------------------------------------------------------------
     @property
@@ -309,8 +312,8 @@ def load_settings(
     notices: list[str] = []
 
     if path is not None:
-        for key, value in _read_yaml(path).items():
-            key = str(key)
+        for raw_key, value in _read_yaml(path).items():
+            key = str(raw_key)
             if key in LEGACY_KEYS or key.startswith(LEGACY_KEY_PREFIXES):
                 notices.append(f"setting '{key}' in {path} is no longer used and is ignored")
                 continue

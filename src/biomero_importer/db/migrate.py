@@ -88,9 +88,7 @@ def migrate(url: str, *, channel: str) -> tuple[str | None, str]:
                 after = current_revision(conn)
                 conn.commit()
             finally:
-                conn.execute(
-                    text("SELECT pg_advisory_unlock(hashtext(:key))"), {"key": LOCK_KEY}
-                )
+                conn.execute(text("SELECT pg_advisory_unlock(hashtext(:key))"), {"key": LOCK_KEY})
                 conn.commit()
     finally:
         engine.dispose()

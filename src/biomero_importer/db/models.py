@@ -7,6 +7,7 @@ order uuid, kept current by a trigger, so claiming never scans the event history
 
 from __future__ import annotations
 
+import json
 from datetime import datetime
 from typing import Any
 
@@ -67,15 +68,36 @@ class IngestionTracking(Base):
     timestamp: Mapped[datetime | None] = mapped_column(
         DateTime(timezone=True), server_default=func.now()
     )
-    files: Mapped[str] = mapped_column(Text, nullable=False)
-    file_names: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # Stored as JSON text; the properties below take and give lists, as the original did.
+    _files: Mapped[str] = mapped_column("files", Text, nullable=False)
+    _file_names: Mapped[str | None] = mapped_column("file_names", Text, nullable=True)
     description: Mapped[str | None] = mapped_column(Text, nullable=True)
     preprocessing_id: Mapped[int | None] = mapped_column(
         Integer, ForeignKey("imports_preprocessing.id"), nullable=True
     )
     preprocessing: Mapped[Preprocessing | None] = relationship(Preprocessing)
 
-    __table_args__ = (Index("imports_ix_uuid_timestamp", "uuid", "timestamp"),)
+    __table_args__ = (
+        Index("imports_ix_uuid_timestamp", "uuid", "timestamp"),
+        # for `biomero-importer status --group` (migration c41d8e2f7a93)
+        Index("imports_ix_group_name", "group_name"),
+    )
+
+    @property
+    def files(self) -> Any:
+        return json.loads(self._files)
+
+    @files.setter
+    def files(self, files: Any) -> None:
+        self._files = json.dumps(files)
+
+    @property
+    def file_names(self) -> Any:
+        return json.loads(self._file_names) if self._file_names else []
+
+    @file_names.setter
+    def file_names(self, file_names: Any) -> None:
+        self._file_names = json.dumps(file_names)
 
 
 class ImporterOrder(Base):
@@ -95,6 +117,9 @@ class ImporterOrder(Base):
     worker_id: Mapped[str | None] = mapped_column(String, nullable=True)
     lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     attempts: Mapped[int] = mapped_column(Integer, nullable=False, server_default=text("0"))
+    # every claim ever, unlike attempts (which a user retry resets): more than one run means
+    # OMERO may already hold some of the order's files
+    runs: Mapped[int] = mapped_column(Integer, nullable=False, server_default=text("0"))
     cancel_requested: Mapped[bool] = mapped_column(
         Boolean, nullable=False, server_default=text("false")
     )
@@ -112,4 +137,7 @@ class ImporterOrder(Base):
             postgresql_where=text("worker_id IS NOT NULL"),
         ),
         Index("importer_orders_ix_updated", "updated_at"),
+        # for `biomero-importer status` filters (migration c41d8e2f7a93)
+        Index("importer_orders_ix_stage_updated", "stage", "updated_at"),
+        Index("importer_orders_ix_latest", "latest_id"),
     )

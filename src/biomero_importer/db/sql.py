@@ -26,6 +26,11 @@ def _copy_latest(stage: str, description: str, file_names: str, source: str) -> 
     )
 
 
+_BY_IDS = "imports i WHERE i.id = ANY($1::int[])"
+_OWNED_LATEST = "importer_orders o JOIN imports i ON i.id = o.latest_id"
+_PICKED_LATEST = "picked p JOIN imports i ON i.id = p.latest_id"
+
+
 def trigger_statements(channel: str) -> list[str]:
     """(Re)create the wake-up triggers for a notification channel."""
     return [
@@ -62,10 +67,11 @@ UPDATE importer_orders o
 SET worker_id = $2,
     lease_expires_at = now() + make_interval(secs => $3),
     attempts = o.attempts + 1,
+    runs = o.runs + 1,
     updated_at = now()
 FROM picked
 WHERE o.uuid = picked.uuid
-RETURNING o.uuid, o.latest_id, o.attempts, o.objects::text AS objects,
+RETURNING o.uuid, o.latest_id, o.attempts, o.runs, o.objects::text AS objects,
           extract(epoch FROM o.queued_at)::float8 AS queued_at
 """
 
@@ -73,7 +79,7 @@ RETURNING o.uuid, o.latest_id, o.attempts, o.objects::text AS objects,
 INSERT_STARTED = f"""
 WITH started AS (
     INSERT INTO imports ({ORDER_COLUMNS})
-    {_copy_latest("'Import Started'", "NULL", "i.file_names", "imports i WHERE i.id = ANY($1::int[])")}
+    {_copy_latest("'Import Started'", "NULL", "i.file_names", _BY_IDS)}
     RETURNING *
 )
 SELECT s.uuid, s.group_name, s.user_name, s.destination_id, s.destination_type, s.files,
@@ -85,7 +91,7 @@ FROM started s LEFT JOIN imports_preprocessing p ON p.id = s.preprocessing_id
 # $1 uuid, $2 worker id, $3 stage, $4 description, $5 file_names (NULL keeps them)
 APPEND_STAGE = f"""
 INSERT INTO imports ({ORDER_COLUMNS})
-{_copy_latest("$3", "$4", "COALESCE($5, i.file_names)", "importer_orders o JOIN imports i ON i.id = o.latest_id")}
+{_copy_latest("$3", "$4", "COALESCE($5, i.file_names)", _OWNED_LATEST)}
 WHERE o.uuid = $1 AND o.worker_id = $2
 RETURNING id
 """
@@ -178,7 +184,7 @@ WITH picked AS (
     FOR UPDATE SKIP LOCKED
 )
 INSERT INTO imports ({ORDER_COLUMNS})
-{_copy_latest("'Import Failed'", f"'{CANCELLED}'", "i.file_names", "picked p JOIN imports i ON i.id = p.latest_id")}
+{_copy_latest("'Import Failed'", f"'{CANCELLED}'", "i.file_names", _PICKED_LATEST)}
 RETURNING uuid
 """
 
@@ -194,4 +200,67 @@ SELECT count(*) AS pending,
        COALESCE(extract(epoch FROM now() - min(queued_at)), 0)::float8 AS oldest_age
 FROM importer_orders
 WHERE stage = 'Import Pending' AND worker_id IS NULL
+"""
+
+
+# --- command line reads ---
+# Statements of the ``biomero-importer`` commands (status, show, submit --wait, retry, cancel).
+# Everything below reads ``importer_orders`` joined to the latest row, never the whole history.
+
+# $1 user, $2 group, $3 stage, $4 max age (interval), $5 limit; a NULL filter matches all.
+# Each command runs it once, so PostgreSQL plans it with the actual values and drops the
+# unused filters (custom plan): stage uses (stage, updated_at), user and group start from
+# their ``imports`` index and reach the queue row through latest_id.
+ORDER_STATUS = """
+SELECT o.uuid, o.stage, o.updated_at, o.worker_id, i.user_name, i.group_name,
+       i.destination_type, i.destination_id, i.files, i.description
+FROM importer_orders o JOIN imports i ON i.id = o.latest_id
+WHERE ($1::text IS NULL OR i.user_name = $1)
+  AND ($2::text IS NULL OR i.group_name = $2)
+  AND ($3::text IS NULL OR o.stage = $3)
+  AND ($4::interval IS NULL OR o.updated_at >= now() - $4::interval)
+ORDER BY o.updated_at DESC
+LIMIT $5
+"""
+
+# $1 uuid: queue state, latest row and preprocessing settings of one order
+ORDER_DETAIL = """
+SELECT o.uuid, o.stage, o.latest_id, o.queued_at, o.updated_at, o.worker_id,
+       o.lease_expires_at, o.attempts, o.runs, o.cancel_requested, o.objects::text AS objects,
+       i.group_name, i.user_name, i.destination_type, i.destination_id, i.files, i.file_names,
+       i.description, i.preprocessing_id, p.container, p.input_file, p.output_folder,
+       p.alt_output_folder, p.extra_params::text AS extra_params
+FROM importer_orders o
+JOIN imports i ON i.id = o.latest_id
+LEFT JOIN imports_preprocessing p ON p.id = i.preprocessing_id
+WHERE o.uuid = $1
+"""
+
+# $1 uuid, $2 rows with a higher id only (0 for the full history)
+ORDER_EVENTS = """
+SELECT id, timestamp, stage, description FROM imports
+WHERE uuid = $1 AND id > $2
+ORDER BY id
+"""
+
+# $1 uuid
+ORDER_STATE = """
+SELECT stage, latest_id, worker_id, cancel_requested FROM importer_orders WHERE uuid = $1
+"""
+
+# $1 uuid; taken before a retry so the stage cannot change between the check and the insert
+LOCK_ORDER = """
+SELECT stage, worker_id FROM importer_orders WHERE uuid = $1 FOR UPDATE
+"""
+
+# Lets the next 'Import Pending' row of a finished order through the duplicate-submission guard
+# of ``importer_track_order``, for this transaction only.
+ALLOW_REQUEUE = "SELECT set_config('biomero_importer.requeue', 'on', true)"
+
+# $1 uuid, $2 description. Appends a copy of the latest row as 'Import Pending'.
+RETRY_ORDER = f"""
+INSERT INTO imports ({ORDER_COLUMNS})
+{_copy_latest("'Import Pending'", "$2", "i.file_names", _OWNED_LATEST)}
+WHERE o.uuid = $1
+RETURNING id
 """

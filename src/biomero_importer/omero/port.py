@@ -53,9 +53,7 @@ class OmeroUnavailable(OmeroError):
 
 class UnknownUserOrGroup(OmeroError):
     def __init__(self, user: str, group: str, detail: str = "") -> None:
-        super().__init__(
-            f"User '{user}' or group '{group}' not recognized. Contact admin.", detail
-        )
+        super().__init__(f"User '{user}' or group '{group}' not recognized. Contact admin.", detail)
 
 
 class ImportFailed(OmeroError):
@@ -82,9 +80,7 @@ class OmeroSession(Protocol):
         """
         ...
 
-    def register_zarr(
-        self, path: Path, target: Target, *, order_uuid: str
-    ) -> list[ImportedObject]:
+    def register_zarr(self, path: Path, target: Target, *, order_uuid: str) -> list[ImportedObject]:
         """Register an OME-Zarr (image, bioformats2raw series, plate) without copying pixels."""
         ...
 

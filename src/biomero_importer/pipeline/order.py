@@ -35,7 +35,10 @@ class ClaimedOrder:
     preprocessing_id: int | None
     preprocessing: PreprocessingSpec | None
     attempt: int
-    cancel_requested: bool = False
+    runs: int
+    queued_at: float
+    recorded_objects: list[dict[str, Any]] = field(default_factory=list)
+    preprocessing_problem: str | None = None
 
 
 @dataclass(frozen=True)

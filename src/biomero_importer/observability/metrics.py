@@ -1,0 +1,174 @@
+"""The service's Prometheus metrics, in a registry of their own.
+
+The service builds one with ``create_metrics()`` at startup and passes it to whatever records
+or serves metrics; nothing is registered globally, so tests (and the demo) can run several
+services in one process.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+)
+
+Outcome = Literal["completed", "failed", "cancelled", "handed_back"]
+Step = Literal["validate", "preprocess", "import", "annotate"]
+LeaseOutcome = Literal["requeued", "failed"]
+
+OUTCOMES: tuple[Outcome, ...] = ("completed", "failed", "cancelled", "handed_back")
+STEPS: tuple[Step, ...] = ("validate", "preprocess", "import", "annotate")
+LEASE_OUTCOMES: tuple[LeaseOutcome, ...] = ("requeued", "failed")
+
+NAMESPACE = "biomero_importer"
+
+# Enqueue-to-start: a notified claim takes about a millisecond, a fallback poll seconds, and a
+# saturated service up to minutes.
+PICKUP_BUCKETS = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+)
+# Steps range from a millisecond (validate) to hours (a large import, up to import_timeout).
+STEP_BUCKETS = (
+    0.001,
+    0.01,
+    0.1,
+    0.5,
+    1.0,
+    5.0,
+    15.0,
+    60.0,
+    300.0,
+    900.0,
+    1800.0,
+    3600.0,
+    3 * 3600.0,
+    6 * 3600.0,
+)
+
+
+class Metrics:
+    """Every metric the service exports, as attributes, registered in ``self.registry``.
+
+    Label values are created up front so each series is exported as 0 before its first event;
+    dashboards and ``rate()`` then see the start of a series instead of a gap.
+    """
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = CollectorRegistry() if registry is None else registry
+        reg = self.registry
+
+        self.orders_finished = Counter(
+            "orders_finished",
+            "Orders that left the running state, by outcome.",
+            ["outcome"],
+            namespace=NAMESPACE,
+            registry=reg,
+        )
+        self.pickup_latency = Histogram(
+            "pickup_latency_seconds",
+            "Time from an order becoming pending to a worker claiming it.",
+            namespace=NAMESPACE,
+            buckets=PICKUP_BUCKETS,
+            registry=reg,
+        )
+        self.step_duration = Histogram(
+            "step_duration_seconds",
+            "Duration of each step of an order.",
+            ["step"],
+            namespace=NAMESPACE,
+            buckets=STEP_BUCKETS,
+            registry=reg,
+        )
+        self.running_orders = Gauge(
+            "running_orders",
+            "Orders this worker is running now.",
+            namespace=NAMESPACE,
+            registry=reg,
+        )
+        self.pending_orders = Gauge(
+            "pending_orders",
+            "Orders waiting to be claimed (whole queue, from the database).",
+            namespace=NAMESPACE,
+            registry=reg,
+        )
+        self.oldest_pending_age = Gauge(
+            "oldest_pending_age_seconds",
+            "Age of the oldest order waiting to be claimed; 0 when none waits.",
+            namespace=NAMESPACE,
+            registry=reg,
+        )
+        self.fallback_poll_orders = Counter(
+            "fallback_poll_orders",
+            "Orders found by the fallback poll rather than a notification (missed notifies).",
+            namespace=NAMESPACE,
+            registry=reg,
+        )
+        self.listener_reconnects = Counter(
+            "listener_reconnects",
+            "Times the LISTEN connection was re-established.",
+            namespace=NAMESPACE,
+            registry=reg,
+        )
+        self.recovered_leases = Counter(
+            "recovered_leases",
+            "Orders taken back from an expired lease, by what was done with them.",
+            ["outcome"],
+            namespace=NAMESPACE,
+            registry=reg,
+        )
+
+        for outcome in OUTCOMES:
+            self.orders_finished.labels(outcome=outcome)
+        for step in STEPS:
+            self.step_duration.labels(step=step)
+        for lease_outcome in LEASE_OUTCOMES:
+            self.recovered_leases.labels(outcome=lease_outcome)
+
+    def order_finished(self, outcome: Outcome) -> None:
+        self.orders_finished.labels(outcome=outcome).inc()
+
+    def observe_step(self, step: Step, seconds: float) -> None:
+        self.step_duration.labels(step=step).observe(seconds)
+
+    def lease_recovered(self, outcome: LeaseOutcome, count: int = 1) -> None:
+        self.recovered_leases.labels(outcome=outcome).inc(count)
+
+    def set_backlog(self, pending: int, oldest_pending_age_seconds: float | None) -> None:
+        """Called by the dispatcher's periodic refresh with numbers read from the database."""
+        self.pending_orders.set(pending)
+        self.oldest_pending_age.set(oldest_pending_age_seconds or 0.0)
+
+
+def create_metrics() -> Metrics:
+    """The service's metrics, plus process (CPU, memory, fds), Python GC and platform info.
+
+    Those collectors describe the whole process, so only the instance behind a process's
+    metrics endpoint should carry them; tests build plain ``Metrics()``.
+    """
+    metrics = Metrics()
+    ProcessCollector(registry=metrics.registry)
+    PlatformCollector(registry=metrics.registry)
+    GCCollector(registry=metrics.registry)
+    return metrics
