@@ -35,3 +35,16 @@ def lint(session: nox.Session) -> None:
 def types(session: nox.Session) -> None:
     session.install("-e", ".[dev]")
     session.run("mypy")
+
+
+@nox.session(python="3.10")
+def contract(session: nox.Session) -> None:
+    """The blitz backend against the real omero-py (zeroc-ice builds only up to Python 3.10)."""
+    if not any(ICE_WHEEL_CACHE.glob("zeroc_ice-3.6.*-cp310-*.whl")):
+        ICE_WHEEL_CACHE.mkdir(parents=True, exist_ok=True)
+        session.run(
+            "pip", "wheel", "--no-deps", "-w", str(ICE_WHEEL_CACHE), "zeroc-ice>=3.6.5,<3.7"
+        )
+    session.install("--find-links", str(ICE_WHEEL_CACHE), "zeroc-ice>=3.6.5,<3.7")
+    session.install("--find-links", str(ICE_WHEEL_CACHE), "-e", ".[omero]", "pytest")
+    session.run("pytest", "tests/contract", "-p", "no:cacheprovider", *session.posargs)

@@ -133,13 +133,16 @@ def upgrade() -> None:
     )
     # Raw SQL writers often leave out the timestamp; the original relied on a client default.
     op.alter_column("imports", "timestamp", server_default=sa.text("now()"))
-    # Adopt the history: one queue row per uuid from its latest row. Orders the original left
-    # 'Import Started' have no worker and are recovered like an expired lease.
+    # Adopt the history: one queue row per uuid from its latest row. An order that got past
+    # 'Import Pending' has had its attempt (and may have files in OMERO): one the original left
+    # 'Import Started' has no worker and is closed like an expired lease on its last attempt.
     op.execute(
         """
-        INSERT INTO importer_orders (uuid, stage, latest_id, queued_at, updated_at)
+        INSERT INTO importer_orders (uuid, stage, latest_id, queued_at, updated_at, attempts, runs)
         SELECT DISTINCT ON (uuid) uuid, stage, id,
-               COALESCE(timestamp, now()), COALESCE(timestamp, now())
+               COALESCE(timestamp, now()), COALESCE(timestamp, now()),
+               CASE WHEN stage = 'Import Pending' THEN 0 ELSE 1 END,
+               CASE WHEN stage = 'Import Pending' THEN 0 ELSE 1 END
         FROM imports
         ORDER BY uuid, id DESC
         """

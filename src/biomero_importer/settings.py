@@ -325,8 +325,9 @@ def load_settings(
     for env_name, why in IGNORED_ENV.items():
         if env_name in env:
             notices.append(f"environment variable {env_name} is ignored: {why}")
+    # Compose writes ${VAR} as an empty string when .env lacks it: empty means "not set".
     for env_name, key in LEGACY_ENV.items():
-        if env_name in env:
+        if env.get(env_name, "").strip():
             values[key] = _parse_env_value(key, env[env_name])
             origin[key] = env_name
     for env_name, raw in env.items():
@@ -335,8 +336,9 @@ def load_settings(
         key = env_name[len(ENV_PREFIX) :].lower()
         if key not in FIELD_NAMES:
             raise SettingsError(f"unknown environment variable {env_name}{_suggest(key)}")
-        values[key] = _parse_env_value(key, raw)
-        origin[key] = env_name
+        if raw.strip():
+            values[key] = _parse_env_value(key, raw)
+            origin[key] = env_name
 
     try:
         settings = Settings(**values)

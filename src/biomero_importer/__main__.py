@@ -1,0 +1,3 @@
+from biomero_importer.cli.app import main
+
+main()

@@ -1,0 +1,231 @@
+"""``biomero-importer check``: everything the service needs, tested before it is needed."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import subprocess
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import asyncpg
+import typer
+
+from biomero_importer.cli.common import (
+    CONNECT_TIMEOUT,
+    EXIT_FAILED,
+    ConfigOption,
+    JsonOption,
+    echo_json,
+    error_text,
+    load_quietly,
+    schema_problem,
+)
+from biomero_importer.db.migrate import head_revision
+from biomero_importer.db.urls import asyncpg_dsn
+from biomero_importer.omero import OmeroConfigError, create_gateway
+from biomero_importer.omero.port import OmeroError
+from biomero_importer.service import database
+from biomero_importer.settings import Settings
+
+RUNTIME_TIMEOUT = 30.0
+# Exit codes both podman and docker use when the container started but its command could not
+# (126 not executable, 127 not found): the runtime itself works.
+COMMAND_UNAVAILABLE = (126, 127)
+
+
+@dataclass
+class Line:
+    check: str
+    ok: bool
+    detail: str
+    hint: str = ""
+
+
+def _database_lines(settings: Settings) -> list[Line]:
+    where = settings.masked_db_url()
+    db_hint = (
+        "set ingest_tracking_db (or INGEST_TRACKING_DB_URL) to a reachable PostgreSQL"
+        if not settings.uses_embedded_db
+        else f"make {settings.embedded_db_dir} writable, or set ingest_tracking_db"
+    )
+    try:
+        with database(settings) as url:
+
+            async def ping() -> None:
+                conn = await asyncpg.connect(asyncpg_dsn(url), timeout=CONNECT_TIMEOUT)
+                await conn.close()
+
+            try:
+                asyncio.run(ping())
+            except Exception as exc:
+                detail = f"{where}: {error_text(exc, settings)}"
+                return [Line("database reachable", False, detail, db_hint)]
+            problem = schema_problem(settings, url)
+    except Exception as exc:
+        return [Line("database reachable", False, f"{where}: {type(exc).__name__}", db_hint)]
+    lines = [Line("database reachable", True, where)]
+    if problem is None:
+        lines.append(Line("database schema at head", True, f"revision {head_revision()}"))
+    else:
+        lines.append(
+            Line("database schema at head", False, problem, "run: biomero-importer migrate")
+        )
+    return lines
+
+
+def _omero_line(settings: Settings) -> Line:
+    name = "OMERO simulator active" if settings.omero_backend == "simulator" else "OMERO login"
+    hint = (
+        f"make {settings.simulator_dir} writable (omero_simulator_dir)"
+        if settings.omero_backend == "simulator"
+        else "set omero_host, omero_port, omero_user and omero_password (an admin account"
+        " that can act for other users), or omero_backend: simulator to try things out"
+    )
+    try:
+        gateway = create_gateway(settings)
+    except (OmeroConfigError, OmeroError) as exc:
+        return Line(name, False, str(exc), hint)
+    try:
+        gateway.check()
+        return Line(name, True, gateway.describe())
+    except OmeroError as exc:
+        return Line(name, False, exc.reason, hint)
+    except Exception as exc:
+        return Line(name, False, type(exc).__name__, hint)
+    finally:
+        gateway.close()
+
+
+def _run(argv: list[str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        argv, capture_output=True, text=True, timeout=RUNTIME_TIMEOUT, check=False
+    )
+
+
+def _last_line(text: str) -> str:
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    return lines[-1][:200] if lines else "no output"
+
+
+def _runtime_line(settings: Settings) -> Line:
+    runtime = settings.container_runtime
+    name = f"container runtime ({runtime})"
+    found = shutil.which(runtime)
+    if found is None:
+        return Line(
+            name,
+            False,
+            "not found on PATH",
+            f"install {runtime}, or set container_runtime (only preprocessing orders need it)",
+        )
+    hint = f"'{runtime} info' must work for the importer's user (rootless setup, storage)"
+    try:
+        info = _run([found, "info"])
+        if info.returncode != 0:
+            return Line(name, False, _last_line(info.stderr or info.stdout), hint)
+        images = _run([found, "images", "--format", "{{.Repository}}:{{.Tag}}"])
+        local = [i for i in images.stdout.split() if "<none>" not in i]
+        if not local:
+            return Line(name, True, f"{found}: works (no local image to test a run with)")
+        # A local image only, never pulled: quick, and works offline.
+        run = _run([found, "run", "--rm", "--pull=never", "--entrypoint", "true", local[0]])
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return Line(name, False, f"{type(exc).__name__} running {runtime}", hint)
+    if run.returncode == 0 or run.returncode in COMMAND_UNAVAILABLE:
+        return Line(name, True, f"{found}: ran a container from {local[0]}")
+    return Line(name, False, f"cannot run {local[0]}: {_last_line(run.stderr)}", hint)
+
+
+def _folder_problem(path: Path, access: int) -> str | None:
+    if not path.exists():
+        return "does not exist"
+    if not path.is_dir():
+        return "is not a folder"
+    if not os.access(path, access):
+        return "permission denied"
+    return None
+
+
+def _folder_lines(settings: Settings) -> list[Line]:
+    lines = []
+    for root in settings.effective_import_roots:
+        problem = _folder_problem(root, os.R_OK | os.X_OK)
+        lines.append(
+            Line(
+                "import root readable",
+                problem is None,
+                f"{root}: {problem}" if problem else str(root),
+                "" if problem is None else "create or mount it, or fix import_roots / base_dir",
+            )
+        )
+    writable = os.W_OK | os.X_OK
+    inplace, managed = settings.omero_inplace_dir, settings.omero_managed_repository
+    targets = [("omero_inplace_dir", inplace)]
+    if settings.omero_backend == "simulator":
+        lines.append(
+            Line(
+                "omero_managed_repository writable",
+                True,
+                f"not used: the simulator keeps its files in {settings.simulator_dir}",
+            )
+        )
+    else:
+        targets.append(("omero_managed_repository", managed))
+    for key, path in targets:
+        problem = _folder_problem(path, writable)
+        lines.append(
+            Line(
+                f"{key} writable",
+                problem is None,
+                f"{path}: {problem}" if problem else str(path),
+                ""
+                if problem is None
+                else f"create it (mkdir -p {path}) writable for the importer, or set {key}",
+            )
+        )
+    if len(targets) == 2 and inplace.is_dir() and managed.is_dir():
+        same = inplace.stat().st_dev == managed.stat().st_dev
+        lines.append(
+            Line(
+                "in-place and managed folders on one filesystem",
+                same,
+                "same device" if same else "different devices",
+                ""
+                if same
+                else "in-place imports hard-link (ln) preprocessed files into the"
+                " ManagedRepository: put omero_inplace_dir on the same volume",
+            )
+        )
+    return lines
+
+
+def run_checks(settings: Settings) -> list[Line]:
+    return [
+        *_database_lines(settings),
+        _omero_line(settings),
+        _runtime_line(settings),
+        *_folder_lines(settings),
+    ]
+
+
+def check(as_json: JsonOption = False, config: ConfigOption = None) -> None:
+    """Preflight: database, OMERO, container runtime and folders, each with a fix if it fails."""
+    settings = load_quietly(config)
+    lines = run_checks(settings)
+    failed = [line for line in lines if not line.ok]
+    if as_json:
+        echo_json([asdict(line) for line in lines])
+    else:
+        width = max(len(line.check) for line in lines)
+        for line in lines:
+            mark = "✓" if line.ok else "✗"
+            typer.echo(f"{mark} {line.check.ljust(width)}  {line.detail}")
+            if line.hint:
+                typer.echo(f"  {' ' * width}  fix: {line.hint}")
+        typer.echo(
+            f"\n{len(failed)} of {len(lines)} checks failed" if failed else "\nall checks passed"
+        )
+    if failed:
+        raise typer.Exit(EXIT_FAILED)

@@ -1,0 +1,602 @@
+"""Order commands: submit, status, show, retry, cancel."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import time
+import uuid as uuidlib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from biomero_importer.cli.common import (
+    EXIT_FAILED,
+    ConfigOption,
+    JsonOption,
+    echo_json,
+    fail,
+    file_list,
+    iso,
+    load_quietly,
+    local_time,
+    parse_duration,
+    parse_json,
+    parse_stage,
+    ready_database,
+    run_with_connection,
+    table,
+    truncate,
+)
+from biomero_importer.db import sql
+from biomero_importer.db.models import STAGE_IMPORTED, STAGE_NEW_ORDER, TERMINAL_STAGES
+from biomero_importer.pipeline.order import ClaimedOrder, PreprocessingSpec
+from biomero_importer.pipeline.validate import InvalidOrder, validate
+from biomero_importer.preprocessing import PreprocessingError, validate_preprocessing
+from biomero_importer.settings import Settings
+from biomero_importer.utils.ingest_tracker import (
+    get_ingest_tracker,
+    initialize_ingest_tracker,
+    log_ingestion_step,
+)
+
+FOLLOW_INTERVAL = 0.1
+RETRY_NOTE = "Queued again with biomero-importer retry"
+# What OMERO.biomero writes for a preprocessing order: the container reads the order's files
+# mounted at /data and writes results to /out.
+PREPROCESSING_DEFAULTS = {
+    "preprocessing_inputfile": "{Files}",
+    "preprocessing_outputfolder": "/data",
+    "preprocessing_altoutputfolder": "/out",
+}
+RESERVED_PARAMS = frozenset({"container", "inputfile", "outputfolder", "altoutputfolder"})
+_PARAM_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+UuidArgument = Annotated[str, typer.Argument(help="The order's uuid.", show_default=False)]
+
+
+# --- submit ---------------------------------------------------------------------------------
+
+
+def _parse_params(params: Sequence[str]) -> dict[str, str]:
+    parsed: dict[str, str] = {}
+    for item in params:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not _PARAM_KEY.fullmatch(key):
+            raise typer.BadParameter(f"{item!r} is not KEY=VALUE", param_hint="--param")
+        if key in RESERVED_PARAMS:
+            raise typer.BadParameter(f"{key!r} is set by the importer", param_hint="--param")
+        if key in parsed:
+            raise typer.BadParameter(f"{key!r} is given twice", param_hint="--param")
+        parsed[key] = value
+    return parsed
+
+
+def _order_info(
+    *,
+    order_uuid: str,
+    group: str,
+    user: str,
+    target: tuple[str, int],
+    files: list[str],
+    image: str | None,
+    params: dict[str, str],
+) -> dict[str, Any]:
+    """The dict OMERO.biomero hands to ``log_ingestion_step`` (same keys, same defaults)."""
+    info: dict[str, Any] = {
+        "Group": group,
+        "Username": user,
+        "DestinationID": target[1],
+        "DestinationType": target[0],
+        "UUID": order_uuid,
+        "Files": files,
+    }
+    if image is not None:
+        info["preprocessing_container"] = image
+        info.update(PREPROCESSING_DEFAULTS)
+        if params:
+            info["extra_params"] = params
+    return info
+
+
+def _validate(settings: Settings, info: dict[str, Any]) -> None:
+    """The service's own checks, so a bad order fails here instead of ending 'Import Failed'."""
+    preprocessing = None
+    if "preprocessing_container" in info:
+        preprocessing = PreprocessingSpec(
+            id=0,
+            container=info["preprocessing_container"],
+            input_file=info["preprocessing_inputfile"],
+            output_folder=info["preprocessing_outputfolder"],
+            alt_output_folder=info["preprocessing_altoutputfolder"],
+            extra_params=dict(info.get("extra_params", {})),
+        )
+    claimed = ClaimedOrder(
+        uuid=info["UUID"],
+        group_name=info["Group"],
+        user_name=info["Username"],
+        destination_id=str(info["DestinationID"]),
+        destination_type=info["DestinationType"],
+        files=json.dumps(info["Files"]),
+        file_names=None,
+        preprocessing_id=None,
+        preprocessing=preprocessing,
+        attempt=0,
+        runs=0,
+        queued_at=time.time(),
+    )
+    try:
+        order = validate(claimed, settings.effective_import_roots)
+        if order.preprocessing is not None:
+            validate_preprocessing(order, settings)
+    except (InvalidOrder, PreprocessingError) as exc:
+        raise fail(f"order not submitted: {exc.reason}") from None
+
+
+def _write(url: str, info: dict[str, Any]) -> None:
+    if not initialize_ingest_tracker({"ingest_tracking_db": url}):
+        raise fail("cannot open the order table (see the log above)", EXIT_FAILED)
+    tracker = get_ingest_tracker()
+    try:
+        if log_ingestion_step(info, STAGE_NEW_ORDER) is None:
+            raise fail("the order could not be written (see the log above)", EXIT_FAILED)
+    finally:
+        if tracker is not None:
+            tracker.dispose()
+
+
+class _Follower:
+    """Shows an order's new rows: a spinner with the stage on a terminal, plain lines else."""
+
+    def __init__(self, order_uuid: str) -> None:
+        self.order_uuid = order_uuid
+        self.console = Console(stderr=True, highlight=False)
+        self.started = time.monotonic()
+        self.stage = STAGE_NEW_ORDER
+        self.status = (
+            self.console.status(self._label(), spinner="dots") if self.console.is_terminal else None
+        )
+
+    def _label(self) -> str:
+        return f"{self.order_uuid}  {self.stage}  {time.monotonic() - self.started:.1f}s"
+
+    def __enter__(self) -> _Follower:
+        if self.status is not None:
+            self.status.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.status is not None:
+            self.status.stop()
+
+    def event(self, row: Any) -> None:
+        self.stage = row["stage"]
+        line = f"{local_time(row['timestamp'])}  {row['stage']}"
+        if row["description"]:
+            line += f"  {row['description']}"
+        if self.status is None:
+            typer.echo(line, err=True)
+        else:
+            self.console.print(line, markup=False)
+
+    def tick(self) -> None:
+        if self.status is not None:
+            self.status.update(self._label())
+
+
+async def _follow(conn: Any, order_uuid: str, timeout: float | None) -> tuple[str, str | None]:
+    """Print every new row until the order is finished; returns (stage, description)."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    last_id = 0
+    last: Any = None
+    with _Follower(order_uuid) as follower:
+        while True:
+            for row in await conn.fetch(sql.ORDER_EVENTS, order_uuid, last_id):
+                follower.event(row)
+                last_id, last = row["id"], row
+            state = await conn.fetchrow(sql.ORDER_STATE, order_uuid)
+            done = state["stage"] in TERMINAL_STAGES and state["latest_id"] <= last_id
+            if done and last is not None:
+                return last["stage"], last["description"]
+            if deadline is not None and time.monotonic() > deadline:
+                raise fail(
+                    f"order {order_uuid} is still {state['stage']} after {timeout:g}s",
+                    EXIT_FAILED,
+                )
+            follower.tick()
+            await asyncio.sleep(FOLLOW_INTERVAL)
+
+
+def submit(
+    *,
+    files: Annotated[
+        list[Path],
+        typer.Argument(
+            help="Files or folders to import (relative paths start from the current folder).",
+            metavar="FILE...",
+            show_default=False,
+        ),
+    ],
+    group: Annotated[str, typer.Option("--group", "-g", help="OMERO group.", show_default=False)],
+    user: Annotated[str, typer.Option("--user", "-u", help="OMERO user who will own the data.")],
+    dataset: Annotated[
+        int | None, typer.Option("--dataset", help="Import into this Dataset id.", min=1)
+    ] = None,
+    screen: Annotated[
+        int | None, typer.Option("--screen", help="Import plates into this Screen id.", min=1)
+    ] = None,
+    preprocess: Annotated[
+        str | None,
+        typer.Option(
+            "--preprocess",
+            metavar="IMAGE",
+            help="Run this container image on the files first (as OMERO.biomero does).",
+        ),
+    ] = None,
+    param: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--param",
+            metavar="KEY=VALUE",
+            help="Extra preprocessing parameter, passed as --KEY VALUE (repeatable).",
+        ),
+    ] = None,
+    wait: Annotated[
+        bool, typer.Option("--wait", help="Follow the order until it finishes.")
+    ] = False,
+    timeout: Annotated[
+        float | None,
+        typer.Option("--timeout", help="With --wait: give up after this many seconds.", min=0),
+    ] = None,
+    config: ConfigOption = None,
+) -> None:
+    """Queue an import order, written exactly as OMERO.biomero writes it.
+
+    Prints the order's uuid as the last line on stdout. With --wait, follows it (on stderr)
+    and exits 0 when it completes, 1 when it fails.
+    """
+    if dataset is not None and screen is not None:
+        raise typer.BadParameter("give --dataset or --screen, not both")
+    if dataset is not None:
+        target = ("Dataset", dataset)
+    elif screen is not None:
+        target = ("Screen", screen)
+    else:
+        raise typer.BadParameter("give --dataset ID or --screen ID")
+    params = _parse_params(param or [])
+    if params and preprocess is None:
+        raise typer.BadParameter("--param needs --preprocess", param_hint="--param")
+    settings = load_quietly(config)
+    order_uuid = str(uuidlib.uuid4())
+    paths = [os.path.abspath(f) for f in files]
+    info = _order_info(
+        order_uuid=order_uuid,
+        group=group,
+        user=user,
+        target=target,
+        files=paths,
+        image=preprocess,
+        params=params,
+    )
+    _validate(settings, info)
+    with ready_database(settings) as url:
+        _write(url, info)
+        typer.echo(order_uuid)
+        if not wait:
+            return
+
+        async def follow(conn: Any) -> tuple[str, str | None]:
+            return await _follow(conn, order_uuid, timeout)
+
+        stage, description = run_with_connection(settings, url, follow)
+    if stage != STAGE_IMPORTED:
+        typer.echo(f"{stage}: {description or 'no description'}", err=True)
+        raise typer.Exit(EXIT_FAILED)
+    typer.echo(stage, err=True)
+
+
+# --- status ---------------------------------------------------------------------------------
+
+
+def _status_record(row: Any) -> dict[str, Any]:
+    return {
+        "uuid": row["uuid"],
+        "stage": row["stage"],
+        "user": row["user_name"],
+        "group": row["group_name"],
+        "destination_type": row["destination_type"],
+        "destination_id": row["destination_id"],
+        "files": len(file_list(row["files"])),
+        "updated_at": iso(row["updated_at"]),
+        "worker_id": row["worker_id"],
+        "description": row["description"],
+    }
+
+
+def status(
+    *,
+    user: Annotated[str | None, typer.Option("--user", "-u", help="Only this user's.")] = None,
+    group: Annotated[str | None, typer.Option("--group", "-g", help="Only this group's.")] = None,
+    stage: Annotated[
+        str | None,
+        typer.Option(
+            "--stage",
+            "-s",
+            help="Only this stage: pending, started, preprocessing, completed, failed.",
+        ),
+    ] = None,
+    since: Annotated[
+        str | None,
+        typer.Option("--since", help="Only orders updated this recently: 30m, 2h, 7d, 1w."),
+    ] = None,
+    limit: Annotated[
+        int, typer.Option("--limit", "-n", help="At most this many orders.", min=1)
+    ] = 50,
+    as_json: JsonOption = False,
+    config: ConfigOption = None,
+) -> None:
+    """The latest state of each order, newest first."""
+    stage_name = parse_stage(stage)
+    max_age = parse_duration(since)
+    settings = load_quietly(config)
+    with ready_database(settings) as url:
+
+        async def read(conn: Any) -> list[Any]:
+            return list(await conn.fetch(sql.ORDER_STATUS, user, group, stage_name, max_age, limit))
+
+        rows = run_with_connection(settings, url, read)
+    records = [_status_record(row) for row in rows]
+    if as_json:
+        echo_json(records)
+        return
+    if not records:
+        typer.echo("no orders match", err=True)
+        return
+    typer.echo(
+        table(
+            ["UUID", "STAGE", "USER", "GROUP", "DESTINATION", "FILES", "UPDATED", "DESCRIPTION"],
+            [
+                [
+                    r["uuid"],
+                    r["stage"],
+                    r["user"],
+                    r["group"],
+                    f"{r['destination_type']} {r['destination_id']}",
+                    str(r["files"]),
+                    local_time(row["updated_at"]),
+                    truncate(r["description"], 60),
+                ]
+                for r, row in zip(records, rows, strict=True)
+            ],
+        )
+    )
+
+
+# --- show -----------------------------------------------------------------------------------
+
+
+def _detail_record(order: Any, events: list[Any]) -> dict[str, Any]:
+    preprocessing = None
+    if order["preprocessing_id"] is not None:
+        preprocessing = {
+            "id": order["preprocessing_id"],
+            "container": order["container"],
+            "input_file": order["input_file"],
+            "output_folder": order["output_folder"],
+            "alt_output_folder": order["alt_output_folder"],
+            "extra_params": parse_json(order["extra_params"]),
+        }
+    objects = parse_json(order["objects"])
+    return {
+        "uuid": order["uuid"],
+        "stage": order["stage"],
+        "description": order["description"],
+        "user": order["user_name"],
+        "group": order["group_name"],
+        "destination_type": order["destination_type"],
+        "destination_id": order["destination_id"],
+        "files": file_list(order["files"]),
+        "file_names": file_list(order["file_names"]),
+        "queued_at": iso(order["queued_at"]),
+        "updated_at": iso(order["updated_at"]),
+        "attempts": order["attempts"],
+        "runs": order["runs"],
+        "worker_id": order["worker_id"],
+        "lease_expires_at": iso(order["lease_expires_at"]),
+        "cancel_requested": order["cancel_requested"],
+        "preprocessing": preprocessing,
+        "objects": objects if isinstance(objects, list) else [],
+        "history": [
+            {
+                "id": e["id"],
+                "timestamp": iso(e["timestamp"]),
+                "stage": e["stage"],
+                "description": e["description"],
+            }
+            for e in events
+        ],
+    }
+
+
+def _print_detail(record: dict[str, Any], order: Any, events: list[Any]) -> None:
+    worker = record["worker_id"] or "none (not running)"
+    if record["worker_id"] and order["lease_expires_at"] is not None:
+        worker += f", lease until {local_time(order['lease_expires_at'])}"
+    fields = [
+        ("Order", record["uuid"]),
+        ("Stage", record["stage"]),
+        ("Description", record["description"] or "-"),
+        ("User", record["user"]),
+        ("Group", record["group"]),
+        ("Destination", f"{record['destination_type']} {record['destination_id']}"),
+        ("Queued", local_time(order["queued_at"])),
+        ("Updated", local_time(order["updated_at"])),
+        ("Attempts", f"{record['attempts']} (runs, including handed-back ones: {record['runs']})"),
+        ("Worker", worker),
+        ("Cancel requested", "yes" if record["cancel_requested"] else "no"),
+    ]
+    pre = record["preprocessing"]
+    if pre is None:
+        fields.append(("Preprocessing", "none"))
+    else:
+        fields += [
+            ("Preprocessing", pre["container"]),
+            ("  input file", pre["input_file"]),
+            ("  output folder", pre["output_folder"]),
+            ("  alt output", pre["alt_output_folder"] or "-"),
+            ("  extra params", json.dumps(pre["extra_params"] or {})),
+        ]
+    width = max(len(name) for name, _ in fields)
+    for name, value in fields:
+        typer.echo(f"{name.ljust(width)}  {value}")
+    typer.echo(f"\nFiles ({len(record['files'])})")
+    for path in record["files"]:
+        typer.echo(f"  {path}")
+    typer.echo(f"\nHistory ({len(events)} rows)")
+    typer.echo(
+        table(
+            ["ID", "TIME", "STAGE", "DESCRIPTION"],
+            [
+                [str(e["id"]), local_time(e["timestamp"]), e["stage"], e["description"] or ""]
+                for e in events
+            ],
+        )
+    )
+    objects = record["objects"]
+    typer.echo(f"\nOMERO objects ({len(objects)})")
+    if objects:
+        typer.echo(
+            table(
+                ["TYPE", "ID", "NAME", "FILESET", "ANNOTATED"],
+                [
+                    [
+                        str(o.get("type", "")),
+                        str(o.get("id", "")),
+                        str(o.get("name", "")),
+                        str(o.get("fileset_id") or "-"),
+                        "yes" if o.get("annotated") else "no",
+                    ]
+                    for o in objects
+                    if isinstance(o, dict)
+                ],
+            )
+        )
+
+
+def show(
+    order_uuid: UuidArgument, as_json: JsonOption = False, config: ConfigOption = None
+) -> None:
+    """Everything known about one order: its full history, settings, worker and results."""
+    settings = load_quietly(config)
+    with ready_database(settings) as url:
+
+        async def read(conn: Any) -> tuple[Any, list[Any]]:
+            order = await conn.fetchrow(sql.ORDER_DETAIL, order_uuid)
+            events = list(await conn.fetch(sql.ORDER_EVENTS, order_uuid, 0))
+            return order, events
+
+        order, events = run_with_connection(settings, url, read)
+    if order is None:
+        raise fail(f"no order with uuid {order_uuid}", EXIT_FAILED)
+    record = _detail_record(order, events)
+    if as_json:
+        echo_json(record)
+    else:
+        _print_detail(record, order, events)
+
+
+# --- retry ----------------------------------------------------------------------------------
+
+
+def retry(order_uuid: UuidArgument, config: ConfigOption = None) -> None:
+    """Queue a finished order again, appending an 'Import Pending' row (history is kept)."""
+    settings = load_quietly(config)
+    with ready_database(settings) as url:
+
+        async def requeue(conn: Any) -> str:
+            async with conn.transaction():
+                current = await conn.fetchrow(sql.LOCK_ORDER, order_uuid)
+                if current is None:
+                    raise fail(f"no order with uuid {order_uuid}", EXIT_FAILED)
+                if current["stage"] not in TERMINAL_STAGES:
+                    raise fail(
+                        f"order {order_uuid} is {current['stage']}: only finished orders"
+                        " (Import Completed or Import Failed) can be retried",
+                        EXIT_FAILED,
+                    )
+                await conn.execute(sql.ALLOW_REQUEUE)
+                new_id = await conn.fetchval(sql.RETRY_ORDER, order_uuid, RETRY_NOTE)
+                state = await conn.fetchrow(sql.ORDER_STATE, order_uuid)
+                if state["stage"] != STAGE_NEW_ORDER or state["latest_id"] != new_id:
+                    raise fail(f"order {order_uuid} was not queued again", EXIT_FAILED)
+                return str(current["stage"])
+
+        previous = run_with_connection(settings, url, requeue)
+    typer.echo(f"order {order_uuid} queued again (it was {previous})")
+
+
+# --- cancel ---------------------------------------------------------------------------------
+
+
+async def _await_end(conn: Any, order_uuid: str, timeout: float) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        order = await conn.fetchrow(sql.ORDER_DETAIL, order_uuid)
+        if order["stage"] in TERMINAL_STAGES or time.monotonic() > deadline:
+            return order
+        await asyncio.sleep(FOLLOW_INTERVAL)
+
+
+def cancel(
+    order_uuid: UuidArgument,
+    timeout: Annotated[
+        float,
+        typer.Option("--timeout", help="Seconds to wait for a running order to stop.", min=0),
+    ] = 5.0,
+    config: ConfigOption = None,
+) -> None:
+    """Cancel an order: a pending one ends at once, a running one is stopped by its importer."""
+    settings = load_quietly(config)
+    with ready_database(settings) as url:
+
+        async def request(conn: Any) -> Any:
+            async with conn.transaction():
+                requested = await conn.fetchrow(sql.REQUEST_CANCEL, order_uuid)
+                if requested is None:
+                    state = await conn.fetchrow(sql.ORDER_STATE, order_uuid)
+                    if state is None:
+                        raise fail(f"no order with uuid {order_uuid}", EXIT_FAILED)
+                    raise fail(
+                        f"order {order_uuid} already finished ({state['stage']})", EXIT_FAILED
+                    )
+                # The dispatcher's own sweep would end a pending order too; doing it here
+                # means it is cancelled even when no importer is running.
+                pending = requested["stage"] == STAGE_NEW_ORDER and requested["worker_id"] is None
+                if pending and await conn.fetch(sql.CANCEL_PENDING, order_uuid):
+                    return None
+            typer.echo(f"cancel requested; waiting up to {timeout:g}s for the importer", err=True)
+            return await _await_end(conn, order_uuid, timeout)
+
+        order = run_with_connection(settings, url, request)
+    if order is None:
+        typer.echo(f"order {order_uuid} cancelled before it started")
+        return
+    if order["stage"] not in TERMINAL_STAGES:
+        raise fail(
+            f"order {order_uuid} is still {order['stage']} after {timeout:g}s; the request stays"
+            " recorded and its importer stops it as soon as it sees it",
+            EXIT_FAILED,
+        )
+    if order["description"] != sql.CANCELLED:
+        raise fail(
+            f"order {order_uuid} finished before the cancel took effect: {order['stage']}"
+            f" {order['description'] or ''}".rstrip(),
+            EXIT_FAILED,
+        )
+    typer.echo(f"order {order_uuid} cancelled ({order['stage']}: {order['description']})")

@@ -1,0 +1,623 @@
+"""The production backend: omero-py (Ice) for the model, the ``omero import`` CLI for pixels.
+
+An admin ("root") connection is shared by the replica and used only to open user sessions
+(``suConn``); every order then works on its own user connection in the order's group, so no
+call ever switches the group of a shared connection. Imports run as a child process in a new
+session (process group) that joins the user session with ``-k``, so a timeout or an abort can
+kill the CLI and its JVM together.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+import Ice
+import omero.gateway
+import omero.model
+import omero.rtypes
+import omero.sys
+import structlog
+
+from biomero_importer.omero.importcli import (
+    fetch_jars_argv,
+    import_argv,
+    import_env,
+    log_paths,
+    order_namespace,
+    parse_import_result,
+)
+from biomero_importer.omero.port import (
+    ImportAborted,
+    ImportedObject,
+    ImportFailed,
+    ObjectType,
+    OmeroError,
+    OmeroUnavailable,
+    Target,
+    UnknownUserOrGroup,
+)
+from biomero_importer.omero.zarr import ZarrContent, ZarrError, ZarrImage, read_zarr
+from biomero_importer.settings import Settings
+
+log = structlog.get_logger(__name__)
+
+T = TypeVar("T")
+
+NGFF_ENTITY_TYPE = "com.glencoesoftware.ngff:multiscales"
+NGFF_ENTITY_ID = 3
+_BACKOFF_SECONDS = 1.0
+_BACKOFF_MAX_SECONDS = 30.0
+_KILL_GRACE_SECONDS = 5.0
+_FETCH_JARS_TIMEOUT = 900.0
+# The server drops idle sessions after 600 s by default: ping well inside that.
+_KEEPALIVE_MAX_SECONDS = 60.0
+
+# zarr v2 dtype strings and v3 data_type names, to OMERO pixel types.
+_PIXEL_TYPES = {
+    "|i1": "int8",
+    "|u1": "uint8",
+    "int8": "int8",
+    "uint8": "uint8",
+    "int16": "int16",
+    "uint16": "uint16",
+    "int32": "int32",
+    "uint32": "uint32",
+    "float32": "float",
+    "float64": "double",
+    "i2": "int16",
+    "u2": "uint16",
+    "i4": "int32",
+    "u4": "uint32",
+    "f4": "float",
+    "f8": "double",
+}
+
+
+def pixel_type(dtype: str) -> str:
+    key = dtype if dtype in _PIXEL_TYPES else dtype.lstrip("<>=|")
+    if key not in _PIXEL_TYPES:
+        raise ZarrError(f"pixel type {dtype!r} is not supported by OMERO")
+    return _PIXEL_TYPES[key]
+
+
+def map_annotation_link(
+    obj: ImportedObject, namespace: str, pairs: Sequence[tuple[str, str]]
+) -> omero.model.IObject:
+    """An unsaved MapAnnotation with ``pairs``, linked to the Image or Plate."""
+    annotation = omero.model.MapAnnotationI()
+    annotation.setNs(omero.rtypes.rstring(namespace))
+    annotation.setMapValue([omero.model.NamedValue(key, value) for key, value in pairs])
+    link: Any
+    if obj.type == "Plate":
+        link = omero.model.PlateAnnotationLinkI()
+        link.setParent(omero.model.PlateI(obj.id, False))
+    else:
+        link = omero.model.ImageAnnotationLinkI()
+        link.setParent(omero.model.ImageI(obj.id, False))
+    link.setChild(annotation)
+    return link
+
+
+def ngff_external_info(lsid: str) -> omero.model.ExternalInfoI:
+    """What the omero-zarr-pixel-buffer extension reads to serve pixels from an OME-Zarr."""
+    info = omero.model.ExternalInfoI()
+    info.setEntityType(omero.rtypes.rstring(NGFF_ENTITY_TYPE))
+    info.setEntityId(omero.rtypes.rlong(NGFF_ENTITY_ID))
+    info.setLsid(omero.rtypes.rstring(lsid))
+    return info
+
+
+def _unwrap_rows(rows: Any) -> list[list[Any]]:
+    return [[omero.rtypes.unwrap(cell) for cell in row] for row in rows]
+
+
+def _absolute_client_path(client_path: str) -> str:
+    # OMERO stores client paths without their leading slash.
+    return client_path if client_path.startswith("/") else f"/{client_path}"
+
+
+def _is_under(candidate: str, path: str) -> bool:
+    return candidate == path or candidate.startswith(path.rstrip("/") + "/")
+
+
+def kill_process_tree(proc: subprocess.Popen[bytes]) -> None:
+    """TERM, then KILL, the whole process group started with ``start_new_session``."""
+    for sig, grace in ((signal.SIGTERM, _KILL_GRACE_SECONDS), (signal.SIGKILL, None)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        if grace is None:
+            return
+        try:
+            proc.wait(timeout=grace)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+class BlitzBackend:
+    name = "blitz"
+
+    def __init__(self, settings: Settings) -> None:
+        if not (settings.omero_host and settings.omero_user and settings.omero_password):
+            raise ValueError("the blitz backend needs omero_host, omero_user and omero_password")
+        self.settings = settings
+        self._root: omero.gateway.BlitzGateway | None = None
+        self._lock = threading.Lock()
+        self._jars_lock = threading.Lock()
+        self._jars_ready = fetch_jars_argv(settings) is None
+
+    def describe(self) -> str:
+        settings = self.settings
+        return f"OMERO {settings.omero_user}@{settings.omero_host}:{settings.omero_port}"
+
+    # --- connections ------------------------------------------------------------------------
+    def retry(self, what: str, call: Callable[[], T]) -> T:
+        """Run ``call``; Ice connection errors are retried with backoff, then OmeroUnavailable."""
+        attempts = self.settings.omero_retries + 1
+        for attempt in range(1, attempts + 1):
+            try:
+                return call()
+            except Ice.LocalException as exc:
+                detail = f"{type(exc).__name__}: {exc}".strip()
+                self._drop_root()
+                log.warning(
+                    "omero_unreachable",
+                    action=what,
+                    attempt=attempt,
+                    attempts=attempts,
+                    error=type(exc).__name__,
+                )
+                if attempt == attempts:
+                    raise OmeroUnavailable(detail) from exc
+                time.sleep(min(_BACKOFF_SECONDS * 2 ** (attempt - 1), _BACKOFF_MAX_SECONDS))
+        raise AssertionError("unreachable")
+
+    def _connect_root(self) -> omero.gateway.BlitzGateway:
+        settings = self.settings
+        assert settings.omero_password is not None
+        conn = omero.gateway.BlitzGateway(
+            settings.omero_user,
+            settings.omero_password.get_secret_value(),
+            host=settings.omero_host,
+            port=settings.omero_port,
+            secure=True,
+        )
+        try:
+            if conn.connect():
+                return conn
+            error = conn.getLastError()
+        finally:
+            if not conn.isConnected():
+                # Each attempt owns an Ice communicator: destroy it, or it leaks per retry.
+                conn.close()
+        if isinstance(error, Ice.LocalException):
+            raise error
+        raise OmeroError(
+            f"OMERO login refused for user '{settings.omero_user}'",
+            type(error).__name__ if error is not None else "connect() returned False",
+        )
+
+    def root(self) -> omero.gateway.BlitzGateway:
+        """The admin connection; call with ``self._lock`` held."""
+        if self._root is not None and self._root.keepAlive():
+            return self._root
+        self._drop_root_locked()
+        self._root = self._connect_root()
+        log.info("omero_connected", server=self.describe())
+        return self._root
+
+    def _drop_root(self) -> None:
+        with self._lock:
+            self._drop_root_locked()
+
+    def _drop_root_locked(self) -> None:
+        root, self._root = self._root, None
+        if root is not None:
+            try:
+                root.close()
+            except Exception as exc:
+                log.debug("omero_close_failed", error=type(exc).__name__)
+
+    def check(self) -> None:
+        def attempt() -> None:
+            with self._lock:
+                if not self.root().isAdmin():
+                    raise OmeroError(
+                        f"OMERO user '{self.settings.omero_user}' is not an administrator"
+                    )
+
+        self.retry("check", attempt)
+
+    def open_session(self, user: str, group: str, *, order_uuid: str) -> BlitzSession:
+        def attempt() -> omero.gateway.BlitzGateway:
+            with self._lock:
+                root = self.root()
+                try:
+                    conn = root.suConn(user, group=group, ttl=self.settings.ttl_for_user_conn)
+                except omero.ServerError as exc:
+                    raise UnknownUserOrGroup(user, group, type(exc).__name__) from exc
+            if conn is None or not conn.isConnected():
+                raise UnknownUserOrGroup(user, group, "suConn returned no connection")
+            return conn
+
+        conn = self.retry("open_session", attempt)
+        log.debug("omero_session_opened", user=user, group=group, order=order_uuid)
+        return BlitzSession(self, conn, order_uuid)
+
+    def ensure_jars(self, session: BlitzSession) -> None:
+        """``--fetch-jars`` downloads and exits, so it runs once before the first import."""
+        argv = fetch_jars_argv(self.settings)
+        if self._jars_ready or argv is None:
+            return
+        with self._jars_lock:
+            if self._jars_ready:
+                return
+            code, _, err = session.run_cli(argv, dict(os.environ), _FETCH_JARS_TIMEOUT, "jars")
+            if code != 0:
+                raise ImportFailed(
+                    f"Fetching OMERO.java jars {self.settings.fetch_jars} failed (exit {code})",
+                    err[-2000:],
+                )
+            self._jars_ready = True
+
+    def close(self) -> None:
+        self._drop_root()
+
+
+class BlitzSession:
+    def __init__(
+        self, backend: BlitzBackend, conn: omero.gateway.BlitzGateway, order_uuid: str
+    ) -> None:
+        self.backend = backend
+        self.settings = backend.settings
+        self.conn = conn
+        self.order_uuid = order_uuid
+        self._aborted = threading.Event()
+        self._proc_lock = threading.Lock()
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def session_key(self) -> str:
+        return str(self.conn.getSession().getUuid().val)
+
+    def _call(self, what: str, call: Callable[[], T]) -> T:
+        if self._aborted.is_set():
+            raise ImportAborted(f"aborted before {what}")
+        return self.backend.retry(what, call)
+
+    # --- processes --------------------------------------------------------------------------
+    @contextmanager
+    def _keepalive(self) -> Iterator[None]:
+        interval = min(self.settings.ttl_for_user_conn / 4000, _KEEPALIVE_MAX_SECONDS)
+        stop = threading.Event()
+
+        def ping() -> None:
+            while not stop.wait(interval):
+                try:
+                    self.conn.keepAlive()
+                except Exception as exc:
+                    log.warning("omero_keepalive_failed", error=type(exc).__name__)
+
+        thread = threading.Thread(target=ping, name="omero-keepalive", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join(timeout=5)
+
+    def run_cli(
+        self, argv: list[str], env: dict[str, str], timeout: float, name: str
+    ) -> tuple[int, str, str]:
+        """Run one CLI process in its own process group; abort() or the timeout kill it."""
+        with self._proc_lock:
+            if self._aborted.is_set():
+                raise ImportAborted(f"aborted before importing {name}")
+            proc = subprocess.Popen(
+                argv,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                start_new_session=True,
+            )
+            self._proc = proc
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            kill_process_tree(proc)
+            proc.communicate()
+            raise ImportFailed(
+                f"OMERO import of {name} timed out after {timeout:g} s (import_timeout)"
+            ) from None
+        finally:
+            with self._proc_lock:
+                self._proc = None
+        if self._aborted.is_set():
+            raise ImportAborted(f"import of {name} was killed")
+        return (
+            proc.returncode,
+            out.decode("utf-8", "replace"),
+            err.decode("utf-8", "replace"),
+        )
+
+    def abort(self) -> None:
+        self._aborted.set()
+        with self._proc_lock:
+            proc = self._proc
+        if proc is not None:
+            threading.Thread(target=kill_process_tree, args=(proc,), daemon=True).start()
+
+    # --- import -----------------------------------------------------------------------------
+    def import_path(
+        self, path: Path, target: Target, *, order_uuid: str, exclude_existing: bool
+    ) -> list[ImportedObject]:
+        if self._aborted.is_set():
+            raise ImportAborted(f"aborted before importing {path.name}")
+        self.backend.ensure_jars(self)
+        logs = log_paths(self.settings, order_uuid)
+        logs.stdout.parent.mkdir(parents=True, exist_ok=True)
+        # The CLI truncates them only once it gets that far: never read an earlier run's ids.
+        logs.stdout.unlink(missing_ok=True)
+        logs.stderr.unlink(missing_ok=True)
+        argv = import_argv(
+            self.settings,
+            path,
+            target,
+            session_key=self.session_key,
+            logs=logs,
+            exclude_existing=exclude_existing,
+            order_uuid=order_uuid,
+        )
+        with tempfile.TemporaryDirectory(prefix="omero-sessions-") as session_dir:
+            env = import_env(self.settings, Path(session_dir))
+            log.info("omero_import_started", path=str(path), target=f"{target.type}:{target.id}")
+            with self._keepalive():
+                code, out, err = self.run_cli(argv, env, self.settings.import_timeout, path.name)
+        stdout = _read_text(logs.stdout) + out
+        stderr = _read_text(logs.stderr) + err
+        verdict = parse_import_result(code, stdout, stderr, name=path.name)
+        if not verdict.ok:
+            if verdict.nothing_imported and exclude_existing:
+                log.info("omero_import_excluded", path=str(path))
+                return []
+            raise ImportFailed(verdict.reason, verdict.detail)
+        kind: ObjectType = "Plate" if target.type == "Screen" else "Image"
+        ids = verdict.plates if kind == "Plate" else verdict.images
+        if not ids:
+            raise ImportFailed(f"OMERO import of {path.name} created no {kind}", verdict.detail)
+        names = self._names(kind, ids)
+        return [
+            ImportedObject(kind, i, names.get(i, path.name), str(path), verdict.fileset_of.get(i))
+            for i in ids
+        ]
+
+    def _names(self, kind: ObjectType, ids: list[int]) -> dict[int, str]:
+        params = omero.sys.ParametersI()
+        params.addIds(ids)
+        rows = self._call(
+            "names",
+            lambda: self.conn.getQueryService().projection(
+                f"select o.id, o.name from {kind} o where o.id in (:ids)",
+                params,
+                self.conn.SERVICE_OPTS,
+            ),
+        )
+        return {int(row[0]): str(row[1]) for row in _unwrap_rows(rows)}
+
+    def find_imported(
+        self, client_path: Path, target: Target, *, order_uuid: str
+    ) -> list[ImportedObject]:
+        """Objects in the target, from files under ``client_path``, that this order imported.
+
+        Every import links a comment annotation holding the order UUID to its images
+        (``--annotation-ns/--annotation-text``), so earlier imports of the same file by other
+        orders never match.
+        """
+        params = omero.sys.ParametersI()
+        params.addLong("target", target.id)
+        params.addString("ns", order_namespace(self.settings))
+        params.addString("uuid", order_uuid)
+        marked = (
+            "exists (select 1 from ImageAnnotationLink l join l.child a"
+            " where l.parent = i and a.ns = :ns and a.textValue = :uuid)"
+        )
+        if target.type == "Screen":
+            kind: ObjectType = "Plate"
+            hql = (
+                "select distinct p.id, p.name, fs.id, u.clientPath from Plate p"
+                " join p.screenLinks sl join p.wells w join w.wellSamples ws join ws.image i"
+                " join i.fileset fs join fs.usedFiles u"
+                f" where sl.parent.id = :target and {marked}"
+            )
+        else:
+            kind = "Image"
+            hql = (
+                "select distinct i.id, i.name, fs.id, u.clientPath from Image i"
+                " join i.datasetLinks dl join i.fileset fs join fs.usedFiles u"
+                f" where dl.parent.id = :target and {marked}"
+            )
+        rows = self._call(
+            "find_imported",
+            lambda: self.conn.getQueryService().projection(hql, params, self.conn.SERVICE_OPTS),
+        )
+        found: dict[int, ImportedObject] = {}
+        for object_id, name, fileset_id, used in _unwrap_rows(rows):
+            used_path = _absolute_client_path(str(used))
+            if int(object_id) not in found and _is_under(used_path, str(client_path)):
+                found[int(object_id)] = ImportedObject(
+                    kind, int(object_id), str(name), used_path, int(fileset_id)
+                )
+        return sorted(found.values(), key=lambda o: o.id)
+
+    # --- annotations, names, files ----------------------------------------------------------
+    def annotate(
+        self, obj: ImportedObject, namespace: str, pairs: Sequence[tuple[str, str]]
+    ) -> int:
+        link = map_annotation_link(obj, namespace, pairs)
+        saved = self._call(
+            "annotate",
+            lambda: self.conn.getUpdateService().saveAndReturnObject(link, self.conn.SERVICE_OPTS),
+        )
+        return int(saved.getChild().getId().getValue())
+
+    def rename(self, obj: ImportedObject, name: str) -> None:
+        def attempt() -> None:
+            loaded = self.conn.getQueryService().get(obj.type, obj.id, self.conn.SERVICE_OPTS)
+            loaded.setName(omero.rtypes.rstring(name))
+            self.conn.getUpdateService().saveObject(loaded, self.conn.SERVICE_OPTS)
+
+        self._call("rename", attempt)
+
+    def managed_files(self, obj: ImportedObject) -> list[Path]:
+        params = omero.sys.ParametersI()
+        params.addId(obj.id)
+        if obj.type == "Plate":
+            source = (
+                "from Plate p join p.wells w join w.wellSamples ws join ws.image i"
+                " join i.fileset fs join fs.usedFiles u join u.originalFile f where p.id = :id"
+            )
+        else:
+            source = (
+                "from Image i join i.fileset fs join fs.usedFiles u join u.originalFile f"
+                " where i.id = :id"
+            )
+        rows = self._call(
+            "managed_files",
+            lambda: self.conn.getQueryService().projection(
+                f"select distinct f.path, f.name {source}", params, self.conn.SERVICE_OPTS
+            ),
+        )
+        root = self.settings.omero_managed_repository
+        return sorted({root / str(path) / str(name) for path, name in _unwrap_rows(rows)})
+
+    # --- OME-Zarr ---------------------------------------------------------------------------
+    def register_zarr(self, path: Path, target: Target, *, order_uuid: str) -> list[ImportedObject]:
+        if self._aborted.is_set():
+            raise ImportAborted(f"aborted before registering {path.name}")
+        try:
+            content = read_zarr(path)
+        except ZarrError as exc:
+            raise ImportFailed(f"OME-Zarr registration of {path.name} failed: {exc}") from exc
+        if content.kind == "plate" and target.type != "Screen":
+            raise ImportFailed(f"{path.name} is a plate: send it to a Screen, not a Dataset")
+        if content.kind != "plate" and target.type != "Dataset":
+            raise ImportFailed(f"{path.name} holds images: send it to a Dataset, not a Screen")
+        objects = self._call("register_zarr", lambda: self._register(content, target))
+        self._require_pixel_buffer(path, objects)
+        log.info("omero_zarr_registered", path=str(path), objects=len(objects))
+        return objects
+
+    def _register(self, content: ZarrContent, target: Target) -> list[ImportedObject]:
+        update = self.conn.getUpdateService()
+        if content.plate is None:
+            objects = []
+            for image in content.images:
+                image_id = self._create_image(image)
+                link = omero.model.DatasetImageLinkI()
+                link.setParent(omero.model.DatasetI(target.id, False))
+                link.setChild(omero.model.ImageI(image_id, False))
+                update.saveObject(link, self.conn.SERVICE_OPTS)
+                objects.append(ImportedObject("Image", image_id, image.name, str(image.path)))
+            return objects
+        plate = omero.model.PlateI()
+        plate.setName(omero.rtypes.rstring(content.plate.name))
+        for zarr_well in content.plate.wells:
+            well = omero.model.WellI()
+            well.setRow(omero.rtypes.rint(zarr_well.row))
+            well.setColumn(omero.rtypes.rint(zarr_well.column))
+            for field_image in zarr_well.fields:
+                sample = omero.model.WellSampleI()
+                sample.setImage(omero.model.ImageI(self._create_image(field_image), False))
+                well.addWellSample(sample)
+            plate.addWell(well)
+        saved = update.saveAndReturnObject(plate, self.conn.SERVICE_OPTS)
+        plate_id = int(saved.getId().getValue())
+        link = omero.model.ScreenPlateLinkI()
+        link.setParent(omero.model.ScreenI(target.id, False))
+        link.setChild(omero.model.PlateI(plate_id, False))
+        update.saveObject(link, self.conn.SERVICE_OPTS)
+        return [ImportedObject("Plate", plate_id, content.plate.name, str(content.path))]
+
+    def _create_image(self, image: ZarrImage) -> int:
+        query = self.conn.getQueryService()
+        params = omero.sys.ParametersI()
+        params.addString("value", pixel_type(image.dtype))
+        ptype = query.findByQuery(
+            "from PixelsType p where p.value = :value", params, self.conn.SERVICE_OPTS
+        )
+        image_id = self.conn.getPixelsService().createImage(
+            image.size("x"),
+            image.size("y"),
+            image.size("z"),
+            image.size("t"),
+            list(range(image.size("c"))),
+            ptype,
+            image.name,
+            "",
+            self.conn.SERVICE_OPTS,
+        )
+        loaded = query.get("Image", image_id.getValue(), self.conn.SERVICE_OPTS)
+        loaded.getDetails().setExternalInfo(ngff_external_info(str(image.path)))
+        self.conn.getUpdateService().saveObject(loaded, self.conn.SERVICE_OPTS)
+        return int(image_id.getValue())
+
+    def _require_pixel_buffer(self, path: Path, objects: list[ImportedObject]) -> None:
+        """Read one plane's worth of metadata back; without the extension the server cannot."""
+        if not objects:
+            return
+        first = objects[0]
+        params = omero.sys.ParametersI()
+        params.addId(first.id)
+        hql = (
+            "select pix.id from Pixels pix join pix.image i where i.id = :id"
+            if first.type == "Image"
+            else "select pix.id from Plate p join p.wells w join w.wellSamples ws"
+            " join ws.image i join i.pixels pix where p.id = :id"
+        )
+        rows = _unwrap_rows(
+            self.conn.getQueryService().projection(hql, params, self.conn.SERVICE_OPTS)
+        )
+        store = self.conn.c.sf.createRawPixelsStore()
+        try:
+            store.setPixelsId(int(rows[0][0]), True, self.conn.SERVICE_OPTS)
+        except omero.ServerError as exc:
+            self._delete(objects)
+            raise ImportFailed(
+                f"OME-Zarr registration of {path.name} failed: the OMERO server cannot read"
+                " OME-Zarr (omero-zarr-pixel-buffer extension missing?)",
+                f"{type(exc).__name__}: {getattr(exc, 'message', '')}",
+            ) from exc
+        finally:
+            store.close()
+
+    def _delete(self, objects: list[ImportedObject]) -> None:
+        for obj in objects:
+            try:
+                self.conn.deleteObjects(obj.type, [obj.id], deleteChildren=True, wait=True)
+            except Exception as exc:
+                log.warning("omero_cleanup_failed", object=f"{obj.type}:{obj.id}", error=str(exc))
+
+    def close(self) -> None:
+        try:
+            self.conn.close()
+        except Exception as exc:
+            log.debug("omero_close_failed", error=type(exc).__name__)
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8", errors="replace")
+    except FileNotFoundError:
+        return ""

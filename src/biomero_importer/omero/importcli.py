@@ -1,0 +1,270 @@
+"""The ``omero import`` command line: building it, and judging what it printed.
+
+Pure functions only: the blitz backend runs the process. The exit code alone cannot be trusted
+(``No imports due to errors!`` and files skipped by ``--exclude`` both exit 0), so a verdict
+combines the exit code, the ids of every YAML document and the error count of the summary.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from biomero_importer.omero.port import Target
+from biomero_importer.settings import Settings
+
+_SUMMARY = re.compile(
+    r"(?P<files>\d+) files? uploaded, (?P<filesets>\d+) filesets?,"
+    r" (?P<plates>\d+) plates? created, (?P<images>\d+) images? imported,"
+    r" (?P<errors>\d+) errors?"
+)
+_NO_IMPORTS_DUE_TO_ERRORS = "No imports due to errors!"
+_NO_IMPORTS_FOUND = "No imports found"
+_ERROR_LINE = re.compile(r"\bERROR\b|Exception\b|Error:|\bFATAL\b")
+
+# Wrapper exit codes of omero-py's import plugin.
+_WRAPPER_ERRORS = {
+    3: "cleanup of the transferred files failed",
+    103: "no OMERO.java jars found (set fetch_jars, or OMERODIR with lib/client)",
+    104: "bulk import given together with paths",
+    105: "PyYAML missing in the OMERO CLI environment",
+    106: "bulk import stopped after an error",
+    107: "bulk import without a path",
+    108: "the downloaded OMERO.java.zip was malformed",
+}
+
+
+@dataclass(frozen=True)
+class LogPaths:
+    """Where the Java importer's stdout (the YAML ids) and stderr (log, summary) go."""
+
+    stdout: Path
+    stderr: Path
+
+
+def log_paths(settings: Settings, order_uuid: str) -> LogPaths:
+    folder = Path(os.path.abspath(settings.order_log_dir))
+    return LogPaths(folder / f"cli.{order_uuid}.logs", folder / f"cli.{order_uuid}.errs")
+
+
+def order_namespace(settings: Settings) -> str:
+    """Namespace of the comment annotation, holding the order UUID, linked at import time."""
+    return f"{settings.annotation_namespace}.order"
+
+
+def cli_prefix(settings: Settings) -> list[str]:
+    """``omero_cli`` may name an executable or a command with arguments."""
+    return shlex.split(settings.omero_cli)
+
+
+def import_argv(
+    settings: Settings,
+    path: Path,
+    target: Target,
+    *,
+    session_key: str,
+    logs: LogPaths,
+    exclude_existing: bool,
+    order_uuid: str,
+) -> list[str]:
+    """The full ``omero import`` command for one file or folder, joining ``session_key``."""
+    if not path.is_absolute():
+        raise ValueError(f"import paths must be absolute: {path}")
+    if settings.omero_host is None:
+        raise ValueError("omero_host is not set")
+    argv = [
+        *cli_prefix(settings),
+        "import",
+        "-s",
+        settings.omero_host,
+        "-p",
+        str(settings.omero_port),
+        "-k",
+        session_key,
+        "--transfer=ln_s",
+        "-d" if target.type == "Dataset" else "-r",
+        str(target.id),
+        "--parallel-upload",
+        str(settings.parallel_upload_per_worker),
+        "--parallel-fileset",
+        str(settings.parallel_filesets_per_worker),
+    ]
+    for flag in settings.skip_flags():
+        argv += ["--skip", flag]
+    argv += [
+        "--depth",
+        str(settings.import_depth),
+        "--file",
+        str(logs.stdout),
+        "--errs",
+        str(logs.stderr),
+        "--output",
+        "yaml",
+        # Marks every imported image with the order, so a retry can find what it made.
+        "--annotation-ns",
+        order_namespace(settings),
+        "--annotation-text",
+        order_uuid,
+    ]
+    if exclude_existing:
+        argv.append("--exclude=clientpath")
+    argv.append(str(path))
+    return argv
+
+
+def fetch_jars_argv(settings: Settings) -> list[str] | None:
+    """``omero import --fetch-jars`` downloads the jars and exits: it runs before imports."""
+    if not settings.fetch_jars:
+        return None
+    return [*cli_prefix(settings), "import", "--fetch-jars", settings.fetch_jars]
+
+
+def import_env(
+    settings: Settings, session_dir: Path, base: Mapping[str, str] | None = None
+) -> dict[str, str]:
+    """The environment of one import: its own session folder, and JAVA_OPTS when configured."""
+    env = dict(os.environ if base is None else base)
+    env["OMERO_SESSIONDIR"] = str(session_dir)
+    if settings.java_opts:
+        env["JAVA_OPTS"] = settings.java_opts
+    return env
+
+
+@dataclass(frozen=True)
+class ImportVerdict:
+    ok: bool
+    reason: str = ""
+    images: list[int] = field(default_factory=list)
+    plates: list[int] = field(default_factory=list)
+    filesets: list[int] = field(default_factory=list)
+    fileset_of: dict[int, int] = field(default_factory=dict)
+    # Exit 0, no document, no error: everything was skipped (``--exclude``) or not found.
+    nothing_imported: bool = False
+    errors: int | None = None
+    detail: str = ""
+
+
+def _ids(value: Any) -> list[int]:
+    if value is None:
+        return []
+    if isinstance(value, list):
+        return [int(v) for v in value]
+    return [int(value)]
+
+
+def _tail(text: str, lines: int = 20) -> str:
+    return "\n".join(text.strip().splitlines()[-lines:])
+
+
+def _first_error(stderr: str) -> str | None:
+    for line in stderr.splitlines():
+        if _ERROR_LINE.search(line):
+            return line.strip()[:200]
+    return None
+
+
+def summary_errors(stderr: str) -> int | None:
+    """Error count of the last ``==> Summary`` of a run, or None when there is none."""
+    matches = list(_SUMMARY.finditer(stderr))
+    return int(matches[-1]["errors"]) if matches else None
+
+
+def parse_yaml_ids(stdout: str) -> tuple[list[dict[str, list[int]]], str | None]:
+    """One {Fileset, Image, Plate: ids} per YAML document, or a problem description."""
+    documents: list[dict[str, list[int]]] = []
+    try:
+        for doc in yaml.safe_load_all(stdout):
+            if doc is None:
+                continue
+            entries = doc if isinstance(doc, list) else [doc]
+            for entry in entries:
+                if not isinstance(entry, dict):
+                    return documents, f"unexpected YAML item {type(entry).__name__}"
+                documents.append(
+                    {key: _ids(entry.get(key)) for key in ("Fileset", "Image", "Plate")}
+                )
+    except (yaml.YAMLError, TypeError, ValueError) as exc:
+        return documents, f"unreadable YAML output ({type(exc).__name__})"
+    return documents, None
+
+
+def parse_import_result(exit_code: int, stdout: str, stderr: str, *, name: str) -> ImportVerdict:
+    """Judge one ``omero import`` run; ``name`` (the file) appears in every failure reason."""
+    detail = _tail(stderr)
+    errors = summary_errors(stderr)
+    if exit_code != 0:
+        first = _first_error(stderr)
+        if exit_code < 0:
+            reason = f"OMERO import of {name} was killed (signal {-exit_code})"
+        elif exit_code == 1 and _NO_IMPORTS_FOUND in stderr:
+            reason = f"OMERO import of {name} failed: no importable files found"
+        elif exit_code == 1:
+            reason = f"OMERO import of {name} failed: the import command was refused (exit 1)"
+        elif exit_code in _WRAPPER_ERRORS:
+            reason = f"OMERO import of {name} failed: {_WRAPPER_ERRORS[exit_code]}"
+        else:
+            reason = f"OMERO import of {name} failed (exit {exit_code})"
+        if first and exit_code not in _WRAPPER_ERRORS:
+            reason = f"{reason}: {first}"
+        return ImportVerdict(False, reason, errors=errors, detail=detail)
+
+    if _NO_IMPORTS_DUE_TO_ERRORS in stderr or (errors is not None and errors > 0):
+        count = f"{errors} error{'s' if errors != 1 else ''}" if errors else "errors"
+        first = _first_error(stderr)
+        reason = f"OMERO import of {name} failed with {count}"
+        if first:
+            reason = f"{reason}: {first}"
+        return ImportVerdict(False, reason, errors=errors, detail=detail)
+
+    documents, problem = parse_yaml_ids(stdout)
+    if problem is not None:
+        return ImportVerdict(
+            False, f"OMERO import of {name}: {problem}", errors=errors, detail=detail
+        )
+    if not documents:
+        return ImportVerdict(
+            False,
+            f"OMERO import of {name} created nothing",
+            nothing_imported=errors == 0 or errors is None,
+            errors=errors,
+            detail=detail,
+        )
+    if errors is None:
+        return ImportVerdict(
+            False, f"OMERO import of {name}: no import summary found", errors=None, detail=detail
+        )
+    images: list[int] = []
+    plates: list[int] = []
+    filesets: list[int] = []
+    fileset_of: dict[int, int] = {}
+    for index, document in enumerate(documents, start=1):
+        if not document["Image"] and not document["Plate"]:
+            fileset = document["Fileset"][0] if document["Fileset"] else f"#{index}"
+            return ImportVerdict(
+                False,
+                f"OMERO import of {name}: fileset {fileset} reported no Image or Plate ids",
+                errors=errors,
+                detail=detail,
+            )
+        images += document["Image"]
+        plates += document["Plate"]
+        filesets += document["Fileset"]
+        if document["Fileset"]:
+            for object_id in document["Image"] + document["Plate"]:
+                fileset_of[object_id] = document["Fileset"][0]
+    return ImportVerdict(
+        True,
+        images=images,
+        plates=plates,
+        filesets=filesets,
+        fileset_of=fileset_of,
+        errors=errors,
+        detail=detail,
+    )

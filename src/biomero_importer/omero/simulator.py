@@ -1,0 +1,404 @@
+"""A stand-in OMERO for the quickstart, demos, tests and benchmarks.
+
+State lives in ``<simulator_dir>/omero.sqlite`` (WAL, so several replicas in separate processes
+can share it) and in-place imports create real symlinks under
+``<simulator_dir>/ManagedRepository``, laid out as OMERO lays them out, so that the symlink
+redirect after preprocessing runs on a real filesystem. Like OMERO, importing the same file
+twice creates two objects.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import shutil
+import sqlite3
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+
+import structlog
+
+from biomero_importer.omero.port import (
+    ImportAborted,
+    ImportedObject,
+    ImportFailed,
+    ObjectType,
+    OmeroError,
+    Target,
+    UnknownUserOrGroup,
+)
+from biomero_importer.omero.zarr import ZarrError, read_zarr
+from biomero_importer.settings import Settings
+
+log = structlog.get_logger(__name__)
+
+DB_NAME = "omero.sqlite"
+MANAGED_REPOSITORY = "ManagedRepository"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS objects (
+    id INTEGER PRIMARY KEY, type TEXT, name TEXT, client_path TEXT, target_type TEXT,
+    target_id INTEGER, user_name TEXT, group_name TEXT, order_uuid TEXT
+);
+CREATE TABLE IF NOT EXISTS annotations (
+    id INTEGER PRIMARY KEY, object_type TEXT, object_id INTEGER, ns TEXT, key TEXT, value TEXT
+);
+CREATE TABLE IF NOT EXISTS users (id INTEGER PRIMARY KEY, name TEXT UNIQUE);
+CREATE TABLE IF NOT EXISTS filesets (
+    id INTEGER PRIMARY KEY, template_prefix TEXT, order_uuid TEXT
+);
+CREATE TABLE IF NOT EXISTS fileset_files (
+    fileset_id INTEGER, managed_path TEXT, client_path TEXT
+);
+CREATE TABLE IF NOT EXISTS fileset_objects (fileset_id INTEGER, object_id INTEGER);
+CREATE INDEX IF NOT EXISTS objects_order_uuid ON objects (order_uuid);
+CREATE INDEX IF NOT EXISTS objects_client_path ON objects (client_path, target_type, target_id);
+CREATE INDEX IF NOT EXISTS fileset_files_fileset ON fileset_files (fileset_id);
+CREATE INDEX IF NOT EXISTS fileset_objects_object ON fileset_objects (object_id);
+"""
+
+# Long enough to ride out another replica's write transaction, which never waits on I/O.
+_BUSY_TIMEOUT_MS = 30_000
+
+
+def _is_under(candidate: str, path: str) -> bool:
+    return candidate == path or candidate.startswith(path.rstrip("/") + "/")
+
+
+def _importable_files(path: Path) -> list[Path]:
+    """A file, or the visible files of a folder (hidden ones such as ``.processed`` skipped)."""
+    if not path.is_dir():
+        return [path]
+    found: list[Path] = []
+    for root, dirs, files in os.walk(path):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        found.extend(Path(root) / name for name in sorted(files) if not name.startswith("."))
+    return found
+
+
+class SimulatorGateway:
+    """One per replica; hands out one SQLite connection per thread."""
+
+    name = "simulator"
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.root = settings.simulator_dir
+        self.db_path = self.root / DB_NAME
+        self.repository = self.root / MANAGED_REPOSITORY
+        self.fail_pattern = (
+            re.compile(settings.omero_simulator_fail_pattern)
+            if settings.omero_simulator_fail_pattern
+            else None
+        )
+        self._local = threading.local()
+        self._connections: list[sqlite3.Connection] = []
+        self._lock = threading.Lock()
+        self._user_ids: dict[str, int] = {}
+        try:
+            self.repository.mkdir(parents=True, exist_ok=True)
+            # One transaction, so replicas starting together never see half a schema.
+            self.connection().executescript(f"BEGIN IMMEDIATE;{_SCHEMA}COMMIT;")
+        except (OSError, sqlite3.Error) as exc:
+            raise OmeroError(f"OMERO simulator folder {self.root} is not usable", str(exc)) from exc
+        log.warning(
+            "omero_simulated",
+            message="OMERO IS SIMULATED: nothing is imported into a real OMERO server",
+            state=str(self.db_path),
+        )
+
+    def connection(self) -> sqlite3.Connection:
+        db: sqlite3.Connection | None = getattr(self._local, "db", None)
+        if db is None:
+            db = sqlite3.connect(
+                self.db_path,
+                timeout=_BUSY_TIMEOUT_MS / 1000,
+                isolation_level=None,
+                check_same_thread=False,
+            )
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.execute(f"PRAGMA busy_timeout={_BUSY_TIMEOUT_MS}")
+            self._local.db = db
+            with self._lock:
+                self._connections.append(db)
+        return db
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """A write transaction that takes the lock up front, so it never deadlocks on upgrade."""
+        db = self.connection()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield db
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+
+    def user_id(self, user: str) -> int:
+        known = self._user_ids.get(user)
+        if known is not None:
+            return known
+        with self.transaction() as db:
+            db.execute("INSERT OR IGNORE INTO users (name) VALUES (?)", (user,))
+            (user_id,) = db.execute("SELECT id FROM users WHERE name = ?", (user,)).fetchone()
+        self._user_ids[user] = int(user_id)
+        return int(user_id)
+
+    def describe(self) -> str:
+        return f"OMERO simulator ({self.db_path})"
+
+    def check(self) -> None:
+        try:
+            self.connection().execute("SELECT count(*) FROM objects").fetchone()
+            probe = self.repository / f".probe-{os.getpid()}-{threading.get_ident()}"
+            probe.touch()
+            probe.unlink()
+        except (OSError, sqlite3.Error) as exc:
+            raise OmeroError(f"OMERO simulator folder {self.root} is not usable", str(exc)) from exc
+
+    def open_session(self, user: str, group: str, *, order_uuid: str) -> SimulatorSession:
+        users = self.settings.omero_simulator_users
+        if users is not None and group not in users.get(user, []):
+            raise UnknownUserOrGroup(user, group, "not in omero_simulator_users")
+        return SimulatorSession(self, user, group, order_uuid)
+
+    def close(self) -> None:
+        with self._lock:
+            connections, self._connections = self._connections, []
+        for db in connections:
+            db.close()
+        self._local = threading.local()
+
+
+class SimulatorSession:
+    def __init__(self, gateway: SimulatorGateway, user: str, group: str, order_uuid: str) -> None:
+        self.gateway = gateway
+        self.user = user
+        self.group = group
+        self.order_uuid = order_uuid
+        self._aborted = threading.Event()
+
+    def _pause(self) -> None:
+        """The simulated import time; abort() ends it at once."""
+        delay = self.gateway.settings.omero_simulator_import_delay
+        if self._aborted.is_set() or (delay > 0 and self._aborted.wait(delay)):
+            raise ImportAborted("aborted during the simulated import")
+
+    def _check_fail_pattern(self, files: Sequence[Path], name: str) -> None:
+        pattern = self.gateway.fail_pattern
+        if pattern is None:
+            return
+        for file in files:
+            if pattern.search(str(file)):
+                raise ImportFailed(
+                    f"OMERO import of {name} failed with 1 error:"
+                    f" {file.name} could not be imported",
+                    f"simulated failure: {file} matches omero_simulator_fail_pattern",
+                )
+
+    def _already_imported(self, db: sqlite3.Connection, path: Path, target: Target) -> set[str]:
+        text = str(path)
+        rows = db.execute(
+            "SELECT client_path FROM objects WHERE target_type = ? AND target_id = ?"
+            " AND (client_path = ? OR substr(client_path, 1, ?) = ?)",
+            (target.type, target.id, text, len(text) + 1, text.rstrip("/") + "/"),
+        ).fetchall()
+        return {row[0] for row in rows}
+
+    def import_path(
+        self, path: Path, target: Target, *, order_uuid: str, exclude_existing: bool
+    ) -> list[ImportedObject]:
+        self._pause()
+        if not path.exists():
+            raise ImportFailed(f"OMERO import of {path.name} failed: file not found")
+        files = _importable_files(path)
+        if not files:
+            raise ImportFailed(f"OMERO import of {path.name} failed: no importable files found")
+        self._check_fail_pattern(files, path.name)
+        user_id = self.gateway.user_id(self.user)
+        with self.gateway.transaction() as db:
+            if exclude_existing:
+                done = self._already_imported(db, path, target)
+                files = [f for f in files if str(f) not in done and str(path) not in done]
+                if not files:
+                    return []
+            folder = self._fileset_folder(user_id)
+            (fileset_id,) = db.execute(
+                "INSERT INTO filesets (template_prefix, order_uuid) VALUES (?, ?) RETURNING id",
+                (str(folder.relative_to(self.gateway.repository)) + "/", order_uuid),
+            ).fetchone()
+            try:
+                managed = self._link(path, files, folder)
+            except OSError as exc:
+                shutil.rmtree(folder, ignore_errors=True)
+                raise ImportFailed(
+                    f"OMERO import of {path.name} failed: cannot link it into the"
+                    " ManagedRepository",
+                    str(exc),
+                ) from exc
+            db.executemany(
+                "INSERT INTO fileset_files (fileset_id, managed_path, client_path)"
+                " VALUES (?, ?, ?)",
+                [(fileset_id, str(link), str(source)) for link, source in managed],
+            )
+            made: list[tuple[ObjectType, str, Path]]
+            if target.type == "Screen":
+                made = [("Plate", path.name, path)]
+            else:
+                made = [("Image", f.name, f) for f in files]
+            objects = [
+                self._insert(db, item, target=target, order_uuid=order_uuid, fileset_id=fileset_id)
+                for item in made
+            ]
+        log.debug("simulated_import", path=str(path), objects=len(objects))
+        return objects
+
+    def _fileset_folder(self, user_id: int) -> Path:
+        """``<user>_<id>/<YYYY-MM>/<DD>/<HH-MM-SS.mmm>-<token>``, as OMERO's template lays out."""
+        now = datetime.now(timezone.utc)
+        # Several replicas import in the same millisecond: a random token keeps folders apart.
+        leaf = f"{now:%H-%M-%S}.{now.microsecond // 1000:03d}-{secrets.token_hex(4)}"
+        return self.gateway.repository / f"{self.user}_{user_id}/{now:%Y-%m}/{now:%d}/{leaf}"
+
+    @staticmethod
+    def _link(path: Path, files: list[Path], folder: Path) -> list[tuple[Path, Path]]:
+        """ln_s: one symlink per file, keeping the folder layout of a folder import."""
+        links: list[tuple[Path, Path]] = []
+        for source in files:
+            relative = source.relative_to(path) if path.is_dir() else Path(source.name)
+            link = folder / relative
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to(source.absolute())
+            links.append((link, source))
+        return links
+
+    def _insert(
+        self,
+        db: sqlite3.Connection,
+        made: tuple[ObjectType, str, Path],
+        *,
+        target: Target,
+        order_uuid: str,
+        fileset_id: int | None,
+    ) -> ImportedObject:
+        kind, name, client_path = made
+        (object_id,) = db.execute(
+            "INSERT INTO objects (type, name, client_path, target_type, target_id, user_name,"
+            " group_name, order_uuid) VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
+            (
+                kind,
+                name,
+                str(client_path),
+                target.type,
+                target.id,
+                self.user,
+                self.group,
+                order_uuid,
+            ),
+        ).fetchone()
+        if fileset_id is not None:
+            db.execute(
+                "INSERT INTO fileset_objects (fileset_id, object_id) VALUES (?, ?)",
+                (fileset_id, object_id),
+            )
+        return ImportedObject(kind, int(object_id), name, str(client_path), fileset_id)
+
+    def register_zarr(self, path: Path, target: Target, *, order_uuid: str) -> list[ImportedObject]:
+        self._pause()
+        try:
+            content = read_zarr(path)
+        except ZarrError as exc:
+            raise ImportFailed(f"OME-Zarr registration of {path.name} failed: {exc}") from exc
+        self._check_fail_pattern([path], path.name)
+        if content.kind == "plate":
+            if target.type != "Screen":
+                raise ImportFailed(f"{path.name} is a plate: send it to a Screen, not a Dataset")
+            made: list[tuple[ObjectType, str, Path]] = [("Plate", content.name, path)]
+        else:
+            if target.type != "Dataset":
+                raise ImportFailed(f"{path.name} holds images: send it to a Dataset, not a Screen")
+            made = [("Image", image.name, image.path) for image in content.images]
+        with self.gateway.transaction() as db:
+            return [
+                self._insert(db, item, target=target, order_uuid=order_uuid, fileset_id=None)
+                for item in made
+            ]
+
+    def find_imported(
+        self, client_path: Path, target: Target, *, order_uuid: str
+    ) -> list[ImportedObject]:
+        text = str(client_path)
+        rows = (
+            self.gateway.connection()
+            .execute(
+                "SELECT o.id, o.type, o.name, o.client_path, fo.fileset_id FROM objects o"
+                " LEFT JOIN fileset_objects fo ON fo.object_id = o.id"
+                " WHERE o.order_uuid = ? AND o.target_type = ? AND o.target_id = ?"
+                " ORDER BY o.id",
+                (order_uuid, target.type, target.id),
+            )
+            .fetchall()
+        )
+        return [
+            ImportedObject(kind, int(object_id), name, client, fileset_id)
+            for object_id, kind, name, client, fileset_id in rows
+            if _is_under(client, text)
+        ]
+
+    def annotate(
+        self, obj: ImportedObject, namespace: str, pairs: Sequence[tuple[str, str]]
+    ) -> int:
+        if not pairs:
+            raise ValueError("a map annotation needs at least one key")
+        if self._aborted.is_set():
+            raise ImportAborted("aborted before annotating")
+        rows = [(obj.type, obj.id, namespace, key, value) for key, value in pairs]
+        with self.gateway.transaction() as db:
+            self._require(db, obj)
+            db.executemany(
+                "INSERT INTO annotations (object_type, object_id, ns, key, value)"
+                " VALUES (?, ?, ?, ?, ?)",
+                rows,
+            )
+            (last,) = db.execute("SELECT last_insert_rowid()").fetchone()
+        # The write lock is held for the whole transaction, so the rows of one map annotation
+        # get consecutive ids; the first row's id names the annotation.
+        return int(last) - len(rows) + 1
+
+    @staticmethod
+    def _require(db: sqlite3.Connection, obj: ImportedObject) -> None:
+        row = db.execute(
+            "SELECT 1 FROM objects WHERE id = ? AND type = ?", (obj.id, obj.type)
+        ).fetchone()
+        if row is None:
+            raise OmeroError(f"{obj.type} {obj.id} not found in OMERO")
+
+    def rename(self, obj: ImportedObject, name: str) -> None:
+        with self.gateway.transaction() as db:
+            self._require(db, obj)
+            db.execute("UPDATE objects SET name = ? WHERE id = ?", (name, obj.id))
+
+    def managed_files(self, obj: ImportedObject) -> list[Path]:
+        rows = (
+            self.gateway.connection()
+            .execute(
+                "SELECT ff.managed_path FROM fileset_objects fo"
+                " JOIN fileset_files ff ON ff.fileset_id = fo.fileset_id"
+                " WHERE fo.object_id = ? ORDER BY ff.rowid",
+                (obj.id,),
+            )
+            .fetchall()
+        )
+        return [Path(row[0]) for row in rows]
+
+    def abort(self) -> None:
+        self._aborted.set()
+
+    def close(self) -> None:
+        """Nothing to release: connections belong to the gateway's threads."""

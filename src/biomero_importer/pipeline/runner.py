@@ -1,0 +1,327 @@
+"""One order, start to finish: validate, preprocess, import, annotate.
+
+The pipeline never touches omero-py itself: it talks to the OMERO port, and every port call
+(blocking by nature) goes through the replica's bounded thread executor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import time
+from collections.abc import Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from functools import partial
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
+
+import structlog
+
+from biomero_importer.db.models import STAGE_IMPORTED, STAGE_INGEST_FAILED, STAGE_PREPROCESSING
+from biomero_importer.observability.metrics import Step
+from biomero_importer.omero.metadata import build_annotation_pairs
+from biomero_importer.omero.port import ImportedObject, OmeroError, OmeroGateway, OmeroSession
+from biomero_importer.pipeline.order import ClaimedOrder, Order
+from biomero_importer.pipeline.validate import InvalidOrder, short, validate
+from biomero_importer.preprocessing import (
+    PreprocessingError,
+    ProcessedItem,
+    run_preprocessing,
+    validate_preprocessing,
+)
+from biomero_importer.settings import Settings
+
+log = structlog.get_logger(__name__)
+
+T = TypeVar("T")
+
+
+class StageSink(Protocol):
+    """What the pipeline needs from the database while an order runs."""
+
+    async def append_stage(self, uuid: str, stage: str, description: str | None = None) -> bool: ...
+
+    async def record_objects(self, uuid: str, objects: list[dict[str, Any]]) -> None: ...
+
+
+@dataclass
+class Outcome:
+    stage: str
+    description: str | None
+    file_names: list[str] | None = None
+    objects: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ImportUnit:
+    """One thing to import: an order file, or one item a preprocessing container produced."""
+
+    path: Path
+    annotation_path: Path
+    item: ProcessedItem | None = None
+
+
+class ObjectLedger:
+    """The OMERO objects an order created, kept in the database between runs.
+
+    Saved at most once per ``flush_interval`` while an order runs (and always at its end): an
+    object created after the last save is still found by ``find_imported`` on a second run,
+    so saving after every file of a 10,000-file order would buy nothing but write load.
+    """
+
+    def __init__(self, records: list[dict[str, Any]], flush_interval: float = 1.0) -> None:
+        self.records = list(records)
+        self.flush_interval = flush_interval
+        self._by_key: dict[str, list[dict[str, Any]]] = {}
+        self._by_object: dict[tuple[str, int], dict[str, Any]] = {}
+        for record in self.records:
+            self._index(record)
+        self._dirty = False
+        self._saved_at = time.monotonic()
+
+    def _index(self, record: dict[str, Any]) -> None:
+        self._by_key.setdefault(str(record.get("key")), []).append(record)
+        self._by_object[(str(record["type"]), int(record["id"]))] = record
+
+    def known(self, key: str) -> list[ImportedObject]:
+        return [
+            ImportedObject(
+                type=r["type"],
+                id=int(r["id"]),
+                name=str(r.get("name", "")),
+                client_path=str(r.get("client_path", "")),
+                fileset_id=r.get("fileset_id"),
+            )
+            for r in self._by_key.get(key, [])
+        ]
+
+    def add(self, key: str, objects: list[ImportedObject]) -> None:
+        for obj in objects:
+            record = {
+                "type": obj.type,
+                "id": obj.id,
+                "name": obj.name,
+                "client_path": obj.client_path,
+                "fileset_id": obj.fileset_id,
+                "key": key,
+                "annotated": False,
+            }
+            self.records.append(record)
+            self._index(record)
+        self._dirty = True
+
+    def annotated(self, obj: ImportedObject) -> bool:
+        record = self._by_object.get((obj.type, obj.id))
+        return bool(record and record.get("annotated"))
+
+    def mark_annotated(self, obj: ImportedObject) -> None:
+        record = self._by_object.get((obj.type, obj.id))
+        if record is not None:
+            record["annotated"] = True
+
+    async def save_if_due(self, sink: StageSink, uuid: str) -> None:
+        if self._dirty and time.monotonic() - self._saved_at >= self.flush_interval:
+            await sink.record_objects(uuid, self.records)
+            self._dirty = False
+            self._saved_at = time.monotonic()
+
+
+class Pipeline:
+    def __init__(
+        self,
+        settings: Settings,
+        gateway: OmeroGateway,
+        executor: Executor,
+        sink: StageSink,
+        observe_step: Callable[[Step, float], None] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.gateway = gateway
+        self.executor = executor
+        self.sink = sink
+        self.observe_step = observe_step
+
+    async def run(self, claimed: ClaimedOrder) -> Outcome:
+        """Run one claimed order; always returns the terminal outcome (cancellation propagates)."""
+        file_names: list[str] | None = None
+        ledger = ObjectLedger(claimed.recorded_objects)
+        try:
+            with self._step("validate"):
+                order = validate(claimed, self.settings.effective_import_roots)
+                file_names = order.file_names
+                if order.preprocessing is not None:
+                    validate_preprocessing(order, self.settings)
+            await self._import_order(order, claimed, ledger)
+        except (InvalidOrder, PreprocessingError, OmeroError) as exc:
+            detail = getattr(exc, "detail", "")
+            log.warning("order_failed", reason=exc.reason, detail=detail or None)
+            return Outcome(STAGE_INGEST_FAILED, exc.reason, file_names, ledger.records)
+        return Outcome(STAGE_IMPORTED, None, file_names, ledger.records)
+
+    def _step(self, name: Step) -> _StepTimer:
+        return _StepTimer(name, self.observe_step)
+
+    async def _blocking(self, session: OmeroSession | None, call: Callable[[], T]) -> T:
+        """Run a port call in the executor; on cancel, abort it and wait for the thread."""
+        future = asyncio.get_running_loop().run_in_executor(self.executor, call)
+        try:
+            return await asyncio.shield(future)
+        except asyncio.CancelledError:
+            if session is not None:
+                session.abort()
+            # The thread cannot be interrupted; abort() kills its process, so it ends soon.
+            await asyncio.wait([future], timeout=10)
+            raise
+
+    async def _import_order(
+        self, order: Order, claimed: ClaimedOrder, ledger: ObjectLedger
+    ) -> None:
+        items: list[ProcessedItem] = []
+        temp_dir: Path | None = None
+        if order.preprocessing is not None:
+            await self.sink.append_stage(order.uuid, STAGE_PREPROCESSING)
+            with self._step("preprocess"):
+                result = await run_preprocessing(order, self.settings, log=log)
+            items, temp_dir = result.items, result.temp_dir
+            units = [ImportUnit(i.import_path, i.final_path, i) for i in items]
+        else:
+            units = [ImportUnit(path, path) for path in order.files]
+
+        session = await self._blocking(
+            None, partial(self.gateway.open_session, order.user, order.group, order_uuid=order.uuid)
+        )
+        try:
+            # A second run may find files an earlier run already brought into OMERO.
+            check_existing = claimed.runs > 1 or bool(ledger.records)
+            imported: list[tuple[ImportUnit, list[ImportedObject]]] = []
+            with self._step("import"):
+                for unit in units:
+                    objects = await self._import_unit(session, order, unit, ledger, check_existing)
+                    imported.append((unit, objects))
+                    if unit.item is not None:
+                        await self._finish_item(session, unit.item, objects)
+            with self._step("annotate"):
+                await self._annotate(session, order, imported, ledger)
+        finally:
+            await self._blocking(None, session.close)
+        if temp_dir is not None:
+            await asyncio.get_running_loop().run_in_executor(
+                self.executor, partial(shutil.rmtree, temp_dir, ignore_errors=True)
+            )
+
+    async def _import_unit(
+        self,
+        session: OmeroSession,
+        order: Order,
+        unit: ImportUnit,
+        ledger: ObjectLedger,
+        check_existing: bool,
+    ) -> list[ImportedObject]:
+        key = str(unit.path)
+        known = ledger.known(key)
+        if known:
+            log.info("import_skipped_already_done", path=key, objects=len(known))
+            return known
+        if check_existing:
+            found = await self._blocking(
+                session,
+                partial(session.find_imported, unit.path, order.target, order_uuid=order.uuid),
+            )
+            if found:
+                log.info("import_skipped_found_in_omero", path=key, objects=len(found))
+                ledger.add(key, found)
+                return found
+        if self.settings.use_register_zarr and unit.path.suffix.lower() == ".zarr":
+            call = partial(session.register_zarr, unit.path, order.target, order_uuid=order.uuid)
+        else:
+            call = partial(
+                session.import_path,
+                unit.path,
+                order.target,
+                order_uuid=order.uuid,
+                exclude_existing=check_existing,
+            )
+        objects = await self._blocking(session, call)
+        log.info("imported", path=key, objects=[f"{o.type}:{o.id}" for o in objects])
+        ledger.add(key, objects)
+        await ledger.save_if_due(self.sink, order.uuid)
+        return objects
+
+    async def _finish_item(
+        self, session: OmeroSession, item: ProcessedItem, objects: list[ImportedObject]
+    ) -> None:
+        """Rename to the converter's name and re-point ManagedRepository links to shared storage."""
+        for obj in objects:
+            if item.name and item.name != obj.name:
+                await self._blocking(session, partial(session.rename, obj, item.name))
+            managed = await self._blocking(session, partial(session.managed_files, obj))
+            await asyncio.get_running_loop().run_in_executor(
+                self.executor, partial(redirect_links, managed, item)
+            )
+
+    async def _annotate(
+        self,
+        session: OmeroSession,
+        order: Order,
+        imported: list[tuple[ImportUnit, list[ImportedObject]]],
+        ledger: ObjectLedger,
+    ) -> None:
+        now = datetime.now(timezone.utc)
+        for unit, objects in imported:
+            keyvalues = unit.item.keyvalues if unit.item is not None else None
+            pairs = build_annotation_pairs(
+                order,
+                unit.annotation_path,
+                preprocessing_keyvalues=keyvalues,
+                processed_folder_name=self.settings.processed_folder_name,
+                imported_at=now,
+            )
+            for obj in objects:
+                if ledger.annotated(obj):
+                    continue
+                await self._blocking(
+                    session,
+                    partial(session.annotate, obj, self.settings.annotation_namespace, pairs),
+                )
+                ledger.mark_annotated(obj)
+            await ledger.save_if_due(self.sink, order.uuid)
+
+
+def redirect_links(managed: list[Path], item: ProcessedItem) -> None:
+    """Point ManagedRepository symlinks from the temporary copy to the copy on shared storage."""
+    for link in managed:
+        if not link.is_symlink():
+            continue
+        target = Path(os.readlink(link))
+        if target == item.import_path:
+            new_target = item.final_path
+        elif target.is_relative_to(item.import_path):
+            new_target = item.final_path / target.relative_to(item.import_path)
+        else:
+            continue
+        if not new_target.exists():
+            raise PreprocessingError(
+                f"Processed file missing on shared storage: {short(str(new_target))}"
+            )
+        staging = link.with_name(f".{link.name}.redirect")
+        staging.unlink(missing_ok=True)
+        staging.symlink_to(new_target)
+        staging.replace(link)
+        log.debug("symlink_redirected", link=str(link), target=str(new_target))
+
+
+class _StepTimer:
+    def __init__(self, name: Step, observe: Callable[[Step, float], None] | None) -> None:
+        self.name = name
+        self.observe = observe
+        self.start = 0.0
+
+    def __enter__(self) -> None:
+        self.start = time.perf_counter()
+
+    def __exit__(self, *exc: object) -> None:
+        if self.observe is not None:
+            self.observe(self.name, time.perf_counter() - self.start)

@@ -1,0 +1,136 @@
+"""Checks every order before any work: bad input fails fast with a reason to act on."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from pathlib import Path
+
+from biomero_importer.omero.port import Target
+from biomero_importer.pipeline.order import ClaimedOrder, Order
+
+MAX_NAME_LENGTH = 255
+MAX_PATH_LENGTH = 4096
+DESTINATION_TYPES = ("Dataset", "Screen")
+
+
+class InvalidOrder(Exception):
+    """``reason`` becomes the order's 'Import Failed' description."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def short(text: str, limit: int = 160) -> str:
+    """Keep descriptions readable: long paths and values are cut in the middle."""
+    if len(text) <= limit:
+        return text
+    half = (limit - 3) // 2
+    return f"{text[:half]}...{text[-half:]}"
+
+
+def _required_name(label: str, value: str | None) -> str:
+    if value is None or not value.strip():
+        raise InvalidOrder(f"{label} is missing")
+    if len(value) > MAX_NAME_LENGTH:
+        raise InvalidOrder(
+            f"{label} is too long ({len(value)} characters, at most {MAX_NAME_LENGTH})"
+        )
+    if "\x00" in value:
+        raise InvalidOrder(f"{label} contains a NUL byte")
+    return value
+
+
+def _target(destination_type: str, destination_id: str) -> Target:
+    if destination_type not in DESTINATION_TYPES:
+        raise InvalidOrder(
+            f"DestinationType {short(destination_type, 40)!r} is not one of Dataset, Screen"
+        )
+    text = (destination_id or "").strip()
+    if not text:
+        raise InvalidOrder("DestinationID is missing")
+    try:
+        number = int(text)
+    except ValueError:
+        raise InvalidOrder(f"DestinationID {short(text, 40)!r} is not an integer") from None
+    if number <= 0:
+        raise InvalidOrder(f"DestinationID {number} is not a positive integer")
+    return Target(type=destination_type, id=number)  # type: ignore[arg-type]
+
+
+def _file_list(raw: str) -> list[str]:
+    try:
+        files = json.loads(raw)
+    except (json.JSONDecodeError, TypeError):
+        raise InvalidOrder("Files is not valid JSON (expected a list of paths)") from None
+    if not isinstance(files, list):
+        kind = "an object" if isinstance(files, dict) else "a single value"
+        raise InvalidOrder(f"Files must be a JSON list of paths, not {kind}")
+    if not files:
+        raise InvalidOrder("Files is empty: nothing to import")
+    for item in files:
+        if not isinstance(item, str) or not item:
+            raise InvalidOrder("Files contains an entry that is not a path")
+    return files
+
+
+def _inside(path: Path, roots: list[Path]) -> bool:
+    return any(path == root or path.is_relative_to(root) for root in roots)
+
+
+def check_file(raw: str, roots: list[Path], resolved_roots: list[Path]) -> Path:
+    """One file of an order: absolute, existing, readable, and inside an import root
+    both as written and after every symlink is resolved."""
+    if "\x00" in raw:
+        printable = raw.replace("\x00", "\\0")
+        raise InvalidOrder(f"Path contains a NUL byte: {short(printable)}")
+    if len(raw) > MAX_PATH_LENGTH:
+        raise InvalidOrder(f"Path is too long ({len(raw)} characters)")
+    path = Path(raw)
+    if not path.is_absolute():
+        raise InvalidOrder(f"Path is not absolute: {short(raw)}")
+    if not _inside(Path(os.path.normpath(raw)), roots + resolved_roots):
+        raise InvalidOrder(f"File is outside the import roots: {short(raw)}")
+    try:
+        resolved = path.resolve(strict=True)
+    except FileNotFoundError:
+        raise InvalidOrder(f"File not found: {short(raw)}") from None
+    except (OSError, RuntimeError) as exc:
+        raise InvalidOrder(
+            f"File cannot be resolved ({type(exc).__name__}): {short(raw)}"
+        ) from None
+    if not _inside(resolved, resolved_roots):
+        raise InvalidOrder(f"File links outside the import roots: {short(raw)}")
+    wanted = os.R_OK | (os.X_OK if resolved.is_dir() else 0)
+    # OMERO reads the file in place too: a file nobody may read fails even for a root importer.
+    mode = resolved.stat().st_mode
+    if not os.access(resolved, wanted) or not stat.S_IMODE(mode) & 0o444:
+        raise InvalidOrder(f"File is not readable: {short(raw)}")
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        raise InvalidOrder(f"Not a regular file or folder: {short(raw)}")
+    return path
+
+
+def validate(claimed: ClaimedOrder, roots: list[Path]) -> Order:
+    """Turn the stored columns into an Order, or raise InvalidOrder with the first problem."""
+    group = _required_name("Group", claimed.group_name)
+    user = _required_name("Username", claimed.user_name)
+    target = _target(claimed.destination_type, claimed.destination_id)
+    resolved_roots = [root.resolve() for root in roots]
+    files = [check_file(raw, roots, resolved_roots) for raw in _file_list(claimed.files)]
+    if claimed.preprocessing_problem is not None:
+        raise InvalidOrder(claimed.preprocessing_problem)
+    if claimed.preprocessing is not None and not claimed.preprocessing.container.strip():
+        raise InvalidOrder("Preprocessing has no container image")
+    return Order(
+        uuid=claimed.uuid,
+        group=group,
+        user=user,
+        target=target,
+        files=files,
+        file_names=[path.name for path in files],
+        preprocessing=claimed.preprocessing,
+        attempt=claimed.attempt,
+    )

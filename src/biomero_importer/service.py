@@ -1,0 +1,184 @@
+"""The running service: database, migrations, OMERO gateway, dispatcher, signals."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import AsyncIterator, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass
+
+import structlog
+
+from biomero_importer.db.embedded import EmbeddedPostgres
+from biomero_importer.db.migrate import is_at_head, migrate
+from biomero_importer.db.urls import asyncpg_dsn
+from biomero_importer.dispatcher.dispatcher import Dispatcher
+from biomero_importer.dispatcher.listener import Listener
+from biomero_importer.dispatcher.store import OrderStore
+from biomero_importer.observability.health import HealthState, start_http_server
+from biomero_importer.observability.logging import Redactor
+from biomero_importer.observability.metrics import Metrics, create_metrics
+from biomero_importer.omero import create_gateway
+from biomero_importer.omero.port import OmeroGateway
+from biomero_importer.pipeline.runner import Pipeline
+from biomero_importer.preprocessing import allowlist_warning
+from biomero_importer.settings import Settings
+
+log = structlog.get_logger(__name__)
+
+
+class StartupError(Exception):
+    """The service cannot start; the message says what to fix."""
+
+
+@contextmanager
+def database(settings: Settings) -> Iterator[str]:
+    """The configured database URL, or an embedded server's for as long as the block runs."""
+    if settings.ingest_tracking_db is not None:
+        yield settings.ingest_tracking_db
+        return
+    embedded = EmbeddedPostgres(settings.embedded_db_dir)
+    url = embedded.start()
+    try:
+        yield url
+    finally:
+        embedded.stop()
+
+
+def prepare_schema(settings: Settings, url: str) -> None:
+    if settings.run_migrations:
+        migrate(url, channel=settings.notify_channel)
+        return
+    at_head, current = is_at_head(url)
+    if not at_head:
+        raise StartupError(
+            f"database schema is at revision {current}, not at head, and migrations are off"
+            " (ADI_RUN_MIGRATIONS=0): run 'biomero-importer migrate' first"
+        )
+
+
+@dataclass
+class Service:
+    settings: Settings
+    url: str
+    gateway: OmeroGateway
+    store: OrderStore
+    dispatcher: Dispatcher
+    executor: ThreadPoolExecutor
+    metrics: Metrics
+    health: HealthState
+
+
+@asynccontextmanager
+async def open_service(
+    settings: Settings, url: str, metrics: Metrics | None = None
+) -> AsyncIterator[Service]:
+    """Everything a replica needs, opened in order and closed in reverse."""
+    metrics = metrics or Metrics()
+    health = HealthState(migrated=True)
+    gateway = create_gateway(settings)
+    executor = ThreadPoolExecutor(max_workers=settings.omero_threads, thread_name_prefix="omero")
+    store = OrderStore(
+        asyncpg_dsn(url),
+        worker_id=settings.worker_id,
+        lease_seconds=settings.lease_seconds,
+        pool_size=settings.db_pool_size,
+    )
+    await store.open()
+    pipeline = Pipeline(settings, gateway, executor, store, metrics.observe_step)
+    dispatcher = Dispatcher(
+        store=store,
+        pipeline=pipeline,
+        listener=None,
+        max_workers=settings.max_workers,
+        poll_interval=settings.poll_interval,
+        lease_seconds=settings.lease_seconds,
+        max_attempts=settings.max_attempts,
+        shutdown_timeout=settings.shutdown_timeout,
+        metrics=metrics,
+        health=health,
+    )
+    dispatcher.listener = Listener(
+        asyncpg_dsn(url),
+        settings.notify_channel,
+        on_pending=dispatcher.notify_pending,
+        on_cancel=dispatcher.notify_cancel,
+        on_reconnect=dispatcher.wake,
+    )
+    try:
+        yield Service(settings, url, gateway, store, dispatcher, executor, metrics, health)
+    finally:
+        await store.close()
+        executor.shutdown(wait=False, cancel_futures=True)
+        gateway.close()
+
+
+async def serve(settings: Settings, url: str) -> None:
+    """Run until SIGTERM/SIGINT; a second signal skips the grace period."""
+    warning = allowlist_warning(settings)
+    if warning:
+        log.warning("containers_not_restricted", message=warning)
+    async with open_service(settings, url, create_metrics()) as service:
+        watcher = asyncio.create_task(watch_health(service), name="health")
+        server = None
+        if settings.metrics_port is not None:
+            server = await start_http_server(
+                settings.metrics_host,
+                settings.metrics_port,
+                service.metrics,
+                service.health,
+                redact=Redactor.from_settings(settings),
+            )
+            log.info("http_listening", host=server.host, port=server.port)
+        loop = asyncio.get_running_loop()
+        signals = 0
+
+        def on_signal(signum: int) -> None:
+            nonlocal signals
+            signals += 1
+            if signals == 1:
+                log.info("shutdown_requested", signal=signal.Signals(signum).name)
+                service.dispatcher.request_stop()
+            else:
+                log.warning("shutdown_forced", signal=signal.Signals(signum).name)
+                service.dispatcher.stop_now()
+
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, on_signal, signum)
+        log.info(
+            "importer_ready",
+            worker_id=settings.worker_id,
+            database=settings.masked_db_url(),
+            omero=service.gateway.describe(),
+        )
+        try:
+            await service.dispatcher.run()
+        finally:
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(signum)
+            watcher.cancel()
+            await asyncio.gather(watcher, return_exceptions=True)
+            if server is not None:
+                await server.close()
+
+
+HEALTH_INTERVAL = 2.0
+
+
+async def watch_health(service: Service) -> None:
+    """Keep /healthz, the backlog gauges and the reconnect counter current."""
+    health, metrics, listener = service.health, service.metrics, service.dispatcher.listener
+    reconnects_seen = 0
+    while True:
+        health.db_ok = await service.store.ping()
+        health.last_db_error = None if health.db_ok else "database unreachable"
+        if listener is not None:
+            health.listener_connected = listener.connected
+            metrics.listener_reconnects.inc(listener.reconnects - reconnects_seen)
+            reconnects_seen = listener.reconnects
+        if health.db_ok:
+            pending, oldest = await service.store.queue_stats()
+            metrics.set_backlog(pending, oldest if pending else None)
+        await asyncio.sleep(HEALTH_INTERVAL)

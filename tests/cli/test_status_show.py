@@ -1,0 +1,153 @@
+"""status and show read the latest state and the full history without a running service."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from biomero_importer.db.migrate import is_at_head
+from tests.cli.conftest import CliSetup, ainvoke, append_stage, execute, invoke
+from tests.support import insert_order, make_settings, make_tiffs, write_config
+
+
+async def _orders(setup: CliSetup) -> dict[str, str]:
+    files = make_tiffs(setup.root, 2)
+    orders = {
+        "old_done": await insert_order(setup.url, files, user="alice", group="Lab"),
+        "failed": await insert_order(setup.url, files[:1], user="alice", group="Lab"),
+        "pending": await insert_order(setup.url, files, user="bob", group="Other"),
+        "running": await insert_order(
+            setup.url, files, user="bob", group="Lab", destination_type="Screen"
+        ),
+    }
+    await append_stage(setup.url, orders["old_done"], "Import Started")
+    await append_stage(setup.url, orders["old_done"], "Import Completed")
+    await append_stage(setup.url, orders["failed"], "Import Started")
+    await append_stage(setup.url, orders["failed"], "Import Failed", "File not found: " + "x" * 200)
+    await append_stage(setup.url, orders["running"], "Import Started")
+    await execute(
+        setup.url,
+        "UPDATE importer_orders SET updated_at = now() - interval '3 days' WHERE uuid = $1",
+        orders["old_done"],
+    )
+    return orders
+
+
+async def _status(setup: CliSetup, *args: str) -> list[dict[str, object]]:
+    result = await ainvoke("status", *args, "--json", "--config", setup.config)
+    assert result.exit_code == 0, result.output
+    records: list[dict[str, object]] = json.loads(result.stdout)
+    return records
+
+
+async def test_status_filters(cli_setup: CliSetup) -> None:
+    orders = await _orders(cli_setup)
+    everything = await _status(cli_setup)
+    assert [r["uuid"] for r in everything][-1] == orders["old_done"]
+    assert {r["uuid"] for r in everything} == set(orders.values())
+    assert {r["uuid"] for r in (await _status(cli_setup, "--user", "alice"))} == {
+        orders["old_done"],
+        orders["failed"],
+    }
+    assert {r["uuid"] for r in (await _status(cli_setup, "--group", "Lab"))} == {
+        orders["old_done"],
+        orders["failed"],
+        orders["running"],
+    }
+    assert [r["uuid"] for r in (await _status(cli_setup, "--stage", "failed"))] == [
+        orders["failed"]
+    ]
+    assert [r["uuid"] for r in (await _status(cli_setup, "--stage", "Import Started"))] == [
+        orders["running"]
+    ]
+    recent = {r["uuid"] for r in (await _status(cli_setup, "--since", "1d"))}
+    assert recent == set(orders.values()) - {orders["old_done"]}
+    assert len(await _status(cli_setup, "--since", "4d")) == 4
+    assert len(await _status(cli_setup, "--limit", "2")) == 2
+    combined = await _status(cli_setup, "--user", "bob", "--group", "Lab")
+    assert [r["uuid"] for r in combined] == [orders["running"]]
+    record = combined[0]
+    assert record["stage"] == "Import Started"
+    assert record["destination_type"] == "Screen"
+    assert record["files"] == 2
+
+
+async def test_status_table(cli_setup: CliSetup) -> None:
+    orders = await _orders(cli_setup)
+    result = await ainvoke("status", "--config", cli_setup.config)
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert lines[0].split()[:3] == ["UUID", "STAGE", "USER"]
+    assert len(lines) == 2 + len(orders)
+    failed_line = next(line for line in lines if orders["failed"] in line)
+    assert "Import Failed" in failed_line
+    assert "File not found: xxx" in failed_line
+    assert "x" * 100 not in failed_line  # descriptions are truncated
+
+
+async def test_status_rejects_bad_filters(cli_setup: CliSetup) -> None:
+    assert (await ainvoke("status", "--since", "soon", "--config", cli_setup.config)).exit_code == 2
+    assert (await ainvoke("status", "--stage", "done", "--config", cli_setup.config)).exit_code == 2
+    assert (await ainvoke("status", "--limit", "0", "--config", cli_setup.config)).exit_code == 2
+
+
+async def test_show_lists_the_full_history(cli_setup: CliSetup) -> None:
+    files = make_tiffs(cli_setup.root, 1)
+    order = await insert_order(
+        cli_setup.url,
+        files,
+        preprocessing={"container": "localhost/convert:1", "extra_params": {"saveoption": "s"}},
+    )
+    await append_stage(cli_setup.url, order, "Import Started")
+    await append_stage(cli_setup.url, order, "Import Preprocessing")
+    await append_stage(cli_setup.url, order, "Import Failed", "OMERO unavailable, retry later")
+    objects = [{"type": "Image", "id": 7, "name": "image0.tif", "annotated": True}]
+    await execute(
+        cli_setup.url,
+        "UPDATE importer_orders SET objects = $2::json, attempts = 1, runs = 2 WHERE uuid = $1",
+        order,
+        json.dumps(objects),
+    )
+
+    result = await ainvoke("show", order, "--json", "--config", cli_setup.config)
+    assert result.exit_code == 0, result.output
+    record = json.loads(result.stdout)
+    assert [e["stage"] for e in record["history"]] == [
+        "Import Pending",
+        "Import Started",
+        "Import Preprocessing",
+        "Import Failed",
+    ]
+    assert record["description"] == "OMERO unavailable, retry later"
+    assert record["preprocessing"]["container"] == "localhost/convert:1"
+    assert record["preprocessing"]["extra_params"] == {"saveoption": "s"}
+    assert (record["attempts"], record["runs"]) == (1, 2)
+    assert record["objects"] == objects
+    assert record["files"] == [str(files[0])]
+    assert record["worker_id"] is None
+
+    text = await ainvoke("show", order, "--config", cli_setup.config)
+    assert text.exit_code == 0, text.output
+    assert "History (4 rows)" in text.stdout
+    for stage in ("Import Pending", "Import Started", "Import Preprocessing", "Import Failed"):
+        assert stage in text.stdout
+    assert "localhost/convert:1" in text.stdout
+    assert "image0.tif" in text.stdout
+
+
+async def test_show_unknown_order(cli_setup: CliSetup) -> None:
+    result = await ainvoke(
+        "show", "00000000-0000-0000-0000-000000000000", "--config", cli_setup.config
+    )
+    assert result.exit_code == 1
+    assert "no order with uuid" in result.stderr
+
+
+def test_read_commands_never_migrate(database_url: str, tmp_path: Path, import_root: Path) -> None:
+    settings = make_settings(tmp_path, database_url, [import_root])
+    config = write_config(tmp_path / "settings.yml", settings)
+    for args in (["status"], ["show", "x"], ["retry", "x"], ["cancel", "x"]):
+        result = invoke(*args, "--config", config)
+        assert result.exit_code == 2, result.output
+        assert "biomero-importer migrate" in result.stderr
+    assert is_at_head(database_url) == (False, None)

@@ -1,0 +1,230 @@
+"""The omero import command line, and verdicts on recorded-format output."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from biomero_importer.omero.importcli import (
+    fetch_jars_argv,
+    import_argv,
+    import_env,
+    log_paths,
+    parse_import_result,
+)
+from biomero_importer.omero.port import Target
+
+from .conftest import make_settings
+
+UUID = "6f1c1d7e-1111-4222-8333-444455556666"
+
+
+def _summary(filesets: int, plates: int, images: int, errors: int) -> str:
+    return (
+        "2025-01-01 10:00:00,000 1234 [main] INFO ome.formats.importer.cli.CommandLineImporter\n"
+        "==> Summary\n"
+        f"{filesets} files uploaded, {filesets} filesets, {plates} plates created,"
+        f" {images} images imported, {errors} errors in 0:00:03.210\n"
+    )
+
+
+def test_argv_for_a_dataset_with_every_option(tmp_path: Path) -> None:
+    settings = make_settings(
+        tmp_path,
+        omero_backend="blitz",
+        omero_host="omero.example",
+        omero_port=4064,
+        omero_cli="/opt/omero/bin/omero",
+        parallel_upload_per_worker=4,
+        parallel_filesets_per_worker=3,
+        skip_checksum=True,
+        skip_thumbnails=True,
+        import_depth=6,
+    )
+    logs = log_paths(settings, UUID)
+    argv = import_argv(
+        settings,
+        Path("/data/a b.tif"),
+        Target("Dataset", 51),
+        session_key="sess-1",
+        logs=logs,
+        exclude_existing=True,
+        order_uuid=UUID,
+    )
+    assert argv == [
+        "/opt/omero/bin/omero",
+        "import",
+        "-s",
+        "omero.example",
+        "-p",
+        "4064",
+        "-k",
+        "sess-1",
+        "--transfer=ln_s",
+        "-d",
+        "51",
+        "--parallel-upload",
+        "4",
+        "--parallel-fileset",
+        "3",
+        "--skip",
+        "checksum",
+        "--skip",
+        "thumbnails",
+        "--depth",
+        "6",
+        "--file",
+        str(tmp_path / "logs" / f"cli.{UUID}.logs"),
+        "--errs",
+        str(tmp_path / "logs" / f"cli.{UUID}.errs"),
+        "--output",
+        "yaml",
+        "--annotation-ns",
+        "biomero.import.order",
+        "--annotation-text",
+        UUID,
+        "--exclude=clientpath",
+        "/data/a b.tif",
+    ]
+
+
+def test_argv_for_a_screen_with_skip_all_and_no_exclude(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path, omero_host="h", skip_all=True, skip_minmax=True)
+    argv = import_argv(
+        settings,
+        Path("/data/plate"),
+        Target("Screen", 9),
+        session_key="k",
+        logs=log_paths(settings, UUID),
+        exclude_existing=False,
+        order_uuid=UUID,
+    )
+    assert argv[argv.index("-r") + 1] == "9"
+    assert "-d" not in argv
+    assert [argv[i + 1] for i, a in enumerate(argv) if a == "--skip"] == ["all"]
+    assert "--exclude=clientpath" not in argv
+
+
+def test_relative_paths_are_refused(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path, omero_host="h")
+    with pytest.raises(ValueError, match="absolute"):
+        import_argv(
+            settings,
+            Path("rel.tif"),
+            Target("Dataset", 1),
+            session_key="k",
+            logs=log_paths(settings, UUID),
+            exclude_existing=False,
+            order_uuid=UUID,
+        )
+
+
+def test_fetch_jars_is_its_own_command(tmp_path: Path) -> None:
+    assert fetch_jars_argv(make_settings(tmp_path)) is None
+    settings = make_settings(tmp_path, fetch_jars="5.9.2", omero_cli="python -m omero")
+    assert fetch_jars_argv(settings) == ["python", "-m", "omero", "import", "--fetch-jars", "5.9.2"]
+
+
+def test_environment_has_its_own_session_dir_and_java_opts(tmp_path: Path) -> None:
+    base = {"PATH": "/bin", "OMERO_SESSIONDIR": "/shared"}
+    env = import_env(make_settings(tmp_path), tmp_path / "s1", base)
+    assert env == {"PATH": "/bin", "OMERO_SESSIONDIR": str(tmp_path / "s1")}
+    env = import_env(make_settings(tmp_path, java_opts="-Xmx8g"), tmp_path / "s2", base)
+    assert env["JAVA_OPTS"] == "-Xmx8g"
+
+
+def test_one_fileset_with_images() -> None:
+    verdict = parse_import_result(
+        0, "---\n- Fileset: 301\n  Image: [351, 352]\n", _summary(1, 0, 2, 0), name="a.lif"
+    )
+    assert verdict.ok
+    assert (verdict.images, verdict.filesets, verdict.errors) == ([351, 352], [301], 0)
+    assert verdict.fileset_of == {351: 301, 352: 301}
+
+
+def test_several_filesets_are_all_read() -> None:
+    stdout = (
+        "---\n- Fileset: 1\n  Image: [10]\n"
+        "---\n- Fileset: 2\n  Image: [11, 12]\n"
+        "---\n- Fileset: 3\n  Plate: [5]\n  Image: [13]\n"
+    )
+    verdict = parse_import_result(0, stdout, _summary(3, 1, 4, 0), name="folder")
+    assert verdict.ok
+    assert verdict.images == [10, 11, 12, 13]
+    assert verdict.plates == [5]
+    assert verdict.filesets == [1, 2, 3]
+    assert verdict.fileset_of[12] == 2 and verdict.fileset_of[5] == 3
+
+
+def test_zero_ids_with_exit_zero_is_not_success() -> None:
+    verdict = parse_import_result(0, "", _summary(0, 0, 0, 0), name="a.tif")
+    assert not verdict.ok
+    assert verdict.nothing_imported
+    assert verdict.reason == "OMERO import of a.tif created nothing"
+
+
+def test_fileset_without_ids_is_not_success() -> None:
+    verdict = parse_import_result(
+        0, "---\n- Fileset: 1\n  Image: [3]\n---\n- Fileset: 2\n", _summary(2, 0, 1, 0), name="f"
+    )
+    assert not verdict.ok
+    assert "fileset 2 reported no Image or Plate ids" in verdict.reason
+
+
+def test_errors_with_exit_zero_are_failures() -> None:
+    stderr = (
+        "2025-01-01 10:00:00,000 ERROR [l.importer.ImportLibrary] Error on import:"
+        " FormatException for a.tif\n" + _summary(1, 0, 0, 1)
+    )
+    verdict = parse_import_result(0, "", stderr, name="a.tif")
+    assert not verdict.ok
+    assert verdict.reason.startswith("OMERO import of a.tif failed with 1 error: ")
+    assert "FormatException" in verdict.reason
+    assert not verdict.nothing_imported
+
+
+def test_no_imports_due_to_errors_exit_zero() -> None:
+    verdict = parse_import_result(
+        0, "---\n- Fileset: 1\n  Image: [3]\n", "No imports due to errors!\n", name="b.czi"
+    )
+    assert not verdict.ok
+    assert "b.czi" in verdict.reason and "failed" in verdict.reason
+
+
+def test_ids_without_summary_are_not_trusted() -> None:
+    verdict = parse_import_result(0, "---\n- Fileset: 1\n  Image: [3]\n", "", name="c.tif")
+    assert not verdict.ok and "no import summary" in verdict.reason
+
+
+def test_unreadable_yaml() -> None:
+    verdict = parse_import_result(0, "- Fileset: [1\n", _summary(1, 0, 2, 0), name="d.tif")
+    assert not verdict.ok and "unreadable YAML" in verdict.reason
+
+
+def test_ids_output_instead_of_yaml_is_refused() -> None:
+    verdict = parse_import_result(0, "Image:1,2\n", _summary(1, 0, 2, 0), name="d.tif")
+    assert not verdict.ok and "unexpected YAML item" in verdict.reason
+
+
+@pytest.mark.parametrize(
+    ("code", "stderr", "expected"),
+    [
+        (
+            2,
+            "java.lang.RuntimeException: Check failed\n",
+            "OMERO import of x.tif failed (exit 2): java.lang.RuntimeException: Check failed",
+        ),
+        (1, "No imports found\n", "OMERO import of x.tif failed: no importable files found"),
+        (1, "usage: omero import\n", "refused (exit 1)"),
+        (103, "No JAR files found under '/opt/omero/lib/client'\n", "no OMERO.java jars"),
+        (3, "", "cleanup of the transferred files failed"),
+        (-9, "", "was killed (signal 9)"),
+    ],
+)
+def test_nonzero_exit_codes(code: int, stderr: str, expected: str) -> None:
+    verdict = parse_import_result(code, "---\n- Fileset: 1\n  Image: [3]\n", stderr, name="x.tif")
+    assert not verdict.ok
+    assert expected in verdict.reason
+    assert "x.tif" in verdict.reason
+    assert verdict.images == []
