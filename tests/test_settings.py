@@ -99,7 +99,8 @@ def test_unknown_key_names_it_and_suggests(tmp_path: Path) -> None:
 
 
 def test_unknown_environment_variable_is_refused() -> None:
-    with pytest.raises(SettingsError, match=r"BIOMERO_IMPORTER_POLL_INTERVALL .*did you mean .poll_interval."):
+    expected = r"BIOMERO_IMPORTER_POLL_INTERVALL .*did you mean .poll_interval."
+    with pytest.raises(SettingsError, match=expected):
         load_settings(None, environ={"BIOMERO_IMPORTER_POLL_INTERVALL": "1"})
 
 
