@@ -5,7 +5,6 @@ Exit codes: 0 ok, 1 the thing asked about failed, 2 usage or configuration error
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -15,10 +14,15 @@ import typer
 from biomero_importer.cli.check import check
 from biomero_importer.cli.common import ConfigOption, fail, load
 from biomero_importer.cli.orders import cancel, retry, show, status, submit
-from biomero_importer.db.migrate import migrate as migrate_schema
 from biomero_importer.observability.logging import configure_logging
 from biomero_importer.omero import OmeroConfigError
-from biomero_importer.service import StartupError, database, prepare_schema, serve
+from biomero_importer.service import (
+    StartupError,
+    database,
+    prepare_schema,
+    run_event_loop,
+    serve,
+)
 from biomero_importer.settings import LoadedSettings, Settings
 
 app = typer.Typer(
@@ -63,7 +67,7 @@ def run(config: ConfigOption = None) -> None:
     )
     try:
         with migrated_database(settings) as url:
-            asyncio.run(serve(settings, url))
+            run_event_loop(serve(settings, url))
     except OmeroConfigError as exc:
         raise fail(str(exc)) from None
 
@@ -75,7 +79,10 @@ def migrate(config: ConfigOption = None) -> None:
     start_logging(loaded)
     # An explicit request: runs even when ADI_RUN_MIGRATIONS=0 keeps `run` from migrating.
     with database(loaded.settings) as url:
-        migrate_schema(url, channel=loaded.settings.notify_channel)
+        try:
+            prepare_schema(loaded.settings, url, force=True)
+        except StartupError as exc:
+            raise fail(str(exc), 1) from None
 
 
 app.command()(submit)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -63,7 +64,10 @@ class OrderStore:
         self._finish_queue: asyncio.Queue[tuple[Finish, asyncio.Future[bool]]] = asyncio.Queue()
         self._writer: asyncio.Task[None] | None = None
         self.healthy = True
-        self.on_health_change: Callable[[bool, str | None], None] | None = None
+        # when the database last came back (or the store opened): leases are not judged
+        # until owners have had a lease period to renew theirs
+        self.healthy_since = time.monotonic()
+        self._last_outage_log = 0.0
 
     async def open(self) -> None:
         self._pool = await self._retry("connect", self._create_pool)
@@ -71,7 +75,12 @@ class OrderStore:
 
     async def _create_pool(self) -> asyncpg.Pool:
         pool = await asyncpg.create_pool(
-            self.dsn, min_size=2, max_size=self.pool_size, command_timeout=60
+            # min_size=0: during an outage the pool would otherwise log a traceback at every
+            # attempt to restore its connection floor
+            self.dsn,
+            min_size=0,
+            max_size=self.pool_size,
+            command_timeout=60,
         )
         assert pool is not None
         return pool
@@ -95,11 +104,11 @@ class OrderStore:
         assert self._pool is not None, "store is not open"
         return self._pool
 
-    def _set_health(self, ok: bool, error: str | None) -> None:
-        if ok != self.healthy:
-            self.healthy = ok
-            if self.on_health_change is not None:
-                self.on_health_change(ok, error)
+    def _set_health(self, ok: bool) -> None:
+        if ok and not self.healthy:
+            self.healthy_since = time.monotonic()
+            log.info("database_available")
+        self.healthy = ok
 
     async def _retry(self, what: str, call: Callable[[], Awaitable[T]]) -> T:
         delay = 0.1
@@ -109,15 +118,22 @@ class OrderStore:
             except TRANSIENT_ERRORS as exc:
                 if self._closing.is_set():
                     raise StoreClosed(what) from exc
-                self._set_health(False, type(exc).__name__)
-                log.warning(
-                    "database_unavailable", during=what, error=type(exc).__name__, retry_in=delay
-                )
+                self._set_health(False)
+                # Every waiting call backs off on its own; the outage is logged once per step.
+                now = time.monotonic()
+                if now - self._last_outage_log >= delay:
+                    self._last_outage_log = now
+                    log.warning(
+                        "database_unavailable",
+                        during=what,
+                        error=type(exc).__name__,
+                        retry_in=delay,
+                    )
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self._closing.wait(), timeout=delay)
                 delay = min(delay * 2, 5.0)
                 continue
-            self._set_health(True, None)
+            self._set_health(True)
             return result
 
     # --- claiming -------------------------------------------------------------------------
@@ -220,21 +236,24 @@ class OrderStore:
 
         return await self._retry("cancel_pending", attempt)
 
-    async def queue_stats(self) -> tuple[int, float]:
-        async def attempt() -> tuple[int, float]:
-            row = await self.pool.fetchrow(sql.QUEUE_STATS)
-            assert row is not None
-            return int(row["pending"]), float(row["oldest_age"])
-
-        return await self._retry("queue_stats", attempt)
+    async def queue_stats(self) -> tuple[int, float] | None:
+        """Backlog size and age of the oldest pending order; None (no retry) when unreachable:
+        the health check calls this and must report an outage, not wait it out."""
+        try:
+            row = await asyncio.wait_for(self.pool.fetchrow(sql.QUEUE_STATS), timeout=5)
+        except TRANSIENT_ERRORS:
+            self._set_health(False)
+            return None
+        assert row is not None
+        return int(row["pending"]), float(row["oldest_age"])
 
     async def ping(self) -> bool:
         try:
             await asyncio.wait_for(self.pool.fetchval("SELECT 1"), timeout=5)
-        except TRANSIENT_ERRORS as exc:
-            self._set_health(False, type(exc).__name__)
+        except TRANSIENT_ERRORS:
+            self._set_health(False)
             return False
-        self._set_health(True, None)
+        self._set_health(True)
         return True
 
 

@@ -367,10 +367,14 @@ class BlitzSession:
             raise ImportAborted(f"aborted before importing {path.name}")
         self.backend.ensure_jars(self)
         logs = log_paths(self.settings, order_uuid)
-        logs.stdout.parent.mkdir(parents=True, exist_ok=True)
-        # The CLI truncates them only once it gets that far: never read an earlier run's ids.
-        logs.stdout.unlink(missing_ok=True)
-        logs.stderr.unlink(missing_ok=True)
+        logs.stdout.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
+        # Emptied here because the CLI truncates them only once it gets that far (never read an
+        # earlier run's ids), and created 0600 because they name users and paths: the CLI
+        # reopens existing files without changing their mode.
+        for log_file in (logs.stdout, logs.stderr):
+            fd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            os.fchmod(fd, 0o600)
+            os.close(fd)
         argv = import_argv(
             self.settings,
             path,

@@ -98,6 +98,7 @@ class SimulatorGateway:
         self._local = threading.local()
         self._connections: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
+        self._write_lock = threading.Lock()
         self._user_ids: dict[str, int] = {}
         try:
             self.repository.mkdir(parents=True, exist_ok=True)
@@ -130,15 +131,21 @@ class SimulatorGateway:
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
-        """A write transaction that takes the lock up front, so it never deadlocks on upgrade."""
+        """A write transaction that takes the lock up front, so it never deadlocks on upgrade.
+
+        Threads of one process queue on a lock first: SQLite's own busy handler sleeps in
+        growing steps, which under many importing threads costs far more than the writes.
+        Other processes (replicas) still meet at SQLite's lock.
+        """
         db = self.connection()
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            yield db
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        db.execute("COMMIT")
+        with self._write_lock:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
 
     def user_id(self, user: str) -> int:
         known = self._user_ids.get(user)
