@@ -123,6 +123,7 @@ def upgrade() -> None:
             server_default=sa.text("now()"),
         ),
         sa.Column("worker_id", sa.String(), nullable=True),
+        sa.Column("last_worker_id", sa.String(), nullable=True),
         sa.Column("lease_expires_at", sa.DateTime(timezone=True), nullable=True),
         sa.Column("attempts", sa.Integer(), nullable=False, server_default=sa.text("0")),
         sa.Column("runs", sa.Integer(), nullable=False, server_default=sa.text("0")),

@@ -104,7 +104,8 @@ async def test_show_lists_the_full_history(cli_setup: CliSetup) -> None:
     objects = [{"type": "Image", "id": 7, "name": "image0.tif", "annotated": True}]
     await execute(
         cli_setup.url,
-        "UPDATE importer_orders SET objects = $2::json, attempts = 1, runs = 2 WHERE uuid = $1",
+        "UPDATE importer_orders SET objects = $2::json, attempts = 1, runs = 2,"
+        " last_worker_id = 'host-1-abc' WHERE uuid = $1",
         order,
         json.dumps(objects),
     )
@@ -125,6 +126,7 @@ async def test_show_lists_the_full_history(cli_setup: CliSetup) -> None:
     assert record["objects"] == objects
     assert record["files"] == [str(files[0])]
     assert record["worker_id"] is None
+    assert record["last_worker_id"] == "host-1-abc"
 
     text = await ainvoke("show", order, "--config", cli_setup.config)
     assert text.exit_code == 0, text.output
@@ -133,6 +135,7 @@ async def test_show_lists_the_full_history(cli_setup: CliSetup) -> None:
         assert stage in text.stdout
     assert "localhost/convert:1" in text.stdout
     assert "image0.tif" in text.stdout
+    assert "host-1-abc (last run; not running now)" in text.stdout
 
 
 async def test_show_unknown_order(cli_setup: CliSetup) -> None:

@@ -408,6 +408,7 @@ def _detail_record(order: Any, events: list[Any]) -> dict[str, Any]:
         "attempts": order["attempts"],
         "runs": order["runs"],
         "worker_id": order["worker_id"],
+        "last_worker_id": order["last_worker_id"],
         "lease_expires_at": iso(order["lease_expires_at"]),
         "cancel_requested": order["cancel_requested"],
         "preprocessing": preprocessing,
@@ -425,9 +426,14 @@ def _detail_record(order: Any, events: list[Any]) -> dict[str, Any]:
 
 
 def _print_detail(record: dict[str, Any], order: Any, events: list[Any]) -> None:
-    worker = record["worker_id"] or "none (not running)"
-    if record["worker_id"] and order["lease_expires_at"] is not None:
-        worker += f", lease until {local_time(order['lease_expires_at'])}"
+    if record["worker_id"]:
+        worker = record["worker_id"]
+        if order["lease_expires_at"] is not None:
+            worker += f", lease until {local_time(order['lease_expires_at'])}"
+    elif record["last_worker_id"]:
+        worker = f"{record['last_worker_id']} (last run; not running now)"
+    else:
+        worker = "none (never started)"
     fields = [
         ("Order", record["uuid"]),
         ("Stage", record["stage"]),

@@ -115,6 +115,8 @@ class ImporterOrder(Base):
         DateTime(timezone=True), nullable=False, server_default=func.now()
     )
     worker_id: Mapped[str | None] = mapped_column(String, nullable=True)
+    # the replica that ran (or runs) the latest attempt; kept after the order ends
+    last_worker_id: Mapped[str | None] = mapped_column(String, nullable=True)
     lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     attempts: Mapped[int] = mapped_column(Integer, nullable=False, server_default=text("0"))
     # every claim ever, unlike attempts (which a user retry resets): more than one run means
