@@ -294,6 +294,7 @@ def test_commands_never_show_passwords_for_an_unreachable_database(tmp_path: Pat
         "OMERO_PASSWORD": OMERO_SECRET,
         "BIOMERO_IMPORTER_LOG_FILE_PATH": str(tmp_path / "app.log"),
         "BIOMERO_IMPORTER_ORDER_LOG_DIR": str(tmp_path / "logs"),
+        "BIOMERO_IMPORTER_DATABASE_WAIT": "1",
     }
     for args in (
         ["check"],

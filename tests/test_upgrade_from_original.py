@@ -2,16 +2,32 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
+import time
 import uuid as uuidlib
 from pathlib import Path
 
+import asyncpg
 import psycopg2
 
 from tests.db.upstream import create_upstream, dump
 from tests.support import make_settings, make_tiffs, running_service, wait_for_stage, write_config
+
+
+async def _still_running(url: str) -> int:
+    conn = await asyncpg.connect(url)
+    try:
+        return int(
+            await conn.fetchval(
+                "SELECT count(*) FROM importer_orders"
+                " WHERE stage IN ('Import Started', 'Import Preprocessing')"
+            )
+        )
+    finally:
+        await conn.close()
 
 
 def _add_pending(url: str, files: list[Path], count: int) -> list[str]:
@@ -42,7 +58,9 @@ async def test_original_database_upgrades_and_pending_orders_run(
     history_before = dump(database_url, "imports")
     preprocessing_before = dump(database_url, "imports_preprocessing")
 
-    settings = make_settings(tmp_path, database_url, [import_root], poll_interval=0.5)
+    settings = make_settings(
+        tmp_path, database_url, [import_root], poll_interval=0.5, lease_seconds=1.0
+    )
     config = write_config(tmp_path / "settings.yml", settings)
     migrated = subprocess.run(
         [sys.executable, "-m", "biomero_importer", "migrate", "--config", str(config)],
@@ -57,6 +75,10 @@ async def test_original_database_upgrades_and_pending_orders_run(
         for order in pending:
             done = await wait_for_stage(database_url, order, timeout=30)
             assert done["stage"] == "Import Completed", done["description"]
+        # orders the original left half-done are recovered once a lease period has passed
+        deadline = time.monotonic() + 20
+        while await _still_running(database_url) and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
 
     history_after = dump(database_url, "imports")
     assert history_after[: len(history_before)] == history_before

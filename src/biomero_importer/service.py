@@ -51,9 +51,6 @@ def database(settings: Settings) -> Iterator[str]:
         embedded.stop()
 
 
-STARTUP_DB_WAIT = 60.0
-
-
 def run_event_loop(main: Coroutine[Any, Any, None]) -> None:
     """Run the service on uvloop where it is installed: the dispatcher's per-order overhead is
     mostly event-loop work, which uvloop does in C."""
@@ -68,9 +65,10 @@ def run_event_loop(main: Coroutine[Any, Any, None]) -> None:
         uvloop.run(main)
 
 
-def prepare_schema(settings: Settings, url: str, *, force: bool = False) -> None:
-    """Migrate (when enabled, or ``force``) or check the schema, waiting up to a minute for a
-    database that is still starting, as it often is when a compose stack comes up."""
+def prepare_schema(settings: Settings, url: str, *, force: bool = False, wait: float = 0.0) -> None:
+    """Migrate (when enabled, or ``force``) or check the schema. ``run`` waits (``wait``
+    seconds) for a database that is still starting, as it often is when a compose stack comes
+    up; one-off commands report an unreachable database at once."""
     delay, waited = 0.5, 0.0
     while True:
         try:
@@ -80,7 +78,7 @@ def prepare_schema(settings: Settings, url: str, *, force: bool = False) -> None
             at_head, current = is_at_head(url)
             break
         except OperationalError as exc:
-            if waited >= STARTUP_DB_WAIT:
+            if waited >= wait:
                 reason = str(exc.orig).strip().splitlines()[0] if exc.orig else type(exc).__name__
                 raise StartupError(
                     f"cannot reach the database ({settings.masked_db_url()}): {reason}"

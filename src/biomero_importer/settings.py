@@ -109,6 +109,7 @@ class Settings(BaseModel):
     ingest_tracking_db: str | None = None
     embedded_db_dir: Path = Field(default_factory=lambda: default_data_dir() / "postgres")
     run_migrations: bool = True
+    database_wait: float = Field(default=60.0, ge=0)
     notify_channel: str = "biomero_importer_orders"
     db_pool_size: int = Field(default=10, ge=2, le=200)
 

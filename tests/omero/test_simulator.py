@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from biomero_importer.observability.logging import reset_logging
 from biomero_importer.omero import create_gateway
 from biomero_importer.omero.port import (
     ImportAborted,
@@ -67,6 +68,8 @@ def test_tables_have_exactly_the_documented_columns(gateway: SimulatorGateway) -
 def test_create_gateway_warns_loudly_that_omero_is_simulated(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    # Loggers other tests configured may be cached against their streams: start from defaults.
+    reset_logging()
     gateway = create_gateway(make_settings(tmp_path))
     try:
         assert gateway.name == "simulator"

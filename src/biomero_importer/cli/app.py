@@ -47,7 +47,7 @@ def migrated_database(settings: Settings) -> Iterator[str]:
     """The database URL, with the schema at head (or a clear error)."""
     with database(settings) as url:
         try:
-            prepare_schema(settings, url)
+            prepare_schema(settings, url, wait=settings.database_wait)
         except StartupError as exc:
             raise fail(str(exc)) from None
         yield url

@@ -227,7 +227,8 @@ LIMIT $5
 # $1 uuid: queue state, latest row and preprocessing settings of one order
 ORDER_DETAIL = """
 SELECT o.uuid, o.stage, o.latest_id, o.queued_at, o.updated_at, o.worker_id,
-       o.last_worker_id, o.lease_expires_at, o.attempts, o.runs, o.cancel_requested, o.objects::text AS objects,
+       o.last_worker_id, o.lease_expires_at, o.attempts, o.runs, o.cancel_requested,
+       o.objects::text AS objects,
        i.group_name, i.user_name, i.destination_type, i.destination_id, i.files, i.file_names,
        i.description, i.preprocessing_id, p.container, p.input_file, p.output_folder,
        p.alt_output_folder, p.extra_params::text AS extra_params

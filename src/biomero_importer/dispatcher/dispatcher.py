@@ -247,17 +247,15 @@ class Dispatcher:
     async def _recovery_loop(self) -> None:
         interval = max(0.05, min(self.lease_seconds / 2, 10.0))
         while True:
-            # After an outage, owners first get a lease period to renew: an expired lease then
-            # means a stopped replica, not a database that was away.
-            if time.monotonic() - self.store.healthy_since < self.lease_seconds:
-                await asyncio.sleep(interval)
-                continue
             try:
-                for uuid, stage in await self.store.recover_expired(self.max_attempts):
-                    log.warning("lease_recovered", order_uuid=uuid, stage=stage)
-                    self.metrics.lease_recovered(
-                        "requeued" if stage == STAGE_NEW_ORDER else "failed"
-                    )
+                # After an outage, owners first get a lease period to renew: an expired lease
+                # then means a stopped replica, not a database that was away.
+                if time.monotonic() - self.store.healthy_since >= self.lease_seconds:
+                    for uuid, stage in await self.store.recover_expired(self.max_attempts):
+                        log.warning("lease_recovered", order_uuid=uuid, stage=stage)
+                        self.metrics.lease_recovered(
+                            "requeued" if stage == STAGE_NEW_ORDER else "failed"
+                        )
                 await self._cancel_pending()
             except StoreClosed:
                 return
