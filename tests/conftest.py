@@ -20,6 +20,7 @@ from biomero_importer.db.migrate import migrate
 from biomero_importer.db.sql import DEFAULT_CHANNEL
 from biomero_importer.db.urls import with_database
 from biomero_importer.settings import normalise_db_url
+from tests.podman_support import build_test_image
 
 TEST_DB_ENV = "BIOMERO_IMPORTER_TEST_DATABASE_URL"
 
@@ -76,3 +77,9 @@ def import_root(tmp_path: Path) -> Path:
     root = tmp_path / "data"
     root.mkdir()
     return root
+
+
+@pytest.fixture(scope="session")
+def podman_image() -> Iterator[str]:
+    """Podman configured for this machine and the local converter image built (or a skip)."""
+    yield from build_test_image()

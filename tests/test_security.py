@@ -61,6 +61,15 @@ def _folder_with_link_out(root: Path, outside: Path) -> Path:
     return folder
 
 
+def _folder_linking_to_a_folder_with_link_out(root: Path, outside: Path) -> Path:
+    """The link out sits in a folder inside the roots that the order reaches by a symlink."""
+    _folder_with_link_out(root, outside)
+    folder = root / "order"
+    folder.mkdir()
+    (folder / "alias").symlink_to(root / "plate", target_is_directory=True)
+    return folder
+
+
 ESCAPES: dict[str, Any] = {
     # a file reached through a symlinked folder inside the root
     "file-in-symlinked-dir": lambda r, o: [f"{_linked_dir(r, o)}/secret0.tif"],
@@ -72,23 +81,14 @@ ESCAPES: dict[str, Any] = {
     "dotdot-after-symlinked-dir": lambda r, o: [f"{_linked_dir(r, o)}/.."],
     # a folder inside the root, one of whose files links outside
     "folder-holding-link-out": lambda r, o: [str(_folder_with_link_out(r, o))],
+    # ... or inside a folder inside the roots that the ordered folder links to
+    "folder-linking-to-a-folder-holding-link-out": lambda r, o: [
+        str(_folder_linking_to_a_folder_with_link_out(r, o))
+    ],
 }
 
 
-@pytest.mark.parametrize(
-    "name",
-    [
-        pytest.param(name, marks=pytest.mark.xfail(strict=True, reason=reason))
-        if (
-            reason := {
-                "folder-holding-link-out": "folder orders are checked as a whole; a symlink"
-                " inside the folder is imported (pipeline/validate.py check_file)"
-            }.get(name)
-        )
-        else name
-        for name in ESCAPES
-    ],
-)
+@pytest.mark.parametrize("name", list(ESCAPES))
 async def test_no_order_reads_a_file_outside_the_import_roots(
     name: str, migrated_url: str, tmp_path: Path, import_root: Path
 ) -> None:
@@ -103,6 +103,22 @@ async def test_no_order_reads_a_file_outside_the_import_roots(
     assert leaked == []
     assert row["stage"] == "Import Failed"
     assert "outside the import roots" in row["description"]
+
+
+async def test_a_folder_with_links_inside_the_roots_is_imported(
+    migrated_url: str, tmp_path: Path, import_root: Path
+) -> None:
+    """Links that stay inside the roots, even a cycle, do not refuse a folder order."""
+    folder = import_root / "plate"
+    make_tiffs(folder, 2, prefix="well")
+    (folder / "again.tif").symlink_to(folder / "well0.tif")
+    (folder / "loop").symlink_to(folder, target_is_directory=True)
+    (folder / "sibling").symlink_to(import_root, target_is_directory=True)
+    settings = make_settings(tmp_path, migrated_url, [import_root], poll_interval=0.5)
+    async with running_service(settings, migrated_url):
+        order = await insert_order(migrated_url, [folder])
+        row = await wait_for_stage(migrated_url, order)
+    assert (row["stage"], row["description"]) == ("Import Completed", None)
 
 
 # --- container images and flags ---------------------------------------------------------------

@@ -1,14 +1,12 @@
 """Real podman for the preprocessing tests, with a converter image built locally.
 
-The image comes from ``containers/test-image`` (static busybox + a contract-following shell
-script) via ``podman import``: no registry needed. Tests marked ``podman`` are skipped, with
-the reason, when podman does not work here.
+The image is built by the session fixture ``podman_image`` (``tests/conftest.py``, shared
+with the acceptance tests; see ``tests/podman_support.py``). Tests marked ``podman`` are
+skipped, with the reason, when podman does not work here.
 """
 
 from __future__ import annotations
 
-import os
-import subprocess
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -19,48 +17,15 @@ import pytest
 from biomero_importer.omero.port import Target
 from biomero_importer.pipeline.order import Order, PreprocessingSpec
 from biomero_importer.settings import Settings
-
-REPO = Path(__file__).resolve().parents[2]
-CONTAINERS_CONF = REPO / "config" / "podman" / "containers.conf"
-BUILD_SCRIPT = REPO / "containers" / "test-image" / "build.sh"
-TEST_IMAGE = "localhost/biomero-test-converter:latest"
-
-
-def podman(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        ["podman", *args], capture_output=True, text=True, timeout=timeout, check=False
-    )
-
-
-def leftover_containers() -> list[str]:
-    result = podman("ps", "-a", "--filter", "name=biomero-", "--format", "{{.Names}}")
-    return [name for name in result.stdout.split() if name]
-
-
-def container_running(name: str) -> bool:
-    result = podman("ps", "--filter", f"name=^{name}$", "--format", "{{.Names}}")
-    return name in result.stdout.split()
-
-
-@pytest.fixture(scope="session")
-def podman_image() -> Iterator[str]:
-    """Podman configured for this machine (CONTAINERS_CONF) and the test image built."""
-    with pytest.MonkeyPatch.context() as patch:
-        if "CONTAINERS_CONF" not in os.environ:
-            patch.setenv("CONTAINERS_CONF", str(CONTAINERS_CONF))
-        try:
-            info = podman("info")
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            pytest.skip(f"podman unavailable: {exc}")
-        if info.returncode != 0:
-            last = (info.stderr.strip().splitlines() or ["no output"])[-1]
-            pytest.skip(f"`podman info` failed: {last}")
-        build = subprocess.run(
-            [str(BUILD_SCRIPT), TEST_IMAGE], capture_output=True, text=True, check=False
-        )
-        if build.returncode != 0:
-            pytest.fail(f"building {TEST_IMAGE} failed: {build.stderr.strip()}")
-        yield TEST_IMAGE
+from tests.podman_support import (  # noqa: F401  (re-exported for the tests here)
+    BUILD_SCRIPT,
+    CONTAINERS_CONF,
+    REPO,
+    TEST_IMAGE,
+    container_running,
+    leftover_containers,
+    podman,
+)
 
 
 @pytest.fixture

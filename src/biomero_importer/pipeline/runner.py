@@ -225,17 +225,22 @@ class Pipeline:
         if known:
             log.info("import_skipped_already_done", path=key, objects=len(known))
             return known
+        register = self.settings.use_register_zarr and unit.path.suffix.lower() == ".zarr"
+        # Registration copies nothing and no symlink gets redirected: OMERO reads a store
+        # where it was registered, so a converted store is registered from its copy on shared
+        # storage, never from the temporary folder deleted after the import.
+        client = unit.item.final_path if register and unit.item is not None else unit.path
         if check_existing:
             found = await self._blocking(
                 session,
-                partial(session.find_imported, unit.path, order.target, order_uuid=order.uuid),
+                partial(session.find_imported, client, order.target, order_uuid=order.uuid),
             )
             if found:
                 log.info("import_skipped_found_in_omero", path=key, objects=len(found))
                 ledger.add(key, found)
                 return found
-        if self.settings.use_register_zarr and unit.path.suffix.lower() == ".zarr":
-            call = partial(session.register_zarr, unit.path, order.target, order_uuid=order.uuid)
+        if register:
+            call = partial(session.register_zarr, client, order.target, order_uuid=order.uuid)
         else:
             call = partial(
                 session.import_path,

@@ -80,6 +80,35 @@ def _inside(path: Path, roots: list[Path]) -> bool:
     return any(path == root or path.is_relative_to(root) for root in roots)
 
 
+def _folder_link_out(folder: Path, resolved_roots: list[Path]) -> Path | None:
+    """The first entry under ``folder`` that resolves outside the roots, if any.
+
+    A folder import takes everything in it, following symlinks: every symlinked file or
+    folder is resolved and checked. Symlinked folders that stay inside the roots are walked
+    too (once each, so link cycles end), as an importer following them would read them.
+    Entries that are not symlinks lie in a folder already known to be inside.
+    """
+    pending = [folder]
+    seen: set[Path] = set()
+    while pending:
+        top = pending.pop()
+        real = Path(os.path.realpath(top))
+        if real in seen:
+            continue
+        seen.add(real)
+        for parent, dirs, files in os.walk(top, followlinks=False):
+            for name in (*dirs, *files):
+                entry = Path(parent) / name
+                if not entry.is_symlink():
+                    continue
+                target = Path(os.path.realpath(entry))
+                if not _inside(target, resolved_roots):
+                    return entry
+                if target.is_dir():
+                    pending.append(target)
+    return None
+
+
 def check_file(raw: str, roots: list[Path], resolved_roots: list[Path]) -> Path:
     """One file of an order: absolute, existing, readable, and inside an import root
     both as written and after every symlink is resolved."""
@@ -110,6 +139,10 @@ def check_file(raw: str, roots: list[Path], resolved_roots: list[Path]) -> Path:
         raise InvalidOrder(f"File is not readable: {short(raw)}")
     if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
         raise InvalidOrder(f"Not a regular file or folder: {short(raw)}")
+    if stat.S_ISDIR(mode):
+        escape = _folder_link_out(resolved, resolved_roots)
+        if escape is not None:
+            raise InvalidOrder(f"Folder links outside the import roots: {short(str(escape))}")
     return path
 
 
