@@ -6,6 +6,7 @@ create and drop one fresh database per test).
 
 from __future__ import annotations
 
+import logging
 import os
 import uuid
 from collections.abc import Iterator
@@ -14,11 +15,13 @@ from pathlib import Path
 
 import psycopg2
 import pytest
+import structlog
 
 from biomero_importer.db.embedded import EmbeddedPostgres
 from biomero_importer.db.migrate import migrate
 from biomero_importer.db.sql import DEFAULT_CHANNEL
 from biomero_importer.db.urls import with_database
+from biomero_importer.observability.logging import reset_logging
 from biomero_importer.settings import normalise_db_url
 from tests.podman_support import build_test_image
 
@@ -38,6 +41,17 @@ class PgServer:
                 cur.execute(sql)
         finally:
             conn.close()
+
+
+@pytest.fixture(autouse=True)
+def _clean_logging() -> Iterator[None]:
+    """Services and commands run in-process configure logging: leave the defaults behind."""
+    levels = {name: logging.getLogger(name).level for name in ("", "asyncpg", "sqlalchemy")}
+    yield
+    reset_logging()
+    structlog.contextvars.clear_contextvars()
+    for name, level in levels.items():
+        logging.getLogger(name).setLevel(level)
 
 
 @pytest.fixture(scope="session")

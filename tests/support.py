@@ -19,7 +19,10 @@ import asyncpg
 import numpy as np
 import tifffile
 import yaml
+from typer.testing import CliRunner, Result
 
+from biomero_importer.cli.app import app
+from biomero_importer.observability.logging import reset_logging
 from biomero_importer.service import Service, open_service
 from biomero_importer.settings import Settings
 
@@ -183,3 +186,17 @@ def stop_replica(
     if proc.poll() is None:
         proc.send_signal(sig)
     return proc.wait(timeout=timeout)
+
+
+def invoke(*args: str | Path) -> Result:
+    """One command in this process; logging is reset at once because it pointed at the
+    runner's captured stderr, which is closed when the command returns."""
+    try:
+        return CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
+    finally:
+        reset_logging()
+
+
+async def ainvoke(*args: str | Path) -> Result:
+    """invoke from a test's event loop: the command runs its own loop, in a thread."""
+    return await asyncio.to_thread(invoke, *args)

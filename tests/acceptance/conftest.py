@@ -7,19 +7,9 @@ They read the simulator's state straight from ``<simulator_dir>/omero.sqlite``.
 
 from __future__ import annotations
 
-import asyncio
-import logging
 import sqlite3
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-
-import pytest
-import structlog
-from typer.testing import CliRunner, Result
-
-from biomero_importer.cli.app import app
-from biomero_importer.observability.logging import reset_logging
 
 NAMESPACE = "biomero.import"
 CORE_KEYS = [
@@ -96,26 +86,3 @@ def managed_links(simulator_dir: Path, obj: SimObject) -> list[Path]:
     finally:
         db.close()
     return [Path(row[0]) for row in rows]
-
-
-@pytest.fixture(autouse=True)
-def _clean_logging() -> Iterator[None]:
-    """The in-process service and CLI configure logging; leave it as it was."""
-    levels = {name: logging.getLogger(name).level for name in ("", "asyncpg", "sqlalchemy")}
-    yield
-    reset_logging()
-    structlog.contextvars.clear_contextvars()
-    for name, level in levels.items():
-        logging.getLogger(name).setLevel(level)
-
-
-def _invoke(*args: str | Path) -> Result:
-    try:
-        return CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
-    finally:
-        reset_logging()
-
-
-async def cli(*args: str | Path) -> Result:
-    """The real command line in this process (its own event loop, in a thread)."""
-    return await asyncio.to_thread(_invoke, *args)

@@ -17,6 +17,7 @@ import zarr
 
 from biomero_importer.settings import Settings
 from tests.support import (
+    ainvoke,
     insert_order,
     make_settings,
     make_tiffs,
@@ -25,7 +26,7 @@ from tests.support import (
     write_config,
 )
 
-from .conftest import CORE_KEYS, cli, managed_links, sim_annotations, sim_objects
+from .conftest import CORE_KEYS, managed_links, sim_annotations, sim_objects
 
 METADATA_CSV = (
     "key,value\n"
@@ -208,7 +209,7 @@ async def test_a_retried_order_creates_no_duplicate(
     async with running_service(second, migrated_url):
         if how == "cli":
             config = write_config(tmp_path / "retry.yml", second)
-            result = await cli("retry", order, "--config", config)
+            result = await ainvoke("retry", order, "--config", config)
             assert result.exit_code == 0, result.output
         else:
             conn = await asyncpg.connect(migrated_url)

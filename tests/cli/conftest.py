@@ -3,48 +3,20 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
 import sys
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import asyncpg
 import pytest
-import structlog
-from typer.testing import CliRunner, Result
 
-from biomero_importer.cli.app import app
-from biomero_importer.observability.logging import reset_logging
 from biomero_importer.settings import Settings
-from tests.support import make_settings, write_config
+from tests.support import ainvoke, invoke, make_settings, write_config
 
-
-@pytest.fixture(autouse=True)
-def _clean_logging() -> Iterator[None]:
-    levels = {name: logging.getLogger(name).level for name in ("", "asyncpg", "sqlalchemy")}
-    yield
-    reset_logging()
-    structlog.contextvars.clear_contextvars()
-    for name, level in levels.items():
-        logging.getLogger(name).setLevel(level)
-
-
-def invoke(*args: str | Path) -> Result:
-    """One command in this process; logging is reset at once because it pointed at the
-    runner's captured stderr, which is closed when the command returns."""
-    try:
-        return CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
-    finally:
-        reset_logging()
-
-
-async def ainvoke(*args: str | Path) -> Result:
-    """invoke from a test's event loop: the command runs its own loop, in a thread."""
-    return await asyncio.to_thread(invoke, *args)
+__all__ = ["ainvoke", "invoke"]
 
 
 @dataclass
