@@ -217,4 +217,7 @@ async def watch_health(service: Service) -> None:
         if stats is not None:
             pending, oldest = stats
             metrics.set_backlog(pending, oldest if pending else None)
-        await asyncio.sleep(HEALTH_INTERVAL)
+        # Look again soon while the listener is (re)connecting, so /healthz turns healthy
+        # as soon as it is, not up to an interval later.
+        listening = listener is None or listener.connected
+        await asyncio.sleep(HEALTH_INTERVAL if listening else 0.1)

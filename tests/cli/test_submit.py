@@ -107,6 +107,26 @@ async def test_submit_writes_what_omero_biomero_writes(cli_setup: CliSetup) -> N
     assert json.loads(row["extra"]) == {"saveoption": "single", "image_uuid": "abc=1"}
 
 
+async def test_submit_preprocess_without_params_stores_no_extra_params(
+    cli_setup: CliSetup,
+) -> None:
+    """SQL NULL, not the JSON value null: the service refuses a non-object extra_params."""
+    (image,) = make_tiffs(cli_setup.root, 1)
+    result = await ainvoke(
+        "submit", "-g", "Lab", "-u", "alice", "--dataset", "1", "--preprocess",
+        "localhost/convert:1", image, "--config", cli_setup.config,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    order = result.stdout.splitlines()[-1]
+    rows = await execute(
+        cli_setup.url,
+        "SELECT p.extra_params IS NULL AS missing FROM imports i"
+        " JOIN imports_preprocessing p ON p.id = i.preprocessing_id WHERE i.uuid = $1",
+        order,
+    )
+    assert [row["missing"] for row in rows] == [True]
+
+
 async def test_submit_takes_relative_paths(
     cli_setup: CliSetup, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -13,6 +13,7 @@ import typer
 
 from biomero_importer.cli.check import check
 from biomero_importer.cli.common import ConfigOption, fail, load
+from biomero_importer.cli.demo import demo
 from biomero_importer.cli.orders import cancel, retry, show, status, submit
 from biomero_importer.observability.logging import configure_logging
 from biomero_importer.omero import OmeroConfigError
@@ -91,6 +92,7 @@ app.command()(show)
 app.command()(retry)
 app.command()(cancel)
 app.command()(check)
+app.command()(demo)
 
 
 def main() -> None:

@@ -30,9 +30,9 @@ from biomero_importer.service import database
 from biomero_importer.settings import Settings
 
 RUNTIME_TIMEOUT = 30.0
-# Exit codes both podman and docker use when the container started but its command could not
-# (126 not executable, 127 not found): the runtime itself works.
-COMMAND_UNAVAILABLE = (126, 127)
+# The exit code of a container that started but whose image has no `true`: the runtime works.
+# (126 is not accepted: podman also returns it when the OCI runtime is refused permission.)
+COMMAND_NOT_FOUND = 127
 
 
 @dataclass
@@ -133,7 +133,7 @@ def _runtime_line(settings: Settings) -> Line:
         run = _run([found, "run", "--rm", "--pull=never", "--entrypoint", "true", local[0]])
     except (OSError, subprocess.TimeoutExpired) as exc:
         return Line(name, False, f"{type(exc).__name__} running {runtime}", hint)
-    if run.returncode == 0 or run.returncode in COMMAND_UNAVAILABLE:
+    if run.returncode in (0, COMMAND_NOT_FOUND):
         return Line(name, True, f"{found}: ran a container from {local[0]}")
     return Line(name, False, f"cannot run {local[0]}: {_last_line(run.stderr)}", hint)
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import structlog
 
-from biomero_importer.db.models import STAGE_INGEST_FAILED, STAGE_NEW_ORDER
+from biomero_importer.db.models import STAGE_IMPORTING, STAGE_INGEST_FAILED, STAGE_NEW_ORDER
 from biomero_importer.db.sql import CANCELLED
 from biomero_importer.dispatcher.listener import Listener
 from biomero_importer.dispatcher.store import Finish, OrderStore, StoreClosed
@@ -151,10 +151,13 @@ class Dispatcher:
 
     async def _run_order(self, order: ClaimedOrder) -> None:
         bound = structlog.contextvars.bound_contextvars(
-            order_uuid=order.uuid, worker_id=self.store.worker_id, attempt=order.attempt
+            order_uuid=order.uuid,
+            worker_id=self.store.worker_id,
+            attempt=order.attempt,
+            stage=STAGE_IMPORTING,
         )
         with bound:
-            log.info("order_started", stage="Import Started")
+            log.info("order_started")
             outcome: Outcome | None
             # The slot is freed on every way out, including a cancel after the lease was lost
             # (that one re-raises), or the replica would stop claiming once its slots leaked.

@@ -261,7 +261,8 @@ def _claimed_order(started: asyncpg.Record, claim: asyncpg.Record) -> ClaimedOrd
     preprocessing = None
     problem = None
     if started["preprocessing_id"] is not None:
-        extra = json.loads(started["extra_params"]) if started["extra_params"] else {}
+        # JSON null (as some writers store "no parameters") counts as none
+        extra = json.loads(started["extra_params"] or "null") or {}
         if not isinstance(extra, dict):
             problem = "Preprocessing extra_params must be a JSON object"
             extra = {}

@@ -183,6 +183,7 @@ class Pipeline:
         temp_dir: Path | None = None
         if order.preprocessing is not None:
             await self.sink.append_stage(order.uuid, STAGE_PREPROCESSING)
+            structlog.contextvars.bind_contextvars(stage=STAGE_PREPROCESSING)
             with self._step("preprocess"):
                 result = await run_preprocessing(order, self.settings, log=log)
             items, temp_dir = result.items, result.temp_dir

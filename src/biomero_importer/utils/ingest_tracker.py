@@ -13,7 +13,7 @@ import threading
 import time
 from typing import Any
 
-from sqlalchemy import create_engine, text
+from sqlalchemy import create_engine, null, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
@@ -146,7 +146,9 @@ class IngestTracker:
                     if key.startswith("preprocessing_") and key not in PREPROCESSING_COLUMNS
                 }
             )
-            entry.preprocessing = Preprocessing(**columns, extra_params=extra or None)
+            # SQL NULL when there are none: a plain None would be stored as the JSON value
+            # 'null', which the service refuses ("extra_params must be a JSON object").
+            entry.preprocessing = Preprocessing(**columns, extra_params=extra or null())
         session.commit()
         return entry.id
 
