@@ -95,10 +95,6 @@ class OrderStore:
         if self._pool is not None:
             await self._pool.close()
 
-    def give_up(self) -> None:
-        """Stop retrying (a forced shutdown): pending writes are left to lease expiry."""
-        self._closing.set()
-
     @property
     def pool(self) -> asyncpg.Pool:
         assert self._pool is not None, "store is not open"
