@@ -18,8 +18,8 @@ from typing import Any
 import asyncpg
 import pytest
 
+from biomero_importer.model import Order, PreprocessingSpec
 from biomero_importer.omero.port import Target
-from biomero_importer.pipeline.order import Order, PreprocessingSpec
 from biomero_importer.preprocessing import PreprocessingError, plan_jobs
 from tests.conftest import PgServer
 from tests.reliability.harness import Replica, free_port

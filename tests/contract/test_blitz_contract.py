@@ -15,6 +15,7 @@ pytest.importorskip("omero")
 import omero.cli
 import omero.model
 
+from biomero_importer.model import Order, PreprocessingSpec
 from biomero_importer.omero import create_gateway
 from biomero_importer.omero.blitz import (
     NGFF_ENTITY_TYPE,
@@ -30,7 +31,6 @@ from biomero_importer.omero.importcli import (
 )
 from biomero_importer.omero.metadata import build_annotation_pairs
 from biomero_importer.omero.port import ImportedObject, OmeroUnavailable, Target
-from biomero_importer.pipeline.order import Order, PreprocessingSpec
 from biomero_importer.settings import Settings
 
 UUID = "9d7c7c1e-2a2b-4c4d-8e8f-000000000042"

@@ -8,13 +8,13 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
+from biomero_importer.model import Order, PreprocessingSpec
 from biomero_importer.omero.metadata import (
     build_annotation_pairs,
     normalise_keyvalues,
     read_metadata_csv,
 )
 from biomero_importer.omero.port import Target
-from biomero_importer.pipeline.order import Order, PreprocessingSpec
 
 NOW = datetime(2025, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
 

@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 
+from biomero_importer.model import Order, PreprocessingSpec
 from biomero_importer.omero.port import Target
-from biomero_importer.pipeline.order import Order, PreprocessingSpec
 from biomero_importer.settings import Settings
 from tests.podman_support import (  # noqa: F401  (re-exported for the tests here)
     BUILD_SCRIPT,

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import structlog
 
+from biomero_importer.model import Order, PreprocessingSpec
 from biomero_importer.observability.logging import configure_logging
 from biomero_importer.omero.port import Target
-from biomero_importer.pipeline.order import Order, PreprocessingSpec
 from biomero_importer.preprocessing import run_preprocessing
 from biomero_importer.settings import Settings
 

@@ -34,8 +34,14 @@ from biomero_importer.cli.common import (
     truncate,
 )
 from biomero_importer.db import sql
-from biomero_importer.db.models import STAGE_IMPORTED, STAGE_NEW_ORDER, TERMINAL_STAGES
-from biomero_importer.pipeline.order import ClaimedOrder, PreprocessingSpec
+from biomero_importer.model import (
+    CANCELLED,
+    STAGE_IMPORTED,
+    STAGE_NEW_ORDER,
+    TERMINAL_STAGES,
+    ClaimedOrder,
+    PreprocessingSpec,
+)
 from biomero_importer.pipeline.validate import InvalidOrder, validate
 from biomero_importer.preprocessing import PreprocessingError, validate_preprocessing
 from biomero_importer.settings import Settings
@@ -599,7 +605,7 @@ def cancel(
             " recorded and its importer stops it as soon as it sees it",
             EXIT_FAILED,
         )
-    if order["description"] != sql.CANCELLED:
+    if order["description"] != CANCELLED:
         raise fail(
             f"order {order_uuid} finished before the cancel took effect: {order['stage']}"
             f" {order['description'] or ''}".rstrip(),

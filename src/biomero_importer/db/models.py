@@ -26,15 +26,31 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-STAGE_NEW_ORDER = "Import Pending"
-STAGE_IMPORTING = "Import Started"
-STAGE_PREPROCESSING = "Import Preprocessing"
-STAGE_IMPORTED = "Import Completed"
-STAGE_INGEST_FAILED = "Import Failed"
+from biomero_importer.model import (
+    ALL_STAGES,
+    RUNNING_STAGES,
+    STAGE_IMPORTED,
+    STAGE_IMPORTING,
+    STAGE_INGEST_FAILED,
+    STAGE_NEW_ORDER,
+    STAGE_PREPROCESSING,
+    TERMINAL_STAGES,
+)
 
-TERMINAL_STAGES = (STAGE_IMPORTED, STAGE_INGEST_FAILED)
-RUNNING_STAGES = (STAGE_IMPORTING, STAGE_PREPROCESSING)
-ALL_STAGES = (STAGE_NEW_ORDER, *RUNNING_STAGES, *TERMINAL_STAGES)
+__all__ = [
+    "ALL_STAGES",
+    "OWNED_TABLES",
+    "RUNNING_STAGES",
+    "STAGE_IMPORTED",
+    "STAGE_IMPORTING",
+    "STAGE_INGEST_FAILED",
+    "STAGE_NEW_ORDER",
+    "STAGE_PREPROCESSING",
+    "TERMINAL_STAGES",
+    "Base",
+    "IngestionTracking",
+    "Preprocessing",
+]
 
 # The tables this service owns; migrations and autogenerate never look at anything else.
 OWNED_TABLES = frozenset({"imports", "imports_preprocessing", "importer_orders"})

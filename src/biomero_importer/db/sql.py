@@ -8,6 +8,8 @@ writes nothing.
 
 from __future__ import annotations
 
+from biomero_importer.model import CANCELLED
+
 DEFAULT_CHANNEL = "biomero_importer_orders"
 CANCEL_PREFIX = "cancel:"
 
@@ -174,7 +176,6 @@ INSERT INTO imports ({ORDER_COLUMNS})
 RETURNING uuid, stage
 """
 
-CANCELLED = "Cancelled"
 
 # Pending orders whose cancel was requested: end them without starting. $1 uuid or NULL (all)
 CANCEL_PENDING = f"""

@@ -17,15 +17,20 @@ from typing import Any
 
 import structlog
 
-from biomero_importer.db.models import STAGE_IMPORTING, STAGE_INGEST_FAILED, STAGE_NEW_ORDER
-from biomero_importer.db.sql import CANCELLED
 from biomero_importer.dispatcher.listener import Listener
 from biomero_importer.dispatcher.store import Finish, OrderStore, StoreClosed
+from biomero_importer.model import (
+    CANCELLED,
+    STAGE_IMPORTING,
+    STAGE_INGEST_FAILED,
+    STAGE_NEW_ORDER,
+    ClaimedOrder,
+    Outcome,
+)
 from biomero_importer.observability.health import HealthState
 from biomero_importer.observability.metrics import Metrics
 from biomero_importer.observability.metrics import Outcome as OutcomeLabel
-from biomero_importer.pipeline.order import ClaimedOrder
-from biomero_importer.pipeline.runner import Outcome, Pipeline
+from biomero_importer.pipeline.runner import Pipeline
 
 log = structlog.get_logger(__name__)
 

@@ -18,7 +18,7 @@ import asyncpg
 import structlog
 
 from biomero_importer.db import sql
-from biomero_importer.pipeline.order import ClaimedOrder, PreprocessingSpec
+from biomero_importer.model import ClaimedOrder, PreprocessingSpec
 
 log = structlog.get_logger(__name__)
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import structlog
 
-from biomero_importer.pipeline.order import Order
+from biomero_importer.model import Order
 
 log = structlog.get_logger(__name__)
 

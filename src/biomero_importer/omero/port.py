@@ -8,33 +8,27 @@ and ``simulator`` (SQLite plus real symlinks, for the quickstart, demo, tests an
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Protocol
 
-TargetType = Literal["Dataset", "Screen"]
-ObjectType = Literal["Image", "Plate"]
+from biomero_importer.model import ImportedObject, ObjectType, Target, TargetType
+
+__all__ = [
+    "OMERO_UNAVAILABLE",
+    "ImportAborted",
+    "ImportFailed",
+    "ImportedObject",
+    "ObjectType",
+    "OmeroError",
+    "OmeroGateway",
+    "OmeroSession",
+    "OmeroUnavailable",
+    "Target",
+    "TargetType",
+    "UnknownUserOrGroup",
+]
 
 OMERO_UNAVAILABLE = "OMERO unavailable, retry later"
-
-
-@dataclass(frozen=True)
-class Target:
-    """Where an order's data goes: a Dataset receives Images, a Screen receives Plates."""
-
-    type: TargetType
-    id: int
-
-
-@dataclass(frozen=True)
-class ImportedObject:
-    """One Image or Plate that an import created (or that an earlier attempt created)."""
-
-    type: ObjectType
-    id: int
-    name: str
-    client_path: str
-    fileset_id: int | None = None
 
 
 class OmeroError(Exception):

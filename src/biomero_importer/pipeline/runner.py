@@ -12,7 +12,7 @@ import shutil
 import time
 from collections.abc import Callable
 from concurrent.futures import Executor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path
@@ -20,12 +20,18 @@ from typing import Any, Protocol, TypeVar
 
 import structlog
 
-from biomero_importer.db.models import STAGE_IMPORTED, STAGE_INGEST_FAILED, STAGE_PREPROCESSING
+from biomero_importer.model import (
+    STAGE_IMPORTED,
+    STAGE_INGEST_FAILED,
+    STAGE_PREPROCESSING,
+    ClaimedOrder,
+    Order,
+    Outcome,
+)
 from biomero_importer.observability.metrics import Step
 from biomero_importer.omero.metadata import build_annotation_pairs
 from biomero_importer.omero.port import ImportedObject, OmeroError, OmeroGateway, OmeroSession
-from biomero_importer.pipeline.order import ClaimedOrder, Order
-from biomero_importer.pipeline.validate import InvalidOrder, short, validate
+from biomero_importer.pipeline.validate import InvalidOrder, validate
 from biomero_importer.preprocessing import (
     PreprocessingError,
     ProcessedItem,
@@ -33,6 +39,7 @@ from biomero_importer.preprocessing import (
     validate_preprocessing,
 )
 from biomero_importer.settings import Settings
+from biomero_importer.text import short
 
 log = structlog.get_logger(__name__)
 
@@ -45,14 +52,6 @@ class StageSink(Protocol):
     async def append_stage(self, uuid: str, stage: str, description: str | None = None) -> bool: ...
 
     async def record_objects(self, uuid: str, objects: list[dict[str, Any]]) -> None: ...
-
-
-@dataclass
-class Outcome:
-    stage: str
-    description: str | None
-    file_names: list[str] | None = None
-    objects: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)

@@ -7,8 +7,8 @@ import os
 import stat
 from pathlib import Path
 
-from biomero_importer.omero.port import Target
-from biomero_importer.pipeline.order import ClaimedOrder, Order
+from biomero_importer.model import ClaimedOrder, Order, Target
+from biomero_importer.text import short
 
 MAX_NAME_LENGTH = 255
 MAX_PATH_LENGTH = 4096
@@ -21,14 +21,6 @@ class InvalidOrder(Exception):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
-
-
-def short(text: str, limit: int = 160) -> str:
-    """Keep descriptions readable: long paths and values are cut in the middle."""
-    if len(text) <= limit:
-        return text
-    half = (limit - 3) // 2
-    return f"{text[:half]}...{text[-half:]}"
 
 
 def _required_name(label: str, value: str | None) -> str:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from biomero_importer.pipeline.order import Order, PreprocessingSpec
+from biomero_importer.model import Order, PreprocessingSpec
 from biomero_importer.preprocessing.errors import PreprocessingError
 from biomero_importer.preprocessing.images import checked_image
 from biomero_importer.settings import Settings

@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from biomero_importer.pipeline.validate import short
 from biomero_importer.preprocessing.command import ContainerJob, Mount
 from biomero_importer.preprocessing.errors import PreprocessingError
+from biomero_importer.text import short
 
 
 @dataclass(frozen=True)

@@ -23,8 +23,7 @@ from typing import Any, TypeVar
 
 from structlog.typing import FilteringBoundLogger
 
-from biomero_importer.pipeline.order import Order
-from biomero_importer.pipeline.validate import short
+from biomero_importer.model import Order
 from biomero_importer.preprocessing.command import (
     ContainerJob,
     plan_jobs,
@@ -44,6 +43,7 @@ from biomero_importer.preprocessing.output import (
     pump,
 )
 from biomero_importer.settings import Settings
+from biomero_importer.text import short
 
 T = TypeVar("T")
 

@@ -1,0 +1,102 @@
+"""The order model: stage names, orders as stored and as validated, and their outcomes.
+
+This module is the bottom of the package: it imports nothing from ``biomero_importer``, so the
+store, the pipeline, the adapters and the CLI can all share these types without cycles.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+# Stage strings are a public interface: OMERO.biomero, Metabase and SQL clients match on them.
+STAGE_NEW_ORDER = "Import Pending"
+STAGE_IMPORTING = "Import Started"
+STAGE_PREPROCESSING = "Import Preprocessing"
+STAGE_IMPORTED = "Import Completed"
+STAGE_INGEST_FAILED = "Import Failed"
+
+TERMINAL_STAGES = (STAGE_IMPORTED, STAGE_INGEST_FAILED)
+RUNNING_STAGES = (STAGE_IMPORTING, STAGE_PREPROCESSING)
+ALL_STAGES = (STAGE_NEW_ORDER, *RUNNING_STAGES, *TERMINAL_STAGES)
+
+CANCELLED = "Cancelled"
+
+TargetType = Literal["Dataset", "Screen"]
+ObjectType = Literal["Image", "Plate"]
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where an order's data goes: a Dataset receives Images, a Screen receives Plates."""
+
+    type: TargetType
+    id: int
+
+
+@dataclass(frozen=True)
+class ImportedObject:
+    """One Image or Plate that an import created (or that an earlier attempt created)."""
+
+    type: ObjectType
+    id: int
+    name: str
+    client_path: str
+    fileset_id: int | None = None
+
+
+@dataclass(frozen=True)
+class PreprocessingSpec:
+    """One ``imports_preprocessing`` row, as written by OMERO.biomero or SQL clients."""
+
+    id: int
+    container: str
+    input_file: str
+    output_folder: str
+    alt_output_folder: str | None
+    extra_params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ClaimedOrder:
+    """The raw columns of an order's latest row, exactly as stored (not yet validated)."""
+
+    uuid: str
+    group_name: str
+    user_name: str
+    destination_id: str
+    destination_type: str
+    files: str
+    file_names: str | None
+    preprocessing_id: int | None
+    preprocessing: PreprocessingSpec | None
+    attempt: int
+    runs: int
+    queued_at: float
+    recorded_objects: list[dict[str, Any]] = field(default_factory=list)
+    preprocessing_problem: str | None = None
+
+
+@dataclass(frozen=True)
+class Order:
+    """A validated order: every file exists, is readable and lies inside an import root."""
+
+    uuid: str
+    group: str
+    user: str
+    target: Target
+    files: list[Path]
+    file_names: list[str]
+    preprocessing: PreprocessingSpec | None
+    attempt: int
+
+
+@dataclass
+class Outcome:
+    """How a run of an order ended: a terminal stage, or 'Import Pending' for a hand-back."""
+
+    stage: str
+    description: str | None
+    file_names: list[str] | None = None
+    objects: list[dict[str, Any]] = field(default_factory=list)
