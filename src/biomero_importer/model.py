@@ -7,6 +7,7 @@ store, the pipeline, the adapters and the CLI can all share these types without 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
 
@@ -100,3 +101,69 @@ class Outcome:
     description: str | None
     file_names: list[str] | None = None
     objects: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class NewOrder:
+    """An order as a writer queues it (OMERO.biomero, SQL, ``submit``, the demo)."""
+
+    uuid: str
+    group: str
+    user: str
+    destination_type: str
+    destination_id: str
+    files: str  # JSON text, stored as given: validation is the service's job
+    preprocessing: PreprocessingSpec | None = None
+
+
+@dataclass(frozen=True)
+class OrderEvent:
+    """One row of an order's history."""
+
+    id: int
+    timestamp: datetime | None
+    stage: str
+    description: str | None
+
+
+@dataclass(frozen=True)
+class OrderState:
+    stage: str
+    latest_id: int
+    worker_id: str | None
+    cancel_requested: bool
+
+
+@dataclass(frozen=True)
+class OrderSummary:
+    """The latest state of one order, as ``status`` lists it."""
+
+    uuid: str
+    stage: str
+    updated_at: datetime
+    worker_id: str | None
+    user_name: str
+    group_name: str
+    destination_type: str
+    destination_id: str
+    files: str
+    description: str | None
+
+
+@dataclass(frozen=True)
+class OrderDetail:
+    """Everything known about one order but its history."""
+
+    summary: OrderSummary
+    latest_id: int
+    queued_at: datetime
+    last_worker_id: str | None
+    lease_expires_at: datetime | None
+    attempts: int
+    runs: int
+    cancel_requested: bool
+    objects: list[dict[str, Any]]
+    file_names: str | None
+    preprocessing: PreprocessingSpec | None
+    #: extra_params exactly as stored (may be anything a SQL writer put there)
+    raw_extra_params: Any = None

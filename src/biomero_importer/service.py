@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Coroutine, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import structlog
@@ -20,7 +21,6 @@ from biomero_importer.db.migrate import is_at_head, migrate
 from biomero_importer.db.urls import asyncpg_dsn
 from biomero_importer.dispatcher.dispatcher import Dispatcher
 from biomero_importer.dispatcher.listener import Listener
-from biomero_importer.dispatcher.store import OrderStore
 from biomero_importer.observability.health import HealthState, start_http_server
 from biomero_importer.observability.logging import Redactor
 from biomero_importer.observability.metrics import Metrics, create_metrics
@@ -29,6 +29,7 @@ from biomero_importer.omero.port import OmeroGateway
 from biomero_importer.pipeline.runner import Pipeline
 from biomero_importer.preprocessing import allowlist_warning
 from biomero_importer.settings import Settings
+from biomero_importer.store import OrderStore, PostgresStore
 
 log = structlog.get_logger(__name__)
 
@@ -113,16 +114,37 @@ async def open_service(
     """Everything a replica needs, opened in order and closed in reverse."""
     metrics = metrics or Metrics()
     health = HealthState(migrated=True)
-    gateway = create_gateway(settings)
-    executor = ThreadPoolExecutor(max_workers=settings.omero_threads, thread_name_prefix="omero")
-    store = OrderStore(
+    store = PostgresStore(
         asyncpg_dsn(url),
         worker_id=settings.worker_id,
         lease_seconds=settings.lease_seconds,
         pool_size=settings.db_pool_size,
     )
     await store.open()
-    pipeline = Pipeline(settings, gateway, executor, store, metrics.observe_step)
+    async with assemble(settings, store, metrics, health) as service:
+        service.url = url
+        listener = Listener(
+            asyncpg_dsn(url),
+            settings.notify_channel,
+            on_pending=service.dispatcher.notify_pending,
+            on_cancel=service.dispatcher.notify_cancel,
+            on_reconnect=service.dispatcher.wake,
+        )
+        service.dispatcher.listener = listener
+        yield service
+
+
+@asynccontextmanager
+async def assemble(
+    settings: Settings, store: OrderStore, metrics: Metrics, health: HealthState
+) -> AsyncIterator[Service]:
+    """A replica around any order store (PostgreSQL, or memory for the unit tier); the store
+    is closed, within a bound, when the block ends."""
+    gateway = create_gateway(settings)
+    executor = ThreadPoolExecutor(max_workers=settings.omero_threads, thread_name_prefix="omero")
+    # Storage calls get their own threads: a hung mount must not starve OMERO calls.
+    storage = ThreadPoolExecutor(max_workers=STORAGE_THREADS, thread_name_prefix="storage")
+    pipeline = Pipeline(settings, gateway, executor, store, metrics.observe_step, storage=storage)
     dispatcher = Dispatcher(
         store=store,
         pipeline=pipeline,
@@ -135,18 +157,15 @@ async def open_service(
         metrics=metrics,
         health=health,
     )
-    dispatcher.listener = Listener(
-        asyncpg_dsn(url),
-        settings.notify_channel,
-        on_pending=dispatcher.notify_pending,
-        on_cancel=dispatcher.notify_cancel,
-        on_reconnect=dispatcher.wake,
-    )
+    service = Service(settings, "", gateway, store, dispatcher, executor, metrics, health)
+    dispatcher.helpers["health"] = partial(watch_health, service)
+    dispatcher.helpers["loop-lag"] = partial(watch_loop_lag, metrics)
     try:
-        yield Service(settings, url, gateway, store, dispatcher, executor, metrics, health)
+        yield service
     finally:
-        await store.close()
+        await store.close(timeout=CLOSE_TIMEOUT)
         executor.shutdown(wait=False, cancel_futures=True)
+        storage.shutdown(wait=False, cancel_futures=True)
         gateway.close()
 
 
@@ -156,7 +175,6 @@ async def serve(settings: Settings, url: str) -> None:
     if warning:
         log.warning("containers_not_restricted", message=warning)
     async with open_service(settings, url, create_metrics()) as service:
-        watcher = asyncio.create_task(watch_health(service), name="health")
         server = None
         if settings.metrics_port is not None:
             server = await start_http_server(
@@ -193,24 +211,34 @@ async def serve(settings: Settings, url: str) -> None:
         finally:
             for signum in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(signum)
-            watcher.cancel()
-            await asyncio.gather(watcher, return_exceptions=True)
             if server is not None:
                 await server.close()
 
 
 HEALTH_INTERVAL = 2.0
+LAG_INTERVAL = 0.5
+STORAGE_THREADS = 16
+CLOSE_TIMEOUT = 3.0
+
+
+async def watch_loop_lag(metrics: Metrics) -> None:
+    """How late a timer fires: blocking work on the event loop shows here first."""
+    while True:
+        start = time.perf_counter()
+        await asyncio.sleep(LAG_INTERVAL)
+        metrics.event_loop_lag.set(max(0.0, time.perf_counter() - start - LAG_INTERVAL))
 
 
 async def watch_health(service: Service) -> None:
     """Keep /healthz, the backlog gauges and the reconnect counter current."""
-    health, metrics, listener = service.health, service.metrics, service.dispatcher.listener
+    health, metrics = service.health, service.metrics
     reconnects_seen = 0
     while True:
+        listener = service.dispatcher.listener
         health.db_ok = await service.store.ping()
         health.last_db_error = None if health.db_ok else "database unreachable"
+        health.listener_connected = listener is None or listener.connected
         if listener is not None:
-            health.listener_connected = listener.connected
             metrics.listener_reconnects.inc(listener.reconnects - reconnects_seen)
             reconnects_seen = listener.reconnects
         stats = await service.store.queue_stats() if health.db_ok else None

@@ -124,6 +124,7 @@ class Settings(BaseModel):
     # --- files ----------------------------------------------------------------------------
     base_dir: Path = Path("/data")
     import_roots: list[Path] | None = None
+    storage_timeout: PositiveFloat = 120.0
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
     log_file_path: Path | None = Path("logs/app.logs")
     log_format: Literal["auto", "json", "console"] = "auto"

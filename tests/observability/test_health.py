@@ -120,7 +120,7 @@ async def test_healthz_follows_the_health_state(server: HttpServer, state: Healt
     assert reply.status == 200
     assert reply.json() == {
         "status": "ok",
-        "checks": {"process": True, "database": True, "listener": True},
+        "checks": {"process": True, "database": True, "listener": True, "helpers": True},
     }
 
     state.db_ok = False

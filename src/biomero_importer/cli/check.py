@@ -9,7 +9,6 @@ import subprocess
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import asyncpg
 import typer
 
 from biomero_importer.cli.common import (
@@ -28,6 +27,7 @@ from biomero_importer.omero import OmeroConfigError, create_gateway
 from biomero_importer.omero.port import OmeroError
 from biomero_importer.service import database
 from biomero_importer.settings import Settings
+from biomero_importer.store import PostgresStore, StoreUnavailable
 
 RUNTIME_TIMEOUT = 30.0
 # The exit code of a container that started but whose image has no `true`: the runtime works.
@@ -54,8 +54,15 @@ def _database_lines(settings: Settings) -> list[Line]:
         with database(settings) as url:
 
             async def ping() -> None:
-                conn = await asyncpg.connect(asyncpg_dsn(url), timeout=CONNECT_TIMEOUT)
-                await conn.close()
+                store = PostgresStore(
+                    asyncpg_dsn(url), pool_size=2, retry=False, connect_timeout=CONNECT_TIMEOUT
+                )
+                await store.open()
+                try:
+                    if not await store.ping():
+                        raise StoreUnavailable("no answer")
+                finally:
+                    await store.close(timeout=CONNECT_TIMEOUT)
 
             try:
                 asyncio.run(ping())

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Annotated, Any, TypeVar
 from urllib.parse import urlsplit
 
-import asyncpg
 import typer
 
 from biomero_importer.db.migrate import is_at_head
@@ -24,6 +23,7 @@ from biomero_importer.db.urls import asyncpg_dsn
 from biomero_importer.observability.logging import configure_logging
 from biomero_importer.service import database
 from biomero_importer.settings import LoadedSettings, Settings, SettingsError, load_settings
+from biomero_importer.store import OrderStore, PostgresStore, StoreUnavailable
 
 T = TypeVar("T")
 
@@ -121,20 +121,25 @@ def ready_database(settings: Settings) -> Iterator[str]:
         yield url
 
 
-def run_with_connection(
-    settings: Settings, url: str, work: Callable[[Any], Coroutine[Any, Any, T]]
+def run_with_store(
+    settings: Settings, url: str, work: Callable[[OrderStore], Coroutine[Any, Any, T]]
 ) -> T:
-    """Run ``work(connection)`` on one asyncpg connection, closed afterwards."""
+    """Run ``work(store)`` on the order store; an unreachable database fails at once."""
 
     async def main() -> T:
+        store = PostgresStore(
+            asyncpg_dsn(url), pool_size=2, retry=False, connect_timeout=CONNECT_TIMEOUT
+        )
         try:
-            conn = await asyncpg.connect(asyncpg_dsn(url), timeout=CONNECT_TIMEOUT)
-        except (OSError, asyncpg.PostgresError, asyncio.TimeoutError) as exc:
-            raise fail(unreachable(exc, settings)) from None
+            await store.open()
+        except Exception as exc:  # refused, unreachable, bad password: one line, no traceback
+            raise fail(unreachable(exc.__cause__ or exc, settings)) from None
         try:
-            return await work(conn)
+            return await work(store)
+        except StoreUnavailable as exc:
+            raise fail(unreachable(exc.__cause__ or exc, settings)) from None
         finally:
-            await conn.close()
+            await store.close(timeout=CONNECT_TIMEOUT)
 
     return asyncio.run(main())
 

@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
 
-import asyncpg
 import numpy as np
 import tifffile
 import typer
@@ -29,19 +28,19 @@ import yaml
 
 from biomero_importer.cli.common import EXIT_FAILED, error_text, fail, table, truncate
 from biomero_importer.cli.orders import _order_info, _validate, _write
-from biomero_importer.db import sql
 from biomero_importer.db.embedded import EmbeddedPostgres
-from biomero_importer.db.models import (
+from biomero_importer.model import (
     STAGE_IMPORTED,
     STAGE_INGEST_FAILED,
     STAGE_NEW_ORDER,
     TERMINAL_STAGES,
+    OrderEvent,
 )
-from biomero_importer.db.urls import asyncpg_dsn
 from biomero_importer.observability.logging import configure_logging
 from biomero_importer.omero.simulator import DB_NAME
 from biomero_importer.service import StartupError, open_service, prepare_schema
 from biomero_importer.settings import Settings, default_data_dir
+from biomero_importer.store import OrderStore
 
 DEMO_IMAGE = "localhost/biomero-test-converter:latest"
 # The converter image's recipe and this machine's podman settings live in a source checkout.
@@ -209,45 +208,42 @@ class _Progress:
         self.started = time.monotonic()
         self.width = max(len(o.label) for o in orders)
 
-    def event(self, order: DemoOrder, row: Any) -> None:
+    def event(self, order: DemoOrder, event: OrderEvent) -> None:
         line = (
             f"  {time.monotonic() - self.started:5.1f}s  {order.label.ljust(self.width)}"
-            f"  {order.uuid[:8]}  {row['stage']}"
+            f"  {order.uuid[:8]}  {event.stage}"
         )
-        if row["description"]:
-            line += f": {truncate(row['description'], 100)}"
+        if event.description:
+            line += f": {truncate(event.description, 100)}"
         _say(line)
 
 
-async def _follow(url: str, orders: list[DemoOrder], progress: _Progress, timeout: float) -> None:
+async def _follow(
+    store: OrderStore, orders: list[DemoOrder], progress: _Progress, timeout: float
+) -> None:
     """Print the orders' new rows, oldest first, until all are finished or time is up."""
     deadline = time.monotonic() + timeout
-    conn = await asyncpg.connect(asyncpg_dsn(url))
-    try:
-        while True:
-            new: list[tuple[int, DemoOrder, Any]] = []
-            waiting = False
-            for order in orders:
-                rows = await conn.fetch(sql.ORDER_EVENTS, order.uuid, order.last_id)
-                new.extend((row["id"], order, row) for row in rows)
-                if rows:
-                    order.last_id = rows[-1]["id"]
-                state = await conn.fetchrow(sql.ORDER_DETAIL, order.uuid)
-                if state is None:
-                    waiting = True
-                    continue
-                order.stage, order.description = state["stage"], state["description"]
-                objects = json.loads(state["objects"]) if state["objects"] else []
-                order.objects = [o for o in objects if isinstance(o, dict)]
-                if state["stage"] not in TERMINAL_STAGES or state["latest_id"] > order.last_id:
-                    waiting = True
-            for _, order, row in sorted(new, key=lambda item: item[0]):
-                progress.event(order, row)
-            if not waiting or time.monotonic() > deadline:
-                return
-            await asyncio.sleep(POLL_INTERVAL)
-    finally:
-        await conn.close()
+    while True:
+        new: list[tuple[int, DemoOrder, OrderEvent]] = []
+        waiting = False
+        for order in orders:
+            events = await store.order_events(order.uuid, order.last_id)
+            new.extend((event.id, order, event) for event in events)
+            if events:
+                order.last_id = events[-1].id
+            detail = await store.order_detail(order.uuid)
+            if detail is None:
+                waiting = True
+                continue
+            order.stage, order.description = detail.summary.stage, detail.summary.description
+            order.objects = detail.objects
+            if order.stage not in TERMINAL_STAGES or detail.latest_id > order.last_id:
+                waiting = True
+        for _, order, event in sorted(new, key=lambda item: item[0]):
+            progress.event(order, event)
+        if not waiting or time.monotonic() > deadline:
+            return
+        await asyncio.sleep(POLL_INTERVAL)
 
 
 async def _run_orders(settings: Settings, url: str, orders: list[DemoOrder]) -> None:
@@ -258,7 +254,7 @@ async def _run_orders(settings: Settings, url: str, orders: list[DemoOrder]) -> 
             for order in orders:
                 # what `submit` does: the order written through OMERO.biomero's own API
                 await asyncio.to_thread(_write, url, order.info)
-            await _follow(url, orders, progress, ORDER_TIMEOUT)
+            await _follow(service.store, orders, progress, ORDER_TIMEOUT)
         finally:
             service.dispatcher.request_stop()
             await asyncio.wait_for(task, timeout=settings.shutdown_timeout + 10)

@@ -26,25 +26,27 @@ from biomero_importer.cli.common import (
     load_quietly,
     local_time,
     parse_duration,
-    parse_json,
     parse_stage,
     ready_database,
-    run_with_connection,
+    run_with_store,
     table,
     truncate,
 )
-from biomero_importer.db import sql
 from biomero_importer.model import (
     CANCELLED,
     STAGE_IMPORTED,
     STAGE_NEW_ORDER,
     TERMINAL_STAGES,
     ClaimedOrder,
+    OrderDetail,
+    OrderEvent,
+    OrderSummary,
     PreprocessingSpec,
 )
 from biomero_importer.pipeline.validate import InvalidOrder, validate
 from biomero_importer.preprocessing import PreprocessingError, validate_preprocessing
 from biomero_importer.settings import Settings
+from biomero_importer.store import OrderBusy, OrderNotFound, OrderStore
 from biomero_importer.utils.ingest_tracker import (
     get_ingest_tracker,
     initialize_ingest_tracker,
@@ -181,11 +183,11 @@ class _Follower:
         if self.status is not None:
             self.status.stop()
 
-    def event(self, row: Any) -> None:
-        self.stage = row["stage"]
-        line = f"{local_time(row['timestamp'])}  {row['stage']}"
-        if row["description"]:
-            line += f"  {row['description']}"
+    def event(self, event: OrderEvent) -> None:
+        self.stage = event.stage
+        line = f"{local_time(event.timestamp)}  {event.stage}"
+        if event.description:
+            line += f"  {event.description}"
         if self.status is None:
             typer.echo(line, err=True)
         else:
@@ -196,24 +198,26 @@ class _Follower:
             self.status.update(self._label())
 
 
-async def _follow(conn: Any, order_uuid: str, timeout: float | None) -> tuple[str, str | None]:
+async def _follow(
+    store: OrderStore, order_uuid: str, timeout: float | None
+) -> tuple[str, str | None]:
     """Print every new row until the order is finished; returns (stage, description)."""
     deadline = None if timeout is None else time.monotonic() + timeout
     last_id = 0
-    last: Any = None
+    last: OrderEvent | None = None
     with _Follower(order_uuid) as follower:
         while True:
-            for row in await conn.fetch(sql.ORDER_EVENTS, order_uuid, last_id):
-                follower.event(row)
-                last_id, last = row["id"], row
-            state = await conn.fetchrow(sql.ORDER_STATE, order_uuid)
-            done = state["stage"] in TERMINAL_STAGES and state["latest_id"] <= last_id
+            for event in await store.order_events(order_uuid, last_id):
+                follower.event(event)
+                last_id, last = event.id, event
+            state = await store.order_state(order_uuid)
+            assert state is not None, "the order was just written"
+            done = state.stage in TERMINAL_STAGES and state.latest_id <= last_id
             if done and last is not None:
-                return last["stage"], last["description"]
+                return last.stage, last.description
             if deadline is not None and time.monotonic() > deadline:
                 raise fail(
-                    f"order {order_uuid} is still {state['stage']} after {timeout:g}s",
-                    EXIT_FAILED,
+                    f"order {order_uuid} is still {state.stage} after {timeout:g}s", EXIT_FAILED
                 )
             follower.tick()
             await asyncio.sleep(FOLLOW_INTERVAL)
@@ -297,10 +301,10 @@ def submit(
         if not wait:
             return
 
-        async def follow(conn: Any) -> tuple[str, str | None]:
-            return await _follow(conn, order_uuid, timeout)
+        async def follow(store: OrderStore) -> tuple[str, str | None]:
+            return await _follow(store, order_uuid, timeout)
 
-        stage, description = run_with_connection(settings, url, follow)
+        stage, description = run_with_store(settings, url, follow)
     if stage != STAGE_IMPORTED:
         typer.echo(f"{stage}: {description or 'no description'}", err=True)
         raise typer.Exit(EXIT_FAILED)
@@ -310,18 +314,18 @@ def submit(
 # --- status ---------------------------------------------------------------------------------
 
 
-def _status_record(row: Any) -> dict[str, Any]:
+def _status_record(row: OrderSummary) -> dict[str, Any]:
     return {
-        "uuid": row["uuid"],
-        "stage": row["stage"],
-        "user": row["user_name"],
-        "group": row["group_name"],
-        "destination_type": row["destination_type"],
-        "destination_id": row["destination_id"],
-        "files": len(file_list(row["files"])),
-        "updated_at": iso(row["updated_at"]),
-        "worker_id": row["worker_id"],
-        "description": row["description"],
+        "uuid": row.uuid,
+        "stage": row.stage,
+        "user": row.user_name,
+        "group": row.group_name,
+        "destination_type": row.destination_type,
+        "destination_id": row.destination_id,
+        "files": len(file_list(row.files)),
+        "updated_at": iso(row.updated_at),
+        "worker_id": row.worker_id,
+        "description": row.description,
     }
 
 
@@ -353,10 +357,16 @@ def status(
     settings = load_quietly(config)
     with ready_database(settings) as url:
 
-        async def read(conn: Any) -> list[Any]:
-            return list(await conn.fetch(sql.ORDER_STATUS, user, group, stage_name, max_age, limit))
+        async def read(store: OrderStore) -> list[OrderSummary]:
+            return await store.list_orders(
+                user=user,
+                group=group,
+                stage=stage_name,
+                max_age_seconds=None if max_age is None else max_age.total_seconds(),
+                limit=limit,
+            )
 
-        rows = run_with_connection(settings, url, read)
+        rows = run_with_store(settings, url, read)
     records = [_status_record(row) for row in rows]
     if as_json:
         echo_json(records)
@@ -375,7 +385,7 @@ def status(
                     r["group"],
                     f"{r['destination_type']} {r['destination_id']}",
                     str(r["files"]),
-                    local_time(row["updated_at"]),
+                    local_time(row.updated_at),
                     truncate(r["description"], 60),
                 ]
                 for r, row in zip(records, rows, strict=True)
@@ -387,55 +397,56 @@ def status(
 # --- show -----------------------------------------------------------------------------------
 
 
-def _detail_record(order: Any, events: list[Any]) -> dict[str, Any]:
+def _detail_record(order: OrderDetail, events: list[OrderEvent]) -> dict[str, Any]:
     preprocessing = None
-    if order["preprocessing_id"] is not None:
+    spec = order.preprocessing
+    if spec is not None:
         preprocessing = {
-            "id": order["preprocessing_id"],
-            "container": order["container"],
-            "input_file": order["input_file"],
-            "output_folder": order["output_folder"],
-            "alt_output_folder": order["alt_output_folder"],
-            "extra_params": parse_json(order["extra_params"]),
+            "id": spec.id,
+            "container": spec.container,
+            "input_file": spec.input_file,
+            "output_folder": spec.output_folder,
+            "alt_output_folder": spec.alt_output_folder,
+            "extra_params": order.raw_extra_params,
         }
-    objects = parse_json(order["objects"])
+    summary = order.summary
     return {
-        "uuid": order["uuid"],
-        "stage": order["stage"],
-        "description": order["description"],
-        "user": order["user_name"],
-        "group": order["group_name"],
-        "destination_type": order["destination_type"],
-        "destination_id": order["destination_id"],
-        "files": file_list(order["files"]),
-        "file_names": file_list(order["file_names"]),
-        "queued_at": iso(order["queued_at"]),
-        "updated_at": iso(order["updated_at"]),
-        "attempts": order["attempts"],
-        "runs": order["runs"],
-        "worker_id": order["worker_id"],
-        "last_worker_id": order["last_worker_id"],
-        "lease_expires_at": iso(order["lease_expires_at"]),
-        "cancel_requested": order["cancel_requested"],
+        "uuid": summary.uuid,
+        "stage": summary.stage,
+        "description": summary.description,
+        "user": summary.user_name,
+        "group": summary.group_name,
+        "destination_type": summary.destination_type,
+        "destination_id": summary.destination_id,
+        "files": file_list(summary.files),
+        "file_names": file_list(order.file_names),
+        "queued_at": iso(order.queued_at),
+        "updated_at": iso(summary.updated_at),
+        "attempts": order.attempts,
+        "runs": order.runs,
+        "worker_id": summary.worker_id,
+        "last_worker_id": order.last_worker_id,
+        "lease_expires_at": iso(order.lease_expires_at),
+        "cancel_requested": order.cancel_requested,
         "preprocessing": preprocessing,
-        "objects": objects if isinstance(objects, list) else [],
+        "objects": order.objects,
         "history": [
             {
-                "id": e["id"],
-                "timestamp": iso(e["timestamp"]),
-                "stage": e["stage"],
-                "description": e["description"],
+                "id": e.id,
+                "timestamp": iso(e.timestamp),
+                "stage": e.stage,
+                "description": e.description,
             }
             for e in events
         ],
     }
 
 
-def _print_detail(record: dict[str, Any], order: Any, events: list[Any]) -> None:
+def _print_detail(record: dict[str, Any], order: OrderDetail, events: list[OrderEvent]) -> None:
     if record["worker_id"]:
         worker = record["worker_id"]
-        if order["lease_expires_at"] is not None:
-            worker += f", lease until {local_time(order['lease_expires_at'])}"
+        if order.lease_expires_at is not None:
+            worker += f", lease until {local_time(order.lease_expires_at)}"
     elif record["last_worker_id"]:
         worker = f"{record['last_worker_id']} (last run; not running now)"
     else:
@@ -447,8 +458,8 @@ def _print_detail(record: dict[str, Any], order: Any, events: list[Any]) -> None
         ("User", record["user"]),
         ("Group", record["group"]),
         ("Destination", f"{record['destination_type']} {record['destination_id']}"),
-        ("Queued", local_time(order["queued_at"])),
-        ("Updated", local_time(order["updated_at"])),
+        ("Queued", local_time(order.queued_at)),
+        ("Updated", local_time(order.summary.updated_at)),
         ("Attempts", f"{record['attempts']} (runs, including handed-back ones: {record['runs']})"),
         ("Worker", worker),
         ("Cancel requested", "yes" if record["cancel_requested"] else "no"),
@@ -474,10 +485,7 @@ def _print_detail(record: dict[str, Any], order: Any, events: list[Any]) -> None
     typer.echo(
         table(
             ["ID", "TIME", "STAGE", "DESCRIPTION"],
-            [
-                [str(e["id"]), local_time(e["timestamp"]), e["stage"], e["description"] or ""]
-                for e in events
-            ],
+            [[str(e.id), local_time(e.timestamp), e.stage, e.description or ""] for e in events],
         )
     )
     objects = record["objects"]
@@ -508,12 +516,10 @@ def show(
     settings = load_quietly(config)
     with ready_database(settings) as url:
 
-        async def read(conn: Any) -> tuple[Any, list[Any]]:
-            order = await conn.fetchrow(sql.ORDER_DETAIL, order_uuid)
-            events = list(await conn.fetch(sql.ORDER_EVENTS, order_uuid, 0))
-            return order, events
+        async def read(store: OrderStore) -> tuple[OrderDetail | None, list[OrderEvent]]:
+            return await store.order_detail(order_uuid), await store.order_events(order_uuid)
 
-        order, events = run_with_connection(settings, url, read)
+        order, events = run_with_store(settings, url, read)
     if order is None:
         raise fail(f"no order with uuid {order_uuid}", EXIT_FAILED)
     record = _detail_record(order, events)
@@ -531,36 +537,31 @@ def retry(order_uuid: UuidArgument, config: ConfigOption = None) -> None:
     settings = load_quietly(config)
     with ready_database(settings) as url:
 
-        async def requeue(conn: Any) -> str:
-            async with conn.transaction():
-                current = await conn.fetchrow(sql.LOCK_ORDER, order_uuid)
-                if current is None:
-                    raise fail(f"no order with uuid {order_uuid}", EXIT_FAILED)
-                if current["stage"] not in TERMINAL_STAGES:
-                    raise fail(
-                        f"order {order_uuid} is {current['stage']}: only finished orders"
-                        " (Import Completed or Import Failed) can be retried",
-                        EXIT_FAILED,
-                    )
-                await conn.execute(sql.ALLOW_REQUEUE)
-                new_id = await conn.fetchval(sql.RETRY_ORDER, order_uuid, RETRY_NOTE)
-                state = await conn.fetchrow(sql.ORDER_STATE, order_uuid)
-                if state["stage"] != STAGE_NEW_ORDER or state["latest_id"] != new_id:
-                    raise fail(f"order {order_uuid} was not queued again", EXIT_FAILED)
-                return str(current["stage"])
+        async def requeue(store: OrderStore) -> str:
+            try:
+                return await store.retry(order_uuid, RETRY_NOTE)
+            except OrderNotFound:
+                raise fail(f"no order with uuid {order_uuid}", EXIT_FAILED) from None
+            except OrderBusy as exc:
+                raise fail(
+                    f"order {order_uuid} is {exc.stage}: only finished orders"
+                    " (Import Completed or Import Failed) can be retried",
+                    EXIT_FAILED,
+                ) from None
 
-        previous = run_with_connection(settings, url, requeue)
+        previous = run_with_store(settings, url, requeue)
     typer.echo(f"order {order_uuid} queued again (it was {previous})")
 
 
 # --- cancel ---------------------------------------------------------------------------------
 
 
-async def _await_end(conn: Any, order_uuid: str, timeout: float) -> Any:
+async def _await_end(store: OrderStore, order_uuid: str, timeout: float) -> OrderDetail:
     deadline = time.monotonic() + timeout
     while True:
-        order = await conn.fetchrow(sql.ORDER_DETAIL, order_uuid)
-        if order["stage"] in TERMINAL_STAGES or time.monotonic() > deadline:
+        order = await store.order_detail(order_uuid)
+        assert order is not None, "orders are never deleted"
+        if order.summary.stage in TERMINAL_STAGES or time.monotonic() > deadline:
             return order
         await asyncio.sleep(FOLLOW_INTERVAL)
 
@@ -577,38 +578,36 @@ def cancel(
     settings = load_quietly(config)
     with ready_database(settings) as url:
 
-        async def request(conn: Any) -> Any:
-            async with conn.transaction():
-                requested = await conn.fetchrow(sql.REQUEST_CANCEL, order_uuid)
-                if requested is None:
-                    state = await conn.fetchrow(sql.ORDER_STATE, order_uuid)
-                    if state is None:
-                        raise fail(f"no order with uuid {order_uuid}", EXIT_FAILED)
-                    raise fail(
-                        f"order {order_uuid} already finished ({state['stage']})", EXIT_FAILED
-                    )
-                # The dispatcher's own sweep would end a pending order too; doing it here
-                # means it is cancelled even when no importer is running.
-                pending = requested["stage"] == STAGE_NEW_ORDER and requested["worker_id"] is None
-                if pending and await conn.fetch(sql.CANCEL_PENDING, order_uuid):
-                    return None
+        async def request(store: OrderStore) -> OrderDetail | None:
+            try:
+                result = await store.request_cancel(order_uuid)
+            except OrderNotFound:
+                raise fail(f"no order with uuid {order_uuid}", EXIT_FAILED) from None
+            except OrderBusy as exc:
+                raise fail(
+                    f"order {order_uuid} already finished ({exc.stage})", EXIT_FAILED
+                ) from None
+            if result.cancelled:
+                return None
             typer.echo(f"cancel requested; waiting up to {timeout:g}s for the importer", err=True)
-            return await _await_end(conn, order_uuid, timeout)
+            return await _await_end(store, order_uuid, timeout)
 
-        order = run_with_connection(settings, url, request)
+        order = run_with_store(settings, url, request)
     if order is None:
         typer.echo(f"order {order_uuid} cancelled before it started")
         return
-    if order["stage"] not in TERMINAL_STAGES:
+    stage = order.summary.stage
+    if stage not in TERMINAL_STAGES:
         raise fail(
-            f"order {order_uuid} is still {order['stage']} after {timeout:g}s; the request stays"
+            f"order {order_uuid} is still {stage} after {timeout:g}s; the request stays"
             " recorded and its importer stops it as soon as it sees it",
             EXIT_FAILED,
         )
-    if order["description"] != CANCELLED:
+    description = order.summary.description
+    if description != CANCELLED:
         raise fail(
-            f"order {order_uuid} finished before the cancel took effect: {order['stage']}"
-            f" {order['description'] or ''}".rstrip(),
+            f"order {order_uuid} finished before the cancel took effect: {stage}"
+            f" {description or ''}".rstrip(),
             EXIT_FAILED,
         )
-    typer.echo(f"order {order_uuid} cancelled ({order['stage']}: {order['description']})")
+    typer.echo(f"order {order_uuid} cancelled ({stage}: {description})")

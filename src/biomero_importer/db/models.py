@@ -158,4 +158,12 @@ class ImporterOrder(Base):
         # for `biomero-importer status` filters (migration c41d8e2f7a93)
         Index("importer_orders_ix_stage_updated", "stage", "updated_at"),
         Index("importer_orders_ix_latest", "latest_id"),
+        # the cancel sweep (migration d5a1c9e3f7b2)
+        Index(
+            "importer_orders_ix_cancel_pending",
+            "uuid",
+            postgresql_where=text(
+                "stage = 'Import Pending' AND worker_id IS NULL AND cancel_requested"
+            ),
+        ),
     )

@@ -134,12 +134,26 @@ RECORD_OBJECTS = """
 UPDATE importer_orders SET objects = $3::json WHERE uuid = $1 AND worker_id = $2
 """
 
-# $1 worker id, $2 uuids, $3 lease seconds
+# $1 worker id, $2 uuids, $3 lease seconds. Never waits for a row lock (a client holding
+# one in an open transaction must not stall every lease): locked rows are skipped and come
+# back owned but not renewed; rows no longer ours do not come back at all.
 RENEW_LEASES = """
-UPDATE importer_orders
-SET lease_expires_at = now() + make_interval(secs => $3)
-WHERE worker_id = $1 AND uuid = ANY($2::text[])
-RETURNING uuid, cancel_requested
+WITH mine AS (
+    SELECT uuid FROM importer_orders
+    WHERE worker_id = $1 AND uuid = ANY($2::text[])
+    FOR UPDATE SKIP LOCKED
+),
+renewed AS (
+    UPDATE importer_orders o
+    SET lease_expires_at = now() + make_interval(secs => $3)
+    FROM mine
+    WHERE o.uuid = mine.uuid
+    RETURNING o.uuid, o.cancel_requested
+)
+SELECT o.uuid, r.uuid IS NOT NULL AS renewed,
+       COALESCE(r.cancel_requested, o.cancel_requested) AS cancel_requested
+FROM importer_orders o LEFT JOIN renewed r ON r.uuid = o.uuid
+WHERE o.worker_id = $1 AND o.uuid = ANY($2::text[])
 """
 
 # Orders whose replica stopped renewing, and orders the original importer left running.
@@ -177,12 +191,15 @@ RETURNING uuid, stage
 """
 
 
-# Pending orders whose cancel was requested: end them without starting. $1 uuid or NULL (all)
+# Pending orders whose cancel was requested: end them without starting. $1 uuid or NULL (all),
+# $2 batch size. The partial index importer_orders_ix_cancel_pending holds only such orders,
+# so the sweep costs the same with a million pending orders as with none.
 CANCEL_PENDING = f"""
 WITH picked AS (
     SELECT uuid, latest_id FROM importer_orders
     WHERE stage = 'Import Pending' AND worker_id IS NULL AND cancel_requested
       AND ($1::text IS NULL OR uuid = $1)
+    LIMIT $2
     FOR UPDATE SKIP LOCKED
 )
 INSERT INTO imports ({ORDER_COLUMNS})
@@ -197,11 +214,32 @@ WHERE uuid = $1 AND stage NOT IN ('Import Completed', 'Import Failed')
 RETURNING stage, worker_id
 """
 
+# Counting a backlog costs as much as the backlog: the count stops at $1 (the gauge then
+# reads $1), and the oldest order is the first entry of the pending index.
+QUEUE_STATS_CAP = 10_000
 QUEUE_STATS = """
-SELECT count(*) AS pending,
-       COALESCE(extract(epoch FROM now() - min(queued_at)), 0)::float8 AS oldest_age
-FROM importer_orders
-WHERE stage = 'Import Pending' AND worker_id IS NULL
+SELECT (SELECT count(*) FROM (
+            SELECT 1 FROM importer_orders
+            WHERE stage = 'Import Pending' AND worker_id IS NULL
+            LIMIT $1
+        ) capped) AS pending,
+       COALESCE((SELECT extract(epoch FROM now() - queued_at) FROM importer_orders
+                 WHERE stage = 'Import Pending' AND worker_id IS NULL
+                 ORDER BY queued_at LIMIT 1), 0)::float8 AS oldest_age
+"""
+
+# A writer's order: one 'Import Pending' row (and its preprocessing settings), as SQL clients
+# and OMERO.biomero write it.
+INSERT_PREPROCESSING = """
+INSERT INTO imports_preprocessing (container, input_file, output_folder, alt_output_folder,
+                                   extra_params)
+VALUES ($1, $2, $3, $4, $5::json) RETURNING id
+"""
+
+INSERT_ORDER = """
+INSERT INTO imports (group_name, user_name, destination_id, destination_type, stage, uuid,
+                     files, preprocessing_id)
+VALUES ($1, $2, $3, $4, 'Import Pending', $5, $6, $7)
 """
 
 

@@ -11,14 +11,15 @@ import asyncio
 import contextlib
 import enum
 import time
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
+import anyio
 import structlog
 
 from biomero_importer.dispatcher.listener import Listener
-from biomero_importer.dispatcher.store import Finish, OrderStore, StoreClosed
+from biomero_importer.dispatcher.supervisor import Supervisor
 from biomero_importer.model import (
     CANCELLED,
     STAGE_IMPORTING,
@@ -31,6 +32,7 @@ from biomero_importer.observability.health import HealthState
 from biomero_importer.observability.metrics import Metrics
 from biomero_importer.observability.metrics import Outcome as OutcomeLabel
 from biomero_importer.pipeline.runner import Pipeline
+from biomero_importer.store import Finish, OrderStore, StoreClosed, StoreUnavailable
 
 log = structlog.get_logger(__name__)
 
@@ -39,11 +41,26 @@ class StopReason(enum.Enum):
     CANCEL = "cancel"
     SHUTDOWN = "shutdown"
     LEASE_LOST = "lease_lost"
+    # this replica could not renew the lease in time: stop before another replica may start
+    FENCED = "fenced"
+
+
+SHUTDOWN_NOTE = "The importer shut down while this order ran; it was queued again."
+FENCED_NOTE = (
+    "The importer lost contact with its database while this order ran; it was queued again."
+)
+# Renewal runs every third of a lease; after two rounds without one, the last third is left
+# to stop the order (kill its containers and imports) before its lease can expire.
+FENCE_FRACTION = 2 / 3
+# Seconds to write hand-backs after the grace period, and again for tasks to end after the
+# store stops retrying: SIGTERM ends within shutdown_timeout + 10 s in every case.
+HANDBACK_GRACE = 3.0
 
 
 @dataclass
 class _Running:
     task: asyncio.Task[None]
+    renewed_at: float = field(default_factory=time.monotonic)
     stop_reason: StopReason | None = None
 
 
@@ -59,6 +76,9 @@ class Dispatcher:
     shutdown_timeout: float
     metrics: Metrics = field(default_factory=Metrics)
     health: HealthState = field(default_factory=HealthState)
+    supervisor: Supervisor = field(default_factory=Supervisor)
+    #: extra helpers the service adds (health watcher, metrics server, loop-lag probe)
+    helpers: dict[str, Callable[[], Awaitable[None]]] = field(default_factory=dict)
     _running: dict[str, _Running] = field(default_factory=dict)
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
     _stopping: asyncio.Event = field(default_factory=asyncio.Event)
@@ -97,33 +117,44 @@ class Dispatcher:
 
     # --- main loop --------------------------------------------------------------------------
     async def run(self) -> None:
-        """Serve until request_stop(); then hand back or finish what is running."""
-        helpers = [
-            asyncio.create_task(self._lease_loop(), name="leases"),
-            asyncio.create_task(self._recovery_loop(), name="recovery"),
-        ]
+        """Serve until request_stop(); then hand back or finish what is running.
+
+        Every helper runs supervised in one task group: it is restarted when it fails, and
+        the group is cancelled (never left running) once running orders are drained.
+        """
+        helpers: dict[str, Callable[[], Awaitable[None]]] = {
+            "leases": self._lease_loop,
+            "recovery": self._recovery_loop,
+            "finish-writer": self.store.serve,
+            **self.helpers,
+        }
         if self.listener is not None:
-            helpers.append(asyncio.create_task(self.listener.run(), name="listener"))
-        self.health.claiming = True
+            helpers["listener"] = self.listener.run
         log.info(
             "dispatcher_started", max_workers=self.max_workers, poll_interval=self.poll_interval
         )
-        try:
-            await self._claim_loop()
-        finally:
-            self.health.claiming = False
-            await self._drain()
-            for task in helpers:
-                task.cancel()
-            await asyncio.gather(*helpers, return_exceptions=True)
-            log.info("dispatcher_stopped")
+        async with anyio.create_task_group() as group:
+            for name, helper in helpers.items():
+                group.start_soon(self.supervisor.keep_running, name, helper, name=name)
+            try:
+                await self.supervisor.keep_running("claim", self._claim_loop, until=self._stopping)
+            finally:
+                self.health.claiming = False
+                with anyio.CancelScope(shield=True):
+                    await self._drain()
+                group.cancel_scope.cancel()
+        log.info("dispatcher_stopped")
 
     async def _claim_loop(self) -> None:
         while not self._stopping.is_set():
             notified = self._woken_by_notify
             self._woken_by_notify = False
             self._wake.clear()
-            claimed = await self._claim_all()
+            failing = self.supervisor.failing()
+            self.health.failing_helpers = failing
+            # A replica whose helpers keep failing cannot look after what it claims.
+            self.health.claiming = not failing
+            claimed = await self._claim_all() if not failing else 0
             if claimed and not notified:
                 self.metrics.fallback_poll_orders.inc(claimed)
             with contextlib.suppress(asyncio.TimeoutError):
@@ -151,6 +182,8 @@ class Dispatcher:
 
     def _start(self, order: ClaimedOrder) -> None:
         task = asyncio.create_task(self._run_order(order), name=f"order-{order.uuid}")
+        # the dispatcher is each order's parent: _drain awaits them, and nothing ends silently
+        task.add_done_callback(_log_failure)
         self._running[order.uuid] = _Running(task)
         self.metrics.running_orders.set(len(self._running))
 
@@ -178,7 +211,10 @@ class Dispatcher:
                     outcome = Outcome(
                         STAGE_INGEST_FAILED, "Internal error in the importer; see its logs"
                     )
-                await self._finish(order, outcome)
+                try:
+                    await self._finish(order, outcome)
+                except StoreClosed:
+                    log.warning("finish_left_to_recovery", stage=outcome.stage)
             finally:
                 # only our own entry: the order may have been claimed again meanwhile
                 running = self._running.get(order.uuid)
@@ -194,10 +230,9 @@ class Dispatcher:
         if reason is StopReason.CANCEL:
             return Outcome(STAGE_INGEST_FAILED, CANCELLED)
         if reason is StopReason.SHUTDOWN:
-            return Outcome(
-                STAGE_NEW_ORDER,
-                "The importer shut down while this order ran; it was queued again.",
-            )
+            return Outcome(STAGE_NEW_ORDER, SHUTDOWN_NOTE)
+        if reason is StopReason.FENCED:
+            return Outcome(STAGE_NEW_ORDER, FENCED_NOTE)
         return None
 
     async def _finish(self, order: ClaimedOrder, outcome: Outcome) -> None:
@@ -239,18 +274,38 @@ class Dispatcher:
         interval = max(0.05, self.lease_seconds / 3)
         while True:
             await asyncio.sleep(interval)
-            uuids = list(self._running)
-            if not uuids:
+            await self.renew_once()
+
+    async def renew_once(self) -> None:
+        """One renewal round; then stop every order whose lease this replica cannot vouch for."""
+        uuids = list(self._running)
+        if not uuids:
+            return
+        try:
+            leases = await self.store.renew_leases(uuids)
+        except StoreUnavailable as exc:
+            log.warning("lease_renewal_failed", error=str(exc), orders=len(uuids))
+            leases = None
+        now = time.monotonic()
+        for uuid in uuids:
+            running = self._running.get(uuid)
+            if running is None:
                 continue
-            try:
-                owned = await self.store.renew_leases(uuids)
-            except StoreClosed:
-                return
-            for uuid in uuids:
-                if uuid not in owned:
+            if leases is not None:
+                lease = leases.get(uuid)
+                if lease is None:
                     self._stop(uuid, StopReason.LEASE_LOST)
-                elif owned[uuid]:
+                    continue
+                if lease.renewed:
+                    running.renewed_at = now
+                if lease.cancel_requested:
                     self._stop(uuid, StopReason.CANCEL)
+                    continue
+            if now - running.renewed_at > self.lease_seconds * FENCE_FRACTION:
+                log.warning(
+                    "order_fenced", order_uuid=uuid, since=round(now - running.renewed_at, 1)
+                )
+                self._stop(uuid, StopReason.FENCED)
 
     async def _recovery_loop(self) -> None:
         interval = max(0.05, min(self.lease_seconds / 2, 10.0))
@@ -271,16 +326,27 @@ class Dispatcher:
 
     # --- shutdown ---------------------------------------------------------------------------
     async def _drain(self) -> None:
+        """Bounded, database up or down: the grace period, then stop and hand back; what
+        cannot be written in HANDBACK_GRACE is left to lease recovery."""
         if not self._running:
             return
         log.info("shutdown_waiting", running=len(self._running), timeout=self.shutdown_timeout)
         tasks = [r.task for r in self._running.values()]
         _, pending = await asyncio.wait(tasks, timeout=self.shutdown_timeout)
+        if not pending:
+            return
         for uuid in list(self._running):
             if self._running[uuid].task in pending:
                 self._stop(uuid, StopReason.SHUTDOWN)
-        if pending:
-            await asyncio.gather(*pending, return_exceptions=True)
+        _, stuck = await asyncio.wait(pending, timeout=HANDBACK_GRACE)
+        if stuck:
+            log.warning(
+                "shutdown_handback_abandoned",
+                orders=len(stuck),
+                note="not written; lease recovery re-queues them",
+            )
+            self.store.stop_retrying()
+            await asyncio.wait(stuck, timeout=HANDBACK_GRACE)
 
 
 def _outcome_label(outcome: Outcome) -> OutcomeLabel:
@@ -293,4 +359,4 @@ def _outcome_label(outcome: Outcome) -> OutcomeLabel:
 
 def _log_failure(task: asyncio.Task[None]) -> None:
     if not task.cancelled() and task.exception() is not None:
-        log.error("background_task_failed", error=repr(task.exception()))
+        log.error("background_task_failed", task=task.get_name(), exc_info=task.exception())

@@ -15,7 +15,7 @@ import asyncpg
 import structlog
 
 from biomero_importer.db.sql import CANCEL_PREFIX
-from biomero_importer.dispatcher.store import TRANSIENT_ERRORS
+from biomero_importer.store import is_transient
 
 log = structlog.get_logger(__name__)
 
@@ -73,7 +73,10 @@ class Listener:
                 delay = 0.1
                 self.on_reconnect()
                 await self._watch(conn)
-            except TRANSIENT_ERRORS as exc:
+            except Exception as exc:
+                # anything else is the supervisor's to log and restart
+                if not is_transient(exc):
+                    raise
                 log.warning("listener_lost", error=type(exc).__name__, retry_in=delay)
             finally:
                 self.connected = False

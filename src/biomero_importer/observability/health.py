@@ -12,7 +12,7 @@ import contextlib
 import json
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from prometheus_client.exposition import choose_encoder
@@ -47,6 +47,8 @@ class HealthState:
     migrated: bool = False
     claiming: bool = False
     last_db_error: str | None = None
+    #: helpers the supervisor could not keep running (they turn /healthz to 503)
+    failing_helpers: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -140,6 +142,7 @@ class HttpServer:
                 "process": True,
                 "database": health.db_ok,
                 "listener": health.listener_connected,
+                "helpers": not health.failing_helpers,
             }
         else:
             checks = {"migrated": health.migrated, "claiming": health.claiming}
@@ -147,6 +150,8 @@ class HttpServer:
         body: dict[str, Any] = {"status": "fail" if failed else "ok", "checks": checks}
         if failed:
             body["failed"] = failed
+        if path == "/healthz" and health.failing_helpers:
+            body["failing_helpers"] = health.failing_helpers
         if path == "/healthz" and not health.db_ok and health.last_db_error:
             body["last_db_error"] = self._redact(health.last_db_error)[:500]
         return _json_response(503 if failed else 200, body)

@@ -101,6 +101,12 @@ class Metrics:
             buckets=STEP_BUCKETS,
             registry=reg,
         )
+        self.event_loop_lag = Gauge(
+            "event_loop_lag_seconds",
+            "How late the event loop ran a timer, at the last probe (blocking work shows here).",
+            namespace=NAMESPACE,
+            registry=reg,
+        )
         self.running_orders = Gauge(
             "running_orders",
             "Orders this worker is running now.",

@@ -45,6 +45,19 @@ log = structlog.get_logger(__name__)
 
 T = TypeVar("T")
 
+# Seconds a cancelled order waits for its aborted OMERO call to return (shutdown is bounded).
+ABORT_WAIT = 3.0
+
+
+class _PathWatch:
+    """The path a storage thread is working on, to name it if storage stops answering."""
+
+    def __init__(self, fallback: str) -> None:
+        self.current = fallback
+
+    def __call__(self, path: str) -> None:
+        self.current = path
+
 
 class StageSink(Protocol):
     """What the pipeline needs from the database while an order runs."""
@@ -136,10 +149,13 @@ class Pipeline:
         executor: Executor,
         sink: StageSink,
         observe_step: Callable[[Step, float], None] | None = None,
+        *,
+        storage: Executor | None = None,
     ) -> None:
         self.settings = settings
         self.gateway = gateway
         self.executor = executor
+        self.storage = storage or executor
         self.sink = sink
         self.observe_step = observe_step
 
@@ -149,7 +165,10 @@ class Pipeline:
         ledger = ObjectLedger(claimed.recorded_objects)
         try:
             with self._step("validate"):
-                order = validate(claimed, self.settings.effective_import_roots)
+                watch = _PathWatch(claimed.files)
+                order = await self._storage(
+                    watch, partial(validate, claimed, self.settings.effective_import_roots, watch)
+                )
                 file_names = order.file_names
                 if order.preprocessing is not None:
                     validate_preprocessing(order, self.settings)
@@ -159,6 +178,20 @@ class Pipeline:
             log.warning("order_failed", reason=exc.reason, detail=detail or None)
             return Outcome(STAGE_INGEST_FAILED, exc.reason, file_names, ledger.records)
         return Outcome(STAGE_IMPORTED, None, file_names, ledger.records)
+
+    async def _storage(self, watch: _PathWatch, call: Callable[[], T]) -> T:
+        """Filesystem work on shared storage, in a storage thread with ``storage_timeout``: a
+        hung NFS/SMB mount fails this order instead of stopping the event loop (and with it
+        lease renewal for every other order)."""
+        future = asyncio.get_running_loop().run_in_executor(self.storage, call)
+        timeout = self.settings.storage_timeout
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), timeout=timeout)
+        except asyncio.TimeoutError:
+            # the thread stays blocked in the kernel; only this order gives up on it
+            raise InvalidOrder(
+                f"Storage did not answer within {timeout:g} s: {short(watch.current)}"
+            ) from None
 
     def _step(self, name: Step) -> _StepTimer:
         return _StepTimer(name, self.observe_step)
@@ -172,7 +205,7 @@ class Pipeline:
             if session is not None:
                 session.abort()
             # The thread cannot be interrupted; abort() kills its process, so it ends soon.
-            await asyncio.wait([future], timeout=10)
+            await asyncio.wait([future], timeout=ABORT_WAIT)
             raise
 
     async def _import_order(
@@ -277,12 +310,17 @@ class Pipeline:
         now = datetime.now(timezone.utc)
         for unit, objects in imported:
             keyvalues = unit.item.keyvalues if unit.item is not None else None
-            pairs = build_annotation_pairs(
-                order,
-                unit.annotation_path,
-                preprocessing_keyvalues=keyvalues,
-                processed_folder_name=self.settings.processed_folder_name,
-                imported_at=now,
+            # reads metadata.csv beside the data: storage work
+            pairs = await self._storage(
+                _PathWatch(str(unit.annotation_path)),
+                partial(
+                    build_annotation_pairs,
+                    order,
+                    unit.annotation_path,
+                    preprocessing_keyvalues=keyvalues,
+                    processed_folder_name=self.settings.processed_folder_name,
+                    imported_at=now,
+                ),
             )
             for obj in objects:
                 if ledger.annotated(obj):

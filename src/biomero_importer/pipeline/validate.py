@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+from collections.abc import Callable
 from pathlib import Path
 
 from biomero_importer.model import ClaimedOrder, Order, Target
@@ -138,13 +139,22 @@ def check_file(raw: str, roots: list[Path], resolved_roots: list[Path]) -> Path:
     return path
 
 
-def validate(claimed: ClaimedOrder, roots: list[Path]) -> Order:
-    """Turn the stored columns into an Order, or raise InvalidOrder with the first problem."""
+def validate(
+    claimed: ClaimedOrder, roots: list[Path], watch: Callable[[str], None] | None = None
+) -> Order:
+    """Turn the stored columns into an Order, or raise InvalidOrder with the first problem.
+
+    Blocking (stat, resolve, folder walks): the service runs it in a storage thread, and
+    ``watch`` hears each path before it is checked, so a hung mount can be named."""
     group = _required_name("Group", claimed.group_name)
     user = _required_name("Username", claimed.user_name)
     target = _target(claimed.destination_type, claimed.destination_id)
     resolved_roots = [root.resolve() for root in roots]
-    files = [check_file(raw, roots, resolved_roots) for raw in _file_list(claimed.files)]
+    files = []
+    for raw in _file_list(claimed.files):
+        if watch is not None:
+            watch(raw)
+        files.append(check_file(raw, roots, resolved_roots))
     if claimed.preprocessing_problem is not None:
         raise InvalidOrder(claimed.preprocessing_problem)
     if claimed.preprocessing is not None and not claimed.preprocessing.container.strip():

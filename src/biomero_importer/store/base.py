@@ -1,0 +1,214 @@
+"""The one interface to orders: claimed, written and read by the dispatcher, CLI and demo.
+
+Two implementations share these semantics: :class:`~.postgres.PostgresStore` (asyncpg, the
+service and the CLI) and :class:`~.memory.MemoryStore` (a dict and a clock, for the unit tier).
+The behavioural tests in ``tests/store`` run against both.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import enum
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+
+from biomero_importer.model import (
+    ClaimedOrder,
+    NewOrder,
+    OrderDetail,
+    OrderEvent,
+    OrderState,
+    OrderSummary,
+)
+
+
+class StoreClosed(Exception):
+    """The store gave up because the service is stopping."""
+
+
+class StoreUnavailable(Exception):
+    """The database did not answer; the call was not retried (leases, health checks)."""
+
+
+class OrderNotFound(Exception):
+    def __init__(self, uuid: str) -> None:
+        super().__init__(f"no order with uuid {uuid}")
+        self.uuid = uuid
+
+
+class OrderBusy(Exception):
+    """The order is not in a stage that allows the request (``stage`` says which it is)."""
+
+    def __init__(self, uuid: str, stage: str) -> None:
+        super().__init__(f"order {uuid} is {stage}")
+        self.uuid = uuid
+        self.stage = stage
+
+
+@dataclass(frozen=True)
+class Finish:
+    """A terminal stage (or a hand-back to 'Import Pending') for an owned order."""
+
+    uuid: str
+    stage: str
+    description: str | None
+    file_names: list[str] | None = None
+    objects: list[dict[str, Any]] | None = None
+
+
+@dataclass(frozen=True)
+class Lease:
+    """An owned order's lease after a renewal round."""
+
+    #: False when another transaction held the row: still ours, judged again next round
+    renewed: bool
+    cancel_requested: bool
+
+
+@dataclass(frozen=True)
+class CancelResult:
+    """``cancelled``: ended before it started; otherwise its importer will stop it."""
+
+    stage: str
+    cancelled: bool
+
+
+class ErrorKind(enum.Enum):
+    TRANSIENT = "transient"  # the database or the connection: retry the same statement
+    DATA = "data"  # this row's values: the order fails, nothing else does
+    OTHER = "other"  # not understood: log, fail the order, keep serving
+
+
+# Connection-level failures and the errors a healthy database returns while it is busy,
+# failing over or resolving contention: the same statement succeeds later.
+_TRANSIENT: tuple[type[BaseException], ...] = (
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    # admin shutdown, "cannot connect now", statement and lock timeouts
+    asyncpg.exceptions.OperatorInterventionError,
+    # A pooled connection that received the server's shutdown FATAL while idle fails its next
+    # query with "cannot switch to state 12; another operation (2) is in progress"; the pool
+    # drops that connection, so the retry gets a fresh one.
+    asyncpg.exceptions.InternalClientError,
+    # serialization failures and deadlocks
+    asyncpg.exceptions.TransactionRollbackError,
+    # "too many clients", out of memory or disk: the server recovers, the statement is fine
+    asyncpg.exceptions.InsufficientResourcesError,
+    # a standby that was the primary a moment ago, until the pool reconnects to the new one
+    asyncpg.exceptions.ReadOnlySQLTransactionError,
+    asyncpg.exceptions.LockNotAvailableError,
+    OSError,
+    asyncio.TimeoutError,
+)
+
+
+def classify(exc: BaseException) -> ErrorKind:
+    if isinstance(exc, _TRANSIENT):
+        return ErrorKind.TRANSIENT
+    if isinstance(exc, (asyncpg.exceptions.DataError, UnicodeError, ValueError)):
+        return ErrorKind.DATA
+    return ErrorKind.OTHER
+
+
+def is_transient(exc: BaseException) -> bool:
+    return classify(exc) is ErrorKind.TRANSIENT
+
+
+class OrderStore(abc.ABC):
+    """Everything the importer reads and writes about orders."""
+
+    worker_id: str
+    lease_seconds: float
+    #: False while the database does not answer
+    healthy: bool
+    #: monotonic time the database last came back (leases are judged a lease period later)
+    healthy_since: float
+
+    @abc.abstractmethod
+    async def open(self) -> None: ...
+
+    @abc.abstractmethod
+    async def close(self, timeout: float = 5.0) -> None:
+        """Stop retrying at once, flush what can be written within ``timeout``, close."""
+
+    @abc.abstractmethod
+    def stop_retrying(self) -> None:
+        """From now on calls that would wait out an outage raise StoreClosed instead."""
+
+    async def serve(self) -> None:
+        """Background work the store needs while the service runs (supervised by it)."""
+        await asyncio.Event().wait()
+
+    # --- the dispatcher ------------------------------------------------------------------
+    @abc.abstractmethod
+    async def claim(self, slots: int) -> list[ClaimedOrder]:
+        """Claim up to ``slots`` pending orders and append their 'Import Started' rows."""
+
+    @abc.abstractmethod
+    async def append_stage(self, uuid: str, stage: str, description: str | None = None) -> bool:
+        """Append a non-terminal stage row; False when this replica no longer owns the order."""
+
+    @abc.abstractmethod
+    async def record_objects(self, uuid: str, objects: list[dict[str, Any]]) -> None: ...
+
+    @abc.abstractmethod
+    async def finish(self, item: Finish) -> bool:
+        """Write a terminal stage or hand-back; True once written, False if not owned."""
+
+    @abc.abstractmethod
+    async def renew_leases(self, uuids: list[str]) -> dict[str, Lease]:
+        """One attempt, never waiting on another transaction's lock: the orders of ``uuids``
+        this replica still owns. Raises StoreUnavailable when the database did not answer."""
+
+    @abc.abstractmethod
+    async def recover_expired(self, max_attempts: int) -> list[tuple[str, str]]:
+        """Take back orders whose lease expired: [(uuid, new stage)]."""
+
+    @abc.abstractmethod
+    async def cancel_pending(self, uuid: str | None = None) -> list[str]:
+        """End pending orders whose cancel was requested (a bounded batch)."""
+
+    @abc.abstractmethod
+    async def queue_stats(self) -> tuple[int, float] | None:
+        """(pending orders, capped; age of the oldest) or None when unreachable (no retry)."""
+
+    @abc.abstractmethod
+    async def ping(self) -> bool: ...
+
+    # --- writers, the CLI and the demo ----------------------------------------------------
+    @abc.abstractmethod
+    async def submit(self, order: NewOrder) -> None:
+        """Queue an order exactly as a SQL writer would (one 'Import Pending' row)."""
+
+    @abc.abstractmethod
+    async def list_orders(
+        self,
+        *,
+        user: str | None = None,
+        group: str | None = None,
+        stage: str | None = None,
+        max_age_seconds: float | None = None,
+        limit: int = 50,
+    ) -> list[OrderSummary]: ...
+
+    @abc.abstractmethod
+    async def order_detail(self, uuid: str) -> OrderDetail | None: ...
+
+    @abc.abstractmethod
+    async def order_events(self, uuid: str, after_id: int = 0) -> list[OrderEvent]: ...
+
+    @abc.abstractmethod
+    async def order_state(self, uuid: str) -> OrderState | None: ...
+
+    @abc.abstractmethod
+    async def retry(self, uuid: str, note: str) -> str:
+        """Queue a finished order again; returns the stage it had. Raises OrderNotFound, or
+        OrderBusy when it is not finished."""
+
+    @abc.abstractmethod
+    async def request_cancel(self, uuid: str) -> CancelResult:
+        """Record a cancel request (a pending order ends at once). Raises OrderNotFound, or
+        OrderBusy when it already finished."""

@@ -1,0 +1,501 @@
+"""The order store on PostgreSQL (asyncpg): claims, stage writes, leases, recovery, reads.
+
+Calls made for a running order retry on transient errors (PostgreSQL restarts, failovers,
+deadlocks) with backoff, logging once per backoff step rather than once per failed query,
+until the store closes. Lease renewal and health checks never retry: their callers must see an
+outage at once. Every statement is in :mod:`biomero_importer.db.sql`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import Awaitable, Callable
+from datetime import timedelta
+from typing import Any, TypeVar
+
+import asyncpg
+import structlog
+
+from biomero_importer.db import sql
+from biomero_importer.model import (
+    STAGE_INGEST_FAILED,
+    STAGE_NEW_ORDER,
+    TERMINAL_STAGES,
+    ClaimedOrder,
+    NewOrder,
+    OrderDetail,
+    OrderEvent,
+    OrderState,
+    OrderSummary,
+    PreprocessingSpec,
+)
+from biomero_importer.store.base import (
+    CancelResult,
+    ErrorKind,
+    Finish,
+    Lease,
+    OrderBusy,
+    OrderNotFound,
+    OrderStore,
+    StoreClosed,
+    StoreUnavailable,
+    classify,
+    is_transient,
+)
+from biomero_importer.text import DESCRIPTION_LIMIT, safe_json, safe_text
+
+log = structlog.get_logger(__name__)
+
+T = TypeVar("T")
+
+FINISH_BATCH = 500
+UNRECORDABLE = "The importer could not record this order's result; see its logs"
+
+
+class PostgresStore(OrderStore):
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        worker_id: str = "",
+        lease_seconds: float = 60.0,
+        pool_size: int = 4,
+        retry: bool = True,
+        connect_timeout: float = 10.0,
+    ) -> None:
+        self.dsn = dsn
+        self.worker_id = worker_id
+        self.lease_seconds = lease_seconds
+        self.pool_size = pool_size
+        # one-off commands (the CLI) report an outage at once instead of waiting it out
+        self.retry_transient = retry
+        self.connect_timeout = connect_timeout
+        self._pool: asyncpg.Pool | None = None
+        self._closing = asyncio.Event()
+        self._finish_queue: asyncio.Queue[tuple[Finish, asyncio.Future[bool]]] = asyncio.Queue()
+        self.healthy = True
+        self.healthy_since = time.monotonic()
+        self._last_outage_log = 0.0
+
+    async def open(self) -> None:
+        self._pool = await self._retry("connect", self._create_pool)
+
+    async def _create_pool(self) -> asyncpg.Pool:
+        pool = await asyncpg.create_pool(
+            # min_size=0: during an outage the pool would otherwise log a traceback at every
+            # attempt to restore its connection floor
+            self.dsn,
+            min_size=0,
+            max_size=self.pool_size,
+            command_timeout=60,
+            timeout=self.connect_timeout,
+        )
+        assert pool is not None
+        return pool
+
+    def stop_retrying(self) -> None:
+        self._closing.set()
+
+    async def close(self, timeout: float = 5.0) -> None:
+        """Stop retrying first (so nothing waits out an outage), give queued terminal writes
+        ``timeout`` seconds, then close; what was not written is left to lease recovery."""
+        self._closing.set()
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._finish_queue.join(), timeout=timeout)
+        while not self._finish_queue.empty():
+            item, future = self._finish_queue.get_nowait()
+            log.warning("finish_not_written", order_uuid=item.uuid, stage=item.stage)
+            if not future.done():
+                future.set_result(False)
+            self._finish_queue.task_done()
+        if self._pool is not None:
+            try:
+                await asyncio.wait_for(self._pool.close(), timeout=timeout)
+            except asyncio.TimeoutError:
+                self._pool.terminate()
+
+    @property
+    def pool(self) -> asyncpg.Pool:
+        assert self._pool is not None, "store is not open"
+        return self._pool
+
+    def _set_health(self, ok: bool) -> None:
+        if ok and not self.healthy:
+            self.healthy_since = time.monotonic()
+            log.info("database_available")
+        self.healthy = ok
+
+    async def _retry(self, what: str, call: Callable[[], Awaitable[T]]) -> T:
+        delay = 0.1
+        while True:
+            if self._closing.is_set() and what != "finish":
+                raise StoreClosed(what)
+            try:
+                result = await call()
+            except Exception as exc:
+                if not is_transient(exc):
+                    raise
+                if not self.retry_transient:
+                    raise StoreUnavailable(f"{what}: {type(exc).__name__}") from exc
+                if self._closing.is_set():
+                    raise StoreClosed(what) from exc
+                self._set_health(False)
+                # Every waiting call backs off on its own; the outage is logged once per step.
+                now = time.monotonic()
+                if now - self._last_outage_log >= delay:
+                    self._last_outage_log = now
+                    log.warning(
+                        "database_unavailable",
+                        during=what,
+                        error=type(exc).__name__,
+                        retry_in=delay,
+                    )
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._closing.wait(), timeout=delay)
+                delay = min(delay * 2, 5.0)
+                continue
+            self._set_health(True)
+            return result
+
+    # --- claiming -------------------------------------------------------------------------
+    async def claim(self, slots: int) -> list[ClaimedOrder]:
+        async def attempt() -> list[ClaimedOrder]:
+            async with self.pool.acquire() as conn, conn.transaction():
+                claimed = await conn.fetch(sql.CLAIM, slots, self.worker_id, self.lease_seconds)
+                if not claimed:
+                    return []
+                started = await conn.fetch(sql.INSERT_STARTED, [r["latest_id"] for r in claimed])
+            by_uuid = {row["uuid"]: row for row in claimed}
+            return [_claimed_order(row, by_uuid[row["uuid"]]) for row in started]
+
+        return await self._retry("claim", attempt)
+
+    # --- stage writes ---------------------------------------------------------------------
+    async def append_stage(self, uuid: str, stage: str, description: str | None = None) -> bool:
+        text = None if description is None else safe_text(description, DESCRIPTION_LIMIT)
+
+        async def attempt() -> bool:
+            row_id = await self.pool.fetchval(
+                sql.APPEND_STAGE, uuid, self.worker_id, stage, text, None
+            )
+            return row_id is not None
+
+        return await self._retry("append_stage", attempt)
+
+    async def record_objects(self, uuid: str, objects: list[dict[str, Any]]) -> None:
+        payload = safe_json(objects)
+
+        async def attempt() -> None:
+            await self.pool.execute(sql.RECORD_OBJECTS, uuid, self.worker_id, payload)
+
+        await self._retry("record_objects", attempt)
+
+    async def finish(self, item: Finish) -> bool:
+        if self._closing.is_set() and self._finish_queue.empty():
+            # No writer flushes after close: one direct, bounded try.
+            with contextlib.suppress(Exception):
+                return bool(await asyncio.wait_for(self._write_finishes([item]), timeout=2))
+            return False
+        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        await self._finish_queue.put((item, future))
+        return await future
+
+    async def serve(self) -> None:
+        """The batched finish writer: one statement for every terminal row waiting."""
+        while True:
+            batch = [await self._finish_queue.get()]
+            while not self._finish_queue.empty() and len(batch) < FINISH_BATCH:
+                batch.append(self._finish_queue.get_nowait())
+            written: set[str] = set()
+            try:
+                written = await self._finish_batch([item for item, _ in batch])
+            finally:
+                # Every future is answered, whatever happened: a caller never waits forever.
+                for item, future in batch:
+                    if not future.done():
+                        future.set_result(item.uuid in written)
+                    self._finish_queue.task_done()
+
+    async def _finish_batch(self, items: list[Finish]) -> set[str]:
+        try:
+            return await self._retry("finish", lambda: self._write_finishes(items))
+        except StoreClosed:
+            return set()
+        except Exception as exc:
+            if len(items) == 1:
+                return await self._finish_unrecordable(items[0], exc)
+            # One bad row must not fail the others: write them one by one.
+            log.warning("finish_batch_failed", error=type(exc).__name__, orders=len(items))
+            written: set[str] = set()
+            for item in items:
+                written |= await self._finish_batch([item])
+            return written
+
+    async def _finish_unrecordable(self, item: Finish, exc: Exception) -> set[str]:
+        """The order's own result cannot be stored: fail it with a generic description."""
+        log.error(
+            "finish_failed",
+            order_uuid=item.uuid,
+            kind=classify(exc).value,
+            error=f"{type(exc).__name__}: {exc}"[:500],
+            exc_info=classify(exc) is ErrorKind.OTHER,
+        )
+        fallback = Finish(item.uuid, STAGE_INGEST_FAILED, UNRECORDABLE)
+        try:
+            return await self._retry("finish", lambda: self._write_finishes([fallback]))
+        except Exception:
+            log.exception("finish_fallback_failed", order_uuid=item.uuid)
+            return set()
+
+    async def _write_finishes(self, items: list[Finish]) -> set[str]:
+        rows = await self.pool.fetch(
+            sql.FINISH_MANY,
+            [i.uuid for i in items],
+            [i.stage for i in items],
+            [
+                None if i.description is None else safe_text(i.description, DESCRIPTION_LIMIT)
+                for i in items
+            ],
+            [None if i.file_names is None else safe_json(i.file_names) for i in items],
+            [None if i.objects is None else safe_json(i.objects) for i in items],
+            self.worker_id,
+        )
+        return {row["uuid"] for row in rows}
+
+    # --- leases, recovery, cancel ---------------------------------------------------------
+    async def renew_leases(self, uuids: list[str]) -> dict[str, Lease]:
+        try:
+            rows = await asyncio.wait_for(
+                self.pool.fetch(sql.RENEW_LEASES, self.worker_id, uuids, self.lease_seconds),
+                timeout=max(0.5, self.lease_seconds / 3),
+            )
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
+            self._set_health(False)
+            raise StoreUnavailable(f"renew_leases: {type(exc).__name__}") from exc
+        self._set_health(True)
+        # Rows locked by another transaction were skipped, not lost: they come back owned but
+        # not renewed, and are judged again next time.
+        return {row["uuid"]: Lease(row["renewed"], row["cancel_requested"]) for row in rows}
+
+    async def recover_expired(self, max_attempts: int) -> list[tuple[str, str]]:
+        async def attempt() -> list[tuple[str, str]]:
+            async with self.pool.acquire() as conn, conn.transaction():
+                rows = await conn.fetch(sql.RECOVER_EXPIRED, max_attempts, 100)
+            return [(row["uuid"], row["stage"]) for row in rows]
+
+        return await self._retry("recover_expired", attempt)
+
+    async def cancel_pending(self, uuid: str | None = None) -> list[str]:
+        async def attempt() -> list[str]:
+            async with self.pool.acquire() as conn, conn.transaction():
+                rows = await conn.fetch(sql.CANCEL_PENDING, uuid, 100)
+            return [row["uuid"] for row in rows]
+
+        return await self._retry("cancel_pending", attempt)
+
+    async def queue_stats(self) -> tuple[int, float] | None:
+        try:
+            row = await asyncio.wait_for(
+                self.pool.fetchrow(sql.QUEUE_STATS, sql.QUEUE_STATS_CAP), timeout=5
+            )
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
+            self._set_health(False)
+            return None
+        assert row is not None
+        return int(row["pending"]), float(row["oldest_age"])
+
+    async def ping(self) -> bool:
+        try:
+            await asyncio.wait_for(self.pool.fetchval("SELECT 1"), timeout=5)
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
+            self._set_health(False)
+            return False
+        self._set_health(True)
+        return True
+
+    # --- writers, the CLI and the demo ----------------------------------------------------
+    async def submit(self, order: NewOrder) -> None:
+        async def attempt() -> None:
+            async with self.pool.acquire() as conn, conn.transaction():
+                pre_id = None
+                spec = order.preprocessing
+                if spec is not None:
+                    pre_id = await conn.fetchval(
+                        sql.INSERT_PREPROCESSING,
+                        spec.container,
+                        spec.input_file,
+                        spec.output_folder,
+                        spec.alt_output_folder,
+                        json.dumps(spec.extra_params) if spec.extra_params else None,
+                    )
+                await conn.execute(
+                    sql.INSERT_ORDER,
+                    order.group,
+                    order.user,
+                    order.destination_id,
+                    order.destination_type,
+                    order.uuid,
+                    order.files,
+                    pre_id,
+                )
+
+        await self._retry("submit", attempt)
+
+    async def list_orders(
+        self,
+        *,
+        user: str | None = None,
+        group: str | None = None,
+        stage: str | None = None,
+        max_age_seconds: float | None = None,
+        limit: int = 50,
+    ) -> list[OrderSummary]:
+        max_age = None if max_age_seconds is None else timedelta(seconds=max_age_seconds)
+        rows = await self._retry(
+            "list_orders",
+            lambda: self.pool.fetch(sql.ORDER_STATUS, user, group, stage, max_age, limit),
+        )
+        return [_summary(row) for row in rows]
+
+    async def order_detail(self, uuid: str) -> OrderDetail | None:
+        row = await self._retry("order_detail", lambda: self.pool.fetchrow(sql.ORDER_DETAIL, uuid))
+        return None if row is None else _detail(row)
+
+    async def order_events(self, uuid: str, after_id: int = 0) -> list[OrderEvent]:
+        rows = await self._retry(
+            "order_events", lambda: self.pool.fetch(sql.ORDER_EVENTS, uuid, after_id)
+        )
+        return [OrderEvent(r["id"], r["timestamp"], r["stage"], r["description"]) for r in rows]
+
+    async def order_state(self, uuid: str) -> OrderState | None:
+        row = await self._retry("order_state", lambda: self.pool.fetchrow(sql.ORDER_STATE, uuid))
+        if row is None:
+            return None
+        return OrderState(row["stage"], row["latest_id"], row["worker_id"], row["cancel_requested"])
+
+    async def retry(self, uuid: str, note: str) -> str:
+        async def attempt() -> str:
+            async with self.pool.acquire() as conn, conn.transaction():
+                current = await conn.fetchrow(sql.LOCK_ORDER, uuid)
+                if current is None:
+                    raise OrderNotFound(uuid)
+                if current["stage"] not in TERMINAL_STAGES:
+                    raise OrderBusy(uuid, current["stage"])
+                await conn.execute(sql.ALLOW_REQUEUE)
+                new_id = await conn.fetchval(sql.RETRY_ORDER, uuid, note)
+                state = await conn.fetchrow(sql.ORDER_STATE, uuid)
+                if state["stage"] != STAGE_NEW_ORDER or state["latest_id"] != new_id:
+                    raise OrderBusy(uuid, state["stage"])
+                return str(current["stage"])
+
+        return await self._retry("retry", attempt)
+
+    async def request_cancel(self, uuid: str) -> CancelResult:
+        async def attempt() -> CancelResult:
+            async with self.pool.acquire() as conn, conn.transaction():
+                requested = await conn.fetchrow(sql.REQUEST_CANCEL, uuid)
+                if requested is None:
+                    state = await conn.fetchrow(sql.ORDER_STATE, uuid)
+                    if state is None:
+                        raise OrderNotFound(uuid)
+                    raise OrderBusy(uuid, state["stage"])
+                # The dispatcher's sweep would end a pending order too; doing it here means
+                # it is cancelled even when no importer is running.
+                pending = requested["stage"] == STAGE_NEW_ORDER and requested["worker_id"] is None
+                cancelled = pending and bool(await conn.fetch(sql.CANCEL_PENDING, uuid, 1))
+                return CancelResult(requested["stage"], cancelled)
+
+        return await self._retry("request_cancel", attempt)
+
+
+def _json(text: str | None) -> Any:
+    if text is None:
+        return None
+    try:
+        return json.loads(text)
+    except (json.JSONDecodeError, TypeError):
+        return None
+
+
+def _preprocessing(row: asyncpg.Record) -> tuple[PreprocessingSpec | None, str | None]:
+    if row["preprocessing_id"] is None:
+        return None, None
+    problem = None
+    # JSON null (as some writers store "no parameters") counts as none
+    extra = _json(row["extra_params"]) or {}
+    if not isinstance(extra, dict):
+        problem = "Preprocessing extra_params must be a JSON object"
+        extra = {}
+    spec = PreprocessingSpec(
+        id=row["preprocessing_id"],
+        container=row["container"] or "",
+        input_file=row["input_file"] or "",
+        output_folder=row["output_folder"] or "",
+        alt_output_folder=row["alt_output_folder"],
+        extra_params=extra,
+    )
+    return spec, problem
+
+
+def _claimed_order(started: asyncpg.Record, claim: asyncpg.Record) -> ClaimedOrder:
+    preprocessing, problem = _preprocessing(started)
+    recorded = _json(claim["objects"]) or []
+    return ClaimedOrder(
+        uuid=started["uuid"],
+        group_name=started["group_name"],
+        user_name=started["user_name"],
+        destination_id=started["destination_id"],
+        destination_type=started["destination_type"],
+        files=started["files"],
+        file_names=started["file_names"],
+        preprocessing_id=started["preprocessing_id"],
+        preprocessing=preprocessing,
+        attempt=claim["attempts"],
+        runs=claim["runs"],
+        queued_at=claim["queued_at"],
+        recorded_objects=recorded if isinstance(recorded, list) else [],
+        preprocessing_problem=problem,
+    )
+
+
+def _summary(row: asyncpg.Record) -> OrderSummary:
+    return OrderSummary(
+        uuid=row["uuid"],
+        stage=row["stage"],
+        updated_at=row["updated_at"],
+        worker_id=row["worker_id"],
+        user_name=row["user_name"],
+        group_name=row["group_name"],
+        destination_type=row["destination_type"],
+        destination_id=row["destination_id"],
+        files=row["files"],
+        description=row["description"],
+    )
+
+
+def _detail(row: asyncpg.Record) -> OrderDetail:
+    preprocessing, _ = _preprocessing(row)
+    objects = _json(row["objects"])
+    return OrderDetail(
+        summary=_summary(row),
+        latest_id=row["latest_id"],
+        queued_at=row["queued_at"],
+        last_worker_id=row["last_worker_id"],
+        lease_expires_at=row["lease_expires_at"],
+        attempts=row["attempts"],
+        runs=row["runs"],
+        cancel_requested=row["cancel_requested"],
+        objects=[o for o in objects if isinstance(o, dict)] if isinstance(objects, list) else [],
+        file_names=row["file_names"],
+        preprocessing=preprocessing,
+        raw_extra_params=_json(row["extra_params"]),
+    )
