@@ -187,5 +187,5 @@ async def test_metrics_after_a_run(migrated_url: str, tmp_path: Path, import_roo
     assert after[(f"{NS}_running_orders", ())] == 0
     assert health == {
         "status": "ok",
-        "checks": {"process": True, "database": True, "listener": True},
+        "checks": {"process": True, "database": True, "listener": True, "helpers": True},
     }

@@ -79,6 +79,7 @@ class PostgresStore(OrderStore):
         self.healthy = True
         self.healthy_since = time.monotonic()
         self._last_outage_log = 0.0
+        self._serving = False
 
     async def open(self) -> None:
         self._pool = await self._retry("connect", self._create_pool)
@@ -194,30 +195,32 @@ class PostgresStore(OrderStore):
         await self._retry("record_objects", attempt)
 
     async def finish(self, item: Finish) -> bool:
-        if self._closing.is_set() and self._finish_queue.empty():
-            # No writer flushes after close: one direct, bounded try.
-            with contextlib.suppress(Exception):
-                return bool(await asyncio.wait_for(self._write_finishes([item]), timeout=2))
-            return False
+        if not self._serving:
+            # No batched writer (a one-off command, or after close): write it directly.
+            return item.uuid in await self._finish_batch([item])
         future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         await self._finish_queue.put((item, future))
         return await future
 
     async def serve(self) -> None:
         """The batched finish writer: one statement for every terminal row waiting."""
-        while True:
-            batch = [await self._finish_queue.get()]
-            while not self._finish_queue.empty() and len(batch) < FINISH_BATCH:
-                batch.append(self._finish_queue.get_nowait())
-            written: set[str] = set()
-            try:
-                written = await self._finish_batch([item for item, _ in batch])
-            finally:
-                # Every future is answered, whatever happened: a caller never waits forever.
-                for item, future in batch:
-                    if not future.done():
-                        future.set_result(item.uuid in written)
-                    self._finish_queue.task_done()
+        self._serving = True
+        try:
+            while True:
+                batch = [await self._finish_queue.get()]
+                while not self._finish_queue.empty() and len(batch) < FINISH_BATCH:
+                    batch.append(self._finish_queue.get_nowait())
+                written: set[str] = set()
+                try:
+                    written = await self._finish_batch([item for item, _ in batch])
+                finally:
+                    # Every future is answered, whatever happened: no caller waits forever.
+                    for item, future in batch:
+                        if not future.done():
+                            future.set_result(item.uuid in written)
+                        self._finish_queue.task_done()
+        finally:
+            self._serving = False
 
     async def _finish_batch(self, items: list[Finish]) -> set[str]:
         try:

@@ -1,0 +1,268 @@
+"""The order store's behaviour, run against both implementations: PostgreSQL and memory.
+
+The in-memory store is what the unit tier builds on; these tests keep it honest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid as uuidlib
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+import asyncpg
+import pytest
+
+from biomero_importer.db.urls import asyncpg_dsn
+from biomero_importer.model import (
+    CANCELLED,
+    STAGE_IMPORTED,
+    STAGE_IMPORTING,
+    STAGE_INGEST_FAILED,
+    STAGE_NEW_ORDER,
+    NewOrder,
+)
+from biomero_importer.store import (
+    Finish,
+    MemoryStore,
+    OrderBusy,
+    OrderNotFound,
+    OrderStore,
+    PostgresStore,
+)
+
+LEASE = 0.3
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1_800_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@dataclass
+class Harness:
+    """Two replicas' stores on one database, and how time passes for them."""
+
+    a: OrderStore
+    b: OrderStore
+    pass_time: Callable[[float], object]
+    sql_retry: Callable[[str], object]
+
+
+def new_order(files: str = '["/data/a.tif"]', **kw: str) -> NewOrder:
+    return NewOrder(
+        uuid=kw.get("uuid", str(uuidlib.uuid4())),
+        group=kw.get("group", "Demo"),
+        user=kw.get("user", "alice"),
+        destination_type="Dataset",
+        destination_id="1",
+        files=files,
+    )
+
+
+@pytest.fixture(params=[pytest.param("memory", marks=pytest.mark.unit), "postgres"])
+async def harness(request: pytest.FixtureRequest) -> AsyncIterator[Harness]:
+    if request.param == "memory":
+        clock = FakeClock()
+        a = MemoryStore(worker_id="A", lease_seconds=LEASE, clock=clock)
+        b = MemoryStore(worker_id="B", lease_seconds=LEASE, clock=clock, shared=a)
+
+        async def advance(seconds: float) -> None:
+            clock.now += seconds
+
+        async def memory_retry(uuid: str) -> None:
+            a.manual_retry(uuid)
+
+        yield Harness(a, b, advance, memory_retry)
+        return
+    url = asyncpg_dsn(request.getfixturevalue("migrated_url"))
+    pa = PostgresStore(url, worker_id="A", lease_seconds=LEASE, pool_size=2)
+    pb = PostgresStore(url, worker_id="B", lease_seconds=LEASE, pool_size=2)
+    await pa.open()
+    await pb.open()
+
+    async def sql_retry(uuid: str) -> None:
+        conn = await asyncpg.connect(url)
+        try:  # the documented manual retry
+            await conn.execute("UPDATE imports SET stage = 'Import Pending' WHERE uuid = $1", uuid)
+        finally:
+            await conn.close()
+
+    async def sleep(seconds: float) -> None:
+        await asyncio.sleep(seconds)
+
+    try:
+        yield Harness(pa, pb, sleep, sql_retry)
+    finally:
+        await pa.close()
+        await pb.close()
+
+
+async def stages(store: OrderStore, uuid: str) -> list[str]:
+    return [e.stage for e in await store.order_events(uuid)]
+
+
+async def test_an_order_is_claimed_exactly_once(harness: Harness) -> None:
+    order = new_order()
+    await harness.a.submit(order)
+    claimed = await harness.a.claim(5)
+    assert [c.uuid for c in claimed] == [order.uuid]
+    assert claimed[0].attempt == 1
+    assert await harness.b.claim(5) == []
+    assert await stages(harness.a, order.uuid) == [STAGE_NEW_ORDER, STAGE_IMPORTING]
+
+
+async def test_finish_is_guarded_by_ownership(harness: Harness) -> None:
+    order = new_order()
+    await harness.a.submit(order)
+    await harness.a.claim(1)
+    assert not await harness.b.finish(Finish(order.uuid, STAGE_IMPORTED, None))
+    assert await harness.a.finish(Finish(order.uuid, STAGE_IMPORTED, None, ["a.tif"]))
+    state = await harness.a.order_state(order.uuid)
+    assert state is not None and state.stage == STAGE_IMPORTED and state.worker_id is None
+
+
+async def test_a_hand_back_costs_no_attempt(harness: Harness) -> None:
+    order = new_order()
+    await harness.a.submit(order)
+    await harness.a.claim(1)
+    assert await harness.a.finish(Finish(order.uuid, STAGE_NEW_ORDER, "shut down"))
+    again = await harness.b.claim(1)
+    assert [c.attempt for c in again] == [1]
+    assert [c.runs for c in again] == [2]
+
+
+async def test_a_duplicate_submission_of_a_running_order_does_not_run_again(
+    harness: Harness,
+) -> None:
+    order = new_order()
+    await harness.a.submit(order)
+    await harness.a.claim(1)
+    await harness.a.submit(order)
+    assert await harness.b.claim(5) == []
+    detail = await harness.a.order_detail(order.uuid)
+    assert detail is not None and detail.summary.stage == STAGE_IMPORTING
+    assert "Duplicate submission ignored" in (detail.summary.description or "")
+
+
+async def test_the_sql_retry_of_a_running_order_is_refused_and_the_run_goes_on(
+    harness: Harness,
+) -> None:
+    """Before: the queue row became 'Import Pending' with the worker still attached; no one
+    claimed it and the run's end silently dropped the retry."""
+    order = new_order()
+    await harness.a.submit(order)
+    await harness.a.claim(1)
+    await harness.sql_retry(order.uuid)
+    detail = await harness.a.order_detail(order.uuid)
+    assert detail is not None
+    assert detail.summary.stage == STAGE_IMPORTING
+    assert detail.summary.worker_id == "A"
+    assert (detail.summary.description or "").startswith("Retry refused: this order is running")
+    assert await harness.a.finish(Finish(order.uuid, STAGE_IMPORTED, None))
+    # once finished, the same retry works
+    await harness.sql_retry(order.uuid)
+    assert [c.uuid for c in await harness.b.claim(1)] == [order.uuid]
+
+
+async def test_expired_leases_are_recovered_by_any_replica(harness: Harness) -> None:
+    first, last = new_order(), new_order()
+    await harness.a.submit(first)
+    await harness.a.claim(1)
+    await harness.pass_time(LEASE * 2)
+    recovered = dict(await harness.b.recover_expired(max_attempts=2))
+    assert recovered == {first.uuid: STAGE_NEW_ORDER}
+    # the old owner no longer owns it, so its lease is gone too
+    assert await harness.a.renew_leases([first.uuid]) == {}
+    await harness.b.claim(1)
+    await harness.b.submit(last)
+    await harness.pass_time(LEASE * 2)
+    recovered = dict(await harness.a.recover_expired(max_attempts=2))
+    assert recovered == {first.uuid: STAGE_INGEST_FAILED}
+    detail = await harness.a.order_detail(first.uuid)
+    assert detail is not None
+    assert f"biomero-importer retry {first.uuid}" in (detail.summary.description or "")
+
+
+async def test_renewal_reports_owned_orders_and_cancel_requests(harness: Harness) -> None:
+    order = new_order()
+    await harness.a.submit(order)
+    await harness.a.claim(1)
+    leases = await harness.a.renew_leases([order.uuid, "not-an-order"])
+    assert set(leases) == {order.uuid}
+    assert leases[order.uuid].renewed and not leases[order.uuid].cancel_requested
+    result = await harness.b.request_cancel(order.uuid)
+    assert not result.cancelled and result.stage == STAGE_IMPORTING
+    assert (await harness.a.renew_leases([order.uuid]))[order.uuid].cancel_requested
+
+
+async def test_a_pending_order_is_cancelled_at_once(harness: Harness) -> None:
+    order = new_order()
+    await harness.a.submit(order)
+    result = await harness.a.request_cancel(order.uuid)
+    assert result.cancelled
+    detail = await harness.a.order_detail(order.uuid)
+    assert detail is not None
+    assert (detail.summary.stage, detail.summary.description) == (STAGE_INGEST_FAILED, CANCELLED)
+    with pytest.raises(OrderBusy):
+        await harness.a.request_cancel(order.uuid)
+    with pytest.raises(OrderNotFound):
+        await harness.a.request_cancel(str(uuidlib.uuid4()))
+
+
+async def test_retry_requeues_only_finished_orders(harness: Harness) -> None:
+    order = new_order()
+    await harness.a.submit(order)
+    await harness.a.claim(1)
+    with pytest.raises(OrderBusy):
+        await harness.a.retry(order.uuid, "again")
+    await harness.a.finish(Finish(order.uuid, STAGE_INGEST_FAILED, "bad"))
+    assert await harness.a.retry(order.uuid, "again") == STAGE_INGEST_FAILED
+    claimed = await harness.b.claim(1)
+    assert [(c.uuid, c.attempt) for c in claimed] == [(order.uuid, 1)]
+    with pytest.raises(OrderNotFound):
+        await harness.a.retry(str(uuidlib.uuid4()), "again")
+
+
+async def test_text_postgresql_refuses_is_made_safe_before_it_is_written(
+    harness: Harness,
+) -> None:
+    """A file name that is not UTF-8 arrives as surrogate escapes; a NUL can come from any
+    writer. Both used to reach the database unchanged and fail the whole write."""
+    order = new_order()
+    await harness.a.submit(order)
+    await harness.a.claim(1)
+    bad_name = b"caf\xe9\x00.tif".decode("utf-8", "surrogateescape")
+    written = await harness.a.finish(
+        Finish(
+            order.uuid,
+            STAGE_INGEST_FAILED,
+            f"Folder links outside the import roots: /data/{bad_name}",
+            [bad_name],
+            [{"type": "Image", "id": 1, "name": bad_name}],
+        )
+    )
+    assert written
+    detail = await harness.a.order_detail(order.uuid)
+    assert detail is not None
+    assert detail.summary.description == (
+        "Folder links outside the import roots: /data/caf\\xe9\\0.tif"
+    )
+    assert json.loads(detail.file_names or "[]") == ["caf\\xe9\\0.tif"]
+    assert detail.objects[0]["name"] == "caf\\xe9\\0.tif"
+
+
+async def test_listing_filters_and_orders_newest_first(harness: Harness) -> None:
+    mine, theirs = new_order(user="alice"), new_order(user="bob")
+    await harness.a.submit(mine)
+    await harness.pass_time(0.01)
+    await harness.a.submit(theirs)
+    assert [o.uuid for o in await harness.a.list_orders()] == [theirs.uuid, mine.uuid]
+    assert [o.uuid for o in await harness.a.list_orders(user="alice")] == [mine.uuid]
+    assert await harness.a.list_orders(stage=STAGE_IMPORTED) == []
+    stats = await harness.a.queue_stats()
+    assert stats is not None and stats[0] == 2
