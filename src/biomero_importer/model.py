@@ -25,6 +25,7 @@ CANCELLED = "Cancelled"
 
 TargetType = Literal["Dataset", "Screen"]
 ObjectType = Literal["Image", "Plate"]
+PlatePixelSource = Literal["source", "label"]
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,18 @@ class PreprocessingSpec:
 
 
 @dataclass(frozen=True)
+class RegistrationOptions:
+    """How an OME-Zarr is registered (the ``registration`` part of an order's ImportOptions).
+
+    ``label``: a Plate's images show the label image ``plate_label_name`` of each field
+    instead of its source pixels (a label-backed preview).
+    """
+
+    plate_pixel_source: PlatePixelSource = "source"
+    plate_label_name: str | None = None
+
+
+@dataclass(frozen=True)
 class ClaimedOrder:
     """The raw columns of an order's latest row, exactly as stored (not yet validated)."""
 
@@ -76,6 +89,8 @@ class ClaimedOrder:
     queued_at: float
     recorded_objects: list[dict[str, Any]] = field(default_factory=list)
     preprocessing_problem: str | None = None
+    # ``imports.import_options``: the order's ImportOptions as JSON text, NULL for none
+    import_options: str | None = None
 
 
 @dataclass(frozen=True)
@@ -90,6 +105,7 @@ class Order:
     file_names: list[str]
     preprocessing: PreprocessingSpec | None
     attempt: int
+    registration: RegistrationOptions = field(default_factory=RegistrationOptions)
 
 
 @dataclass

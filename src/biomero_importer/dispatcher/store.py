@@ -286,4 +286,5 @@ def _claimed_order(started: asyncpg.Record, claim: asyncpg.Record) -> ClaimedOrd
         queued_at=claim["queued_at"],
         recorded_objects=recorded if isinstance(recorded, list) else [],
         preprocessing_problem=problem,
+        import_options=started["import_options"],
     )

@@ -42,10 +42,12 @@ from biomero_importer.omero.port import (
     ObjectType,
     OmeroError,
     OmeroUnavailable,
+    RegistrationOptions,
     Target,
     UnknownUserOrGroup,
 )
 from biomero_importer.omero.zarr import ZarrContent, ZarrError, ZarrImage, read_zarr
+from biomero_importer.omero.zarr_labels import for_registration
 from biomero_importer.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -507,11 +509,19 @@ class BlitzSession:
         return sorted({root / str(path) / str(name) for path, name in _unwrap_rows(rows)})
 
     # --- OME-Zarr ---------------------------------------------------------------------------
-    def register_zarr(self, path: Path, target: Target, *, order_uuid: str) -> list[ImportedObject]:
+    def register_zarr(
+        self,
+        path: Path,
+        target: Target,
+        *,
+        order_uuid: str,
+        options: RegistrationOptions | None = None,
+    ) -> list[ImportedObject]:
         if self._aborted.is_set():
             raise ImportAborted(f"aborted before registering {path.name}")
         try:
-            content = read_zarr(path)
+            # label pixels: every field image is created from its label image's multiscales
+            content = for_registration(read_zarr(path), options)
         except ZarrError as exc:
             raise ImportFailed(f"OME-Zarr registration of {path.name} failed: {exc}") from exc
         if content.kind == "plate" and target.type != "Screen":

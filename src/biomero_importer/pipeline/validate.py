@@ -8,6 +8,7 @@ import stat
 from pathlib import Path
 
 from biomero_importer.model import ClaimedOrder, Order, Target
+from biomero_importer.options import InvalidImportOptions, parse_column
 from biomero_importer.text import short
 
 MAX_NAME_LENGTH = 255
@@ -149,6 +150,10 @@ def validate(claimed: ClaimedOrder, roots: list[Path]) -> Order:
         raise InvalidOrder(claimed.preprocessing_problem)
     if claimed.preprocessing is not None and not claimed.preprocessing.container.strip():
         raise InvalidOrder("Preprocessing has no container image")
+    try:
+        registration = parse_column(claimed.import_options)
+    except InvalidImportOptions as exc:
+        raise InvalidOrder(str(exc)) from None
     return Order(
         uuid=claimed.uuid,
         group=group,
@@ -158,4 +163,5 @@ def validate(claimed: ClaimedOrder, roots: list[Path]) -> Order:
         file_names=[path.name for path in files],
         preprocessing=claimed.preprocessing,
         attempt=claimed.attempt,
+        registration=registration,
     )
