@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import logging
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,7 +16,7 @@ from typing import Any
 import pytest
 
 import biomero_importer
-from biomero_importer import api
+from biomero_importer import api, options
 from biomero_importer.utils import ingest_tracker
 from biomero_importer.utils.initialize import load_settings
 from tests.support import history, make_settings, make_tiffs, running_service, wait_for_stage
@@ -245,3 +247,31 @@ def test_load_settings_returns_a_dict(tmp_path: Path, monkeypatch: pytest.Monkey
     json.dumps(settings)
     with pytest.raises(FileNotFoundError):
         load_settings(str(tmp_path / "missing.yml"))
+
+
+def test_without_biomero_schema_options_are_stored_and_fail_saying_why() -> None:
+    """Beside biomero 2.8 (OMERO.biomero 1.6.1's web image) biomero-schema is 0.1, without
+    ImportOptions: the writer still stores them; parsing them fails naming the extra, and the
+    capabilities say so up front."""
+    code = """
+import json, sys
+sys.modules["biomero_schema"] = None  # as if only biomero-schema 0.1 were installed
+sys.modules["biomero_schema.imports"] = None
+from biomero_importer import api, options
+print(json.dumps(api.get_importer_capabilities()["configurationErrors"]))
+print(options.to_column({"schema": 1, "platePixelSource": "label", "plateLabelName": "n"}))
+print(options.parse_column(None))
+try:
+    options.parse_column('{"schema": 1}')
+except options.InvalidImportOptions as exc:
+    print(exc)
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    )
+    errors, stored, empty, failure = done.stdout.splitlines()
+    assert json.loads(errors) == [options.MISSING_SCHEMA]
+    assert json.loads(stored) == {"schema": 1, "platePixelSource": "label", "plateLabelName": "n"}
+    assert empty == "RegistrationOptions(plate_pixel_source='source', plate_label_name=None)"
+    assert failure == options.MISSING_SCHEMA
+    assert "biomero-importer[import-options]" in failure

@@ -15,9 +15,11 @@ from copy import deepcopy
 from typing import Any
 
 from biomero_importer.options import (
+    MISSING_SCHEMA,
     SUPPORTED_OPERATIONS,
     InvalidImportOptions,
     UnsupportedOperation,
+    can_parse,
     check_operations,
     envelope,
 )
@@ -43,7 +45,7 @@ class UnsupportedImportOperation(ValueError):
 
 def get_importer_capabilities() -> dict[str, Any]:
     """What this importer supports, without a running importer process."""
-    errors = []
+    errors = [] if can_parse() else [MISSING_SCHEMA]
     if os.getenv(SHALLOW_ZARR_FLAG, "").strip().lower() == "true":
         errors.append(
             f"{SHALLOW_ZARR_FLAG} is set, but this importer does not run biomero.shallow-zarr"

@@ -18,10 +18,17 @@ from pydantic import ValidationError
 from biomero_importer.model import RegistrationOptions
 from biomero_importer.text import short
 
+# The ``import-options`` extra. Without it (biomero-schema 0.1 beside biomero 2.8, or Python
+# 3.10) options are still stored, and only an order or call that carries some fails, saying so.
 try:
     from biomero_schema.imports import parse_import_options
-except ImportError:  # biomero-schema needs Python 3.11; on 3.10 only empty options are usable
+except ImportError:
     parse_import_options = None
+
+MISSING_SCHEMA = (
+    "ImportOptions need biomero-schema 0.2 or newer:"
+    " pip install 'biomero-importer[import-options]' (Python 3.11+)"
+)
 
 # Lifecycle operations this importer runs (upstream's only one, biomero.shallow-zarr, is not).
 SUPPORTED_OPERATIONS: tuple[str, ...] = ()
@@ -79,9 +86,7 @@ def check_operations(raw: Mapping[str, Any]) -> None:
 def envelope(raw: Mapping[str, Any] | None) -> Any:
     """biomero-schema's ``ImportOptionsEnvelope`` for ``raw`` (schema 1 is upgraded)."""
     if parse_import_options is None:
-        raise InvalidImportOptions(
-            "ImportOptions need the biomero-schema package (Python 3.11 or newer)"
-        )
+        raise InvalidImportOptions(MISSING_SCHEMA)
     try:
         return parse_import_options(raw)
     except ValidationError as exc:
@@ -90,6 +95,10 @@ def envelope(raw: Mapping[str, Any] | None) -> Any:
         message = str(first.get("msg", "")).removeprefix("Value error, ")
         detail = f"{where}: {message}" if where else message
         raise InvalidImportOptions(f"ImportOptions are invalid: {short(detail, 200)}") from None
+
+
+def can_parse() -> bool:
+    return parse_import_options is not None
 
 
 def parse_column(text: str | None) -> RegistrationOptions:

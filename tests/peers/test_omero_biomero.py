@@ -138,6 +138,11 @@ def test_it_installs_beside_this_version(wheel: Path) -> None:
     assert wanted.specifier.contains(version("biomero-importer")), str(wanted)
     # OMERO.Analysis declares the same range tighter
     assert Requirement("biomero-importer>=1.4,<2").specifier.contains(version("biomero-importer"))
+    # its biomero 2.8 pins biomero-schema==0.1: ours may only ask for 0.2 through an extra
+    from importlib.metadata import requires
+
+    schema = [Requirement(r) for r in requires("biomero-importer") or [] if "biomero-schema" in r]
+    assert schema and all("extra" in str(r.marker) for r in schema), schema
 
 
 async def test_process_files_orders_complete(
