@@ -203,6 +203,11 @@ async def test_submit_stores_import_options(cli_setup: CliSetup) -> None:
     order = result.stdout.splitlines()[-1]
     rows = await execute(cli_setup.url, "SELECT import_options FROM imports WHERE uuid = $1", order)
     assert [json.loads(row["import_options"]) for row in rows] == [options]
+    shown = await ainvoke("show", order, "--json", "--config", cli_setup.config)
+    assert shown.exit_code == 0, shown.output
+    assert json.loads(shown.stdout)["import_options"] == options
+    shown = await ainvoke("show", order, "--config", cli_setup.config)
+    assert '"plateLabelName": "nuclei"' in shown.stdout
 
 
 @pytest.mark.parametrize(

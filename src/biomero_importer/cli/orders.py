@@ -444,6 +444,7 @@ def _detail_record(order: Any, events: list[Any]) -> dict[str, Any]:
         "lease_expires_at": iso(order["lease_expires_at"]),
         "cancel_requested": order["cancel_requested"],
         "preprocessing": preprocessing,
+        "import_options": parse_json(order["import_options"]),
         "objects": objects if isinstance(objects, list) else [],
         "history": [
             {
@@ -473,6 +474,7 @@ def _print_detail(record: dict[str, Any], order: Any, events: list[Any]) -> None
         ("User", record["user"]),
         ("Group", record["group"]),
         ("Destination", f"{record['destination_type']} {record['destination_id']}"),
+        ("Import options", order["import_options"] or "-"),
         ("Queued", local_time(order["queued_at"])),
         ("Updated", local_time(order["updated_at"])),
         ("Attempts", f"{record['attempts']} (runs, including handed-back ones: {record['runs']})"),
