@@ -80,6 +80,7 @@ async def insert_order(
     destination_id: str = "151",
     destination_type: str = "Dataset",
     preprocessing: dict[str, Any] | None = None,
+    import_options: str | None = None,
 ) -> str:
     """Write an order the way SQL clients do: one 'Import Pending' row."""
     order_uuid = uuid or str(uuidlib.uuid4())
@@ -100,8 +101,8 @@ async def insert_order(
                 )
             await conn.execute(
                 "INSERT INTO imports (group_name, user_name, destination_id, destination_type,"
-                " stage, uuid, files, preprocessing_id)"
-                " VALUES ($1, $2, $3, $4, 'Import Pending', $5, $6, $7)",
+                " stage, uuid, files, preprocessing_id, import_options)"
+                " VALUES ($1, $2, $3, $4, 'Import Pending', $5, $6, $7, $8)",
                 group,
                 user,
                 destination_id,
@@ -109,6 +110,7 @@ async def insert_order(
                 order_uuid,
                 files_text,
                 pre_id,
+                import_options,
             )
     finally:
         await conn.close()

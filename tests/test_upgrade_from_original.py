@@ -13,7 +13,7 @@ from pathlib import Path
 import asyncpg
 import psycopg2
 
-from tests.db.upstream import create_upstream, dump
+from tests.db.upstream import columns, create_upstream, dump
 from tests.support import make_settings, make_tiffs, running_service, wait_for_stage, write_config
 
 
@@ -55,6 +55,8 @@ async def test_original_database_upgrades_and_pending_orders_run(
 ) -> None:
     create_upstream(database_url, with_description=True, stamped=True, orders=300)
     pending = _add_pending(database_url, make_tiffs(import_root, 3), 5)
+    # columns the original had; the migration adds import_options (upstream's 92e8f9e637a1)
+    names = columns(database_url, "imports")
     history_before = dump(database_url, "imports")
     preprocessing_before = dump(database_url, "imports_preprocessing")
 
@@ -80,7 +82,7 @@ async def test_original_database_upgrades_and_pending_orders_run(
         while await _still_running(database_url) and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
 
-    history_after = dump(database_url, "imports")
+    history_after = dump(database_url, "imports", names)
     assert history_after[: len(history_before)] == history_before
     assert dump(database_url, "imports_preprocessing") == preprocessing_before
     # orders the original left half-done are closed with a reason instead of hanging forever

@@ -1,7 +1,7 @@
 """Queue state per order, kept current by a trigger that also sends the NOTIFY wake-up.
 
 Revision ID: b7e4c2a91d05
-Revises: 78d3d6d84aec
+Revises: 92e8f9e637a1
 Create Date: 2026-11-29
 
 ``importer_orders`` holds one row per order uuid: its latest stage and row id, the replica
@@ -9,6 +9,10 @@ that runs it and until when its lease holds, and how many attempts it has had. C
 status queries read this table instead of scanning the ``imports`` history. The trigger
 keeps it current for every writer: OMERO.biomero, raw SQL and the documented manual retry
 (an UPDATE that sets every row of a uuid back to 'Import Pending').
+
+Re-parented onto upstream's 92e8f9e637a1 (it first revised 78d3d6d84aec): a database stamped
+here or later by that first graph lacks ``import_options``; d6a4f1c9e2b8 adds it. The SQL is
+frozen here, as this revision first ran it: the application's ``db/sql.py`` may change.
 """
 
 from __future__ import annotations
@@ -18,10 +22,8 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-from biomero_importer.db.sql import DEFAULT_CHANNEL, trigger_statements
-
 revision: str = "b7e4c2a91d05"
-down_revision: str | None = "78d3d6d84aec"
+down_revision: str | None = "92e8f9e637a1"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
@@ -106,6 +108,23 @@ END;
 $$;
 """
 
+# The wake-up triggers on the default channel; ``biomero-importer migrate`` re-points them at the
+# configured channel afterwards.
+TRIGGERS = [
+    "DROP TRIGGER IF EXISTS importer_track_insert ON imports",
+    "DROP TRIGGER IF EXISTS importer_track_retry ON imports",
+    "DROP TRIGGER IF EXISTS importer_cancel_requested ON importer_orders",
+    "CREATE TRIGGER importer_track_insert AFTER INSERT ON imports"
+    " FOR EACH ROW EXECUTE FUNCTION importer_track_order('biomero_importer_orders')",
+    "CREATE TRIGGER importer_track_retry AFTER UPDATE OF stage ON imports"
+    " FOR EACH ROW WHEN (NEW.stage = 'Import Pending')"
+    " EXECUTE FUNCTION importer_track_order('biomero_importer_orders')",
+    "CREATE TRIGGER importer_cancel_requested AFTER UPDATE OF cancel_requested"
+    " ON importer_orders FOR EACH ROW"
+    " WHEN (NEW.cancel_requested AND NOT OLD.cancel_requested)"
+    " EXECUTE FUNCTION importer_notify_cancel('biomero_importer_orders')",
+]
+
 
 def upgrade() -> None:
     op.create_table(
@@ -163,7 +182,7 @@ def upgrade() -> None:
     op.create_index("importer_orders_ix_updated", "importer_orders", ["updated_at"])
     op.execute(TRACK_ORDER)
     op.execute(NOTIFY_CANCEL)
-    for statement in trigger_statements(DEFAULT_CHANNEL):
+    for statement in TRIGGERS:
         op.execute(statement)
 
 

@@ -1,7 +1,7 @@
 """Refuse the SQL retry UPDATE on a running order; index the cancel sweep.
 
 Revision ID: d5a1c9e3f7b2
-Revises: c41d8e2f7a93
+Revises: d6a4f1c9e2b8
 Create Date: 2026-11-30
 
 The documented manual retry (``UPDATE imports SET stage = 'Import Pending' WHERE uuid = ...``)
@@ -21,7 +21,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "d5a1c9e3f7b2"
-down_revision: str | None = "c41d8e2f7a93"
+down_revision: str | None = "d6a4f1c9e2b8"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
@@ -46,11 +46,13 @@ BEGIN
                     PERFORM set_config('biomero_importer.refused', NEW.uuid, true);
                     INSERT INTO imports (group_name, user_name, destination_id,
                                          destination_type, stage, uuid, files, file_names,
-                                         description, preprocessing_id, timestamp)
+                                         description, preprocessing_id, timestamp,
+                                         import_options)
                     SELECT group_name, user_name, destination_id, destination_type,
                            current.stage, uuid, files, file_names,
                            'Retry refused: this order is running; cancel it first or wait'
-                           || ' until it ends', preprocessing_id, clock_timestamp()
+                           || ' until it ends', preprocessing_id, clock_timestamp(),
+                           import_options
                     FROM imports WHERE id = current.latest_id;
                 END IF;
                 RETURN NULL;
@@ -87,9 +89,10 @@ BEGIN
                  || ' re-run it with biomero-importer retry'
             ELSE 'Duplicate submission ignored: this order is already running' END;
         INSERT INTO imports (group_name, user_name, destination_id, destination_type, stage,
-                             uuid, files, file_names, description, preprocessing_id, timestamp)
+                             uuid, files, file_names, description, preprocessing_id, timestamp,
+                             import_options)
         SELECT group_name, user_name, destination_id, destination_type, stage, uuid, files,
-               file_names, note, preprocessing_id, clock_timestamp()
+               file_names, note, preprocessing_id, clock_timestamp(), import_options
         FROM imports WHERE id = current.latest_id;
         RETURN NULL;
     ELSE
@@ -116,7 +119,7 @@ END;
 $$;
 """
 
-# as revision b7e4c2a91d05 left it, for downgrade
+# as revision d6a4f1c9e2b8 left it, for downgrade
 PREVIOUS_TRACK_ORDER = """
 CREATE OR REPLACE FUNCTION importer_track_order() RETURNS trigger
 LANGUAGE plpgsql AS $$
@@ -159,9 +162,10 @@ BEGIN
                  || ' re-run it with biomero-importer retry'
             ELSE 'Duplicate submission ignored: this order is already running' END;
         INSERT INTO imports (group_name, user_name, destination_id, destination_type, stage,
-                             uuid, files, file_names, description, preprocessing_id, timestamp)
+                             uuid, files, file_names, description, preprocessing_id, timestamp,
+                             import_options)
         SELECT group_name, user_name, destination_id, destination_type, stage, uuid, files,
-               file_names, note, preprocessing_id, clock_timestamp()
+               file_names, note, preprocessing_id, clock_timestamp(), import_options
         FROM imports WHERE id = current.latest_id;
         RETURN NULL;
     ELSE

@@ -26,6 +26,7 @@ CANCELLED = "Cancelled"
 
 TargetType = Literal["Dataset", "Screen"]
 ObjectType = Literal["Image", "Plate"]
+PlatePixelSource = Literal["source", "label"]
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,18 @@ class PreprocessingSpec:
 
 
 @dataclass(frozen=True)
+class RegistrationOptions:
+    """How an OME-Zarr is registered (the ``registration`` part of an order's ImportOptions).
+
+    ``label``: a Plate's images show the label image ``plate_label_name`` of each field
+    instead of its source pixels (a label-backed preview).
+    """
+
+    plate_pixel_source: PlatePixelSource = "source"
+    plate_label_name: str | None = None
+
+
+@dataclass(frozen=True)
 class ClaimedOrder:
     """The raw columns of an order's latest row, exactly as stored (not yet validated)."""
 
@@ -77,6 +90,8 @@ class ClaimedOrder:
     queued_at: float
     recorded_objects: list[dict[str, Any]] = field(default_factory=list)
     preprocessing_problem: str | None = None
+    # ``imports.import_options``: the order's ImportOptions as JSON text, NULL for none
+    import_options: str | None = None
 
 
 @dataclass(frozen=True)
@@ -91,6 +106,7 @@ class Order:
     file_names: list[str]
     preprocessing: PreprocessingSpec | None
     attempt: int
+    registration: RegistrationOptions = field(default_factory=RegistrationOptions)
 
 
 @dataclass
@@ -114,6 +130,8 @@ class NewOrder:
     destination_id: str
     files: str  # JSON text, stored as given: validation is the service's job
     preprocessing: PreprocessingSpec | None = None
+    #: ImportOptions as JSON text (NULL when none), stored as given
+    import_options: str | None = None
 
 
 @dataclass(frozen=True)
@@ -167,3 +185,4 @@ class OrderDetail:
     preprocessing: PreprocessingSpec | None
     #: extra_params exactly as stored (may be anything a SQL writer put there)
     raw_extra_params: Any = None
+    import_options: str | None = None

@@ -42,6 +42,8 @@ LEGACY_ENV: dict[str, str] = {
     "USE_REGISTER_ZARR": "use_register_zarr",
     "ADI_RUN_MIGRATIONS": "run_migrations",
     "PROCESSED_DATA_FOLDER": "processed_folder_name",
+    "PODMAN_BIND_RETRY_ATTEMPTS": "podman_bind_retry_attempts",
+    "PODMAN_BIND_RETRY_DELAY_SECONDS": "podman_bind_retry_delay_seconds",
 }
 
 # Keys the original settings.yml carried that mean nothing any more.
@@ -144,6 +146,9 @@ class Settings(BaseModel):
     omero_managed_repository: Path = Path("/OMERO/ManagedRepository")
     ttl_for_user_conn: int = Field(default=6 * 3600 * 1000, ge=60_000)
     import_timeout: PositiveFloat = 6 * 3600.0
+    # `omero import` runs again after a transient Ice error (as the original does)
+    import_retry_attempts: int = Field(default=3, ge=1, le=10)
+    import_retry_delay: float = Field(default=10.0, ge=0)
     import_depth: int = Field(default=4, ge=1)
     java_opts: str | None = None
     fetch_jars: str | None = None
@@ -165,6 +170,9 @@ class Settings(BaseModel):
     container_runtime: str = "podman"
     container_runtime_args: list[str] = Field(default_factory=list)
     podman_userns_mode: str | None = None
+    # a CIFS/DFS bind source that is briefly busy (statfs EBUSY): the container runs again
+    podman_bind_retry_attempts: int = Field(default=3, ge=1, le=10)
+    podman_bind_retry_delay_seconds: float = Field(default=2.0, ge=0)
     omero_inplace_dir: Path = Path("/OMERO/OMERO_inplace")
     processed_folder_name: str = ".processed"
     preprocessing_timeout: PositiveFloat = 3600.0

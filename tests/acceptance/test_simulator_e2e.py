@@ -168,10 +168,10 @@ async def test_orders_end_to_end_through_the_simulator(
     assert sim_objects(sim, stranger) == []
 
     # OME-Zarr with use_register_zarr: registered (no fileset, no ManagedRepository links),
-    # named from the store, annotated like any import.
+    # named from the store without .zarr (as the original names it), annotated like any import.
     assert zarr_row["stage"] == "Import Completed", zarr_row["description"]
     (image,) = sim_objects(sim, zarr_order)
-    assert (image.type, image.name, image.client_path) == ("Image", "cells.zarr", str(store))
+    assert (image.type, image.name, image.client_path) == ("Image", "cells", str(store))
     assert managed_links(sim, image) == []
     (annotation,) = sim_annotations(sim, image)
     _assert_annotation(

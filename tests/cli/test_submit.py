@@ -189,3 +189,47 @@ async def test_submit_checks_the_container_allowlist(cli_setup: CliSetup) -> Non
     assert result.exit_code == 2, result.output
     assert "order not submitted" in result.stderr
     assert await execute(cli_setup.url, "SELECT id FROM imports") == []
+
+
+async def test_submit_stores_import_options(cli_setup: CliSetup) -> None:
+    """--options: the order's ImportOptions, stored as upstream's writer stores them."""
+    (image,) = make_tiffs(cli_setup.root, 1)
+    options = {"schema": 1, "platePixelSource": "label", "plateLabelName": "nuclei"}
+    result = await ainvoke(
+        "submit", "-g", "Lab", "-u", "alice", "--screen", "3", "--options",
+        json.dumps(options), image, "--config", cli_setup.config,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    order = result.stdout.splitlines()[-1]
+    rows = await execute(cli_setup.url, "SELECT import_options FROM imports WHERE uuid = $1", order)
+    assert [json.loads(row["import_options"]) for row in rows] == [options]
+    shown = await ainvoke("show", order, "--json", "--config", cli_setup.config)
+    assert shown.exit_code == 0, shown.output
+    assert json.loads(shown.stdout)["import_options"] == options
+    shown = await ainvoke("show", order, "--config", cli_setup.config)
+    assert '"plateLabelName": "nuclei"' in shown.stdout
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ("{not json", "not valid JSON"),
+        ("[1]", "must be a JSON object"),
+        ('{"schema": 1, "platePixelSource": "label"}', "plateLabelName is required"),
+        (
+            '{"schema": 2, "operations": [{"kind": "biomero.shallow-zarr"}]}',
+            "Operation 'biomero.shallow-zarr' is not supported by this importer",
+        ),
+    ],
+)
+async def test_submit_rejects_unusable_import_options(
+    cli_setup: CliSetup, options: str, message: str
+) -> None:
+    (image,) = make_tiffs(cli_setup.root, 1)
+    result = await ainvoke(
+        "submit", "-g", "G", "-u", "u", "--dataset", "1", "--options", options, image,
+        "--config", cli_setup.config,
+    )  # fmt: skip
+    assert result.exit_code == 2, result.output
+    assert message in result.output, result.output
+    assert await execute(cli_setup.url, "SELECT id FROM imports") == []

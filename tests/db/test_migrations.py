@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+import ast
 import subprocess
 import sys
+from pathlib import Path
+from typing import Any
 
 import psycopg2
 import pytest
+from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from sqlalchemy import create_engine
+from alembic.script import ScriptDirectory
+from sqlalchemy import create_engine, text
+from sqlalchemy.pool import NullPool
 
 from biomero_importer.db.migrate import (
     VERSION_TABLE,
+    alembic_config,
     head_revision,
     include_name,
     include_object,
@@ -45,26 +52,40 @@ def test_empty_database_migrates_to_head(database_url: str) -> None:
 
 
 @pytest.mark.parametrize(
-    ("with_description", "stamped"),
-    [(False, False), (True, False), (True, True)],
-    ids=["tables-without-description", "tables-without-version-table", "stamped-78d3d6d84aec"],
+    ("with_description", "stamped", "revision"),
+    [
+        (False, False, "78d3d6d84aec"),
+        (True, False, "78d3d6d84aec"),
+        (True, True, "78d3d6d84aec"),
+        (True, True, "92e8f9e637a1"),
+    ],
+    ids=[
+        "tables-without-description",
+        "tables-without-version-table",
+        "stamped-78d3d6d84aec",
+        "stamped-92e8f9e637a1",
+    ],
 )
 def test_upstream_database_is_adopted_with_every_row(
-    database_url: str, with_description: bool, stamped: bool
+    database_url: str, with_description: bool, stamped: bool, revision: str
 ) -> None:
-    create_upstream(database_url, with_description=with_description, stamped=stamped)
+    create_upstream(
+        database_url, with_description=with_description, stamped=stamped, revision=revision
+    )
+    names_before = columns(database_url, "imports")
     imports_before = dump(database_url, "imports")
     pre_before = dump(database_url, "imports_preprocessing")
     neighbours_before = dump(database_url, "biomero_job_view")
 
     migrate(database_url, channel=DEFAULT_CHANNEL)
 
-    imports_after = dump(database_url, "imports")
-    if not with_description:
-        # the new column sits at the end and is NULL for history rows
-        assert all(row[-1] is None for row in imports_after)
-        imports_after = [row[:-1] for row in imports_after]
-    assert imports_after == imports_before
+    # every column a state lacked is added, NULL for history rows; every other value is kept
+    added = [name for name in columns(database_url, "imports") if name not in names_before]
+    assert set(added) <= {"description", "import_options"}
+    assert revision != "92e8f9e637a1" or "import_options" not in added
+    if added:
+        assert set(dump(database_url, "imports", added)) == {(None,) * len(added)}
+    assert dump(database_url, "imports", names_before) == imports_before
     assert dump(database_url, "imports_preprocessing") == pre_before
     assert dump(database_url, "biomero_job_view") == neighbours_before
     assert dump(database_url, "alembic_version_biomero") == [("a1b2c3d4e5f6",)]
@@ -77,6 +98,98 @@ def test_upstream_database_is_adopted_with_every_row(
         if uuid not in latest or latest[uuid][1] < row_id:
             latest[uuid] = (str(stage), int(str(row_id)))
     assert _queue(database_url) == latest
+
+
+def _stage_a_previous_head(url: str) -> None:
+    """A database our 2.0.0.dev0 left at its head c41d8e2f7a93: that graph had no 92e8f9e637a1,
+    so the tables have no ``import_options``."""
+    create_upstream(url, with_description=True, stamped=True, orders=20)
+    engine = create_engine(sync_url(url), poolclass=NullPool)
+    try:
+        with engine.connect() as conn:
+            command.upgrade(alembic_config(conn), "c41d8e2f7a93")
+            conn.execute(text("ALTER TABLE imports DROP COLUMN import_options"))
+            conn.commit()
+    finally:
+        engine.dispose()
+
+
+def test_our_previous_head_upgrades_and_gains_import_options(database_url: str) -> None:
+    _stage_a_previous_head(database_url)
+    names_before = columns(database_url, "imports")
+    imports_before = dump(database_url, "imports")
+    queue_before = _queue(database_url)
+
+    before, after = migrate(database_url, channel=DEFAULT_CHANNEL)
+
+    assert (before, after) == ("c41d8e2f7a93", head_revision())
+    assert "import_options" in columns(database_url, "imports")
+    assert dump(database_url, "imports", names_before) == imports_before
+    assert _queue(database_url) == queue_before
+
+
+def _insert(cur: Any, stage: str, order: str, options: str | None) -> None:
+    cur.execute(
+        "INSERT INTO imports (group_name, user_name, destination_id, destination_type, stage,"
+        " uuid, files, file_names, import_options)"
+        " VALUES ('g', 'u', '1', 'Screen', %s, %s, '[\"/data/p.zarr\"]', '[]', %s)",
+        (stage, order, options),
+    )
+
+
+@pytest.mark.parametrize("finished", [True, False], ids=["finished", "running"])
+def test_duplicate_submission_restore_keeps_import_options(
+    migrated_url: str, finished: bool
+) -> None:
+    options = '{"schema": 1, "platePixelSource": "label", "plateLabelName": "nuclei"}'
+    order = "00000000-0000-4000-8000-0000000000aa"
+    conn = psycopg2.connect(migrated_url)
+    try:
+        with conn, conn.cursor() as cur:
+            _insert(cur, "Import Pending", order, options)
+            if finished:
+                _insert(cur, "Import Completed", order, options)
+            else:
+                _insert(cur, "Import Started", order, options)
+                cur.execute("UPDATE importer_orders SET worker_id = 'w' WHERE uuid = %s", (order,))
+            # the second submission of the same order, by a writer that sends no options
+            _insert(cur, "Import Pending", order, None)
+            cur.execute(
+                "SELECT stage, description, import_options FROM imports WHERE uuid = %s"
+                " ORDER BY id DESC LIMIT 1",
+                (order,),
+            )
+            stage, description, restored = cur.fetchone()
+    finally:
+        conn.close()
+    assert stage == ("Import Completed" if finished else "Import Started")
+    assert description.startswith("Duplicate submission ignored")
+    assert restored == options
+
+
+def test_revisions_hold_their_own_sql() -> None:
+    """An old revision must not change when the application changes: no revision imports
+    application code (the SQL it runs is frozen in its own file)."""
+    versions = Path(__file__).resolve().parents[2] / "migrations" / "versions"
+    for revision_file in versions.glob("*.py"):
+        tree = ast.parse(revision_file.read_text())
+        imported = {
+            node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+        } | {
+            alias.name
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Import)
+            for alias in node.names
+        }
+        assert not any(name.startswith("biomero_importer") for name in imported), revision_file
+
+
+def test_upstream_head_is_in_our_graph() -> None:
+    script = ScriptDirectory.from_config(alembic_config())
+    assert script.get_revision("92e8f9e637a1").down_revision == "78d3d6d84aec"
+    chain = [rev.revision for rev in script.walk_revisions("base", "heads")]
+    assert chain.index("92e8f9e637a1") > chain.index(head_revision())
+    assert "c41d8e2f7a93" in chain
 
 
 def test_database_at_head_is_left_alone(migrated_url: str) -> None:

@@ -29,7 +29,7 @@ CREATE TABLE imports (
     files TEXT NOT NULL,
     file_names TEXT,
     {description}
-    preprocessing_id INTEGER REFERENCES imports_preprocessing (id)
+    preprocessing_id INTEGER REFERENCES imports_preprocessing (id){import_options}
 );
 CREATE INDEX ix_imports_user_name ON imports (user_name);
 CREATE INDEX ix_imports_uuid ON imports (uuid);
@@ -52,22 +52,44 @@ STAGE_PATHS = [
 ]
 
 
+# What OMERO.biomero's newer writer stores in ``imports.import_options`` (revision 92e8f9e637a1).
+IMPORT_OPTIONS = [
+    None,
+    '{"schema": 1, "platePixelSource": "label", "plateLabelName": "nuclei"}',
+    '{"schema": 2, "registration": {"platePixelSource": "source"}, "operations": []}',
+]
+
+
 def create_upstream(
-    url: str, *, with_description: bool, stamped: bool, orders: int = 50, seed: int = 1
+    url: str,
+    *,
+    with_description: bool,
+    stamped: bool,
+    orders: int = 50,
+    seed: int = 1,
+    revision: str = "78d3d6d84aec",
 ) -> None:
-    """Tables, optional version stamp and a history of ``orders`` orders in every stage."""
+    """Tables, optional version stamp and a history of ``orders`` orders in every stage.
+
+    At ``revision`` 92e8f9e637a1 the tables have ``import_options`` and orders carry values.
+    """
+    with_options = revision == "92e8f9e637a1"
     rng = random.Random(seed)
     conn = psycopg2.connect(url)
     try:
         with conn, conn.cursor() as cur:
             cur.execute(
-                UPSTREAM_SCHEMA.format(description="description TEXT," if with_description else "")
+                UPSTREAM_SCHEMA.format(
+                    description="description TEXT," if with_description else "",
+                    import_options=",\n    import_options TEXT" if with_options else "",
+                )
             )
             cur.execute(NEIGHBOURS)
             if stamped:
                 cur.execute(
                     "CREATE TABLE alembic_version_omeroadi (version_num VARCHAR(32) PRIMARY KEY);"
-                    "INSERT INTO alembic_version_omeroadi VALUES ('78d3d6d84aec')"
+                    "INSERT INTO alembic_version_omeroadi VALUES (%s)",
+                    (revision,),
                 )
             for n in range(orders):
                 pre_id = None
@@ -96,6 +118,9 @@ def create_upstream(
                 if with_description:
                     columns += ", description"
                     values += ", %s"
+                if with_options:
+                    columns += ", import_options"
+                    values += ", %s"
                 for step, stage in enumerate(rng.choice(STAGE_PATHS)):
                     params: list[object] = [
                         f"group{n % 3}",
@@ -111,16 +136,20 @@ def create_upstream(
                     ]
                     if with_description:
                         params.append("boom" if stage == "Import Failed" else None)
+                    if with_options:
+                        params.append(IMPORT_OPTIONS[n % len(IMPORT_OPTIONS)])
                     cur.execute(f"INSERT INTO imports ({columns}) VALUES ({values})", params)
     finally:
         conn.close()
 
 
-def dump(url: str, table: str) -> list[tuple[object, ...]]:
+def dump(url: str, table: str, names: list[str] | None = None) -> list[tuple[object, ...]]:
+    """Every row of ``table`` (only the columns ``names`` when given), in id order."""
+    selected = ", ".join(names) if names else "*"
     conn = psycopg2.connect(url)
     try:
         with conn.cursor() as cur:
-            cur.execute(f"SELECT * FROM {table} ORDER BY 1")
+            cur.execute(f"SELECT {selected} FROM {table} ORDER BY 1")
             return list(cur.fetchall())
     finally:
         conn.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
 import subprocess
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from biomero_importer.model import RegistrationOptions
 from biomero_importer.observability.logging import reset_logging
 from biomero_importer.omero import create_gateway
 from biomero_importer.omero.port import (
@@ -317,3 +319,45 @@ def test_register_zarr_records_the_zarr_path(gateway: SimulatorGateway, tmp_path
     (tmp_path / "plain.zarr").mkdir()
     with pytest.raises(ImportFailed, match=r"plain\.zarr"):
         session.register_zarr(tmp_path / "plain.zarr", DATASET, order_uuid="z")
+
+
+def _registration(gateway: SimulatorGateway, object_id: int) -> tuple[str, str | None, list[str]]:
+    with sqlite3.connect(gateway.db_path) as conn:
+        source, label, paths = conn.execute(
+            "SELECT pixel_source, label_name, image_paths FROM registrations WHERE object_id = ?",
+            (object_id,),
+        ).fetchone()
+    return source, label, json.loads(paths)
+
+
+def test_register_zarr_plate_with_label_pixels(gateway: SimulatorGateway, tmp_path: Path) -> None:
+    """ImportOptions {"platePixelSource": "label", "plateLabelName": "nuclei"}: a label-backed
+    Plate preview, its fields read from labels/nuclei."""
+    from .test_zarr import add_plate_labels, make_plate_v3
+
+    store = add_plate_labels(make_plate_v3(tmp_path / "plate.ome.zarr"), "nuclei")
+    session = gateway.open_session("alice", "lab", order_uuid="z")
+    (source,) = session.register_zarr(store, SCREEN, order_uuid="z")
+    (label,) = session.register_zarr(
+        store,
+        SCREEN,
+        order_uuid="z",
+        options=RegistrationOptions(plate_pixel_source="label", plate_label_name="nuclei"),
+    )
+    assert _registration(gateway, source.id) == (
+        "source",
+        None,
+        [str(store / "A/1/0"), str(store / "B/2/0")],
+    )
+    assert _registration(gateway, label.id) == (
+        "label",
+        "nuclei",
+        [str(store / "A/1/0/labels/nuclei"), str(store / "B/2/0/labels/nuclei")],
+    )
+    with pytest.raises(ImportFailed, match="no label image 'cells'"):
+        session.register_zarr(
+            store,
+            SCREEN,
+            order_uuid="z",
+            options=RegistrationOptions(plate_pixel_source="label", plate_label_name="cells"),
+        )

@@ -91,11 +91,34 @@ def make_plate_v3(path: Path) -> Path:
     return path
 
 
+def add_plate_labels(plate: Path, label: str) -> Path:
+    """A label image ``labels/<label>`` in every field of a plate made by make_plate_v3."""
+    for row, column in (("A", "1"), ("B", "2")):
+        field = zarr.open_group(str(plate / row / column / "0"), mode="a", zarr_format=3)
+        labels = field.create_group("labels")
+        labels.attrs.update({"ome": {"version": "0.5", "labels": [label]}})
+        image = labels.create_group(label)
+        shape = (1, 4, 4)
+        image.create_array("0", shape=shape, dtype="uint32", chunks=shape)[...] = np.ones(shape)
+        image.attrs.update({"ome": {"version": "0.5", "multiscales": _multiscales(label)}})
+    return plate
+
+
+@pytest.mark.parametrize(
+    ("folder", "title"),
+    [("cells.zarr", "cells"), ("cells.ome.zarr", "cells"), ("CELLS.OME.ZARR", "CELLS")],
+)
+def test_titles_drop_the_zarr_suffix(tmp_path: Path, folder: str, title: str) -> None:
+    """As the original importer names OME-Zarr objects (no .zarr / .ome.zarr)."""
+    content = read_zarr(make_image_v2(tmp_path / folder))
+    assert content.name == title and content.images[0].name == title
+
+
 def test_v2_single_image(tmp_path: Path) -> None:
     content = read_zarr(make_image_v2(tmp_path / "cells.zarr"))
     assert (content.kind, content.zarr_format, content.ngff_version) == ("image", 2, "0.4")
     (image,) = content.images
-    assert image.name == "cells.zarr"
+    assert image.name == "cells"
     assert image.axes == ("c", "y", "x") and image.shape == (2, 8, 16)
     assert (image.size("x"), image.size("y"), image.size("c"), image.size("z")) == (16, 8, 2, 1)
     assert image.dtype == "<u2"
@@ -113,9 +136,9 @@ def test_bioformats2raw_series(tmp_path: Path) -> None:
     content = read_zarr(make_series_v2(tmp_path / "multi.zarr", count=3))
     assert content.kind == "series"
     assert [i.name for i in content.images] == [
-        "multi.zarr [0]",
-        "multi.zarr [1]",
-        "multi.zarr [2]",
+        "multi [0]",
+        "multi [1]",
+        "multi [2]",
     ]
     assert content.images[2].path == tmp_path / "multi.zarr" / "2"
 
@@ -164,7 +187,7 @@ def test_v2_plate_written_by_hand(tmp_path: Path) -> None:
     )
     (field / "0" / ".zarray").write_text(json.dumps({"shape": [5, 6], "dtype": "|u1"}))
     content = read_zarr(root)
-    assert (content.kind, content.name, content.ngff_version) == ("plate", "hand.zarr", "0.4")
+    assert (content.kind, content.name, content.ngff_version) == ("plate", "hand", "0.4")
     assert content.plate is not None
     well = content.plate.wells[0]
     assert (well.row, well.column) == (0, 0)

@@ -26,6 +26,7 @@ from biomero_importer.cli.common import (
     load_quietly,
     local_time,
     parse_duration,
+    parse_json,
     parse_stage,
     ready_database,
     run_with_store,
@@ -43,6 +44,7 @@ from biomero_importer.model import (
     OrderSummary,
     PreprocessingSpec,
 )
+from biomero_importer.options import to_column
 from biomero_importer.pipeline.validate import InvalidOrder, validate
 from biomero_importer.preprocessing import PreprocessingError, validate_preprocessing
 from biomero_importer.settings import Settings
@@ -84,6 +86,18 @@ def _parse_params(params: Sequence[str]) -> dict[str, str]:
             raise typer.BadParameter(f"{key!r} is given twice", param_hint="--param")
         parsed[key] = value
     return parsed
+
+
+def _parse_options(text: str | None) -> dict[str, Any] | None:
+    if text is None:
+        return None
+    try:
+        value = json.loads(text)
+    except ValueError:
+        raise typer.BadParameter("not valid JSON", param_hint="--options") from None
+    if not isinstance(value, dict):
+        raise typer.BadParameter("must be a JSON object", param_hint="--options")
+    return value
 
 
 def _order_info(
@@ -138,6 +152,7 @@ def _validate(settings: Settings, info: dict[str, Any]) -> None:
         attempt=0,
         runs=0,
         queued_at=time.time(),
+        import_options=to_column(info.get("ImportOptions")),
     )
     try:
         order = validate(claimed, settings.effective_import_roots)
@@ -257,6 +272,15 @@ def submit(
             help="Extra preprocessing parameter, passed as --KEY VALUE (repeatable).",
         ),
     ] = None,
+    options: Annotated[
+        str | None,
+        typer.Option(
+            "--options",
+            metavar="JSON",
+            help="ImportOptions as a JSON object (schema 1 or 2), e.g."
+            ' \'{"schema": 1, "platePixelSource": "label", "plateLabelName": "nuclei"}\'.',
+        ),
+    ] = None,
     wait: Annotated[
         bool, typer.Option("--wait", help="Follow the order until it finishes.")
     ] = False,
@@ -282,6 +306,7 @@ def submit(
     params = _parse_params(param or [])
     if params and preprocess is None:
         raise typer.BadParameter("--param needs --preprocess", param_hint="--param")
+    import_options = _parse_options(options)
     settings = load_quietly(config)
     order_uuid = str(uuidlib.uuid4())
     paths = [os.path.abspath(f) for f in files]
@@ -294,6 +319,8 @@ def submit(
         image=preprocess,
         params=params,
     )
+    if import_options:
+        info["ImportOptions"] = import_options
     _validate(settings, info)
     with ready_database(settings) as url:
         _write(url, info)
@@ -429,6 +456,7 @@ def _detail_record(order: OrderDetail, events: list[OrderEvent]) -> dict[str, An
         "lease_expires_at": iso(order.lease_expires_at),
         "cancel_requested": order.cancel_requested,
         "preprocessing": preprocessing,
+        "import_options": parse_json(order.import_options),
         "objects": order.objects,
         "history": [
             {
@@ -458,6 +486,7 @@ def _print_detail(record: dict[str, Any], order: OrderDetail, events: list[Order
         ("User", record["user"]),
         ("Group", record["group"]),
         ("Destination", f"{record['destination_type']} {record['destination_id']}"),
+        ("Import options", order.import_options or "-"),
         ("Queued", local_time(order.queued_at)),
         ("Updated", local_time(order.summary.updated_at)),
         ("Attempts", f"{record['attempts']} (runs, including handed-back ones: {record['runs']})"),

@@ -92,6 +92,8 @@ class IngestionTracking(Base):
         Integer, ForeignKey("imports_preprocessing.id"), nullable=True
     )
     preprocessing: Mapped[Preprocessing | None] = relationship(Preprocessing)
+    # the order's ImportOptions as JSON text, NULL for none (upstream revision 92e8f9e637a1)
+    import_options: Mapped[str | None] = mapped_column(Text, nullable=True)
 
     __table_args__ = (
         Index("imports_ix_uuid_timestamp", "uuid", "timestamp"),

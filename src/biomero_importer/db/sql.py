@@ -15,7 +15,7 @@ CANCEL_PREFIX = "cancel:"
 
 ORDER_COLUMNS = (
     "group_name, user_name, destination_id, destination_type, stage, uuid,"
-    " files, file_names, description, preprocessing_id, timestamp"
+    " files, file_names, description, preprocessing_id, timestamp, import_options"
 )
 
 
@@ -24,7 +24,7 @@ def _copy_latest(stage: str, description: str, file_names: str, source: str) -> 
     return (
         "SELECT i.group_name, i.user_name, i.destination_id, i.destination_type,"
         f" {stage}, i.uuid, i.files, {file_names}, {description}, i.preprocessing_id,"
-        f" clock_timestamp() FROM {source}"
+        f" clock_timestamp(), i.import_options FROM {source}"
     )
 
 
@@ -87,7 +87,7 @@ WITH started AS (
 )
 SELECT s.uuid, s.group_name, s.user_name, s.destination_id, s.destination_type, s.files,
        s.file_names, s.preprocessing_id, p.container, p.input_file, p.output_folder,
-       p.alt_output_folder, p.extra_params::text AS extra_params
+       p.alt_output_folder, p.extra_params::text AS extra_params, s.import_options
 FROM started s LEFT JOIN imports_preprocessing p ON p.id = s.preprocessing_id
 """
 
@@ -238,8 +238,8 @@ VALUES ($1, $2, $3, $4, $5::json) RETURNING id
 
 INSERT_ORDER = """
 INSERT INTO imports (group_name, user_name, destination_id, destination_type, stage, uuid,
-                     files, preprocessing_id)
-VALUES ($1, $2, $3, $4, 'Import Pending', $5, $6, $7)
+                     files, preprocessing_id, import_options)
+VALUES ($1, $2, $3, $4, 'Import Pending', $5, $6, $7, $8)
 """
 
 
@@ -269,8 +269,8 @@ SELECT o.uuid, o.stage, o.latest_id, o.queued_at, o.updated_at, o.worker_id,
        o.last_worker_id, o.lease_expires_at, o.attempts, o.runs, o.cancel_requested,
        o.objects::text AS objects,
        i.group_name, i.user_name, i.destination_type, i.destination_id, i.files, i.file_names,
-       i.description, i.preprocessing_id, p.container, p.input_file, p.output_folder,
-       p.alt_output_folder, p.extra_params::text AS extra_params
+       i.description, i.preprocessing_id, i.import_options, p.container, p.input_file,
+       p.output_folder, p.alt_output_folder, p.extra_params::text AS extra_params
 FROM importer_orders o
 JOIN imports i ON i.id = o.latest_id
 LEFT JOIN imports_preprocessing p ON p.id = i.preprocessing_id

@@ -28,13 +28,13 @@ import omero.sys
 import structlog
 
 from biomero_importer.omero.importcli import (
+    LogPaths,
     fetch_jars_argv,
     import_argv,
     import_env,
-    log_paths,
     order_namespace,
-    parse_import_result,
 )
+from biomero_importer.omero.importrun import run_import
 from biomero_importer.omero.port import (
     ImportAborted,
     ImportedObject,
@@ -42,10 +42,12 @@ from biomero_importer.omero.port import (
     ObjectType,
     OmeroError,
     OmeroUnavailable,
+    RegistrationOptions,
     Target,
     UnknownUserOrGroup,
 )
 from biomero_importer.omero.zarr import ZarrContent, ZarrError, ZarrImage, read_zarr
+from biomero_importer.omero.zarr_labels import for_registration
 from biomero_importer.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -286,6 +288,8 @@ class BlitzSession:
         self._aborted = threading.Event()
         self._proc_lock = threading.Lock()
         self._proc: subprocess.Popen[bytes] | None = None
+        # imports of this order so far: numbers each one's cli.<UUID>_<i> log files
+        self._imports = 0
 
     @property
     def session_key(self) -> str:
@@ -366,32 +370,35 @@ class BlitzSession:
         if self._aborted.is_set():
             raise ImportAborted(f"aborted before importing {path.name}")
         self.backend.ensure_jars(self)
-        logs = log_paths(self.settings, order_uuid)
-        logs.stdout.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
-        # Emptied here because the CLI truncates them only once it gets that far (never read an
-        # earlier run's ids), and created 0600 because they name users and paths: the CLI
-        # reopens existing files without changing their mode.
-        for log_file in (logs.stdout, logs.stderr):
-            fd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            os.fchmod(fd, 0o600)
-            os.close(fd)
-        argv = import_argv(
+        index = self._imports
+        self._imports += 1
+
+        def run_once(logs: LogPaths) -> tuple[int, str, str]:
+            argv = import_argv(
+                self.settings,
+                path,
+                target,
+                session_key=self.session_key,
+                logs=logs,
+                exclude_existing=exclude_existing,
+                order_uuid=order_uuid,
+            )
+            with tempfile.TemporaryDirectory(prefix="omero-sessions-") as session_dir:
+                env = import_env(self.settings, Path(session_dir))
+                log.info(
+                    "omero_import_started", path=str(path), target=f"{target.type}:{target.id}"
+                )
+                with self._keepalive():
+                    return self.run_cli(argv, env, self.settings.import_timeout, path.name)
+
+        verdict = run_import(
             self.settings,
-            path,
-            target,
-            session_key=self.session_key,
-            logs=logs,
-            exclude_existing=exclude_existing,
+            run_once,
             order_uuid=order_uuid,
-        )
-        with tempfile.TemporaryDirectory(prefix="omero-sessions-") as session_dir:
-            env = import_env(self.settings, Path(session_dir))
-            log.info("omero_import_started", path=str(path), target=f"{target.type}:{target.id}")
-            with self._keepalive():
-                code, out, err = self.run_cli(argv, env, self.settings.import_timeout, path.name)
-        stdout = _read_text(logs.stdout) + out
-        stderr = _read_text(logs.stderr) + err
-        verdict = parse_import_result(code, stdout, stderr, name=path.name)
+            index=index,
+            name=path.name,
+            aborted=self._aborted.wait,
+        ).verdict
         if not verdict.ok:
             if verdict.nothing_imported and exclude_existing:
                 log.info("omero_import_excluded", path=str(path))
@@ -507,11 +514,19 @@ class BlitzSession:
         return sorted({root / str(path) / str(name) for path, name in _unwrap_rows(rows)})
 
     # --- OME-Zarr ---------------------------------------------------------------------------
-    def register_zarr(self, path: Path, target: Target, *, order_uuid: str) -> list[ImportedObject]:
+    def register_zarr(
+        self,
+        path: Path,
+        target: Target,
+        *,
+        order_uuid: str,
+        options: RegistrationOptions | None = None,
+    ) -> list[ImportedObject]:
         if self._aborted.is_set():
             raise ImportAborted(f"aborted before registering {path.name}")
         try:
-            content = read_zarr(path)
+            # label pixels: every field image is created from its label image's multiscales
+            content = for_registration(read_zarr(path), options)
         except ZarrError as exc:
             raise ImportFailed(f"OME-Zarr registration of {path.name} failed: {exc}") from exc
         if content.kind == "plate" and target.type != "Screen":
@@ -618,10 +633,3 @@ class BlitzSession:
             self.conn.close()
         except Exception as exc:
             log.debug("omero_close_failed", error=type(exc).__name__)
-
-
-def _read_text(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8", errors="replace")
-    except FileNotFoundError:
-        return ""

@@ -49,9 +49,42 @@ class LogPaths:
     stderr: Path
 
 
-def log_paths(settings: Settings, order_uuid: str) -> LogPaths:
+def log_paths(
+    settings: Settings, order_uuid: str, index: int | None = None, attempt: int = 1
+) -> LogPaths:
+    """``cli.<UUID>[_<index>][_attempt<n>].logs/.errs``, as the original names them: one pair
+    per import of an order, and one more per repeated attempt so none overwrites another."""
+    name = order_uuid if index is None else f"{order_uuid}_{index}"
+    if attempt > 1:
+        name = f"{name}_attempt{attempt}"
     folder = Path(os.path.abspath(settings.order_log_dir))
-    return LogPaths(folder / f"cli.{order_uuid}.logs", folder / f"cli.{order_uuid}.errs")
+    return LogPaths(folder / f"cli.{name}.logs", folder / f"cli.{name}.errs")
+
+
+# Transient failures the original importer retries ``omero import`` on: races between
+# concurrent Ice sessions and connections dropped mid-import.
+RETRYABLE_IMPORT_ERRORS = (
+    "Ice.ObjectNotExistException",
+    "INTERNAL_EXCEPTION",
+    "Ice.ConnectionLostException",
+    "Ice.ConnectionRefusedException",
+    "Ice.TimeoutException",
+)
+NO_ERRS_OUTPUT = "no .errs output"
+
+
+def retryable_import_error(exit_code: int, errs_file_text: str, stderr: str) -> str | None:
+    """What makes a failed import worth another attempt: a transient Ice error, or an
+    importer that wrote nothing to its ``.errs`` file (it died before it could). Never a
+    killed process or an error of omero-py's wrapper (missing jars etc.: no retry helps)."""
+    if exit_code < 0 or exit_code in _WRAPPER_ERRORS:
+        return None
+    for pattern in RETRYABLE_IMPORT_ERRORS:
+        if pattern in errs_file_text or pattern in stderr:
+            return pattern
+    if not errs_file_text.strip():
+        return NO_ERRS_OUTPUT
+    return None
 
 
 def order_namespace(settings: Settings) -> str:

@@ -11,7 +11,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
 
-from biomero_importer.model import ImportedObject, ObjectType, Target, TargetType
+from biomero_importer.model import (
+    ImportedObject,
+    ObjectType,
+    RegistrationOptions,
+    Target,
+    TargetType,
+)
 
 __all__ = [
     "OMERO_UNAVAILABLE",
@@ -23,6 +29,7 @@ __all__ = [
     "OmeroGateway",
     "OmeroSession",
     "OmeroUnavailable",
+    "RegistrationOptions",
     "Target",
     "TargetType",
     "UnknownUserOrGroup",
@@ -74,8 +81,17 @@ class OmeroSession(Protocol):
         """
         ...
 
-    def register_zarr(self, path: Path, target: Target, *, order_uuid: str) -> list[ImportedObject]:
-        """Register an OME-Zarr (image, bioformats2raw series, plate) without copying pixels."""
+    def register_zarr(
+        self,
+        path: Path,
+        target: Target,
+        *,
+        order_uuid: str,
+        options: RegistrationOptions | None = None,
+    ) -> list[ImportedObject]:
+        """Register an OME-Zarr (image, bioformats2raw series, plate) without copying pixels.
+
+        ``options`` are the order's registration ImportOptions (a plate's pixel source)."""
         ...
 
     def find_imported(

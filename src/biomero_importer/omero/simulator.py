@@ -9,6 +9,7 @@ twice creates two objects.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import secrets
@@ -28,10 +29,12 @@ from biomero_importer.omero.port import (
     ImportFailed,
     ObjectType,
     OmeroError,
+    RegistrationOptions,
     Target,
     UnknownUserOrGroup,
 )
 from biomero_importer.omero.zarr import ZarrError, read_zarr
+from biomero_importer.omero.zarr_labels import for_registration
 from biomero_importer.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -55,6 +58,11 @@ CREATE TABLE IF NOT EXISTS fileset_files (
     fileset_id INTEGER, managed_path TEXT, client_path TEXT
 );
 CREATE TABLE IF NOT EXISTS fileset_objects (fileset_id INTEGER, object_id INTEGER);
+-- how a registered OME-Zarr object gets its pixels: 'source', or 'label' (label_name) for a
+-- label-backed Plate preview; image_paths lists the multiscales groups its images read
+CREATE TABLE IF NOT EXISTS registrations (
+    object_id INTEGER PRIMARY KEY, pixel_source TEXT, label_name TEXT, image_paths TEXT
+);
 CREATE INDEX IF NOT EXISTS objects_order_uuid ON objects (order_uuid);
 CREATE INDEX IF NOT EXISTS objects_client_path ON objects (client_path, target_type, target_id);
 CREATE INDEX IF NOT EXISTS fileset_files_fileset ON fileset_files (fileset_id);
@@ -316,26 +324,48 @@ class SimulatorSession:
             )
         return ImportedObject(kind, int(object_id), name, str(client_path), fileset_id)
 
-    def register_zarr(self, path: Path, target: Target, *, order_uuid: str) -> list[ImportedObject]:
+    def register_zarr(
+        self,
+        path: Path,
+        target: Target,
+        *,
+        order_uuid: str,
+        options: RegistrationOptions | None = None,
+    ) -> list[ImportedObject]:
         self._pause()
         try:
-            content = read_zarr(path)
+            content = for_registration(read_zarr(path), options)
         except ZarrError as exc:
             raise ImportFailed(f"OME-Zarr registration of {path.name} failed: {exc}") from exc
         self._check_fail_pattern([path], path.name)
-        if content.kind == "plate":
+        pixel_source = "source"
+        label_name = None
+        if content.plate is not None:
             if target.type != "Screen":
                 raise ImportFailed(f"{path.name} is a plate: send it to a Screen, not a Dataset")
             made: list[tuple[ObjectType, str, Path]] = [("Plate", content.name, path)]
+            images = [[f.path for w in content.plate.wells for f in w.fields]]
+            if options is not None and options.plate_pixel_source == "label":
+                pixel_source, label_name = "label", options.plate_label_name
         else:
             if target.type != "Dataset":
                 raise ImportFailed(f"{path.name} holds images: send it to a Dataset, not a Screen")
             made = [("Image", image.name, image.path) for image in content.images]
+            images = [[image.path] for image in content.images]
         with self.gateway.transaction() as db:
-            return [
+            objects = [
                 self._insert(db, item, target=target, order_uuid=order_uuid, fileset_id=None)
                 for item in made
             ]
+            db.executemany(
+                "INSERT INTO registrations (object_id, pixel_source, label_name, image_paths)"
+                " VALUES (?, ?, ?, ?)",
+                [
+                    (obj.id, pixel_source, label_name, json.dumps([str(p) for p in paths]))
+                    for obj, paths in zip(objects, images, strict=True)
+                ],
+            )
+            return objects
 
     def find_imported(
         self, client_path: Path, target: Target, *, order_uuid: str

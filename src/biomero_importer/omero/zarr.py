@@ -167,7 +167,7 @@ def read_zarr(path: Path) -> ZarrContent:
         raise ZarrError(f"{path.name} is not a zarr store (no zarr.json, .zattrs or .zgroup)")
     zarr_format, attrs = found
     version = attrs.get("version")
-    name = path.name
+    name = zarr_title(path.name)
     if isinstance(attrs.get("plate"), dict):
         plate = _plate(path, attrs["plate"], name)
         version = version or attrs["plate"].get("version")
@@ -186,6 +186,15 @@ def read_zarr(path: Path) -> ZarrContent:
         version = version or attrs["multiscales"][0].get("version")
         return ZarrContent("image", path, zarr_format, _str_or_none(version), name, [image])
     raise ZarrError(f"{name} has no multiscales, plate or bioformats2raw.layout metadata")
+
+
+def zarr_title(name: str) -> str:
+    """OMERO object title of a store: its folder name without ``.ome.zarr`` or ``.zarr``,
+    as the original importer names them."""
+    for suffix in (".ome.zarr", ".zarr"):
+        if name.lower().endswith(suffix) and len(name) > len(suffix):
+            return name[: -len(suffix)]
+    return name
 
 
 def _str_or_none(value: object) -> str | None:

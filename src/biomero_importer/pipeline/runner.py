@@ -273,7 +273,13 @@ class Pipeline:
                 ledger.add(key, found)
                 return found
         if register:
-            call = partial(session.register_zarr, client, order.target, order_uuid=order.uuid)
+            call = partial(
+                session.register_zarr,
+                client,
+                order.target,
+                order_uuid=order.uuid,
+                options=order.registration,
+            )
         else:
             call = partial(
                 session.import_path,

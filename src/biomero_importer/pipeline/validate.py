@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from biomero_importer.model import ClaimedOrder, Order, Target
+from biomero_importer.options import InvalidImportOptions, parse_column
 from biomero_importer.text import short
 
 MAX_NAME_LENGTH = 255
@@ -159,6 +160,10 @@ def validate(
         raise InvalidOrder(claimed.preprocessing_problem)
     if claimed.preprocessing is not None and not claimed.preprocessing.container.strip():
         raise InvalidOrder("Preprocessing has no container image")
+    try:
+        registration = parse_column(claimed.import_options)
+    except InvalidImportOptions as exc:
+        raise InvalidOrder(str(exc)) from None
     return Order(
         uuid=claimed.uuid,
         group=group,
@@ -168,4 +173,5 @@ def validate(
         file_names=[path.name for path in files],
         preprocessing=claimed.preprocessing,
         attempt=claimed.attempt,
+        registration=registration,
     )

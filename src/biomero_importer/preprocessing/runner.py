@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -54,6 +55,8 @@ DRAIN_TIMEOUT = 2.0
 # Exit codes of the runtime itself (podman and docker): the converter never ran.
 RUNTIME_EXIT_CODES = (125, 126, 127)
 DESCRIPTION_LIMIT = 300
+# podman's last line when statfs on a bind-mount source fails with EBUSY
+BUSY_BIND_SOURCE = re.compile(r"^Error: statfs .*: device or resource busy$", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -194,6 +197,33 @@ async def _run_container(
     return run
 
 
+async def _retry_busy_bind(
+    run: _Run, job: ContainerJob, settings: Settings, output: OutputLog, log: FilteringBoundLogger
+) -> _Run:
+    """Run again, as the original does, while the runtime reports a busy bind source (a
+    CIFS/DFS referral reconnecting); the same mount works a moment later. Only that exact
+    error: converter, image and permission failures stay immediate."""
+    delay = settings.podman_bind_retry_delay_seconds
+    attempt = 1
+    while (
+        run.returncode != 0
+        and BUSY_BIND_SOURCE.match(run.stderr.text())
+        and attempt < settings.podman_bind_retry_attempts
+    ):
+        attempt += 1
+        log.warning(
+            "preprocessing_bind_source_busy",
+            attempt=attempt,
+            attempts=settings.podman_bind_retry_attempts,
+            retry_in=delay,
+        )
+        output.note(f"bind source busy: run again in {delay:g} s (attempt {attempt})")
+        await asyncio.sleep(delay)
+        delay *= 2
+        run = await _run_container(job, settings, output, log)
+    return run
+
+
 def _failure(job: ContainerJob, run: _Run) -> PreprocessingError:
     code = run.returncode
     what = "Container runtime" if code in RUNTIME_EXIT_CODES else "Converter"
@@ -218,6 +248,7 @@ async def _run_job(
             clog.warning("preprocessing_stale_container_removed")
             await remove_container(job.name, settings, clog)
             run = await _run_container(job, settings, output, clog)
+        run = await _retry_busy_bind(run, job, settings, output, clog)
         if run.returncode != 0:
             raise _failure(job, run)
         items = await asyncio.to_thread(

@@ -181,6 +181,7 @@ class MemoryStore(OrderStore):
                     runs=order.runs,
                     queued_at=order.queued_at,
                     recorded_objects=copy.deepcopy(order.objects or []),
+                    import_options=new.import_options,
                 )
             )
         return claimed
@@ -386,6 +387,7 @@ class MemoryStore(OrderStore):
             file_names=order.rows[-1].file_names,
             preprocessing=spec,
             raw_extra_params=None if spec is None else (spec.extra_params or None),
+            import_options=order.new.import_options,
         )
 
     async def order_events(self, uuid: str, after_id: int = 0) -> list[OrderEvent]:

@@ -349,6 +349,7 @@ class PostgresStore(OrderStore):
                     order.uuid,
                     order.files,
                     pre_id,
+                    order.import_options,
                 )
 
         await self._retry("submit", attempt)
@@ -467,6 +468,7 @@ def _claimed_order(started: asyncpg.Record, claim: asyncpg.Record) -> ClaimedOrd
         queued_at=claim["queued_at"],
         recorded_objects=recorded if isinstance(recorded, list) else [],
         preprocessing_problem=problem,
+        import_options=started["import_options"],
     )
 
 
@@ -501,4 +503,5 @@ def _detail(row: asyncpg.Record) -> OrderDetail:
         file_names=row["file_names"],
         preprocessing=preprocessing,
         raw_extra_params=_json(row["extra_params"]),
+        import_options=row["import_options"],
     )

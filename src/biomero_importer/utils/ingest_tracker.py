@@ -2,7 +2,9 @@
 
 OMERO.biomero does ``initialize_ingest_tracker({"ingest_tracking_db": url})`` and then
 ``log_ingestion_step(order_dict, STAGE_NEW_ORDER)``; the return value (new row id, or None when
-the write failed) is ignored by the plugin, so failures are logged, never raised.
+the write failed) is ignored by the plugin, so failures are logged, never raised. Every public
+name of the original module is here (biomero-scripts also imports ``_mask_url``), and, as
+there, any SQLAlchemy URL works: SQLite and psycopg 3 included.
 """
 
 from __future__ import annotations
@@ -12,9 +14,10 @@ import os
 import threading
 import time
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
-from sqlalchemy import create_engine, null, text
-from sqlalchemy.engine import Engine
+from sqlalchemy import create_engine, event, null, text
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -29,22 +32,26 @@ from biomero_importer.db.models import (
     IngestionTracking,
     Preprocessing,
 )
-from biomero_importer.db.urls import sync_url
-from biomero_importer.settings import mask_db_url, normalise_db_url
+from biomero_importer.options import to_column
+from biomero_importer.settings import mask_db_url
 
 __all__ = [
     "ALL_STAGES",
+    "CREATED_ANY_TABLES",
     "STAGE_IMPORTED",
     "STAGE_INGEST_FAILED",
     "STAGE_INGEST_STARTED",
     "STAGE_NEW_ORDER",
     "STAGE_PREPROCESSING",
+    "Base",
     "IngestTracker",
     "IngestionTracking",
     "Preprocessing",
     "get_ingest_tracker",
     "initialize_ingest_tracker",
     "log_ingestion_step",
+    "prepare_ingest_tracker_for_worker",
+    "receive_after_create",
 ]
 
 STAGE_INGEST_STARTED = STAGE_IMPORTING
@@ -63,18 +70,67 @@ _UPSTREAM_TABLES = [
     Base.metadata.tables[Preprocessing.__tablename__],
     Base.metadata.tables[IngestionTracking.__tablename__],
 ]
+# URL schemes that name PostgreSQL without a driver we can use synchronously: they get the
+# psycopg2 driver we ship (SQLAlchemy 2.1 would otherwise pick psycopg 3 for a plain one).
+_PSYCOPG2_SCHEMES = frozenset({"postgres", "postgresql", "postgresql+asyncpg"})
+
+# True once ``create_all`` created a table in this process (the original's migrator read it).
+CREATED_ANY_TABLES = False
+
+
+@event.listens_for(Base.metadata, "after_create")
+def receive_after_create(target: Any, connection: Connection, tables: Any = (), **kw: Any) -> None:
+    global CREATED_ANY_TABLES  # noqa: PLW0603 - the original's module-level flag
+    if tables:
+        CREATED_ANY_TABLES = True
+
+
+def _mask_url(url: str) -> str:
+    """The URL with its password replaced, for logs (biomero-scripts imports this name)."""
+    try:
+        return mask_db_url(url)
+    except ValueError:
+        return "<unparseable database URL>"
+
+
+def writer_url(url: str) -> str:
+    """The SQLAlchemy URL the writer connects with: as given, except driverless PostgreSQL."""
+    parts = urlsplit(url.strip())
+    if parts.scheme in _PSYCOPG2_SCHEMES:
+        return urlunsplit(("postgresql+psycopg2", *parts[1:]))
+    return url.strip()
+
+
+def _safe_error(exc: BaseException, url: str) -> str:
+    """The exception's message with the URL's password masked (driver errors may quote it)."""
+    message = f"{type(exc).__name__}: {exc}"
+    try:
+        password = urlsplit(url).password
+    except ValueError:
+        password = None
+    if password:
+        message = message.replace(url, _mask_url(url)).replace(password, "***")
+    return message
 
 
 class IngestTracker:
     def __init__(self, config: dict[str, Any]) -> None:
         if not config or "ingest_tracking_db" not in config:
             raise ValueError("Configuration must include 'ingest_tracking_db'")
-        raw_url = os.getenv("INGEST_TRACKING_DB_URL") or config["ingest_tracking_db"]
-        self.database_url = normalise_db_url(str(raw_url))
-        logger.debug("ingest tracker database: %s", mask_db_url(self.database_url))
+        self.logger = logger
+        self.database_url = writer_url(
+            str(os.getenv("INGEST_TRACKING_DB_URL") or config["ingest_tracking_db"])
+        )
+        logger.debug("ingest tracker database: %s", _mask_url(self.database_url))
+        dialect = urlsplit(self.database_url).scheme.split("+")[0]
+        connect_args: dict[str, Any] = {}
+        if dialect == "sqlite":
+            connect_args["timeout"] = 5
+        elif dialect in ("postgresql", "postgres"):
+            connect_args["connect_timeout"] = 5
         self.engine: Engine = create_engine(
-            sync_url(self.database_url),
-            connect_args={"connect_timeout": 5},
+            self.database_url,
+            connect_args=connect_args,
             pool_pre_ping=True,
             pool_recycle=1800,
         )
@@ -112,10 +168,18 @@ class IngestTracker:
                     logger.warning("database connection issue, retrying in %.1fs", wait)
                     time.sleep(wait)
                     continue
-                logger.error("could not log ingestion step %s: %s", stage, type(exc).__name__)
+                logger.error(
+                    "could not log ingestion step %s: %s",
+                    stage,
+                    _safe_error(exc, self.database_url),
+                )
                 return None
-            except Exception:
-                logger.exception("unexpected error logging ingestion step %s", stage)
+            except Exception as exc:
+                logger.error(
+                    "unexpected error logging ingestion step %s: %s",
+                    stage,
+                    _safe_error(exc, self.database_url),
+                )
                 return None
         return None
 
@@ -129,6 +193,7 @@ class IngestTracker:
             stage=stage,
             uuid=str(order_info.get("UUID", "Unknown")),
             description=order_info.get("Description") or order_info.get("description"),
+            import_options=to_column(order_info.get("ImportOptions")),
         )
         entry.files = order_info.get("Files", [])
         entry.file_names = order_info.get("FileNames", [])
@@ -138,42 +203,69 @@ class IngestTracker:
             entry.preprocessing_id = int(existing_id)
         elif "preprocessing_container" in order_info:
             columns = {column: order_info.get(key) for key, column in PREPROCESSING_COLUMNS.items()}
-            extra = dict(order_info.get("extra_params") or {})
-            extra.update(
-                {
-                    key.removeprefix("preprocessing_"): value
-                    for key, value in order_info.items()
-                    if key.startswith("preprocessing_") and key not in PREPROCESSING_COLUMNS
-                }
-            )
-            # SQL NULL when there are none: a plain None would be stored as the JSON value
-            # 'null', which the service refuses ("extra_params must be a JSON object").
-            entry.preprocessing = Preprocessing(**columns, extra_params=extra or null())
+            entry.preprocessing = Preprocessing(**columns, extra_params=_extra_params(order_info))
         session.commit()
         return entry.id
 
 
-class _Current:
-    """The process-wide tracker the original API hands out."""
+def _extra_params(order_info: dict[str, Any]) -> Any:
+    """``extra_params`` plus every other ``preprocessing_<key>`` entry.
 
-    lock = threading.Lock()
-    tracker: IngestTracker | None = None
+    SQL NULL when there are none: a plain None would be stored as the JSON value 'null'. A
+    value that is not a mapping is stored as given, as the original did: the service then
+    fails that order saying so, instead of the order vanishing here.
+    """
+    given = order_info.get("extra_params")
+    if given is not None and not isinstance(given, dict):
+        return given
+    extra = dict(given or {})
+    extra.update(
+        {
+            key.removeprefix("preprocessing_"): value
+            for key, value in order_info.items()
+            if key.startswith("preprocessing_") and key not in PREPROCESSING_COLUMNS
+        }
+    )
+    return extra or null()
+
+
+# The process-wide tracker the original API hands out (tests and callers patch this name).
+_ingest_tracker: IngestTracker | None = None
+_lock = threading.Lock()
 
 
 def get_ingest_tracker() -> IngestTracker | None:
-    return _Current.tracker
+    return _ingest_tracker
 
 
 def initialize_ingest_tracker(config: dict[str, Any]) -> bool:
     """Create the process-wide tracker; False (never an exception) when that fails."""
-    with _Current.lock:
+    global _ingest_tracker  # noqa: PLW0603 - the original's module-level instance
+    with _lock:
         try:
-            _Current.tracker = IngestTracker(config)
+            _ingest_tracker = IngestTracker(config)
         except Exception as exc:
-            logger.error("failed to initialize the ingest tracker: %s", type(exc).__name__)
-            _Current.tracker = None
+            url = str((config or {}).get("ingest_tracking_db", ""))
+            logger.error("failed to initialize the ingest tracker: %s", _safe_error(exc, url))
+            _ingest_tracker = None
             return False
         return True
+
+
+def prepare_ingest_tracker_for_worker(config: dict[str, Any]) -> bool:
+    """Make a process-pool worker use its own database connections.
+
+    A forked worker inherits the parent's tracker: its pool is replaced without closing the
+    parent's connections (``dispose(close=False)``), so the first checkout opens a fresh one.
+    A spawned worker inherits nothing and initialises its own; RuntimeError if it cannot.
+    """
+    tracker = get_ingest_tracker()
+    if tracker is not None:
+        tracker.engine.dispose(close=False)
+        return True
+    if initialize_ingest_tracker(config):
+        return True
+    raise RuntimeError("Failed to initialize ingest tracker in worker process")
 
 
 def log_ingestion_step(order_info: dict[str, Any], stage: str) -> int | None:
