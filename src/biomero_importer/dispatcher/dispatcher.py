@@ -13,7 +13,7 @@ import enum
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 import structlog
@@ -35,6 +35,8 @@ from biomero_importer.pipeline.runner import Pipeline
 from biomero_importer.store import Finish, OrderStore, StoreClosed, StoreUnavailable
 
 log = structlog.get_logger(__name__)
+
+T = TypeVar("T")
 
 
 class StopReason(enum.Enum):
@@ -168,8 +170,10 @@ class Dispatcher:
             if free <= 0:
                 return total
             try:
-                orders = await self.store.claim(free)
+                orders = await self._unless_stopping(self.store.claim(free))
             except StoreClosed:
+                return total
+            if orders is None:
                 return total
             now = time.time()
             for order in orders:
@@ -179,6 +183,22 @@ class Dispatcher:
             if len(orders) < free:
                 return total
         return total
+
+    async def _unless_stopping(self, call: Awaitable[T]) -> T | None:
+        """``call``'s result, or None once a stop is requested: a claim that waits out a
+        database outage must not hold up shutdown. (A claim cut off after it committed only
+        costs its orders a lease period: recovery re-queues them.)"""
+        work = asyncio.ensure_future(call)
+        stop = asyncio.ensure_future(self._stopping.wait())
+        try:
+            await asyncio.wait({work, stop}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+        if work.done():
+            return work.result()
+        work.cancel()
+        await asyncio.gather(work, return_exceptions=True)
+        return None
 
     def _start(self, order: ClaimedOrder) -> None:
         task = asyncio.create_task(self._run_order(order), name=f"order-{order.uuid}")
@@ -203,6 +223,10 @@ class Dispatcher:
                 try:
                     outcome = await self.pipeline.run(order)
                 except asyncio.CancelledError:
+                    running = self._running.get(order.uuid)
+                    reason = running.stop_reason if running else None
+                    # the pipeline has unwound: imports aborted, containers killed
+                    log.info("order_stopped", reason=reason.value if reason else None)
                     outcome = self._outcome_after_stop(order.uuid)
                     if outcome is None:
                         raise
