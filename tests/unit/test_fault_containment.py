@@ -158,7 +158,7 @@ async def test_a_replica_that_cannot_renew_stops_its_orders_before_the_lease_end
             store.available = True
             stage, description = await finished_or_pending(store, slow.uuid)
     assert stopped_after < settings.lease_seconds
-    assert [e["reason"] for e in logs if e["event"] == "order_stopping"][0] == "fenced"
+    assert next(e["reason"] for e in logs if e["event"] == "order_stopping") == "fenced"
     assert (stage, description) == (STAGE_NEW_ORDER, FENCED_NOTE)
 
 
