@@ -90,6 +90,9 @@ class Order:
     file_names: list[str]
     preprocessing: PreprocessingSpec | None
     attempt: int
+    # Each file as validated, symlinks resolved: imports and mounts use these, after checking
+    # again that the file still resolves there (a file swapped meanwhile fails the order).
+    checked: dict[Path, Path] = field(default_factory=dict)
 
 
 @dataclass
