@@ -31,6 +31,7 @@ from biomero_importer.omero.importcli import (
 )
 from biomero_importer.omero.metadata import build_annotation_pairs
 from biomero_importer.omero.port import ImportedObject, OmeroUnavailable, Target
+from biomero_importer.paths import import_area
 from biomero_importer.settings import Settings
 
 UUID = "9d7c7c1e-2a2b-4c4d-8e8f-000000000042"
@@ -155,6 +156,8 @@ def test_annotation_builds_real_model_objects_with_every_key(tmp_path: Path) -> 
         preprocessing_keyvalues=[("Instrument", "SP8")],
         processed_folder_name=".processed",
         imported_at=datetime.now(timezone.utc),
+        import_roots=import_area([tmp_path]),
+        notes=[],
     )
     link = map_annotation_link(ImportedObject("Image", 11, "a.tif", ""), "biomero.import", pairs)
     assert isinstance(link, omero.model.ImageAnnotationLinkI)

@@ -20,6 +20,7 @@ from typing import Any, Protocol, TypeVar
 
 import structlog
 
+from biomero_importer import paths
 from biomero_importer.model import (
     STAGE_IMPORTED,
     STAGE_INGEST_FAILED,
@@ -147,18 +148,21 @@ class Pipeline:
         """Run one claimed order; always returns the terminal outcome (cancellation propagates)."""
         file_names: list[str] | None = None
         ledger = ObjectLedger(claimed.recorded_objects)
+        # What a completed order skipped on purpose (a metadata.csv linking elsewhere).
+        notes: list[str] = []
         try:
             with self._step("validate"):
                 order = validate(claimed, self.settings.effective_import_roots)
                 file_names = order.file_names
                 if order.preprocessing is not None:
                     validate_preprocessing(order, self.settings)
-            await self._import_order(order, claimed, ledger)
+            await self._import_order(order, claimed, ledger, notes)
         except (InvalidOrder, PreprocessingError, OmeroError) as exc:
             detail = getattr(exc, "detail", "")
             log.warning("order_failed", reason=exc.reason, detail=detail or None)
             return Outcome(STAGE_INGEST_FAILED, exc.reason, file_names, ledger.records)
-        return Outcome(STAGE_IMPORTED, None, file_names, ledger.records)
+        description = "; ".join(dict.fromkeys(notes)) or None
+        return Outcome(STAGE_IMPORTED, description, file_names, ledger.records)
 
     def _step(self, name: Step) -> _StepTimer:
         return _StepTimer(name, self.observe_step)
@@ -176,7 +180,7 @@ class Pipeline:
             raise
 
     async def _import_order(
-        self, order: Order, claimed: ClaimedOrder, ledger: ObjectLedger
+        self, order: Order, claimed: ClaimedOrder, ledger: ObjectLedger, notes: list[str]
     ) -> None:
         items: list[ProcessedItem] = []
         temp_dir: Path | None = None
@@ -204,7 +208,7 @@ class Pipeline:
                     if unit.item is not None:
                         await self._finish_item(session, unit.item, objects)
             with self._step("annotate"):
-                await self._annotate(session, order, imported, ledger)
+                await self._annotate(session, order, imported, ledger, notes)
         finally:
             await self._blocking(None, session.close)
         if temp_dir is not None:
@@ -273,8 +277,10 @@ class Pipeline:
         order: Order,
         imported: list[tuple[ImportUnit, list[ImportedObject]]],
         ledger: ObjectLedger,
+        notes: list[str],
     ) -> None:
         now = datetime.now(timezone.utc)
+        roots = paths.import_area(self.settings.effective_import_roots)
         for unit, objects in imported:
             keyvalues = unit.item.keyvalues if unit.item is not None else None
             pairs = build_annotation_pairs(
@@ -283,6 +289,8 @@ class Pipeline:
                 preprocessing_keyvalues=keyvalues,
                 processed_folder_name=self.settings.processed_folder_name,
                 imported_at=now,
+                import_roots=roots,
+                notes=notes,
             )
             for obj in objects:
                 if ledger.annotated(obj):
