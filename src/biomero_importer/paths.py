@@ -146,7 +146,9 @@ def member(store: Path, relative: str, entry: str) -> Path:
         raise PathRefused(f"OME-Zarr entry {exc.reason}", exc.path) from None
 
 
-def recheck(path: Path, checked: Path | None, area: Area, what: str = "File") -> Path:
+def recheck(
+    path: Path, checked: Path | None, area: Area, what: str = "File", *, walk: bool = True
+) -> Path:
     """Check ``path`` again right before use; it must still resolve to ``checked``.
 
     A path that now leaves the area, is gone, or resolves elsewhere than when it was
@@ -154,7 +156,7 @@ def recheck(path: Path, checked: Path | None, area: Area, what: str = "File") ->
     a path nobody checked before, which then just gets its first check.
     """
     try:
-        resolved = contained(path, area, what)
+        resolved = contained(path, area, what, walk=walk)
     except PathRefused as exc:
         if checked is None:
             raise

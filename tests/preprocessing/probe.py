@@ -116,6 +116,7 @@ def main() -> None:
         order_log_dir=workdir / "logs",
         log_file_path=workdir / "service.log",
         embedded_db_dir=workdir / "pg",
+        import_roots=[workdir],
         allowed_containers=[IMAGE],
     )
     with open(os.devnull, "w") as devnull:

@@ -57,10 +57,16 @@ class StageSink(Protocol):
 
 @dataclass(frozen=True)
 class ImportUnit:
-    """One thing to import: an order file, or one item a preprocessing container produced."""
+    """One thing to import: an order file, or one item a preprocessing container produced.
+
+    ``checked`` is ``path`` as validated (symlinks resolved) and ``area`` where it must
+    still lie when it is imported.
+    """
 
     path: Path
     annotation_path: Path
+    checked: Path | None
+    area: paths.Area
     item: ProcessedItem | None = None
 
 
@@ -157,7 +163,7 @@ class Pipeline:
                 if order.preprocessing is not None:
                     validate_preprocessing(order, self.settings)
             await self._import_order(order, claimed, ledger, notes)
-        except (InvalidOrder, PreprocessingError, OmeroError) as exc:
+        except (InvalidOrder, PreprocessingError, OmeroError, paths.PathRefused) as exc:
             detail = getattr(exc, "detail", "")
             log.warning("order_failed", reason=exc.reason, detail=detail or None)
             return Outcome(STAGE_INGEST_FAILED, exc.reason, file_names, ledger.records)
@@ -190,9 +196,12 @@ class Pipeline:
             with self._step("preprocess"):
                 result = await run_preprocessing(order, self.settings, log=log)
             items, temp_dir = result.items, result.temp_dir
-            units = [ImportUnit(i.import_path, i.final_path, i) for i in items]
+            units = [
+                ImportUnit(i.import_path, i.final_path, i.import_path, i.area, i) for i in items
+            ]
         else:
-            units = [ImportUnit(path, path) for path in order.files]
+            roots = paths.import_area(self.settings.effective_import_roots)
+            units = [ImportUnit(p, p, order.checked.get(p), roots) for p in order.files]
 
         session = await self._blocking(
             None, partial(self.gateway.open_session, order.user, order.group, order_uuid=order.uuid)
@@ -230,10 +239,20 @@ class Pipeline:
             log.info("import_skipped_already_done", path=key, objects=len(known))
             return known
         register = self.settings.use_register_zarr and unit.path.suffix.lower() == ".zarr"
+        # What is imported is what was checked, checked once more now: a file swapped for a
+        # symlink while the order waited fails the order here.
+        source = await self._blocking(
+            None, partial(paths.recheck, unit.path, unit.checked, unit.area)
+        )
         # Registration copies nothing and no symlink gets redirected: OMERO reads a store
         # where it was registered, so a converted store is registered from its copy on shared
         # storage, never from the temporary folder deleted after the import.
-        client = unit.item.final_path if register and unit.item is not None else unit.path
+        client = source
+        if register and unit.item is not None:
+            final = unit.item.final_path
+            client = await self._blocking(
+                None, partial(paths.recheck, final, final, unit.area, "Converter output")
+            )
         if check_existing:
             found = await self._blocking(
                 session,
@@ -248,7 +267,7 @@ class Pipeline:
         else:
             call = partial(
                 session.import_path,
-                unit.path,
+                source,
                 order.target,
                 order_uuid=order.uuid,
                 exclude_existing=check_existing,
