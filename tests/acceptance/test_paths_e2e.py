@@ -6,14 +6,19 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 import structlog
 import zarr
 from structlog.testing import capture_logs
 
+from biomero_importer.settings import Settings
+from tests.podman_support import container_running
 from tests.support import insert_order, make_settings, make_tiffs, running_service, wait_for_stage
 
 from .conftest import sim_annotations, sim_objects
@@ -99,3 +104,84 @@ async def test_metadata_csv_linked_to_another_groups_csv_is_skipped(
     (skipped,) = [e for e in events if e["event"] == "metadata_csv_skipped"]
     assert (skipped["log_level"], skipped["order_uuid"]) == ("warning", order)
     assert skipped["file"] == str(link) and "links outside the import roots" in skipped["reason"]
+
+
+async def test_a_file_swapped_while_the_order_waits_for_its_import_is_not_imported(
+    migrated_url: str, tmp_path: Path, import_root: Path
+) -> None:
+    """The first file's import takes 2 s; meanwhile the second becomes a link out of the
+    roots. The check right before the second import fails the order."""
+    secret = make_tiffs(tmp_path / "groupB", 1, prefix="secret")[0]
+    first, second = make_tiffs(import_root / "mine", 2)
+    settings = make_settings(
+        tmp_path, migrated_url, [import_root], omero_simulator_import_delay=2.0
+    )
+    async with running_service(settings, migrated_url):
+        order = await insert_order(migrated_url, [first, second])
+        await wait_for_stage(migrated_url, order, ("Import Started",), timeout=30)
+        second.unlink()
+        second.symlink_to(secret)
+        row = await wait_for_stage(migrated_url, order, timeout=30)
+    assert row["stage"] == "Import Failed"
+    assert row["description"] == f"Files changed while the order waited: {second}"
+    imported = [o.client_path for o in sim_objects(settings.simulator_dir, order)]
+    assert imported == [str(first)]
+
+
+async def _preprocessed(
+    podman_image: str, migrated_url: str, tmp_path: Path, files: list[Path], mode: str
+) -> tuple[Settings, str, asyncio.Task[Any]]:
+    settings = make_settings(
+        tmp_path,
+        migrated_url,
+        [files[0].parent.parent],
+        poll_interval=0.5,
+        allowed_containers=["localhost/biomero-test-converter:*"],
+        preprocessing_timeout=30.0,
+    )
+    order = await insert_order(
+        migrated_url,
+        files,
+        preprocessing={"container": podman_image, "extra_params": {"mode": mode}},
+    )
+    waiting = asyncio.ensure_future(wait_for_stage(migrated_url, order, timeout=60))
+    return settings, order, waiting
+
+
+@pytest.mark.podman
+async def test_a_converter_writing_a_link_to_etc_fails_the_order_naming_it(
+    podman_image: str, migrated_url: str, tmp_path: Path, import_root: Path
+) -> None:
+    files = make_tiffs(import_root / "plate", 1)
+    settings, order, waiting = await _preprocessed(
+        podman_image, migrated_url, tmp_path, files, "linketc"
+    )
+    async with running_service(settings, migrated_url):
+        row = await waiting
+    assert row["stage"] == "Import Failed"
+    link = Path(os.path.abspath(settings.omero_inplace_dir)) / order / "1" / "sub" / "etc"
+    assert row["description"] == f"Folder links outside the container's mounts: {link}"
+    assert sim_objects(settings.simulator_dir, order) == []
+
+
+@pytest.mark.podman
+async def test_a_file_swapped_while_the_order_waits_in_preprocessing_fails_the_order(
+    podman_image: str, migrated_url: str, tmp_path: Path, import_root: Path
+) -> None:
+    secret = make_tiffs(tmp_path / "groupB", 1, prefix="secret")[0]
+    first, second = make_tiffs(import_root / "plate", 2)
+    settings, order, waiting = await _preprocessed(
+        podman_image, migrated_url, tmp_path, [first, second], "waitgo"
+    )
+    async with running_service(settings, migrated_url):
+        deadline = time.monotonic() + 30
+        while not container_running(f"biomero-{order}-1"):
+            assert time.monotonic() < deadline, "the first container did not start"
+            await asyncio.sleep(0.1)
+        second.unlink()
+        second.symlink_to(secret)
+        (first.parent / "go").touch()
+        row = await waiting
+    assert row["stage"] == "Import Failed"
+    assert row["description"] == f"Files changed while the order waited: {second}"
+    assert sim_objects(settings.simulator_dir, order) == []
