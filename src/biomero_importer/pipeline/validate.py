@@ -9,7 +9,6 @@ from pathlib import Path
 
 from biomero_importer import paths
 from biomero_importer.model import ClaimedOrder, Order, Target
-from biomero_importer.paths import Area, import_area
 from biomero_importer.text import short
 
 MAX_NAME_LENGTH = 255
@@ -70,7 +69,7 @@ def _file_list(raw: str) -> list[str]:
     return files
 
 
-def check_file(raw: str, roots: Area) -> Path:
+def check_file(raw: str, roots: paths.Area) -> Path:
     """One file of an order: absolute, readable, and contained in the import roots
     (:func:`biomero_importer.paths.contained`); returns its resolved path."""
     if "\x00" in raw:
@@ -97,7 +96,7 @@ def validate(claimed: ClaimedOrder, roots: list[Path]) -> Order:
     group = _required_name("Group", claimed.group_name)
     user = _required_name("Username", claimed.user_name)
     target = _target(claimed.destination_type, claimed.destination_id)
-    area = import_area(roots)
+    area = paths.import_area(roots)
     raws = _file_list(claimed.files)
     # Checked before Path() sees them: it would hide a trailing '/' or a NUL's position.
     checked = {Path(raw): check_file(raw, area) for raw in raws}
