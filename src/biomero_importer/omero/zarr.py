@@ -174,7 +174,8 @@ def _validated(kind: str, group: _Group, label: str) -> Any:
     except pydantic.ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(part) for part in first["loc"]) or kind
-        message = first["msg"].replace("\n", " ")
+        # pydantic's message can quote a whole list of wells: cut it for the description.
+        message = short(first["msg"].replace("\n", " "), 300)
         version = _NGFF[group.zarr_format]
         raise ZarrError(
             f"{short(label)} is not valid NGFF {version} {kind} metadata: {where}: {message}"
