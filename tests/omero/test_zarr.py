@@ -277,6 +277,14 @@ def test_not_an_ome_zarr(tmp_path: Path, setup: Any, message: str) -> None:
         read_zarr(store)
 
 
+@pytest.mark.unit
+def test_array_metadata_without_a_shape_fails_the_store(tmp_path: Path) -> None:
+    store = make_image_v2(tmp_path / "broken.zarr")
+    (store / "0" / ".zarray").write_text(json.dumps({"dtype": "<u2", "shape": "big"}))
+    with pytest.raises(ZarrError, match="has no usable shape"):
+        read_zarr(store)
+
+
 def test_missing_array_metadata(tmp_path: Path) -> None:
     store = make_image_v2(tmp_path / "broken.zarr")
     (store / "0" / ".zarray").unlink()

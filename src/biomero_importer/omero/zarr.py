@@ -155,12 +155,19 @@ class _Store:
     def array(self, relative: str, entry: str) -> tuple[tuple[int, ...], str]:
         self.folder(relative, entry)
         v3 = self.json(relative, "zarr.json")
+        found: tuple[dict[str, Any], str] | None
         if v3 is not None and v3.get("node_type") == "array":
-            return tuple(int(n) for n in v3["shape"]), str(v3.get("data_type", ""))
-        v2 = self.json(relative, ".zarray")
-        if v2 is not None:
-            return tuple(int(n) for n in v2["shape"]), str(v2.get("dtype", ""))
-        raise ZarrError(f"no zarr array metadata in {short(entry)}")
+            found = v3, "data_type"
+        else:
+            v2 = self.json(relative, ".zarray")
+            found = None if v2 is None else (v2, "dtype")
+        if found is None:
+            raise ZarrError(f"no zarr array metadata in {short(entry)}")
+        meta, dtype_key = found
+        try:
+            return tuple(int(n) for n in meta["shape"]), str(meta.get(dtype_key, ""))
+        except (KeyError, TypeError, ValueError):
+            raise ZarrError(f"array metadata of {short(entry)} has no usable shape") from None
 
 
 def _join(*parts: str) -> str:
