@@ -96,7 +96,6 @@ class ZarrContent:
 class _Group:
     """A zarr group of the store: where it is, its zarr format and its NGFF attributes."""
 
-    relative: str
     path: Path
     zarr_format: int
     attrs: dict[str, Any]
@@ -144,12 +143,12 @@ class _Store:
                 raise ZarrError(f"{short(entry)}: zarr.json attributes are not an object")
             # NGFF 0.5 nests everything under "ome".
             ome = attrs.get("ome")
-            return _Group(relative, path, 3, ome if isinstance(ome, dict) else {})
+            return _Group(path, 3, ome if isinstance(ome, dict) else {})
         v2 = self.json(relative, ".zattrs")
         if v2 is not None:
-            return _Group(relative, path, 2, v2)
+            return _Group(path, 2, v2)
         if os.path.lexists(path / ".zgroup"):
-            return _Group(relative, path, 2, {})
+            return _Group(path, 2, {})
         return None
 
     def array(self, relative: str, entry: str) -> tuple[tuple[int, ...], str]:
