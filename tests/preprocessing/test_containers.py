@@ -22,7 +22,7 @@ from biomero_importer.preprocessing import (
 )
 from biomero_importer.settings import Settings
 
-from .conftest import REPO, OrderFactory, container_running, leftover_containers
+from .conftest import REPO, TEST_IMAGE, OrderFactory, container_running, leftover_containers
 
 pytestmark = [pytest.mark.podman, pytest.mark.usefixtures("real_podman")]
 
@@ -290,7 +290,7 @@ async def test_stale_container_of_a_crashed_attempt_is_replaced(
             "-d",
             "--name",
             name,
-            "localhost/biomero-test-converter:latest",
+            TEST_IMAGE,
             "--inputfile",
             "/x",
             "--mode",
@@ -306,7 +306,7 @@ async def test_stale_container_of_a_crashed_attempt_is_replaced(
 def probe(mode: str, workdir: Path) -> subprocess.Popen[str]:
     env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
     return subprocess.Popen(
-        [sys.executable, str(PROBE), mode, str(workdir)],
+        [sys.executable, str(PROBE), mode, str(workdir), TEST_IMAGE],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
