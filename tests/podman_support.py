@@ -8,6 +8,7 @@ reason, when podman does not work here.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 from collections.abc import Iterator
@@ -18,7 +19,12 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 CONTAINERS_CONF = REPO / "config" / "podman" / "containers.conf"
 BUILD_SCRIPT = REPO / "containers" / "test-image" / "build.sh"
-TEST_IMAGE = "localhost/biomero-test-converter:latest"
+CONVERTER = REPO / "containers" / "test-image" / "rootfs" / "convert"
+# Tagged with the converter script's hash: test sessions of different checkouts on one machine
+# share podman's image store, and with one tag each would rebuild it under the other's feet.
+TEST_IMAGE = (
+    "localhost/biomero-test-converter:" + hashlib.sha256(CONVERTER.read_bytes()).hexdigest()[:12]
+)
 
 
 def podman(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:

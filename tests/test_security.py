@@ -265,8 +265,11 @@ async def test_the_runtime_sees_only_the_command_the_service_built(
         "--rm",
         "--name",
         f"biomero-{hostile}-1",
+        # The data read-only; only the two output folders are writable.
         "-v",
-        f"{import_root}:/data",
+        f"{import_root}:/data:ro",
+        "-v",
+        f"{import_root / '.processed'}:/data/.processed",
         "-v",
         f"{Path(os.path.abspath(settings.omero_inplace_dir))}/{hostile}/1:/out",
     ]

@@ -107,6 +107,9 @@ class Order:
     preprocessing: PreprocessingSpec | None
     attempt: int
     registration: RegistrationOptions = field(default_factory=RegistrationOptions)
+    # Each file as validated, symlinks resolved: imports and mounts use these, after checking
+    # again that the file still resolves there (a file swapped meanwhile fails the order).
+    checked: dict[Path, Path] = field(default_factory=dict)
 
 
 @dataclass

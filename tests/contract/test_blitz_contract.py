@@ -28,9 +28,11 @@ from biomero_importer.omero.importcli import (
     fetch_jars_argv,
     import_argv,
     log_paths,
+    write_session_store,
 )
 from biomero_importer.omero.metadata import build_annotation_pairs
 from biomero_importer.omero.port import ImportedObject, OmeroUnavailable, Target
+from biomero_importer.paths import import_area
 from biomero_importer.settings import Settings
 
 UUID = "9d7c7c1e-2a2b-4c4d-8e8f-000000000042"
@@ -96,7 +98,6 @@ def test_every_import_argv_is_accepted_by_the_real_parser(
         settings,
         path,
         target,
-        session_key="0f0e0d0c-aaaa-bbbb-cccc-123456789abc",
         logs=logs,
         exclude_existing=exclude,
         order_uuid=UUID,
@@ -104,11 +105,8 @@ def test_every_import_argv_is_accepted_by_the_real_parser(
     args = _parse(argv)
     assert args.func.__func__.__name__ == "importer"
     assert args.path == [str(path)]
-    assert (args.server, args.port, args.key) == (
-        "127.0.0.1",
-        str(settings.omero_port),
-        "0f0e0d0c-aaaa-bbbb-cccc-123456789abc",
-    )
+    # No key: the CLI joins the session recorded in its private session folder.
+    assert (args.server, args.port, args.key) == ("127.0.0.1", str(settings.omero_port), None)
     assert args.transfer == "ln_s"
     assert args.exclude == ("clientpath" if exclude else None)
     assert args.output == "yaml"
@@ -155,6 +153,8 @@ def test_annotation_builds_real_model_objects_with_every_key(tmp_path: Path) -> 
         preprocessing_keyvalues=[("Instrument", "SP8")],
         processed_folder_name=".processed",
         imported_at=datetime.now(timezone.utc),
+        import_roots=import_area([tmp_path]),
+        notes=[],
     )
     link = map_annotation_link(ImportedObject("Image", 11, "a.tif", ""), "biomero.import", pairs)
     assert isinstance(link, omero.model.ImageAnnotationLinkI)
@@ -207,3 +207,17 @@ def test_closed_port_becomes_omero_unavailable(tmp_path: Path) -> None:
             backend.open_session("alice", "lab", order_uuid=UUID)
     finally:
         backend.close()
+
+
+def test_the_cli_finds_the_session_recorded_for_it(tmp_path: Path) -> None:
+    """omero-py's own session store reads what the importer wrote as the current session,
+    with no conflict for a login without a group: ``omero import -s -p`` attaches to it."""
+    from omero.util.sessions import SessionsStore
+
+    settings = _settings(tmp_path)
+    key = "0f0e0d0c-aaaa-bbbb-cccc-123456789abc"
+    write_session_store(tmp_path / "sessions", settings, "alice", key)
+    store = SessionsStore(tmp_path / "sessions")
+    assert store.get_current() == ("127.0.0.1", "alice", key, str(settings.omero_port))
+    assert store.conflicts("127.0.0.1", "alice", key, {}, True) == ""
+    assert store.get("127.0.0.1", "alice", key)["omero.sess"] == key

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import stat
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ from biomero_importer.omero.importcli import (
     import_env,
     log_paths,
     parse_import_result,
+    write_session_store,
 )
 from biomero_importer.omero.port import Target
 
@@ -47,7 +49,6 @@ def test_argv_for_a_dataset_with_every_option(tmp_path: Path) -> None:
         settings,
         Path("/data/a b.tif"),
         Target("Dataset", 51),
-        session_key="sess-1",
         logs=logs,
         exclude_existing=True,
         order_uuid=UUID,
@@ -59,8 +60,6 @@ def test_argv_for_a_dataset_with_every_option(tmp_path: Path) -> None:
         "omero.example",
         "-p",
         "4064",
-        "-k",
-        "sess-1",
         "--transfer=ln_s",
         "-d",
         "51",
@@ -95,7 +94,6 @@ def test_argv_for_a_screen_with_skip_all_and_no_exclude(tmp_path: Path) -> None:
         settings,
         Path("/data/plate"),
         Target("Screen", 9),
-        session_key="k",
         logs=log_paths(settings, UUID),
         exclude_existing=False,
         order_uuid=UUID,
@@ -113,11 +111,51 @@ def test_relative_paths_are_refused(tmp_path: Path) -> None:
             settings,
             Path("rel.tif"),
             Target("Dataset", 1),
-            session_key="k",
             logs=log_paths(settings, UUID),
             exclude_existing=False,
             order_uuid=UUID,
         )
+
+
+@pytest.mark.unit
+def test_the_session_key_is_in_a_private_session_store_not_on_the_command_line(
+    tmp_path: Path,
+) -> None:
+    settings = make_settings(tmp_path, omero_host="omero.example:4064/x", omero_port=4064)
+    argv = import_argv(
+        settings,
+        Path("/data/a.tif"),
+        Target("Dataset", 1),
+        logs=log_paths(settings, UUID),
+        exclude_existing=False,
+        order_uuid=UUID,
+    )
+    key = "0f0e0d0c-aaaa-bbbb-cccc-123456789abc"
+    assert "-k" not in argv and key not in " ".join(argv)
+    store = tmp_path / "sessions"
+    store.mkdir(mode=0o700)
+    write_session_store(store, settings, "alice", key)
+    host = store / "omero.example%3A4064%2Fx"
+    assert (store / "._LASTHOST_").read_text() == "omero.example:4064/x"
+    assert (store / "._LASTPORT_").read_text() == "4064"
+    assert (host / "._LASTUSER_").read_text() == "alice"
+    assert (host / "alice" / "._LASTSESS_").read_text() == key
+    assert (host / "alice" / key).read_text().splitlines() == [
+        "omero.host=omero.example:4064/x",
+        "omero.port=4064",
+        "omero.user=alice",
+        f"omero.sess={key}",
+    ]
+    files = [p for p in store.rglob("*") if p.is_file()]
+    assert len(files) == 5 and {stat.S_IMODE(p.stat().st_mode) for p in files} == {0o600}
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("user", ["", "a/b", "..", ".hidden"])
+def test_a_user_name_that_is_no_folder_name_is_refused(tmp_path: Path, user: str) -> None:
+    settings = make_settings(tmp_path, omero_host="h")
+    with pytest.raises(ValueError, match="cannot be a session folder"):
+        write_session_store(tmp_path, settings, user, "k")
 
 
 def test_fetch_jars_is_its_own_command(tmp_path: Path) -> None:

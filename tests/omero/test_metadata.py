@@ -15,6 +15,7 @@ from biomero_importer.omero.metadata import (
     read_metadata_csv,
 )
 from biomero_importer.omero.port import Target
+from biomero_importer.paths import import_area
 
 NOW = datetime(2025, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
 
@@ -40,6 +41,8 @@ def test_plain_order_has_the_core_keys_in_order(tmp_path: Path) -> None:
         preprocessing_keyvalues=None,
         processed_folder_name=".processed",
         imported_at=NOW,
+        import_roots=import_area([tmp_path]),
+        notes=[],
     )
     assert pairs == [
         ("UUID", "0b6c2a3e-0000-4000-8000-000000000001"),
@@ -75,6 +78,8 @@ def test_preprocessing_output_and_csv_keys(tmp_path: Path) -> None:
             preprocessing_keyvalues=[("Instrument", "Stellaris"), ("Series", "2")],
             processed_folder_name=".processed",
             imported_at=NOW,
+            import_roots=import_area([tmp_path]),
+            notes=[],
         )
     values = dict(pairs)
     assert len(values) == len(pairs)
@@ -105,8 +110,55 @@ def test_csv_in_processed_folder_beside_an_unprocessed_file(tmp_path: Path) -> N
         preprocessing_keyvalues=None,
         processed_folder_name="out",
         imported_at=NOW,
+        import_roots=import_area([tmp_path]),
+        notes=[],
     )
     assert ("csv_well", "B2") in pairs
+
+
+@pytest.mark.unit
+def test_csv_linked_to_another_groups_csv_is_not_read(tmp_path: Path) -> None:
+    """Issue 14: a metadata.csv symlinked out of the import roots gives no csv_ keys."""
+    root = tmp_path / "groupA"
+    root.mkdir()
+    other = tmp_path / "groupB"
+    other.mkdir()
+    (other / "metadata.csv").write_text("patient,Jane Doe\n")
+    (root / "metadata.csv").symlink_to(other / "metadata.csv")
+    notes: list[str] = []
+    with capture_logs() as logs:
+        pairs = build_annotation_pairs(
+            _order([root / "a.tif"]),
+            root / "a.tif",
+            preprocessing_keyvalues=None,
+            processed_folder_name=".processed",
+            imported_at=NOW,
+            import_roots=import_area([root]),
+            notes=notes,
+        )
+    assert not [key for key, _ in pairs if key.startswith("csv_")]
+    reason = f"metadata.csv links outside the import roots: {root / 'metadata.csv'}"
+    assert notes == [f"skipped {reason}"]
+    (warning,) = [e for e in logs if e["event"] == "metadata_csv_skipped"]
+    assert warning["log_level"] == "warning" and warning["reason"] == reason
+
+
+@pytest.mark.unit
+def test_csv_linked_inside_the_roots_is_read(tmp_path: Path) -> None:
+    (tmp_path / "shared").mkdir()
+    (tmp_path / "shared" / "metadata.csv").write_text("stain,DAPI\n")
+    (tmp_path / "metadata.csv").symlink_to(tmp_path / "shared" / "metadata.csv")
+    notes: list[str] = []
+    pairs = build_annotation_pairs(
+        _order([tmp_path / "a.tif"]),
+        tmp_path / "a.tif",
+        preprocessing_keyvalues=None,
+        processed_folder_name=".processed",
+        imported_at=NOW,
+        import_roots=import_area([tmp_path]),
+        notes=notes,
+    )
+    assert ("csv_stain", "DAPI") in pairs and notes == []
 
 
 def test_unreadable_csv_is_skipped_with_a_warning(tmp_path: Path) -> None:

@@ -43,6 +43,8 @@ def settings(tmp_path: Path) -> Settings:
     return Settings(
         omero_inplace_dir=tmp_path / "inplace",
         order_log_dir=tmp_path / "logs",
+        # The data folders (data_dir) lie here: mounts are checked against it before a run.
+        import_roots=[tmp_path / "data"],
         allowed_containers=["localhost/biomero-test-converter:*"],
         preprocessing_timeout=60,
         log_file_path=None,

@@ -1,8 +1,8 @@
 """A service-like process for the measurements that need a process of their own.
 
-``python probe.py memory <workdir>``: peak RSS growth while converters flood 50 MB of log
+``python probe.py memory <workdir> <image>``: peak RSS growth while converters flood 50 MB of log
 lines and print one 20 MB line, with the service's logging configured.
-``python probe.py sigterm <workdir>``: a conversion that SIGTERM cancels, like the service's
+``python probe.py sigterm <workdir> <image>``: a conversion that SIGTERM cancels, like the service's
 shutdown does; prints one JSON line when done.
 """
 
@@ -25,8 +25,6 @@ from biomero_importer.omero.port import Target
 from biomero_importer.preprocessing import run_preprocessing
 from biomero_importer.settings import Settings
 
-IMAGE = "localhost/biomero-test-converter:latest"
-
 
 def _status_kib(field: str) -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
@@ -46,7 +44,7 @@ def peak_kib() -> int:
     return _status_kib("VmHWM")
 
 
-def make_order(workdir: Path, mode: str) -> Order:
+def make_order(workdir: Path, mode: str, image: str) -> Order:
     data = workdir / "data"
     data.mkdir(parents=True, exist_ok=True)
     source = data / f"{mode}.tif"
@@ -60,7 +58,7 @@ def make_order(workdir: Path, mode: str) -> Order:
         file_names=[source.name],
         preprocessing=PreprocessingSpec(
             id=1,
-            container=IMAGE,
+            container=image,
             input_file="{Files}",
             output_folder="/data",
             alt_output_folder="/out",
@@ -70,16 +68,16 @@ def make_order(workdir: Path, mode: str) -> Order:
     )
 
 
-async def memory(workdir: Path, settings: Settings) -> dict[str, float]:
+async def memory(workdir: Path, settings: Settings, image: str) -> dict[str, float]:
     log = structlog.get_logger("probe")
-    await run_preprocessing(make_order(workdir, "ok"), settings, log=log)
+    await run_preprocessing(make_order(workdir, "ok", image), settings, log=log)
     baseline = reset_peak()
     started = time.monotonic()
-    flood = await run_preprocessing(make_order(workdir, "flood"), settings, log=log)
+    flood = await run_preprocessing(make_order(workdir, "flood", image), settings, log=log)
     flood_seconds = time.monotonic() - started
     flood_peak = peak_kib()
     bigline_baseline = reset_peak()
-    bigline = await run_preprocessing(make_order(workdir, "bigline"), settings, log=log)
+    bigline = await run_preprocessing(make_order(workdir, "bigline", image), settings, log=log)
     bigline_peak = peak_kib()
     return {
         "baseline_kib": baseline,
@@ -90,7 +88,7 @@ async def memory(workdir: Path, settings: Settings) -> dict[str, float]:
     }
 
 
-async def sigterm(workdir: Path, settings: Settings) -> dict[str, float]:
+async def sigterm(workdir: Path, settings: Settings, image: str) -> dict[str, float]:
     main = asyncio.current_task()
     assert main is not None
     received: list[float] = []
@@ -102,7 +100,7 @@ async def sigterm(workdir: Path, settings: Settings) -> dict[str, float]:
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, on_sigterm)
     try:
         await run_preprocessing(
-            make_order(workdir, "sleep"), settings, log=structlog.get_logger("probe")
+            make_order(workdir, "sleep", image), settings, log=structlog.get_logger("probe")
         )
     except asyncio.CancelledError:
         return {"cancelled": 1, "stop_seconds": round(time.monotonic() - received[0], 3)}
@@ -110,18 +108,21 @@ async def sigterm(workdir: Path, settings: Settings) -> dict[str, float]:
 
 
 def main() -> None:
-    mode, workdir = sys.argv[1], Path(sys.argv[2])
+    mode, workdir, image = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
     settings = Settings(
         omero_inplace_dir=workdir / "inplace",
         order_log_dir=workdir / "logs",
         log_file_path=workdir / "service.log",
         embedded_db_dir=workdir / "pg",
-        allowed_containers=[IMAGE],
+        import_roots=[workdir],
+        allowed_containers=[image],
     )
     with open(os.devnull, "w") as devnull:
         configure_logging(settings, stream=devnull)
         result = asyncio.run(
-            memory(workdir, settings) if mode == "memory" else sigterm(workdir, settings)
+            memory(workdir, settings, image)
+            if mode == "memory"
+            else sigterm(workdir, settings, image)
         )
     print(json.dumps(result), flush=True)  # noqa: T201
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -37,8 +38,11 @@ def test_command_has_upstreams_shape(
         "--name",
         f"biomero-{order.uuid}-1",
         "--userns=keep-id",
+        # The data folder read-only; the converter writes only to its two output folders.
         "-v",
-        f"{data_dir}:/data",
+        f"{data_dir}:/data:ro",
+        "-v",
+        f"{data_dir / '.converted'}:/data/.converted",
         "-v",
         f"{temp}:/out",
         TEST_IMAGE,
@@ -59,6 +63,24 @@ def test_command_has_upstreams_shape(
     assert job.source == data_dir / "a.lif"
 
 
+@pytest.mark.unit
+def test_the_resolved_folder_is_mounted_and_the_file_named_as_resolved(
+    make_order: OrderFactory, settings: Settings, data_dir: Path, tmp_path: Path
+) -> None:
+    """Issue 14: the mount is the folder the file was found in at validation, not the path
+    as written (whose symlinked parts could be swapped before the container starts)."""
+    order = make_order("a.lif")
+    real = tmp_path / "real"
+    real.mkdir()
+    (real / "b.lif").write_bytes(b"raw")
+    checked = dataclasses.replace(order, checked={order.files[0]: real / "b.lif"})
+    (job,) = plan_jobs(checked, settings)
+    assert job.data_mount.option == f"{real}:/data:ro"
+    assert job.processed_dir == real / ".processed"
+    assert job.argv[job.argv.index("--inputfile") + 1] == "/data/b.lif"
+    assert job.source == data_dir / "a.lif" and job.checked == real / "b.lif"
+
+
 def test_one_container_per_file_with_its_own_temp_folder(
     make_order: OrderFactory, settings: Settings
 ) -> None:
@@ -77,7 +99,7 @@ def test_no_userns_without_the_setting_and_no_alt_mount_without_alt_folder(
 ) -> None:
     (job,) = plan_jobs(make_order(alt_output_folder=None), settings)
     assert not any(arg.startswith("--userns") for arg in job.argv)
-    assert job.argv.count("-v") == 1
+    assert job.argv.count("-v") == 2
     assert "--altoutputfolder" not in job.argv
     assert job.alt_mount is None
 

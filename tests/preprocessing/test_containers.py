@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import signal
@@ -21,7 +22,7 @@ from biomero_importer.preprocessing import (
 )
 from biomero_importer.settings import Settings
 
-from .conftest import REPO, OrderFactory, container_running, leftover_containers
+from .conftest import REPO, TEST_IMAGE, OrderFactory, container_running, leftover_containers
 
 pytestmark = [pytest.mark.podman, pytest.mark.usefixtures("real_podman")]
 
@@ -152,6 +153,60 @@ async def test_legacy_converter_without_json_imports_its_alt_folder(
     assert (item.final_path / "sub" / "image.tif").is_file()
 
 
+async def test_a_converter_linking_its_output_to_etc_fails_naming_the_link(
+    make_order: OrderFactory, settings: Settings
+) -> None:
+    """Issue 14: the legacy alt folder is walked like an order folder; nothing is imported."""
+    order = make_order(mode="linketc")
+    with pytest.raises(PreprocessingError) as info:
+        await run_preprocessing(order, settings, log=structlog.get_logger())
+    link = settings.omero_inplace_dir / order.uuid / "1" / "sub" / "etc"
+    assert info.value.reason == f"Folder links outside the container's mounts: {link}"
+    assert not (settings.omero_inplace_dir / order.uuid).exists()
+
+
+async def test_the_data_folder_is_read_only_for_the_converter(
+    make_order: OrderFactory, settings: Settings, data_dir: Path
+) -> None:
+    """Issue 14: only the output folders are writable; the input's folder is mounted ro."""
+    reason = await fails(make_order, settings, mode="writedata")
+    assert reason.startswith("Converter exited with code 3 for image.tif")
+    assert not (data_dir / "stray.txt").exists()
+
+
+async def test_a_processed_folder_that_is_a_symlink_is_refused(
+    make_order: OrderFactory, settings: Settings, data_dir: Path, tmp_path: Path
+) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (data_dir / ".processed").symlink_to(elsewhere, target_is_directory=True)
+    reason = await fails(make_order, settings, mode="ok")
+    assert reason == f"Processed folder links outside the import roots: {data_dir / '.processed'}"
+    assert list(elsewhere.iterdir()) == []
+
+
+async def test_a_file_swapped_while_the_order_waits_fails_the_order(
+    make_order: OrderFactory, settings: Settings, data_dir: Path, tmp_path: Path
+) -> None:
+    """Issue 14: the second file is swapped for a symlink out of the roots while the first
+    converts; the mount check right before its container fails the order."""
+    secret = tmp_path / "secret.tif"
+    secret.write_bytes(b"another group's pixels")
+    order = make_order("a.tif", "b.tif", mode="waitgo")
+    order = dataclasses.replace(order, checked={path: path for path in order.files})
+    task = asyncio.ensure_future(run_preprocessing(order, settings, log=structlog.get_logger()))
+    deadline = time.monotonic() + 30
+    while not container_running(f"biomero-{order.uuid}-1"):
+        assert time.monotonic() < deadline, "first container did not start"
+        await asyncio.sleep(0.1)
+    (data_dir / "b.tif").unlink()
+    (data_dir / "b.tif").symlink_to(secret)
+    (data_dir / "go").touch()
+    with pytest.raises(PreprocessingError) as info:
+        await task
+    assert info.value.reason == f"Files changed while the order waited: {data_dir / 'b.tif'}"
+
+
 async def test_unknown_image_is_a_runtime_failure(
     make_order: OrderFactory, settings: Settings
 ) -> None:
@@ -235,7 +290,7 @@ async def test_stale_container_of_a_crashed_attempt_is_replaced(
             "-d",
             "--name",
             name,
-            "localhost/biomero-test-converter:latest",
+            TEST_IMAGE,
             "--inputfile",
             "/x",
             "--mode",
@@ -251,7 +306,7 @@ async def test_stale_container_of_a_crashed_attempt_is_replaced(
 def probe(mode: str, workdir: Path) -> subprocess.Popen[str]:
     env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
     return subprocess.Popen(
-        [sys.executable, str(PROBE), mode, str(workdir)],
+        [sys.executable, str(PROBE), mode, str(workdir), TEST_IMAGE],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

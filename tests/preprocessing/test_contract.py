@@ -15,6 +15,7 @@ from biomero_importer.preprocessing import (
     ContainerJob,
     PreprocessingError,
     ProcessedItem,
+    output_area,
     parse_keyvalues,
     parse_result,
     plan_jobs,
@@ -68,6 +69,7 @@ def test_item_maps_both_paths_back_to_the_host(job: ContainerJob) -> None:
             name="scan",
             import_path=local,
             final_path=final,
+            area=output_area(job),
             keyvalues=[("method", "conversion"), ("channels", "3"), ("stats", '{"min": 0}')],
         )
     ]
@@ -85,6 +87,7 @@ def test_without_full_path_the_final_copy_mirrors_the_alt_folder(job: ContainerJ
             name="",
             import_path=local.parent,
             final_path=job.processed_dir / "plate" / "a.ome.zarr",
+            area=output_area(job),
             keyvalues=[("k", "v")],
         )
     ]
@@ -129,7 +132,7 @@ def test_malformed_keyvalues_are_refused(raw: object) -> None:
         ('[{"alt_path": "/out/../../etc/passwd"}]', "outside the container's mounts"),
         ('[{"alt_path": "../etc/passwd"}]', "outside the container's mounts"),
         ('[{"alt_path": "//out/x"}]', "outside the container's mounts"),
-        ('[{"alt_path": "/out/missing.tif"}]', "reported file does not exist"),
+        ('[{"alt_path": "/out/missing.tif"}]', "reported file not found"),
     ],
 )
 def test_bad_answers_fail_with_their_own_reason(job: ContainerJob, line: str, message: str) -> None:
@@ -160,8 +163,51 @@ def test_legacy_mode_imports_the_alt_folder(job: ContainerJob) -> None:
             name="",
             import_path=job.alt_mount.host,
             final_path=job.processed_dir,
+            area=output_area(job),
         )
     ]
+
+
+@pytest.mark.unit
+def test_legacy_output_folder_with_a_link_out_is_refused(job: ContainerJob) -> None:
+    """Issue 14: the legacy alt folder gets the walk an order's folder gets."""
+    assert job.alt_mount is not None
+    write(job.alt_mount.host / "sub" / "scan.tif")
+    (job.alt_mount.host / "sub" / "etc").symlink_to("/etc", target_is_directory=True)
+    with pytest.raises(PreprocessingError) as info:
+        parse_result(job, "done, no JSON", True)
+    assert info.value.reason == (
+        f"Folder links outside the container's mounts: {job.alt_mount.host / 'sub' / 'etc'}"
+    )
+
+
+@pytest.mark.unit
+def test_a_folder_item_with_a_link_out_is_refused(job: ContainerJob) -> None:
+    """Issue 14: a directory output (a zarr store, say) is walked too."""
+    assert job.alt_mount is not None
+    store = job.alt_mount.host / "a.ome.zarr"
+    write(store / "0" / "chunk")
+    (store / "0" / "1").symlink_to("/etc/passwd")
+    with pytest.raises(PreprocessingError, match="Folder links outside the container's mounts"):
+        parse_result(job, answer({"alt_path": "/out/a.ome.zarr"}), True)
+
+
+@pytest.mark.unit
+def test_a_mirrored_final_path_that_links_out_is_refused(job: ContainerJob, tmp_path: Path) -> None:
+    assert job.alt_mount is not None
+    write(job.alt_mount.host / "scan.ome.tiff")
+    (job.processed_dir / "scan.ome.tiff").symlink_to(write(tmp_path / "elsewhere.tiff"))
+    with pytest.raises(PreprocessingError, match="reported file links outside"):
+        parse_result(job, answer({"alt_path": "/out/scan.ome.tiff"}), True)
+
+
+@pytest.mark.unit
+def test_links_between_the_mounts_are_followed(job: ContainerJob) -> None:
+    assert job.alt_mount is not None
+    final = write(job.processed_dir / "scan.ome.tiff")
+    (job.alt_mount.host / "scan.ome.tiff").symlink_to(final)
+    (item,) = parse_result(job, answer({"alt_path": "/out/scan.ome.tiff"}), True)
+    assert item.import_path == final
 
 
 def test_no_json_and_no_files_fails(job: ContainerJob) -> None:

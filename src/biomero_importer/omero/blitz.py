@@ -3,7 +3,8 @@
 An admin ("root") connection is shared by the replica and used only to open user sessions
 (``suConn``); every order then works on its own user connection in the order's group, so no
 call ever switches the group of a shared connection. Imports run as a child process in a new
-session (process group) that joins the user session with ``-k``, so a timeout or an abort can
+session (process group) that joins the user session recorded in its private session folder
+(never ``-k`` on the CLI's command line; see ``importcli``), so a timeout or an abort can
 kill the CLI and its JVM together.
 """
 
@@ -33,6 +34,7 @@ from biomero_importer.omero.importcli import (
     import_argv,
     import_env,
     order_namespace,
+    write_session_store,
 )
 from biomero_importer.omero.importrun import run_import
 from biomero_importer.omero.port import (
@@ -255,7 +257,7 @@ class BlitzBackend:
 
         conn = self.retry("open_session", attempt)
         log.debug("omero_session_opened", user=user, group=group, order=order_uuid)
-        return BlitzSession(self, conn, order_uuid)
+        return BlitzSession(self, conn, order_uuid, user)
 
     def ensure_jars(self, session: BlitzSession) -> None:
         """``--fetch-jars`` downloads and exits, so it runs once before the first import."""
@@ -279,9 +281,14 @@ class BlitzBackend:
 
 class BlitzSession:
     def __init__(
-        self, backend: BlitzBackend, conn: omero.gateway.BlitzGateway, order_uuid: str
+        self,
+        backend: BlitzBackend,
+        conn: omero.gateway.BlitzGateway,
+        order_uuid: str,
+        user: str,
     ) -> None:
         self.backend = backend
+        self.user = user
         self.settings = backend.settings
         self.conn = conn
         self.order_uuid = order_uuid
@@ -378,12 +385,13 @@ class BlitzSession:
                 self.settings,
                 path,
                 target,
-                session_key=self.session_key,
                 logs=logs,
                 exclude_existing=exclude_existing,
                 order_uuid=order_uuid,
             )
             with tempfile.TemporaryDirectory(prefix="omero-sessions-") as session_dir:
+                # the import joins this session from its private folder: no key in its argv
+                write_session_store(Path(session_dir), self.settings, self.user, self.session_key)
                 env = import_env(self.settings, Path(session_dir))
                 log.info(
                     "omero_import_started", path=str(path), target=f"{target.type}:{target.id}"

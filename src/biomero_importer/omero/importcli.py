@@ -1,8 +1,16 @@
 """The ``omero import`` command line: building it, and judging what it printed.
 
-Pure functions only: the blitz backend runs the process. The exit code alone cannot be trusted
-(``No imports due to errors!`` and files skipped by ``--exclude`` both exit 0), so a verdict
-combines the exit code, the ids of every YAML document and the error count of the summary.
+The blitz backend runs the process. The exit code alone cannot be trusted (``No imports due
+to errors!`` and files skipped by ``--exclude`` both exit 0), so a verdict combines the exit
+code, the ids of every YAML document and the error count of the summary.
+
+The user's session key never appears on the ``omero import`` command line: it is written,
+readable by the service's user only, into the import's private session folder
+(``OMERO_SESSIONDIR``) the way ``omero login`` records a session, and the CLI joins the
+session it finds there. What stays visible: omero-py hands the key to the Java importer it
+starts as ``-k <key>``, so the JVM's command line (``ps`` on the importer's host, or its
+container) shows it for the length of the import. The session belongs to the order's user
+and ends when the order's connection closes.
 """
 
 from __future__ import annotations
@@ -14,6 +22,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import yaml
 
@@ -102,12 +111,12 @@ def import_argv(
     path: Path,
     target: Target,
     *,
-    session_key: str,
     logs: LogPaths,
     exclude_existing: bool,
     order_uuid: str,
 ) -> list[str]:
-    """The full ``omero import`` command for one file or folder, joining ``session_key``."""
+    """The full ``omero import`` command for one file or folder; it joins the session that
+    :func:`write_session_store` recorded (no key on the command line)."""
     if not path.is_absolute():
         raise ValueError(f"import paths must be absolute: {path}")
     if settings.omero_host is None:
@@ -119,8 +128,6 @@ def import_argv(
         settings.omero_host,
         "-p",
         str(settings.omero_port),
-        "-k",
-        session_key,
         "--transfer=ln_s",
         "-d" if target.type == "Dataset" else "-r",
         str(target.id),
@@ -150,6 +157,35 @@ def import_argv(
         argv.append("--exclude=clientpath")
     argv.append(str(path))
     return argv
+
+
+def write_session_store(session_dir: Path, settings: Settings, user: str, key: str) -> None:
+    """Record ``key`` as the current session of ``user`` in an empty CLI session folder.
+
+    The layout is omero-py's ``SessionsStore``: ``._LASTHOST_`` and ``._LASTPORT_`` name the
+    server, ``<host>/._LASTUSER_`` the user, ``<host>/<user>/._LASTSESS_`` the session, and
+    ``<host>/<user>/<key>`` holds its properties. ``omero import -s <host> -p <port>`` then
+    attaches to it as ``omero login`` would.
+    """
+    if settings.omero_host is None:
+        raise ValueError("omero_host is not set")
+    if not user or "/" in user or user.startswith(".") or "\x00" in user:
+        raise ValueError(f"user name {user!r} cannot be a session folder")
+    host, port = settings.omero_host, str(settings.omero_port)
+    user_dir = session_dir / quote(host, safe="") / user
+    user_dir.mkdir(mode=0o700, parents=True)
+    properties = {"omero.host": host, "omero.port": port, "omero.user": user, "omero.sess": key}
+    for path, text in (
+        (session_dir / "._LASTHOST_", host),
+        (session_dir / "._LASTPORT_", port),
+        (user_dir.parent / "._LASTUSER_", user),
+        (user_dir / "._LASTSESS_", key),
+        (user_dir / key, "".join(f"{k}={v}\n" for k, v in properties.items())),
+    ):
+        # O_EXCL: the folder is new and private; a file already there is not ours to reuse.
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
 
 
 def fetch_jars_argv(settings: Settings) -> list[str] | None:

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from collections.abc import Iterable
 from datetime import datetime
 from pathlib import Path
 
 import structlog
 
+from biomero_importer import paths
 from biomero_importer.model import Order
 
 log = structlog.get_logger(__name__)
@@ -105,8 +107,15 @@ def build_annotation_pairs(
     preprocessing_keyvalues: Iterable[tuple[str, str]] | None,
     processed_folder_name: str,
     imported_at: datetime,
+    import_roots: paths.Area,
+    notes: list[str],
 ) -> list[tuple[str, str]]:
-    """Every key of the import annotation, in a stable order, each key once."""
+    """Every key of the import annotation, in a stable order, each key once.
+
+    A ``metadata.csv`` is read only when it resolves inside ``import_roots``: one linked
+    elsewhere (another group's, say) is skipped with a warning, and why is appended to
+    ``notes`` for the order's description.
+    """
     values: dict[str, str] = {
         "UUID": order.uuid,
         "Filepath": str(client_path),
@@ -132,7 +141,15 @@ def build_annotation_pairs(
     for key, value in preprocessing_keyvalues or ():
         values[f"processing_output_{key}"] = value
     values["Import_Timestamp"] = imported_at.isoformat()
-    for csv_path in _csv_candidates(client_path, processed_folder_name):
+    for candidate in _csv_candidates(client_path, processed_folder_name):
+        if not os.path.lexists(candidate):
+            continue
+        try:
+            csv_path = paths.contained(candidate, import_roots, METADATA_CSV)
+        except paths.PathRefused as exc:
+            log.warning("metadata_csv_skipped", file=str(candidate), reason=exc.reason)
+            notes.append(f"skipped {exc.reason}")
+            continue
         if csv_path.is_file():
             for key, value in read_metadata_csv(csv_path):
                 values[f"csv_{key}"] = value

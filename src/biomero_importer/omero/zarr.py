@@ -1,21 +1,62 @@
-"""Read OME-Zarr (NGFF) metadata from zarr v2 and v3 stores, without the ``zarr`` package.
+"""Read OME-Zarr (NGFF) metadata from zarr v2 and v3 stores, validated by ``ome-zarr-models``.
 
 Registration needs only what the JSON metadata says: which kind of container it is (one image,
 a ``bioformats2raw.layout`` series collection, or a plate), names, the multiscales groups and
-the shape of each image's full-resolution array.
+the shape of each image's full-resolution array. The attributes are validated with the NGFF
+specification's own pydantic models: NGFF 0.4 for zarr v2 stores (``.zattrs``), NGFF 0.5 for
+zarr v3 stores (``zarr.json``, attributes under ``ome``). Metadata that does not validate
+fails with the validator's first error.
+
+Every path the metadata names (wells, well images, multiscales datasets, series) becomes an
+ExternalInfo the OMERO server reads pixels from, so each must be relative, normalised and
+inside the store after resolving symlinks (:func:`biomero_importer.paths.member`); so must
+every metadata file read. Otherwise the store fails naming the offending entry.
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import pydantic
+
+from biomero_importer import paths
+from biomero_importer.text import short
+
 ZarrKind = Literal["image", "series", "plate"]
 
-# NGFF before 0.4 stored axes as plain names; with none at all, OME's canonical order applies.
-_DEFAULT_AXES = "tczyx"
+# The NGFF version each zarr format carries: 0.4 is the last on zarr v2, 0.5 the first on v3.
+_NGFF = {2: "0.4", 3: "0.5"}
+
+
+@functools.cache
+def _models() -> dict[str, dict[int, type[pydantic.BaseModel]]]:
+    """The NGFF models, imported on first use: ome-zarr-models needs Python >= 3.11, and the
+    omero-py contract session (Python 3.10) imports this module without registering."""
+    # Imported here on purpose (see above).
+    from ome_zarr_models.v04.bioformats2raw import (  # noqa: PLC0415
+        BioFormats2RawAttrs as Bf2RawV04,
+    )
+    from ome_zarr_models.v04.hcs import HCSAttrs as PlateV04  # noqa: PLC0415
+    from ome_zarr_models.v04.image import ImageAttrs as ImageV04  # noqa: PLC0415
+    from ome_zarr_models.v04.well import WellAttrs as WellV04  # noqa: PLC0415
+    from ome_zarr_models.v05.bioformats2raw import (  # noqa: PLC0415
+        BioFormats2RawAttrs as Bf2RawV05,
+    )
+    from ome_zarr_models.v05.hcs import HCSAttrs as PlateV05  # noqa: PLC0415
+    from ome_zarr_models.v05.image import ImageAttrs as ImageV05  # noqa: PLC0415
+    from ome_zarr_models.v05.well import WellAttrs as WellV05  # noqa: PLC0415
+
+    return {
+        "image": {2: ImageV04, 3: ImageV05},
+        "plate": {2: PlateV04, 3: PlateV05},
+        "well": {2: WellV04, 3: WellV05},
+        "bioformats2raw": {2: Bf2RawV04, 3: Bf2RawV05},
+    }
 
 
 class ZarrError(Exception):
@@ -64,138 +105,197 @@ class ZarrContent:
     plate: ZarrPlate | None = None
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
+@dataclass(frozen=True)
+class _Group:
+    """A zarr group of the store: where it is, its zarr format and its NGFF attributes."""
+
+    path: Path
+    zarr_format: int
+    attrs: dict[str, Any]
+
+
+class _Store:
+    """One store, resolved once; every folder and file it reads is checked to lie inside."""
+
+    def __init__(self, path: Path) -> None:
+        try:
+            self.root = paths.contained(path, paths.Area.of("the zarr store", [path]), "Store")
+        except paths.PathRefused as exc:
+            raise ZarrError(exc.reason) from None
+        self.name = path.name
+        # OMERO object titles drop .zarr/.ome.zarr, as the original importer names them
+        self.title = zarr_title(path.name)
+
+    def folder(self, relative: str, entry: str) -> Path:
+        if not relative:
+            return self.root
+        try:
+            return paths.member(self.root, relative, entry)
+        except paths.PathRefused as exc:
+            raise ZarrError(exc.reason) from None
+
+    def json(self, relative: str, name: str) -> dict[str, Any] | None:
+        """A metadata file of the store, or None when there is none."""
+        where = f"{relative}/{name}" if relative else name
+        if not os.path.lexists(self.root / where):
+            return None
+        path = self.folder(where, where)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise ZarrError(f"unreadable zarr metadata {short(where)}: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ZarrError(f"zarr metadata {short(where)} is not a JSON object")
+        return data
+
+    def group(self, relative: str, entry: str) -> _Group | None:
+        """The group at ``relative`` (named ``entry`` in errors), or None when it is none."""
+        path = self.folder(relative, entry)
+        v3 = self.json(relative, "zarr.json")
+        if v3 is not None:
+            attrs = v3.get("attributes") or {}
+            if not isinstance(attrs, dict):
+                raise ZarrError(f"{short(entry)}: zarr.json attributes are not an object")
+            # NGFF 0.5 nests everything under "ome".
+            ome = attrs.get("ome")
+            return _Group(path, 3, ome if isinstance(ome, dict) else {})
+        v2 = self.json(relative, ".zattrs")
+        if v2 is not None:
+            return _Group(path, 2, v2)
+        if os.path.lexists(path / ".zgroup"):
+            return _Group(path, 2, {})
         return None
-    except (OSError, ValueError) as exc:
-        raise ZarrError(f"unreadable zarr metadata {path}: {exc}") from exc
-    if not isinstance(data, dict):
-        raise ZarrError(f"zarr metadata {path} is not a JSON object")
-    return data
+
+    def array(self, relative: str, entry: str) -> tuple[tuple[int, ...], str]:
+        self.folder(relative, entry)
+        v3 = self.json(relative, "zarr.json")
+        found: tuple[dict[str, Any], str] | None
+        if v3 is not None and v3.get("node_type") == "array":
+            found = v3, "data_type"
+        else:
+            v2 = self.json(relative, ".zarray")
+            found = None if v2 is None else (v2, "dtype")
+        if found is None:
+            raise ZarrError(f"no zarr array metadata in {short(entry)}")
+        meta, dtype_key = found
+        try:
+            return tuple(int(n) for n in meta["shape"]), str(meta.get(dtype_key, ""))
+        except (KeyError, TypeError, ValueError):
+            raise ZarrError(f"array metadata of {short(entry)} has no usable shape") from None
 
 
-def _group_attrs(group: Path) -> tuple[int, dict[str, Any]] | None:
-    """(zarr format, NGFF attributes) of a group, or None when the folder is no zarr group."""
-    v3 = _read_json(group / "zarr.json")
-    if v3 is not None:
-        attrs = v3.get("attributes") or {}
-        # NGFF 0.5 nests everything under "ome"; keep the version next to the other keys.
-        ome = attrs.get("ome")
-        if isinstance(ome, dict):
-            return 3, ome
-        return 3, attrs
-    v2 = _read_json(group / ".zattrs")
-    if v2 is not None:
-        return 2, v2
-    if (group / ".zgroup").is_file():
-        return 2, {}
-    return None
+def _join(*parts: str) -> str:
+    return "/".join(part for part in parts if part)
 
 
-def _array_meta(array: Path) -> tuple[tuple[int, ...], str]:
-    v3 = _read_json(array / "zarr.json")
-    if v3 is not None and v3.get("node_type") == "array":
-        return tuple(int(n) for n in v3["shape"]), str(v3.get("data_type", ""))
-    v2 = _read_json(array / ".zarray")
-    if v2 is not None:
-        return tuple(int(n) for n in v2["shape"]), str(v2.get("dtype", ""))
-    raise ZarrError(f"no zarr array metadata in {array}")
+def _validated(kind: str, group: _Group, label: str) -> Any:
+    """``group``'s attributes as the NGFF model of ``kind`` for its zarr format."""
+    try:
+        return _models()[kind][group.zarr_format].model_validate(group.attrs)
+    except pydantic.ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or kind
+        # pydantic's message can quote a whole list of wells: cut it for the description.
+        message = short(first["msg"].replace("\n", " "), 300)
+        version = _NGFF[group.zarr_format]
+        raise ZarrError(
+            f"{short(label)} is not valid NGFF {version} {kind} metadata: {where}: {message}"
+        ) from None
 
 
-def _axes(multiscale: dict[str, Any], ndim: int) -> tuple[str, ...]:
-    raw = multiscale.get("axes")
-    if not raw:
-        return tuple(_DEFAULT_AXES[-ndim:])
-    names = [str(a["name"] if isinstance(a, dict) else a) for a in raw]
-    return tuple(names)
-
-
-def _image(group: Path, name: str) -> ZarrImage:
-    found = _group_attrs(group)
-    if found is None:
-        raise ZarrError(f"no zarr group at {group}")
-    multiscales = found[1].get("multiscales")
-    if not isinstance(multiscales, list) or not multiscales:
-        raise ZarrError(f"no multiscales metadata in {group}")
-    first = multiscales[0]
-    datasets = first.get("datasets") or []
-    if not datasets:
-        raise ZarrError(f"multiscales in {group} lists no datasets")
-    shape, dtype = _array_meta(group / str(datasets[0]["path"]))
-    axes = _axes(first, len(shape))
+def _image(store: _Store, relative: str, name: str) -> ZarrImage:
+    label = relative or store.name
+    group = store.group(relative, label)
+    if group is None:
+        raise ZarrError(f"no zarr group at {short(label)}")
+    attrs = _validated("image", group, label)
+    first = attrs.multiscales[0]
+    entry = f"{relative or store.name}: multiscales[0].datasets[0].path"
+    shape, dtype = store.array(_join(relative, first.datasets[0].path), entry)
+    axes = tuple(axis.name for axis in first.axes)
     if len(axes) != len(shape):
-        raise ZarrError(f"{group}: {len(axes)} axes for a {len(shape)}-dimensional array")
-    return ZarrImage(name=name, path=group, axes=axes, shape=shape, dtype=dtype)
+        raise ZarrError(f"{short(label)}: {len(axes)} axes for a {len(shape)}-dimensional array")
+    return ZarrImage(name=name, path=group.path, axes=axes, shape=shape, dtype=dtype)
 
 
-def _series_paths(root: Path, ome_attrs: dict[str, Any] | None) -> list[str]:
-    if ome_attrs and isinstance(ome_attrs.get("series"), list):
-        return [str(s) for s in ome_attrs["series"]]
-    paths: list[str] = []
-    while (root / str(len(paths))).is_dir():
-        paths.append(str(len(paths)))
-    return paths
+def _check(store: _Store, relative: str, entry: str) -> str:
+    """``relative`` once it is known to name a folder inside the store."""
+    store.folder(relative, entry)
+    return relative
 
 
-def _plate(root: Path, plate: dict[str, Any], default_name: str) -> ZarrPlate:
-    rows = [str(r["name"]) for r in plate.get("rows", [])]
-    columns = [str(c["name"]) for c in plate.get("columns", [])]
+def _series(store: _Store) -> list[str]:
+    ome = store.group("OME", "OME")
+    if ome is not None and "series" in ome.attrs:
+        series = ome.attrs["series"]
+        if not isinstance(series, list) or not all(isinstance(s, str) for s in series):
+            raise ZarrError("OME series must be a list of paths")
+        return list(series)
+    paths_found: list[str] = []
+    while (store.root / str(len(paths_found))).is_dir():
+        paths_found.append(str(len(paths_found)))
+    return paths_found
+
+
+def _plate(store: _Store, group: _Group) -> ZarrPlate:
+    plate = _validated("plate", group, store.name).plate
     wells: list[ZarrWell] = []
-    for well in plate.get("wells", []):
-        well_path = str(well["path"])
-        row_name, _, column_name = well_path.partition("/")
-        row = int(well["rowIndex"]) if "rowIndex" in well else rows.index(row_name)
-        column = int(well["columnIndex"]) if "columnIndex" in well else columns.index(column_name)
-        found = _group_attrs(root / well_path)
-        well_attrs = found[1].get("well", {}) if found else {}
+    for index, well in enumerate(plate.wells):
+        entry = f"plate.wells[{index}].path"
+        well_group = store.group(well.path, entry)
+        images = []
+        if well_group is not None:
+            images = _validated("well", well_group, well.path).well.images
         fields = [
-            _image(root / well_path / str(image["path"]), f"{well_path}/{image['path']}")
-            for image in well_attrs.get("images", [])
+            _image(
+                store,
+                _check(store, _join(well.path, image.path), f"{well.path}: well.images[{n}].path"),
+                f"{well.path}/{image.path}",
+            )
+            for n, image in enumerate(images)
         ]
-        wells.append(ZarrWell(path=well_path, row=row, column=column, fields=fields))
+        wells.append(
+            ZarrWell(path=well.path, row=well.rowIndex, column=well.columnIndex, fields=fields)
+        )
     return ZarrPlate(
-        name=str(plate.get("name") or default_name), rows=rows, columns=columns, wells=wells
+        name=str(plate.name or store.title),
+        rows=[row.name for row in plate.rows],
+        columns=[column.name for column in plate.columns],
+        wells=wells,
     )
 
 
 def read_zarr(path: Path) -> ZarrContent:
     """Classify an OME-Zarr and read what registration needs; raises ZarrError otherwise."""
-    found = _group_attrs(path)
-    if found is None:
-        raise ZarrError(f"{path.name} is not a zarr store (no zarr.json, .zattrs or .zgroup)")
-    zarr_format, attrs = found
-    version = attrs.get("version")
-    name = zarr_title(path.name)
-    if isinstance(attrs.get("plate"), dict):
-        plate = _plate(path, attrs["plate"], name)
-        version = version or attrs["plate"].get("version")
-        return ZarrContent(
-            "plate", path, zarr_format, _str_or_none(version), plate.name, plate=plate
-        )
-    if "bioformats2raw.layout" in attrs:
-        ome = _group_attrs(path / "OME")
-        series = _series_paths(path, ome[1] if ome else None)
+    store = _Store(path)
+    group = store.group("", store.name)
+    if group is None:
+        raise ZarrError(f"{store.name} is not a zarr store (no zarr.json, .zattrs or .zgroup)")
+    version = _NGFF[group.zarr_format]
+    common = (store.root, group.zarr_format, version)
+    # A converted plate keeps bioformats2raw.layout next to its plate metadata.
+    if "plate" in group.attrs:
+        plate = _plate(store, group)
+        return ZarrContent("plate", *common, plate.name, plate=plate)
+    if "bioformats2raw.layout" in group.attrs:
+        _validated("bioformats2raw", group, store.name)
+        series = _series(store)
         if not series:
-            raise ZarrError(f"{name}: bioformats2raw.layout without any series folder")
-        images = [_image(path / s, f"{name} [{s}]") for s in series]
-        return ZarrContent("series", path, zarr_format, _str_or_none(version), name, images)
-    if isinstance(attrs.get("multiscales"), list):
-        image = _image(path, name)
-        version = version or attrs["multiscales"][0].get("version")
-        return ZarrContent("image", path, zarr_format, _str_or_none(version), name, [image])
-    raise ZarrError(f"{name} has no multiscales, plate or bioformats2raw.layout metadata")
+            raise ZarrError(f"{store.name}: bioformats2raw.layout without any series folder")
+        images = [
+            _image(store, _check(store, s, f"OME.series[{n}]"), f"{store.title} [{s}]")
+            for n, s in enumerate(series)
+        ]
+        return ZarrContent("series", *common, store.title, images)
+    if "multiscales" in group.attrs:
+        image = _image(store, "", store.title)
+        return ZarrContent("image", *common, store.title, [image])
+    raise ZarrError(f"{store.name} has no multiscales, plate or bioformats2raw.layout metadata")
 
 
 def zarr_title(name: str) -> str:
-    """OMERO object title of a store: its folder name without ``.ome.zarr`` or ``.zarr``,
-    as the original importer names them."""
+    """OMERO object title of a store: its folder name without ``.ome.zarr`` or ``.zarr``."""
     for suffix in (".ome.zarr", ".zarr"):
         if name.lower().endswith(suffix) and len(name) > len(suffix):
             return name[: -len(suffix)]
     return name
-
-
-def _str_or_none(value: object) -> str | None:
-    return None if value is None else str(value)

@@ -20,6 +20,7 @@ from typing import Any, Protocol, TypeVar
 
 import structlog
 
+from biomero_importer import paths
 from biomero_importer.model import (
     STAGE_IMPORTED,
     STAGE_INGEST_FAILED,
@@ -69,10 +70,16 @@ class StageSink(Protocol):
 
 @dataclass(frozen=True)
 class ImportUnit:
-    """One thing to import: an order file, or one item a preprocessing container produced."""
+    """One thing to import: an order file, or one item a preprocessing container produced.
+
+    ``checked`` is ``path`` as validated (symlinks resolved) and ``area`` where it must
+    still lie when it is imported.
+    """
 
     path: Path
     annotation_path: Path
+    checked: Path | None
+    area: paths.Area
     item: ProcessedItem | None = None
 
 
@@ -163,6 +170,8 @@ class Pipeline:
         """Run one claimed order; always returns the terminal outcome (cancellation propagates)."""
         file_names: list[str] | None = None
         ledger = ObjectLedger(claimed.recorded_objects)
+        # What a completed order skipped on purpose (a metadata.csv linking elsewhere).
+        notes: list[str] = []
         try:
             with self._step("validate"):
                 watch = _PathWatch(claimed.files)
@@ -172,12 +181,13 @@ class Pipeline:
                 file_names = order.file_names
                 if order.preprocessing is not None:
                     validate_preprocessing(order, self.settings)
-            await self._import_order(order, claimed, ledger)
-        except (InvalidOrder, PreprocessingError, OmeroError) as exc:
+            await self._import_order(order, claimed, ledger, notes)
+        except (InvalidOrder, PreprocessingError, OmeroError, paths.PathRefused) as exc:
             detail = getattr(exc, "detail", "")
             log.warning("order_failed", reason=exc.reason, detail=detail or None)
             return Outcome(STAGE_INGEST_FAILED, exc.reason, file_names, ledger.records)
-        return Outcome(STAGE_IMPORTED, None, file_names, ledger.records)
+        description = "; ".join(dict.fromkeys(notes)) or None
+        return Outcome(STAGE_IMPORTED, description, file_names, ledger.records)
 
     async def _storage(self, watch: _PathWatch, call: Callable[[], T]) -> T:
         """Filesystem work on shared storage, in a storage thread with ``storage_timeout``: a
@@ -209,7 +219,7 @@ class Pipeline:
             raise
 
     async def _import_order(
-        self, order: Order, claimed: ClaimedOrder, ledger: ObjectLedger
+        self, order: Order, claimed: ClaimedOrder, ledger: ObjectLedger, notes: list[str]
     ) -> None:
         items: list[ProcessedItem] = []
         temp_dir: Path | None = None
@@ -219,9 +229,12 @@ class Pipeline:
             with self._step("preprocess"):
                 result = await run_preprocessing(order, self.settings, log=log)
             items, temp_dir = result.items, result.temp_dir
-            units = [ImportUnit(i.import_path, i.final_path, i) for i in items]
+            units = [
+                ImportUnit(i.import_path, i.final_path, i.import_path, i.area, i) for i in items
+            ]
         else:
-            units = [ImportUnit(path, path) for path in order.files]
+            roots = paths.import_area(self.settings.effective_import_roots)
+            units = [ImportUnit(p, p, order.checked.get(p), roots) for p in order.files]
 
         session = await self._blocking(
             None, partial(self.gateway.open_session, order.user, order.group, order_uuid=order.uuid)
@@ -237,7 +250,7 @@ class Pipeline:
                     if unit.item is not None:
                         await self._finish_item(session, unit.item, objects)
             with self._step("annotate"):
-                await self._annotate(session, order, imported, ledger)
+                await self._annotate(session, order, imported, ledger, notes)
         finally:
             await self._blocking(None, session.close)
         if temp_dir is not None:
@@ -259,10 +272,21 @@ class Pipeline:
             log.info("import_skipped_already_done", path=key, objects=len(known))
             return known
         register = self.settings.use_register_zarr and unit.path.suffix.lower() == ".zarr"
+        # What is imported is what was checked, checked once more now: a file swapped for a
+        # symlink while the order waited fails the order here.
+        source = await self._storage(
+            _PathWatch(str(unit.path)), partial(paths.recheck, unit.path, unit.checked, unit.area)
+        )
         # Registration copies nothing and no symlink gets redirected: OMERO reads a store
         # where it was registered, so a converted store is registered from its copy on shared
         # storage, never from the temporary folder deleted after the import.
-        client = unit.item.final_path if register and unit.item is not None else unit.path
+        client = source
+        if register and unit.item is not None:
+            final = unit.item.final_path
+            client = await self._storage(
+                _PathWatch(str(final)),
+                partial(paths.recheck, final, final, unit.area, "Converter output"),
+            )
         if check_existing:
             found = await self._blocking(
                 session,
@@ -283,7 +307,7 @@ class Pipeline:
         else:
             call = partial(
                 session.import_path,
-                unit.path,
+                source,
                 order.target,
                 order_uuid=order.uuid,
                 exclude_existing=check_existing,
@@ -312,8 +336,10 @@ class Pipeline:
         order: Order,
         imported: list[tuple[ImportUnit, list[ImportedObject]]],
         ledger: ObjectLedger,
+        notes: list[str],
     ) -> None:
         now = datetime.now(timezone.utc)
+        roots = paths.import_area(self.settings.effective_import_roots)
         for unit, objects in imported:
             keyvalues = unit.item.keyvalues if unit.item is not None else None
             # reads metadata.csv beside the data: storage work
@@ -326,6 +352,8 @@ class Pipeline:
                     preprocessing_keyvalues=keyvalues,
                     processed_folder_name=self.settings.processed_folder_name,
                     imported_at=now,
+                    import_roots=roots,
+                    notes=notes,
                 ),
             )
             for obj in objects:

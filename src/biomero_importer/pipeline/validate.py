@@ -8,6 +8,7 @@ import stat
 from collections.abc import Callable
 from pathlib import Path
 
+from biomero_importer import paths
 from biomero_importer.model import ClaimedOrder, Order, Target
 from biomero_importer.options import InvalidImportOptions, parse_column
 from biomero_importer.text import short
@@ -70,62 +71,18 @@ def _file_list(raw: str) -> list[str]:
     return files
 
 
-def _inside(path: Path, roots: list[Path]) -> bool:
-    return any(path == root or path.is_relative_to(root) for root in roots)
-
-
-def _folder_link_out(folder: Path, resolved_roots: list[Path]) -> Path | None:
-    """The first entry under ``folder`` that resolves outside the roots, if any.
-
-    A folder import takes everything in it, following symlinks: every symlinked file or
-    folder is resolved and checked. Symlinked folders that stay inside the roots are walked
-    too (once each, so link cycles end), as an importer following them would read them.
-    Entries that are not symlinks lie in a folder already known to be inside.
-    """
-    pending = [folder]
-    seen: set[Path] = set()
-    while pending:
-        top = pending.pop()
-        real = Path(os.path.realpath(top))
-        if real in seen:
-            continue
-        seen.add(real)
-        for parent, dirs, files in os.walk(top, followlinks=False):
-            for name in (*dirs, *files):
-                entry = Path(parent) / name
-                if not entry.is_symlink():
-                    continue
-                target = Path(os.path.realpath(entry))
-                if not _inside(target, resolved_roots):
-                    return entry
-                if target.is_dir():
-                    pending.append(target)
-    return None
-
-
-def check_file(raw: str, roots: list[Path], resolved_roots: list[Path]) -> Path:
-    """One file of an order: absolute, existing, readable, and inside an import root
-    both as written and after every symlink is resolved."""
+def check_file(raw: str, roots: paths.Area) -> Path:
+    """One file of an order: absolute, readable, and contained in the import roots
+    (:func:`biomero_importer.paths.contained`); returns its resolved path."""
     if "\x00" in raw:
         printable = raw.replace("\x00", "\\0")
         raise InvalidOrder(f"Path contains a NUL byte: {short(printable)}")
     if len(raw) > MAX_PATH_LENGTH:
         raise InvalidOrder(f"Path is too long ({len(raw)} characters)")
-    path = Path(raw)
-    if not path.is_absolute():
-        raise InvalidOrder(f"Path is not absolute: {short(raw)}")
-    if not _inside(Path(os.path.normpath(raw)), roots + resolved_roots):
-        raise InvalidOrder(f"File is outside the import roots: {short(raw)}")
     try:
-        resolved = path.resolve(strict=True)
-    except FileNotFoundError:
-        raise InvalidOrder(f"File not found: {short(raw)}") from None
-    except (OSError, RuntimeError) as exc:
-        raise InvalidOrder(
-            f"File cannot be resolved ({type(exc).__name__}): {short(raw)}"
-        ) from None
-    if not _inside(resolved, resolved_roots):
-        raise InvalidOrder(f"File links outside the import roots: {short(raw)}")
+        resolved = paths.contained(Path(raw), roots)
+    except paths.PathRefused as exc:
+        raise InvalidOrder(exc.reason) from None
     wanted = os.R_OK | (os.X_OK if resolved.is_dir() else 0)
     # OMERO reads the file in place too: a file nobody may read fails even for a root importer.
     mode = resolved.stat().st_mode
@@ -133,11 +90,7 @@ def check_file(raw: str, roots: list[Path], resolved_roots: list[Path]) -> Path:
         raise InvalidOrder(f"File is not readable: {short(raw)}")
     if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
         raise InvalidOrder(f"Not a regular file or folder: {short(raw)}")
-    if stat.S_ISDIR(mode):
-        escape = _folder_link_out(resolved, resolved_roots)
-        if escape is not None:
-            raise InvalidOrder(f"Folder links outside the import roots: {short(str(escape))}")
-    return path
+    return resolved
 
 
 def validate(
@@ -150,12 +103,15 @@ def validate(
     group = _required_name("Group", claimed.group_name)
     user = _required_name("Username", claimed.user_name)
     target = _target(claimed.destination_type, claimed.destination_id)
-    resolved_roots = [root.resolve() for root in roots]
-    files = []
-    for raw in _file_list(claimed.files):
+    area = paths.import_area(roots)
+    raws = _file_list(claimed.files)
+    # Checked before Path() sees them: it would hide a trailing '/' or a NUL's position.
+    checked = {}
+    for raw in raws:
         if watch is not None:
             watch(raw)
-        files.append(check_file(raw, roots, resolved_roots))
+        checked[Path(raw)] = check_file(raw, area)
+    written = [Path(raw) for raw in raws]
     if claimed.preprocessing_problem is not None:
         raise InvalidOrder(claimed.preprocessing_problem)
     if claimed.preprocessing is not None and not claimed.preprocessing.container.strip():
@@ -169,9 +125,10 @@ def validate(
         group=group,
         user=user,
         target=target,
-        files=files,
-        file_names=[path.name for path in files],
+        files=written,
+        file_names=[path.name for path in written],
         preprocessing=claimed.preprocessing,
         attempt=claimed.attempt,
         registration=registration,
+        checked=checked,
     )

@@ -11,7 +11,12 @@ from biomero_importer.preprocessing.command import (
     plan_jobs,
     validate_preprocessing,
 )
-from biomero_importer.preprocessing.contract import ProcessedItem, parse_keyvalues, parse_result
+from biomero_importer.preprocessing.contract import (
+    ProcessedItem,
+    output_area,
+    parse_keyvalues,
+    parse_result,
+)
 from biomero_importer.preprocessing.errors import PreprocessingError
 from biomero_importer.preprocessing.images import (
     allowlist_warning,
@@ -34,6 +39,7 @@ __all__ = [
     "allowlist_warning",
     "checked_image",
     "normalise_image",
+    "output_area",
     "parse_keyvalues",
     "parse_result",
     "plan_jobs",

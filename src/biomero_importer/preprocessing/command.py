@@ -5,14 +5,21 @@ order while validating it, before any work starts. The command keeps upstream's 
 converters already rely on::
 
     <runtime> [runtime args] run --rm --name biomero-<uuid>-<n> [--userns=<mode>]
-      -v <dir of file>:<outputfolder> -v <inplace>/<uuid>/<n>:<altoutputfolder> <image>
+      -v <dir of file>:<outputfolder>:ro -v <dir of file>/<processed>:<outputfolder>/<processed>
+      -v <inplace>/<uuid>/<n>:<altoutputfolder> <image>
       --inputfile <value> [--<key> <value> ...] --outputfolder <outputfolder>/<processed>
       --altoutputfolder <altoutputfolder>
 
-One deliberate difference: each file's temporary output gets its own folder
-``<inplace>/<uuid>/<n>`` (upstream shared ``<inplace>/<uuid>``), so two files converting at
-once cannot overwrite each other's outputs and the legacy no-JSON mode knows which outputs
-belong to which file. The converter sees the same container paths either way.
+Deliberate differences from upstream, none visible to a converter (it sees the same
+container paths):
+
+* ``<dir of file>`` is the folder the file was found in at validation, symlinks resolved, and
+  it is mounted read-only: a converter writes only to ``<processed>`` and the alt folder,
+  each mounted read-write on its own. The runner checks every mount again right before the
+  container starts (:func:`biomero_importer.paths.recheck`).
+* Each file's temporary output gets its own folder ``<inplace>/<uuid>/<n>`` (upstream shared
+  ``<inplace>/<uuid>``), so two files converting at once cannot overwrite each other's
+  outputs and the legacy no-JSON mode knows which outputs belong to which file.
 """
 
 from __future__ import annotations
@@ -48,10 +55,11 @@ class Mount:
 
     host: Path
     container: PurePosixPath
+    read_only: bool = False
 
     @property
     def option(self) -> str:
-        return f"{self.host}:{self.container}"
+        return f"{self.host}:{self.container}" + (":ro" if self.read_only else "")
 
 
 @dataclass(frozen=True)
@@ -60,16 +68,23 @@ class ContainerJob:
 
     index: int
     source: Path
+    # The source as validated (symlinks resolved); None for an order that was not validated.
+    checked: Path | None
     name: str
     image: str
     data_mount: Mount
+    processed_mount: Mount
     alt_mount: Mount | None
-    processed_dir: Path
     argv: tuple[str, ...]
 
     @property
+    def processed_dir(self) -> Path:
+        return self.processed_mount.host
+
+    @property
     def mounts(self) -> list[Mount]:
-        return [self.data_mount] if self.alt_mount is None else [self.data_mount, self.alt_mount]
+        extra = [] if self.alt_mount is None else [self.alt_mount]
+        return [self.data_mount, self.processed_mount, *extra]
 
 
 def runtime_prefix(settings: Settings) -> list[str]:
@@ -193,9 +208,15 @@ def plan_jobs(order: Order, settings: Settings) -> list[ContainerJob]:
     jobs: list[ContainerJob] = []
     for index, source in enumerate(order.files, start=1):
         name = f"biomero-{order.uuid}-{index}"
-        data_mount = Mount(_host_folder(source.parent), output)
+        checked = order.checked.get(source)
+        real = checked or source
+        data_mount = Mount(_host_folder(real.parent), output, read_only=True)
+        processed_mount = Mount(
+            _host_folder(real.parent / settings.processed_folder_name),
+            output / settings.processed_folder_name,
+        )
         alt_mount = Mount(temp / str(index), alt) if alt is not None else None
-        inside = output / source.name
+        inside = output / real.name
         converter = [
             "--inputfile",
             _checked_value(
@@ -208,18 +229,22 @@ def plan_jobs(order: Order, settings: Settings) -> list[ContainerJob]:
         if alt is not None:
             converter += ["--altoutputfolder", str(alt)]
         volumes = [
-            arg for mount in (data_mount, alt_mount) if mount for arg in ("-v", mount.option)
+            arg
+            for mount in (data_mount, processed_mount, alt_mount)
+            if mount
+            for arg in ("-v", mount.option)
         ]
         argv = [*prefix, "run", "--rm", "--name", name, *userns, *volumes, image, *converter]
         jobs.append(
             ContainerJob(
                 index=index,
                 source=source,
+                checked=checked,
                 name=name,
                 image=image,
                 data_mount=data_mount,
+                processed_mount=processed_mount,
                 alt_mount=alt_mount,
-                processed_dir=source.parent / settings.processed_folder_name,
                 argv=tuple(argv),
             )
         )

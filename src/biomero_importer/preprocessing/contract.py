@@ -4,21 +4,25 @@ Each item is ``{"name", "full_path", "alt_path", "keyvalues"}``. ``alt_path`` is
 copy that gets imported, ``full_path`` the copy on shared storage the ManagedRepository links
 end up pointing to. Relative paths are read against the folder they belong to
 (``full_path`` against the output folder, ``alt_path`` against the alt output folder). Every
-path must lie inside a mount, also after resolving symlinks on the host: a converter cannot
-hand the importer a file it was not given.
+path must lie inside a mount, also after resolving symlinks on the host, and a folder is
+walked the way an order's folder is (:func:`biomero_importer.paths.contained`): a converter
+cannot hand the importer a file it was not given, nor a link to one. Items carry the resolved
+paths; the pipeline checks them again right before importing them.
 
 A converter that prints no JSON but leaves files in the alt output folder is the legacy mode
-upstream kept: that whole folder is imported.
+upstream kept: that whole folder is imported, after the same walk.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import posixpath
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from biomero_importer import paths
 from biomero_importer.preprocessing.command import ContainerJob, Mount
 from biomero_importer.preprocessing.errors import PreprocessingError
 from biomero_importer.text import short
@@ -26,13 +30,20 @@ from biomero_importer.text import short
 
 @dataclass(frozen=True)
 class ProcessedItem:
-    """One output of a converter, ready for import."""
+    """One output of a converter, ready for import: its paths resolved and contained in
+    ``area`` (the container's mounts), where they must still lie when imported."""
 
     source: Path
     name: str
     import_path: Path
     final_path: Path
+    area: paths.Area
     keyvalues: list[tuple[str, str]] = field(default_factory=list)
+
+
+def output_area(job: ContainerJob) -> paths.Area:
+    """Where a converter's outputs may lie: the folders it had mounted."""
+    return paths.Area.of("the container's mounts", [mount.host for mount in job.mounts])
 
 
 def _text(value: Any) -> str:
@@ -55,8 +66,19 @@ def parse_keyvalues(raw: Any, where: str) -> list[tuple[str, str]]:
     raise PreprocessingError(f"{where}: keyvalues must be a list or an object")
 
 
-def to_host(job: ContainerJob, text: str, base: PurePosixPath, where: str) -> tuple[Path, Mount]:
-    """The host path of a container path (relative ones against ``base``), which must exist."""
+def contained_output(job: ContainerJob, host: Path, where: str) -> Path:
+    """``host`` resolved, once it is known to lie (and link) only inside the job's mounts."""
+    try:
+        return paths.contained(host, output_area(job), f"{where}: reported file")
+    except paths.PathRefused as exc:
+        raise PreprocessingError(exc.reason) from None
+
+
+def to_host(
+    job: ContainerJob, text: str, base: PurePosixPath, where: str
+) -> tuple[Path, Mount, Path]:
+    """A container path (relative ones against ``base``) on the host: its resolved path, the
+    mount it is in and its path as mapped, before resolving."""
     inside = PurePosixPath(posixpath.normpath(posixpath.join(str(base), text)))
     candidates = sorted(job.mounts, key=lambda m: len(m.container.parts), reverse=True)
     for mount in candidates:
@@ -65,19 +87,7 @@ def to_host(job: ContainerJob, text: str, base: PurePosixPath, where: str) -> tu
             break
     else:
         raise PreprocessingError(f"{where}: path outside the container's mounts: {short(text)}")
-    try:
-        resolved = host.resolve(strict=True)
-    except FileNotFoundError:
-        raise PreprocessingError(f"{where}: reported file does not exist: {short(text)}") from None
-    except (OSError, RuntimeError) as exc:
-        raise PreprocessingError(
-            f"{where}: reported file cannot be resolved: {short(text)}", detail=str(exc)
-        ) from None
-    if not resolved.is_relative_to(mount.host.resolve()):
-        raise PreprocessingError(
-            f"{where}: path links outside the container's mounts: {short(text)}"
-        )
-    return host, mount
+    return contained_output(job, host, where), mount, host
 
 
 def _optional_path(item: dict[str, Any], key: str, where: str) -> str | None:
@@ -96,28 +106,29 @@ def _item(job: ContainerJob, raw: Any, where: str) -> ProcessedItem:
     alt_text = _optional_path(raw, "alt_path", where)
     final: Path | None = None
     if full_text is not None:
-        final, _ = to_host(job, full_text, job.data_mount.container, where)
+        final, _, _ = to_host(job, full_text, job.data_mount.container, where)
     if alt_text is None:
         if final is None:
             raise PreprocessingError(f"{where}: has neither full_path nor alt_path")
         local = final
     else:
         alt_base = job.alt_mount.container if job.alt_mount else job.data_mount.container
-        local, mount = to_host(job, alt_text, alt_base, where)
-        if final is None:
+        local, mount, mapped = to_host(job, alt_text, alt_base, where)
+        if final is None and mount is job.alt_mount:
             # Without full_path the shared-storage copy sits at the same place under the
             # processed folder as the local copy does under the alt folder.
-            final = (
-                job.processed_dir / local.relative_to(mount.host)
-                if mount is job.alt_mount
-                else local
-            )
+            mirror = job.processed_dir / mapped.relative_to(mount.host)
+            # It may not exist (yet): redirecting links to it then fails the order.
+            final = contained_output(job, mirror, where) if os.path.lexists(mirror) else mirror
+        elif final is None:
+            final = local
     name = raw.get("name")
     return ProcessedItem(
         source=job.source,
         name="" if name is None else str(name),
         import_path=local,
         final_path=final,
+        area=output_area(job),
         keyvalues=parse_keyvalues(raw.get("keyvalues"), where),
     )
 
@@ -134,12 +145,14 @@ def parse_result(
     text = (last_line or "").strip()
     if not text.startswith(("[", "{")):
         if job.alt_mount is not None and _has_files(job.alt_mount.host):
+            where = f"Converter output folder for {label}"
             return [
                 ProcessedItem(
                     source=job.source,
                     name="",
-                    import_path=job.alt_mount.host,
-                    final_path=job.processed_dir,
+                    import_path=contained_output(job, job.alt_mount.host, where),
+                    final_path=contained_output(job, job.processed_dir, where),
+                    area=output_area(job),
                 )
             ]
         raise PreprocessingError(f"Converter printed no JSON result and wrote no files for {label}")

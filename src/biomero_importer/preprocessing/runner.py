@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 
 from structlog.typing import FilteringBoundLogger
 
+from biomero_importer import paths
 from biomero_importer.model import Order
 from biomero_importer.preprocessing.command import (
     ContainerJob,
@@ -233,6 +234,18 @@ def _failure(job: ContainerJob, run: _Run) -> PreprocessingError:
     return PreprocessingError(short(reason, DESCRIPTION_LIMIT), detail=last)
 
 
+def check_mounts(job: ContainerJob, roots: paths.Area) -> None:
+    """Right before the container starts: the input still resolves where it did at
+    validation, and each folder mounted from the import roots is still its own real path
+    inside them (podman would follow a symlink swapped in meanwhile)."""
+    try:
+        paths.recheck(job.source, job.checked, roots)
+        for mount in (job.data_mount, job.processed_mount):
+            paths.recheck(mount.host, mount.host, roots, "Folder", walk=False)
+    except paths.PathRefused as exc:
+        raise PreprocessingError(exc.reason) from None
+
+
 async def _run_job(
     job: ContainerJob,
     settings: Settings,
@@ -241,6 +254,8 @@ async def _run_job(
     log: FilteringBoundLogger,
 ) -> list[ProcessedItem]:
     async with slots:
+        roots = paths.import_area(settings.effective_import_roots)
+        await asyncio.to_thread(check_mounts, job, roots)
         clog = log.bind(container=job.name)
         output = OutputLog(clog, logfile, job.name)
         run = await _run_container(job, settings, output, clog)
@@ -258,7 +273,7 @@ async def _run_job(
         return items
 
 
-def _prepare_folders(jobs: list[ContainerJob], temp: Path) -> None:
+def _prepare_folders(jobs: list[ContainerJob], temp: Path, roots: paths.Area) -> None:
     # Outputs of an earlier, interrupted attempt must not be imported now.
     shutil.rmtree(temp, ignore_errors=True)
     for job in jobs:
@@ -271,6 +286,16 @@ def _prepare_folders(jobs: list[ContainerJob], temp: Path) -> None:
                 raise PreprocessingError(
                     f"Cannot create folder {short(str(folder))}", detail=str(exc)
                 ) from None
+        # The converter writes here: a processed folder that is a symlink would send its
+        # output (written with the importer's rights) wherever the link points.
+        try:
+            real = paths.contained(job.processed_dir, roots, "Processed folder", walk=False)
+        except paths.PathRefused as exc:
+            raise PreprocessingError(exc.reason) from None
+        if real != job.processed_dir:
+            raise PreprocessingError(
+                f"Processed folder is a symlink: {short(str(job.processed_dir))}"
+            )
 
 
 def _open_log_file(path: Path, log: FilteringBoundLogger) -> OrderLogFile | None:
@@ -322,7 +347,8 @@ async def run_preprocessing(
     )
     logfile = _open_log_file(order_log_path(settings.order_log_dir, order.uuid), log)
     try:
-        await asyncio.to_thread(_prepare_folders, jobs, temp)
+        roots = paths.import_area(settings.effective_import_roots)
+        await asyncio.to_thread(_prepare_folders, jobs, temp, roots)
         items = await _run_jobs(jobs, settings, logfile, log)
     except BaseException:
         await _settle(
