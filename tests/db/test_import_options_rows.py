@@ -5,18 +5,15 @@ from __future__ import annotations
 
 import asyncio
 
-import asyncpg
-from biomero_importer.dispatcher.store import Finish, OrderStore
-
-from biomero_importer.db import sql
 from biomero_importer.db.urls import asyncpg_dsn
+from biomero_importer.store import Finish, PostgresStore
 from tests.support import history, insert_order
 
 OPTIONS = '{"schema": 2, "registration": {"platePixelSource": "source"}, "operations": []}'
 
 
 async def test_every_row_written_for_an_order_keeps_its_import_options(migrated_url: str) -> None:
-    store = OrderStore(asyncpg_dsn(migrated_url), worker_id="w1", lease_seconds=0.3, pool_size=2)
+    store = PostgresStore(asyncpg_dsn(migrated_url), worker_id="w1", lease_seconds=0.3, pool_size=2)
     await store.open()
     try:
         finished = await insert_order(migrated_url, ["/data/a.tif"], import_options=OPTIONS)
@@ -31,15 +28,8 @@ async def test_every_row_written_for_an_order_keeps_its_import_options(migrated_
         assert await store.recover_expired(max_attempts=1) == [(abandoned, "Import Failed")]
 
         cancelled = await insert_order(migrated_url, ["/data/c.tif"], import_options=OPTIONS)
-        conn = await asyncpg.connect(migrated_url)
-        try:
-            await conn.execute(sql.REQUEST_CANCEL, cancelled)
-            async with conn.transaction():
-                await conn.execute(sql.ALLOW_REQUEUE)
-                await conn.fetchval(sql.RETRY_ORDER, finished, "retried")
-        finally:
-            await conn.close()
-        assert await store.cancel_pending(cancelled) == [cancelled]
+        assert (await store.request_cancel(cancelled)).cancelled
+        assert await store.retry(finished, "retried") == "Import Completed"
     finally:
         await store.close()
 

@@ -221,6 +221,7 @@ QUEUE_STATS = """
 SELECT (SELECT count(*) FROM (
             SELECT 1 FROM importer_orders
             WHERE stage = 'Import Pending' AND worker_id IS NULL
+            ORDER BY queued_at  -- walk the pending index: a scan would read finished orders
             LIMIT $1
         ) capped) AS pending,
        COALESCE((SELECT extract(epoch FROM now() - queued_at) FROM importer_orders
