@@ -309,10 +309,6 @@ def add_plate_labels(plate: Path, label: str) -> Path:
     ("folder", "title"),
     [("cells.zarr", "cells"), ("cells.ome.zarr", "cells"), ("CELLS.OME.ZARR", "CELLS")],
 )
-@pytest.mark.parametrize(
-    ("folder", "title"),
-    [("cells.zarr", "cells"), ("cells.ome.zarr", "cells"), ("CELLS.OME.ZARR", "CELLS")],
-)
 def test_titles_drop_the_zarr_suffix(tmp_path: Path, folder: str, title: str) -> None:
     """As the original importer names OME-Zarr objects (no .zarr / .ome.zarr)."""
     content = read_zarr(make_image_v2(tmp_path / folder))
