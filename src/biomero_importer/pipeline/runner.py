@@ -7,6 +7,7 @@ The pipeline never touches omero-py itself: it talks to the OMERO port, and ever
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import os
 import shutil
 import time
@@ -48,6 +49,13 @@ T = TypeVar("T")
 
 # Seconds a cancelled order waits for its aborted OMERO call to return (shutdown is bounded).
 ABORT_WAIT = 3.0
+
+
+def _in_thread(executor: Executor, call: Callable[[], T]) -> asyncio.Future[T]:
+    """``call`` in one of the executor's threads, with this task's context: the order's log
+    fields (order_uuid, stage, worker_id) stay on what it logs."""
+    context = contextvars.copy_context()
+    return asyncio.get_running_loop().run_in_executor(executor, context.run, call)
 
 
 class _PathWatch:
@@ -193,7 +201,7 @@ class Pipeline:
         """Filesystem work on shared storage, in a storage thread with ``storage_timeout``: a
         hung NFS/SMB mount fails this order instead of stopping the event loop (and with it
         lease renewal for every other order)."""
-        future = asyncio.get_running_loop().run_in_executor(self.storage, call)
+        future = _in_thread(self.storage, call)
         timeout = self.settings.storage_timeout
         try:
             return await asyncio.wait_for(asyncio.shield(future), timeout=timeout)
@@ -208,7 +216,7 @@ class Pipeline:
 
     async def _blocking(self, session: OmeroSession | None, call: Callable[[], T]) -> T:
         """Run a port call in the executor; on cancel, abort it and wait for the thread."""
-        future = asyncio.get_running_loop().run_in_executor(self.executor, call)
+        future = _in_thread(self.executor, call)
         try:
             return await asyncio.shield(future)
         except asyncio.CancelledError:
