@@ -94,7 +94,7 @@ def break_helper(service: Any, store: MemoryStore, name: str, times: int) -> Non
 async def test_a_failing_helper_is_logged_restarted_and_the_replica_recovers(
     tmp_path: Path, root: Path, helper: str
 ) -> None:
-    settings = unit_settings(tmp_path, root, omero_simulator_import_delay=1.0)
+    settings = unit_settings(tmp_path, root, lease_seconds=0.6, omero_simulator_import_delay=0.5)
     store = MemoryStore(worker_id=settings.worker_id, lease_seconds=settings.lease_seconds)
     supervisor = Supervisor(backoff_start=0.01, max_failures=5, window=30)
     with structlog.testing.capture_logs() as logs:
@@ -103,7 +103,8 @@ async def test_a_failing_helper_is_logged_restarted_and_the_replica_recovers(
             # an order running meanwhile gives the lease helper something to renew
             during = order(make_tiffs(root / "during", 1))
             await store.submit(during)
-            await asyncio.sleep(1.2)  # every helper runs at least once a lease/3 or a poll
+            # every helper runs at least once a lease (recovery starts one lease after start)
+            await asyncio.sleep(0.8)
             assert (await finished(store, during.uuid))[0] == STAGE_IMPORTED
             done = order(make_tiffs(root / "after", 1))
             await store.submit(done)
@@ -118,17 +119,21 @@ async def test_a_failing_helper_is_logged_restarted_and_the_replica_recovers(
 async def test_a_helper_that_keeps_failing_turns_health_red_and_stops_claiming(
     tmp_path: Path, root: Path
 ) -> None:
-    settings = unit_settings(tmp_path, root)
+    settings = unit_settings(tmp_path, root, lease_seconds=0.5)
     store = MemoryStore(worker_id=settings.worker_id, lease_seconds=settings.lease_seconds)
     supervisor = Supervisor(backoff_start=0.01, backoff_max=0.02, max_failures=3, window=30)
     async with memory_replica(settings, store, supervisor) as (service, _):
         break_helper(service, store, "recovery", times=10_000)
-        await asyncio.sleep(2.0)  # recovery starts a lease period (1 s) after start
+        # recovery starts a lease period (0.5 s) after start, then fails at every restart
+        for _ in range(500):
+            if service.health.failing_helpers:
+                break
+            await asyncio.sleep(0.01)
         assert service.health.failing_helpers == ["recovery"]
         assert not service.health.claiming
         waiting = order(make_tiffs(root / "waits", 1))
         await store.submit(waiting)
-        await asyncio.sleep(0.5)
+        await asyncio.sleep(0.3)
         state = await store.order_state(waiting.uuid)
         assert state is not None and state.stage == STAGE_NEW_ORDER
 
@@ -138,7 +143,9 @@ async def test_a_replica_that_cannot_renew_stops_its_orders_before_the_lease_end
 ) -> None:
     """Before: renewal retried forever, so a replica cut off from its database kept importing
     orders that another replica would take over once their leases expired."""
-    settings = unit_settings(tmp_path, root, lease_seconds=1.5, omero_simulator_import_delay=30.0)
+    settings = unit_settings(
+        tmp_path, root, lease_seconds=1.5, omero_simulator_import_delay=30.0, shutdown_timeout=0.2
+    )
     store = MemoryStore(worker_id=settings.worker_id, lease_seconds=settings.lease_seconds)
     with structlog.testing.capture_logs() as logs:
         async with memory_replica(settings, store) as (service, _):
