@@ -241,3 +241,15 @@ async def test_close_drops_idle_connections_and_frees_the_port(
     with pytest.raises(ConnectionRefusedError):
         await asyncio.open_connection("127.0.0.1", server.port)
     await server.close()  # closing twice is harmless
+
+
+async def test_healthz_names_helpers_the_supervisor_cannot_keep_running(
+    server: HttpServer, state: HealthState
+) -> None:
+    """Before: a dead finish writer left /healthz green while every order hung."""
+    state.db_ok = state.listener_connected = True
+    state.failing_helpers = ["finish-writer"]
+    reply = await fetch(server, "/healthz")
+    assert reply.status == 503
+    assert reply.json()["failed"] == ["helpers"]
+    assert reply.json()["failing_helpers"] == ["finish-writer"]
