@@ -105,6 +105,7 @@ class Service:
     executor: ThreadPoolExecutor
     metrics: Metrics
     health: HealthState
+    reconnects_counted: int = 0
 
 
 @asynccontextmanager
@@ -232,15 +233,15 @@ async def watch_loop_lag(metrics: Metrics) -> None:
 async def watch_health(service: Service) -> None:
     """Keep /healthz, the backlog gauges and the reconnect counter current."""
     health, metrics = service.health, service.metrics
-    reconnects_seen = 0
     while True:
         listener = service.dispatcher.listener
         health.db_ok = await service.store.ping()
         health.last_db_error = None if health.db_ok else "database unreachable"
         health.listener_connected = listener is None or listener.connected
         if listener is not None:
-            metrics.listener_reconnects.inc(listener.reconnects - reconnects_seen)
-            reconnects_seen = listener.reconnects
+            # counted on the service, so a restarted watcher does not count them twice
+            metrics.listener_reconnects.inc(listener.reconnects - service.reconnects_counted)
+            service.reconnects_counted = listener.reconnects
         stats = await service.store.queue_stats() if health.db_ok else None
         if stats is not None:
             pending, oldest = stats

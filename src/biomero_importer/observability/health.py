@@ -15,10 +15,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import structlog
 from prometheus_client.exposition import choose_encoder
 
 from biomero_importer.observability.logging import Redactor
 from biomero_importer.observability.metrics import Metrics
+
+log = structlog.get_logger(__name__)
 
 MAX_REQUEST_BYTES = 8 * 1024
 REQUEST_TIMEOUT = 5.0
@@ -110,6 +113,9 @@ class HttpServer:
             await _write(writer, response, head_only)
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
+        except Exception:
+            # one bad request must not pass unseen, nor stop the server
+            log.exception("http_request_failed")
         finally:
             self._connections.discard(task)
             writer.close()
