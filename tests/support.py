@@ -70,6 +70,16 @@ def make_tiffs(folder: Path, count: int, prefix: str = "image") -> list[Path]:
     return paths
 
 
+def non_utf8_folder(root: Path, name: str = "smb-share") -> Path:
+    """A folder holding one TIFF and a symlink whose name is not UTF-8 (as old Windows/SMB
+    shares have them), pointing out of the import roots."""
+    folder = root / name
+    folder.mkdir()
+    make_tiffs(folder, 1)
+    os.symlink(b"/etc/passwd", os.path.join(os.fsencode(folder), b"r\xe9sum\xe9-link"))
+    return folder
+
+
 async def insert_order(
     url: str,
     files: Sequence[str | Path] | str,

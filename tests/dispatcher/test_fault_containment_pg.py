@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
 import time
 from pathlib import Path
@@ -24,19 +23,12 @@ from tests.support import (
     insert_order,
     make_settings,
     make_tiffs,
+    non_utf8_folder,
     running_service,
     start_replica,
     wait_for_stage,
     write_config,
 )
-
-
-def non_utf8_folder(root: Path) -> Path:
-    folder = root / "smb-share"
-    folder.mkdir()
-    make_tiffs(folder, 1)
-    os.symlink(b"/etc/passwd", os.path.join(os.fsencode(folder), b"r\xe9sum\xe9-link"))
-    return folder
 
 
 async def test_a_non_utf8_symlink_order_fails_alone_and_sigterm_exits_in_time(
