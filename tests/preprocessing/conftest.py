@@ -30,9 +30,13 @@ from tests.podman_support import (  # noqa: F401  (re-exported for the tests her
 
 @pytest.fixture
 def real_podman(podman_image: str) -> Iterator[str]:
-    """The image, and after the test: no biomero-* container may be left."""
+    """The image, and after the test: no biomero-* container it started may be left.
+
+    Containers that existed before the test are another checkout's (tests of two worktrees
+    share one podman): they are neither blamed nor removed."""
+    before = set(leftover_containers())
     yield podman_image
-    left = leftover_containers()
+    left = [name for name in leftover_containers() if name not in before]
     if left:
         podman("rm", "-f", *left)
         pytest.fail(f"containers left behind: {left}")
