@@ -140,6 +140,7 @@ async def assemble(
 ) -> AsyncIterator[Service]:
     """A replica around any order store (PostgreSQL, or memory for the unit tier); the store
     is closed, within a bound, when the block ends."""
+    metrics.follow_health(health.liveness)
     gateway = create_gateway(settings)
     executor = ThreadPoolExecutor(max_workers=settings.omero_threads, thread_name_prefix="omero")
     # Storage calls get their own threads: a hung mount must not starve OMERO calls.
