@@ -119,6 +119,7 @@ async def open_service(
         worker_id=settings.worker_id,
         lease_seconds=settings.lease_seconds,
         pool_size=settings.db_pool_size,
+        max_running_per_user=settings.max_running_per_user,
     )
     await store.open()
     async with assemble(settings, store, metrics, health) as service:
