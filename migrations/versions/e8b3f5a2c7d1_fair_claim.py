@@ -32,9 +32,16 @@ depends_on: str | Sequence[str] | None = None
 ORDER_OWNER = """
 CREATE OR REPLACE FUNCTION importer_order_owner() RETURNS trigger
 LANGUAGE plpgsql AS $$
+DECLARE
+    latest record;
 BEGIN
-    SELECT i.user_name, i.group_name INTO NEW.user_name, NEW.group_name
-    FROM imports i WHERE i.id = NEW.latest_id;
+    SELECT i.user_name, i.group_name INTO latest FROM imports i WHERE i.id = NEW.latest_id;
+    -- The trigger on imports always points latest_id at a history row; a queue row written
+    -- by hand (tests, repairs) may not, and then keeps the names it was given.
+    IF FOUND THEN
+        NEW.user_name := latest.user_name;
+        NEW.group_name := latest.group_name;
+    END IF;
     RETURN NEW;
 END;
 $$;

@@ -113,11 +113,17 @@ ranked AS (
     FROM candidates c LEFT JOIN group_running gr ON gr.group_name = c.group_name
 ),
 picked AS (
-    SELECT o.uuid FROM importer_orders o JOIN ranked r ON r.uuid = o.uuid
-    WHERE o.stage = 'Import Pending' AND o.worker_id IS NULL AND NOT o.cancel_requested
-    ORDER BY r.user_load, r.group_load, r.queued_at
+    -- each candidate locked by its primary key, best first, until the slots are filled: a
+    -- join here could read every pending row to find a handful
+    SELECT l.uuid
+    FROM (SELECT * FROM ranked ORDER BY user_load, group_load, queued_at) r
+    CROSS JOIN LATERAL (
+        SELECT o.uuid FROM importer_orders o
+        WHERE o.uuid = r.uuid AND o.stage = 'Import Pending' AND o.worker_id IS NULL
+          AND NOT o.cancel_requested
+        FOR UPDATE SKIP LOCKED
+    ) l
     LIMIT $1
-    FOR UPDATE OF o SKIP LOCKED
 )
 UPDATE importer_orders o
 SET worker_id = $2,
