@@ -97,13 +97,18 @@ candidates AS (
     FROM users u
     LEFT JOIN user_running ur ON ur.user_name = u.user_name
     CROSS JOIN LATERAL (
+        -- The user's oldest orders, read from importer_orders_ix_pending_user starting at
+        -- the user. Written as a range over (user_name, queued_at) rather than as
+        -- user_name = ...: with an equality the planner may instead walk the whole queue in
+        -- queued_at order filtering for the user, which costs the length of the backlog.
+        -- The range runs on into the next users; the outer WHERE drops their rows.
         SELECT o.uuid, o.user_name, o.group_name, o.queued_at FROM importer_orders o
         WHERE o.stage = 'Import Pending' AND o.worker_id IS NULL AND NOT o.cancel_requested
-          AND o.user_name = u.user_name
-        ORDER BY o.queued_at
+          AND (o.user_name, o.queued_at) >= (u.user_name, '-infinity'::timestamptz)
+        ORDER BY o.user_name, o.queued_at
         LIMIT GREATEST(LEAST($1::int, COALESCE($4::int - COALESCE(ur.n, 0), $1::int)), 0)
     ) c
-    WHERE u.user_name IS NOT NULL
+    WHERE u.user_name IS NOT NULL AND c.user_name = u.user_name
 ),
 ranked AS (
     SELECT c.uuid, c.queued_at, c.user_load,
