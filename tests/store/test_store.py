@@ -344,3 +344,13 @@ async def test_max_running_per_user_holds_across_replicas(harness: Harness) -> N
     assert await harness.a.claim(5) == []
     harness.cap_users(None)
     assert {c.uuid for c in await harness.a.claim(5)} == set(alice[3:])
+
+
+async def test_max_running_per_user_holds_when_replicas_claim_at_once(harness: Harness) -> None:
+    """Six claims at once, round after round: never more than the cap between them."""
+    harness.cap_users(2)
+    await _queue(harness, "alice", 40)
+    for _ in range(5):
+        claims = await asyncio.gather(*(store.claim(10) for store in (harness.a, harness.b) * 3))
+        assert sum(len(claimed) for claimed in claims) <= 2
+    assert len(await harness.a.list_orders(stage=STAGE_IMPORTING, limit=100)) == 2

@@ -56,10 +56,6 @@ SELECT encode(tgargs, 'escape') FROM pg_trigger
 WHERE tgname = 'importer_track_insert' AND tgrelid = 'imports'::regclass
 """
 
-# Serialises claims while max_running_per_user is set: each claim then counts the orders the
-# previous one started, so two replicas claiming at once cannot both fill a user's last slot.
-CLAIM_LOCK = "SELECT pg_advisory_xact_lock(hashtext('biomero_importer_claim'))"
-
 # Fair claim. $1 free slots, $2 worker id, $3 lease seconds, $4 max running per user (NULL:
 # no cap). The k-th pending order of a user would make that user's (k + running - 1)-th
 # running order: orders are taken by that load, then by the same load of their group, then
@@ -69,6 +65,9 @@ CLAIM_LOCK = "SELECT pg_advisory_xact_lock(hashtext('biomero_importer_claim'))"
 # user with pending orders, one index probe and at most $1 rows of
 # importer_orders_ix_pending_user (a loose index scan finds the users); neither the history
 # nor the length of one user's backlog is read.
+# The cap needs no lock between replicas: every claim takes a prefix of each user's pending
+# orders, so a claim that has not yet seen another's started orders finds exactly those
+# among its candidates, locked or no longer pending, and skips them.
 CLAIM = """
 WITH RECURSIVE users(user_name) AS (
     (SELECT user_name FROM importer_orders

@@ -168,11 +168,8 @@ class PostgresStore(OrderStore):
     async def claim(self, slots: int) -> list[ClaimedOrder]:
         async def attempt() -> list[ClaimedOrder]:
             async with self.pool.acquire() as conn, conn.transaction():
-                cap = self.max_running_per_user
-                if cap is not None:
-                    await conn.execute(sql.CLAIM_LOCK)
                 claimed = await conn.fetch(
-                    sql.CLAIM, slots, self.worker_id, self.lease_seconds, cap
+                    sql.CLAIM, slots, self.worker_id, self.lease_seconds, self.max_running_per_user
                 )
                 if not claimed:
                     return []
