@@ -13,7 +13,7 @@ from typing import Any
 from pydantic import SecretStr
 
 from tests.cli.conftest import CliSetup, execute, run_cli
-from tests.support import make_tiffs, running_service
+from tests.support import insert_order, make_tiffs, running_service
 
 SECRET = "Plan-Secret-4b1d9c"
 COUNTS = (
@@ -172,3 +172,26 @@ async def test_plan_of_an_unknown_uuid_fails(cli_setup: CliSetup) -> None:
     )
     assert done.exit_code == 1
     assert "no order with uuid 0b6f2f63-3f5e-4a53-9f57-1c6e0f9d2a11" in done.stderr
+
+
+async def test_plan_of_a_queued_order_judges_its_preprocessing_row_as_a_claim_would(
+    cli_setup: CliSetup,
+) -> None:
+    """A SQL writer's extra_params that is not a JSON object fails the order when claimed;
+    the plan of that queued order says so instead of planning a container."""
+    (image,) = make_tiffs(cli_setup.root, 1)
+    order = await insert_order(
+        cli_setup.url,
+        [image],
+        preprocessing={
+            "container": "localhost/biomero-test-converter:latest",
+            "extra_params": ["not", "an", "object"],
+        },
+    )
+    before = await _rows(cli_setup.url)
+    done = await run_cli("plan", order, "--json", "--config", cli_setup.config)
+    assert done.exit_code == 1, done.stderr
+    plan = json.loads(done.stdout)
+    assert plan["verdict"] == "Preprocessing extra_params must be a JSON object"
+    assert plan["containers"] == [] and plan["units"] == []
+    assert await _rows(cli_setup.url) == before

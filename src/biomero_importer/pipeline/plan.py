@@ -73,8 +73,12 @@ class Plan:
 
 
 def claimed_from_detail(detail: OrderDetail) -> ClaimedOrder:
-    """A stored order as the claim would hand it to the pipeline (for planning only)."""
+    """A stored order as its next claim would hand it to the pipeline (for planning only):
+    one attempt and one run more, and a malformed extra_params judged as the claim does."""
     summary = detail.summary
+    problem = None
+    if detail.preprocessing is not None and not isinstance(detail.raw_extra_params or {}, dict):
+        problem = "Preprocessing extra_params must be a JSON object"
     return ClaimedOrder(
         uuid=summary.uuid,
         group_name=summary.group_name,
@@ -85,10 +89,11 @@ def claimed_from_detail(detail: OrderDetail) -> ClaimedOrder:
         file_names=detail.file_names,
         preprocessing_id=detail.preprocessing.id if detail.preprocessing else None,
         preprocessing=detail.preprocessing,
-        attempt=detail.attempts,
-        runs=detail.runs,
+        attempt=detail.attempts + 1,
+        runs=detail.runs + 1,
         queued_at=detail.queued_at.timestamp(),
         recorded_objects=list(detail.objects),
+        preprocessing_problem=problem,
         import_options=detail.import_options,
     )
 
@@ -147,7 +152,7 @@ def plan_order(claimed: ClaimedOrder, settings: Settings, *, stage: str | None =
         settings = settings.model_copy(update={"omero_host": UNSET_HOST})
     records = _recorded(claimed.recorded_objects)
     # As the pipeline decides: a second run looks for what the first one already imported.
-    exclude_existing = claimed.runs >= 1 or bool(claimed.recorded_objects)
+    exclude_existing = claimed.runs > 1 or bool(claimed.recorded_objects)
     if exclude_existing:
         plan.notes.append(
             "a re-run: files OMERO already holds for this order are excluded (--exclude=clientpath)"
