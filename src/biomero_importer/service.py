@@ -120,6 +120,7 @@ async def open_service(
         worker_id=settings.worker_id,
         lease_seconds=settings.lease_seconds,
         pool_size=settings.db_pool_size,
+        max_running_per_user=settings.max_running_per_user,
     )
     await store.open()
     async with assemble(settings, store, metrics, health) as service:
@@ -141,6 +142,7 @@ async def assemble(
 ) -> AsyncIterator[Service]:
     """A replica around any order store (PostgreSQL, or memory for the unit tier); the store
     is closed, within a bound, when the block ends."""
+    metrics.follow_health(health.liveness)
     gateway = create_gateway(settings)
     executor = ThreadPoolExecutor(max_workers=settings.omero_threads, thread_name_prefix="omero")
     # Storage calls get their own threads: a hung mount must not starve OMERO calls.

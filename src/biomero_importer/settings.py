@@ -117,6 +117,8 @@ class Settings(BaseModel):
 
     # --- dispatcher -----------------------------------------------------------------------
     max_workers: int = Field(default=4, ge=1, le=10_000)
+    # unset: no cap; a user's orders still interleave fairly with everyone else's
+    max_running_per_user: int | None = Field(default=None, ge=1)
     poll_interval: PositiveFloat = 2.0
     lease_seconds: PositiveFloat = 60.0
     max_attempts: int = Field(default=1, ge=1)

@@ -6,8 +6,8 @@ import pytest
 
 from tests.cli.conftest import invoke
 
-COMMANDS = ["run", "migrate", "submit", "status", "show", "retry", "cancel", "check"]
-READS = ["status", "show", "check"]
+COMMANDS = ["run", "migrate", "submit", "plan", "status", "show", "retry", "cancel", "check"]
+READS = ["plan", "status", "show", "check"]
 
 
 @pytest.mark.parametrize("command", COMMANDS)

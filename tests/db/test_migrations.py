@@ -256,3 +256,65 @@ def test_autogenerate_ignores_other_applications_tables(database_url: str) -> No
         engine.dispose()
     touched = {str(item) for item in diff}
     assert not any("biomero" in entry for entry in touched)
+
+
+def _owners(url: str) -> tuple[dict[str, tuple[str, str]], dict[str, tuple[str, str]]]:
+    """(queue row names, latest history row names) per uuid."""
+    conn = psycopg2.connect(url)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT uuid, user_name, group_name FROM importer_orders")
+            queue = {uuid: (user, group) for uuid, user, group in cur.fetchall()}
+            cur.execute(
+                "SELECT DISTINCT ON (uuid) uuid, user_name, group_name FROM imports"
+                " ORDER BY uuid, id DESC"
+            )
+            latest = {uuid: (user, group) for uuid, user, group in cur.fetchall()}
+            return queue, latest
+    finally:
+        conn.close()
+
+
+def test_fair_claim_revision_adopts_owners_and_keeps_them_current(database_url: str) -> None:
+    create_upstream(database_url, with_description=True, stamped=True, orders=20)
+    engine = create_engine(sync_url(database_url), poolclass=NullPool)
+    try:
+        with engine.connect() as conn:
+            command.upgrade(alembic_config(conn), "d5a1c9e3f7b2")
+            conn.commit()
+    finally:
+        engine.dispose()
+    queue_before = _queue(database_url)
+
+    assert migrate(database_url, channel=DEFAULT_CHANNEL) == ("d5a1c9e3f7b2", head_revision())
+
+    queue, latest = _owners(database_url)
+    assert queue == latest and len(queue) == 20
+    assert _queue(database_url) == queue_before
+    # Writers that know nothing of the copies: new orders as OMERO.biomero writes them, and
+    # a stage row for an existing order.
+    conn = psycopg2.connect(database_url)
+    try:
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            for uuid, user in (("new-order", "alice"), ("other-order", "carol")):
+                cur.execute(
+                    "INSERT INTO imports (group_name, user_name, destination_id,"
+                    " destination_type, stage, uuid, files)"
+                    " VALUES ('Lab-1', %s, '1', 'Dataset', 'Import Pending', %s, '[]')",
+                    (user, uuid),
+                )
+            existing = sorted(queue)[0]
+            cur.execute(
+                "INSERT INTO imports (group_name, user_name, destination_id, destination_type,"
+                " stage, uuid, files) VALUES ('Lab-2', 'bob', '1', 'Dataset',"
+                " 'Import Failed', %s, '[]')",
+                (existing,),
+            )
+    finally:
+        conn.close()
+    queue, latest = _owners(database_url)
+    assert queue == latest
+    assert queue["new-order"] == ("alice", "Lab-1")
+    assert queue["other-order"] == ("carol", "Lab-1")
+    assert queue[existing] == ("bob", "Lab-2")

@@ -253,3 +253,26 @@ async def test_healthz_names_helpers_the_supervisor_cannot_keep_running(
     assert reply.status == 503
     assert reply.json()["failed"] == ["helpers"]
     assert reply.json()["failing_helpers"] == ["finish-writer"]
+
+
+async def test_metrics_export_the_healthz_checks(
+    server: HttpServer, metrics: Metrics, state: HealthState
+) -> None:
+    """Prometheus scrapes /metrics, not /healthz: the same checks, as 1/0, at every scrape."""
+    metrics.follow_health(state.liveness)
+
+    async def exported() -> dict[str, float]:
+        text = (await fetch(server, "/metrics")).body.decode()
+        prefix = 'biomero_importer_health_check{check="'
+        values = {}
+        for line in text.splitlines():
+            if line.startswith(prefix):
+                name, _, value = line[len(prefix) :].partition('"} ')
+                values[name] = float(value)
+        return values
+
+    assert await exported() == {"process": 1, "database": 0, "listener": 0, "helpers": 1}
+    state.db_ok = state.listener_connected = True
+    state.failing_helpers = ["health"]
+    assert await exported() == {"process": 1, "database": 1, "listener": 1, "helpers": 0}
+    assert (await fetch(server, "/healthz")).json()["failed"] == ["helpers"]

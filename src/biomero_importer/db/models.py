@@ -144,6 +144,10 @@ class ImporterOrder(Base):
         Boolean, nullable=False, server_default=text("false")
     )
     objects: Mapped[Any] = mapped_column(JSON, nullable=True)
+    # copies of the latest row's names, kept by the importer_order_owner trigger, for the
+    # fair claim (migration e8b3f5a2c7d1)
+    user_name: Mapped[str] = mapped_column(String, nullable=False, server_default=text("''"))
+    group_name: Mapped[str] = mapped_column(String, nullable=False, server_default=text("''"))
 
     __table_args__ = (
         Index(
@@ -167,5 +171,12 @@ class ImporterOrder(Base):
             postgresql_where=text(
                 "stage = 'Import Pending' AND worker_id IS NULL AND cancel_requested"
             ),
+        ),
+        # the fair claim walks pending orders user by user (migration e8b3f5a2c7d1)
+        Index(
+            "importer_orders_ix_pending_user",
+            "user_name",
+            "queued_at",
+            postgresql_where=text("stage = 'Import Pending' AND worker_id IS NULL"),
         ),
     )

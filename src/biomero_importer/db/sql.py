@@ -56,14 +56,78 @@ SELECT encode(tgargs, 'escape') FROM pg_trigger
 WHERE tgname = 'importer_track_insert' AND tgrelid = 'imports'::regclass
 """
 
-# $1 free slots, $2 worker id, $3 lease seconds
+# Fair claim. $1 free slots, $2 worker id, $3 lease seconds, $4 max running per user (NULL:
+# no cap). The k-th pending order of a user would make that user's (k + running - 1)-th
+# running order: orders are taken by that load, then by the same load of their group, then
+# oldest first. So the user with the fewest orders running goes first, one user's backlog
+# interleaves with everyone else's instead of blocking it, and within a user it is FIFO.
+# Cost: the running orders (few: replicas x workers, via importer_orders_ix_leases) plus, per
+# user with pending orders, one index probe and at most $1 rows of
+# importer_orders_ix_pending_user (a loose index scan finds the users); neither the history
+# nor the length of one user's backlog is read.
+# The cap needs no lock between replicas: every claim takes a prefix of each user's pending
+# orders, so a claim that has not yet seen another's started orders finds exactly those
+# among its candidates, locked or no longer pending, and skips them.
 CLAIM = """
-WITH picked AS (
-    SELECT uuid FROM importer_orders
-    WHERE stage = 'Import Pending' AND worker_id IS NULL AND NOT cancel_requested
-    ORDER BY queued_at
+WITH RECURSIVE users(user_name) AS (
+    (SELECT user_name FROM importer_orders
+     WHERE stage = 'Import Pending' AND worker_id IS NULL
+     ORDER BY user_name LIMIT 1)
+    UNION ALL
+    SELECT (SELECT o.user_name FROM importer_orders o
+            WHERE o.stage = 'Import Pending' AND o.worker_id IS NULL
+              AND o.user_name > u.user_name
+            ORDER BY o.user_name LIMIT 1)
+    FROM users u WHERE u.user_name IS NOT NULL
+),
+running AS (
+    SELECT user_name, group_name FROM importer_orders WHERE worker_id IS NOT NULL
+),
+user_running AS (
+    SELECT user_name, count(*) AS n FROM running GROUP BY user_name
+),
+group_running AS (
+    SELECT group_name, count(*) AS n FROM running GROUP BY group_name
+),
+candidates AS (
+    SELECT c.uuid, c.group_name, c.queued_at,
+           COALESCE(ur.n, 0) - 1
+               + row_number() OVER (PARTITION BY c.user_name ORDER BY c.queued_at) AS user_load
+    FROM users u
+    LEFT JOIN user_running ur ON ur.user_name = u.user_name
+    CROSS JOIN LATERAL (
+        -- The user's oldest orders, read from importer_orders_ix_pending_user starting at
+        -- the user. Written as a range over (user_name, queued_at) rather than as
+        -- user_name = ...: with an equality the planner may instead walk the whole queue in
+        -- queued_at order filtering for the user, which costs the length of the backlog.
+        -- The range runs on into the next users; the outer WHERE drops their rows.
+        SELECT o.uuid, o.user_name, o.group_name, o.queued_at FROM importer_orders o
+        WHERE o.stage = 'Import Pending' AND o.worker_id IS NULL AND NOT o.cancel_requested
+          AND (o.user_name, o.queued_at) >= (u.user_name, '-infinity'::timestamptz)
+        ORDER BY o.user_name, o.queued_at
+        LIMIT GREATEST(LEAST($1::int, COALESCE($4::int - COALESCE(ur.n, 0), $1::int)), 0)
+    ) c
+    WHERE u.user_name IS NOT NULL AND c.user_name = u.user_name
+),
+ranked AS (
+    SELECT c.uuid, c.queued_at, c.user_load,
+           COALESCE(gr.n, 0) - 1 + row_number() OVER (
+               PARTITION BY c.group_name ORDER BY c.user_load, c.queued_at
+           ) AS group_load
+    FROM candidates c LEFT JOIN group_running gr ON gr.group_name = c.group_name
+),
+picked AS (
+    -- each candidate locked by its primary key, best first, until the slots are filled: a
+    -- join here could read every pending row to find a handful
+    SELECT l.uuid
+    FROM (SELECT * FROM ranked ORDER BY user_load, group_load, queued_at) r
+    CROSS JOIN LATERAL (
+        SELECT o.uuid FROM importer_orders o
+        WHERE o.uuid = r.uuid AND o.stage = 'Import Pending' AND o.worker_id IS NULL
+          AND NOT o.cancel_requested
+        FOR UPDATE SKIP LOCKED
+    ) l
     LIMIT $1
-    FOR UPDATE SKIP LOCKED
 )
 UPDATE importer_orders o
 SET worker_id = $2,

@@ -53,6 +53,15 @@ class HealthState:
     #: helpers the supervisor could not keep running (they turn /healthz to 503)
     failing_helpers: list[str] = field(default_factory=list)
 
+    def liveness(self) -> dict[str, bool]:
+        """The checks /healthz answers with (and ``health_check`` exports)."""
+        return {
+            "process": True,
+            "database": self.db_ok,
+            "listener": self.listener_connected,
+            "helpers": not self.failing_helpers,
+        }
+
 
 @dataclass(frozen=True)
 class _Response:
@@ -144,12 +153,7 @@ class HttpServer:
             return _Response(200, content_type, encoder(self._metrics.registry))
         health = self._health
         if path == "/healthz":
-            checks = {
-                "process": True,
-                "database": health.db_ok,
-                "listener": health.listener_connected,
-                "helpers": not health.failing_helpers,
-            }
+            checks = health.liveness()
         else:
             checks = {"migrated": health.migrated, "claiming": health.claiming}
         failed = [name for name, ok in checks.items() if not ok]

@@ -7,6 +7,7 @@ services in one process.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from typing import Literal
 
 from prometheus_client import (
@@ -26,6 +27,8 @@ LeaseOutcome = Literal["requeued", "failed"]
 OUTCOMES: tuple[Outcome, ...] = ("completed", "failed", "cancelled", "handed_back")
 STEPS: tuple[Step, ...] = ("validate", "preprocess", "import", "annotate")
 LEASE_OUTCOMES: tuple[LeaseOutcome, ...] = ("requeued", "failed")
+# The checks behind /healthz, exported too: Prometheus scrapes /metrics, not /healthz.
+HEALTH_CHECKS = ("process", "database", "listener", "helpers")
 
 NAMESPACE = "biomero_importer"
 
@@ -145,6 +148,14 @@ class Metrics:
             registry=reg,
         )
 
+        self.health_check = Gauge(
+            "health_check",
+            "1 while a check behind /healthz passes, 0 while it fails (/healthz is then 503).",
+            ["check"],
+            namespace=NAMESPACE,
+            registry=reg,
+        )
+
         for outcome in OUTCOMES:
             self.orders_finished.labels(outcome=outcome)
         for step in STEPS:
@@ -160,6 +171,15 @@ class Metrics:
 
     def lease_recovered(self, outcome: LeaseOutcome, count: int = 1) -> None:
         self.recovered_leases.labels(outcome=outcome).inc(count)
+
+    def follow_health(self, checks: Callable[[], Mapping[str, bool]]) -> None:
+        """Export ``checks()`` (the /healthz checks) at every scrape, so the two never differ."""
+
+        def reader(name: str) -> Callable[[], float]:
+            return lambda: float(checks()[name])
+
+        for name in HEALTH_CHECKS:
+            self.health_check.labels(check=name).set_function(reader(name))
 
     def set_backlog(self, pending: int, oldest_pending_age_seconds: float | None) -> None:
         """Called by the dispatcher's periodic refresh with numbers read from the database."""

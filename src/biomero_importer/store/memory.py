@@ -12,6 +12,7 @@ import asyncio
 import copy
 import json
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -88,6 +89,44 @@ def _check(value: str | None) -> None:
         raise ValueError("invalid byte sequence for encoding UTF8: 0x00")
 
 
+def _fair_pick(orders: list[_Order], slots: int, cap: int | None) -> list[_Order]:
+    """The claim's policy (``db/sql.py`` ``CLAIM``): by the load an order would give its user,
+    then its group, then oldest first; never a user past ``cap`` running orders."""
+    user_running: Counter[str] = Counter()
+    group_running: Counter[str] = Counter()
+    for order in orders:
+        if order.worker_id is not None:
+            user_running[order.new.user] += 1
+            group_running[order.new.group] += 1
+    pending = sorted(
+        (
+            o
+            for o in orders
+            if o.stage == STAGE_NEW_ORDER and o.worker_id is None and not o.cancel_requested
+        ),
+        key=lambda o: o.queued_at,
+    )
+    user_load: dict[str, int] = {}
+    by_user: Counter[str] = Counter()
+    candidates: list[_Order] = []
+    for order in pending:
+        user = order.new.user
+        allowed = slots if cap is None else min(slots, cap - user_running[user])
+        if by_user[user] >= allowed:
+            continue
+        user_load[order.new.uuid] = user_running[user] + by_user[user]
+        by_user[user] += 1
+        candidates.append(order)
+    group_load: dict[str, int] = {}
+    by_group: Counter[str] = Counter()
+    for order in sorted(candidates, key=lambda o: (user_load[o.new.uuid], o.queued_at)):
+        group = order.new.group
+        group_load[order.new.uuid] = group_running[group] + by_group[group]
+        by_group[group] += 1
+    candidates.sort(key=lambda o: (user_load[o.new.uuid], group_load[o.new.uuid], o.queued_at))
+    return candidates[:slots]
+
+
 class MemoryStore(OrderStore):
     def __init__(
         self,
@@ -96,10 +135,13 @@ class MemoryStore(OrderStore):
         lease_seconds: float = 60.0,
         clock: Callable[[], float] = time.time,
         shared: MemoryStore | None = None,
+        max_running_per_user: int | None = None,
     ) -> None:
         """``shared``: another replica's store whose orders this one sees (one database)."""
         self.worker_id = worker_id
         self.lease_seconds = lease_seconds
+        #: claims never take a user past this many running orders (all replicas together)
+        self.max_running_per_user = max_running_per_user
         self.clock = clock
         self._db: dict[str, _Order] = shared._db if shared is not None else {}
         self._ids: list[int] = shared._ids if shared is not None else [0]
@@ -150,14 +192,7 @@ class MemoryStore(OrderStore):
     # --- the dispatcher ------------------------------------------------------------------
     async def claim(self, slots: int) -> list[ClaimedOrder]:
         await self._gate("claim", retry=True)
-        ready = sorted(
-            (
-                o
-                for o in self._db.values()
-                if o.stage == STAGE_NEW_ORDER and o.worker_id is None and not o.cancel_requested
-            ),
-            key=lambda o: o.queued_at,
-        )[:slots]
+        ready = _fair_pick(list(self._db.values()), slots, self.max_running_per_user)
         claimed = []
         for order in ready:
             order.worker_id = order.last_worker_id = self.worker_id

@@ -65,10 +65,13 @@ class PostgresStore(OrderStore):
         pool_size: int = 4,
         retry: bool = True,
         connect_timeout: float = 10.0,
+        max_running_per_user: int | None = None,
     ) -> None:
         self.dsn = dsn
         self.worker_id = worker_id
         self.lease_seconds = lease_seconds
+        #: claims never take a user past this many running orders (all replicas together)
+        self.max_running_per_user = max_running_per_user
         self.pool_size = pool_size
         # one-off commands (the CLI) report an outage at once instead of waiting it out
         self.retry_transient = retry
@@ -165,7 +168,9 @@ class PostgresStore(OrderStore):
     async def claim(self, slots: int) -> list[ClaimedOrder]:
         async def attempt() -> list[ClaimedOrder]:
             async with self.pool.acquire() as conn, conn.transaction():
-                claimed = await conn.fetch(sql.CLAIM, slots, self.worker_id, self.lease_seconds)
+                claimed = await conn.fetch(
+                    sql.CLAIM, slots, self.worker_id, self.lease_seconds, self.max_running_per_user
+                )
                 if not claimed:
                     return []
                 started = await conn.fetch(sql.INSERT_STARTED, [r["latest_id"] for r in claimed])
