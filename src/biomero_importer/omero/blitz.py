@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -47,6 +48,7 @@ from biomero_importer.omero.port import (
     RegistrationOptions,
     Target,
     UnknownUserOrGroup,
+    session_ttl_ms,
 )
 from biomero_importer.omero.zarr import ZarrContent, ZarrError, ZarrImage, read_zarr
 from biomero_importer.omero.zarr_labels import for_registration
@@ -109,6 +111,31 @@ def map_annotation_link(
         link.setParent(omero.model.ImageI(obj.id, False))
     link.setChild(annotation)
     return link
+
+
+def existing_map_annotation_hql(kind: ObjectType) -> str:
+    """MapAnnotations in namespace ``:ns`` already linked to the Image or Plate ``:id``."""
+    return (
+        f"select a.id from {kind}AnnotationLink l join l.child a"
+        " where l.parent.id = :id and a.ns = :ns and a.class = MapAnnotation order by a.id"
+    )
+
+
+def registered_hql(kind: ObjectType) -> str:
+    """Registered (fileset-less) objects in target ``:target`` carrying the order comment."""
+    if kind == "Plate":
+        return (
+            "select p.id, p.name, ei.lsid from Plate p join p.screenLinks sl"
+            " join p.details.externalInfo ei where sl.parent.id = :target and exists"
+            " (select 1 from PlateAnnotationLink l join l.child a"
+            " where l.parent = p and a.ns = :ns and a.textValue = :uuid)"
+        )
+    return (
+        "select i.id, i.name, ei.lsid from Image i join i.datasetLinks dl"
+        " join i.details.externalInfo ei where dl.parent.id = :target and i.fileset is null"
+        " and exists (select 1 from ImageAnnotationLink l join l.child a"
+        " where l.parent = i and a.ns = :ns and a.textValue = :uuid)"
+    )
 
 
 def ngff_external_info(lsid: str) -> omero.model.ExternalInfoI:
@@ -248,7 +275,8 @@ class BlitzBackend:
             with self._lock:
                 root = self.root()
                 try:
-                    conn = root.suConn(user, group=group, ttl=self.settings.ttl_for_user_conn)
+                    # the TTL is a hard lifetime: at least import_timeout plus a margin
+                    conn = root.suConn(user, group=group, ttl=session_ttl_ms(self.settings))
                 except omero.ServerError as exc:
                     raise UnknownUserOrGroup(user, group, type(exc).__name__) from exc
             if conn is None or not conn.isConnected():
@@ -297,6 +325,12 @@ class BlitzSession:
         self._proc: subprocess.Popen[bytes] | None = None
         # imports of this order so far: numbers each one's cli.<UUID>_<i> log files
         self._imports = 0
+        # the session's hard lifetime counts from its creation (timeToLive, timeToIdle 0)
+        self._opened = time.monotonic()
+        self._ttl = session_ttl_ms(self.settings) / 1000
+
+    def remaining(self) -> float:
+        return self._ttl - (time.monotonic() - self._opened)
 
     @property
     def session_key(self) -> str:
@@ -467,9 +501,12 @@ class BlitzSession:
                 " join i.datasetLinks dl join i.fileset fs join fs.usedFiles u"
                 f" where dl.parent.id = :target and {marked}"
             )
+        # Registered OME-Zarr objects have no fileset: found by their ExternalInfo path and
+        # the order comment the registration saved with them.
+        registered = registered_hql(kind)
+        query = self.conn.getQueryService()
         rows = self._call(
-            "find_imported",
-            lambda: self.conn.getQueryService().projection(hql, params, self.conn.SERVICE_OPTS),
+            "find_imported", lambda: query.projection(hql, params, self.conn.SERVICE_OPTS)
         )
         found: dict[int, ImportedObject] = {}
         for object_id, name, fileset_id, used in _unwrap_rows(rows):
@@ -478,12 +515,32 @@ class BlitzSession:
                 found[int(object_id)] = ImportedObject(
                     kind, int(object_id), str(name), used_path, int(fileset_id)
                 )
+        rows = self._call(
+            "find_registered", lambda: query.projection(registered, params, self.conn.SERVICE_OPTS)
+        )
+        for object_id, name, lsid in _unwrap_rows(rows):
+            if int(object_id) not in found and _is_under(str(lsid), str(client_path)):
+                found[int(object_id)] = ImportedObject(kind, int(object_id), str(name), str(lsid))
         return sorted(found.values(), key=lambda o: o.id)
 
     # --- annotations, names, files ----------------------------------------------------------
     def annotate(
         self, obj: ImportedObject, namespace: str, pairs: Sequence[tuple[str, str]]
     ) -> int:
+        params = omero.sys.ParametersI()
+        params.addId(obj.id)
+        params.addString("ns", namespace)
+        existing = _unwrap_rows(
+            self._call(
+                "find_annotation",
+                lambda: self.conn.getQueryService().projection(
+                    existing_map_annotation_hql(obj.type), params, self.conn.SERVICE_OPTS
+                ),
+            )
+        )
+        if existing:
+            # an earlier run annotated it (the ledger had not been saved): never a second one
+            return int(existing[0][0])
         link = map_annotation_link(obj, namespace, pairs)
         saved = self._call(
             "annotate",
@@ -529,6 +586,8 @@ class BlitzSession:
         *,
         order_uuid: str,
         options: RegistrationOptions | None = None,
+        existing: Sequence[ImportedObject] = (),
+        on_created: Callable[[ImportedObject], None] | None = None,
     ) -> list[ImportedObject]:
         if self._aborted.is_set():
             raise ImportAborted(f"aborted before registering {path.name}")
@@ -541,23 +600,57 @@ class BlitzSession:
             raise ImportFailed(f"{path.name} is a plate: send it to a Screen, not a Dataset")
         if content.kind != "plate" and target.type != "Dataset":
             raise ImportFailed(f"{path.name} holds images: send it to a Dataset, not a Screen")
-        objects = self._call("register_zarr", lambda: self._register(content, target))
-        self._require_pixel_buffer(path, objects)
-        log.info("omero_zarr_registered", path=str(path), objects=len(objects))
+        done: dict[tuple[str, str], ImportedObject] = {(o.type, o.client_path): o for o in existing}
+        created: list[ImportedObject] = []
+
+        def made(obj: ImportedObject) -> None:
+            created.append(obj)
+            if on_created is not None:
+                on_created(obj)
+
+        # Each step goes through _call on its own: a lost connection retries only that step,
+        # never the steps before it, and abort() is honoured between steps.
+        comment = self._call("order_comment", lambda: self._order_comment(order_uuid))
+        objects = self._register(content, target, comment, done, made)
+        self._require_pixel_buffer(path, created)
+        log.info("omero_zarr_registered", path=str(path), objects=len(created))
         return objects
 
-    def _register(self, content: ZarrContent, target: Target) -> list[ImportedObject]:
+    def _order_comment(self, order_uuid: str) -> int:
+        """The comment annotation holding the order UUID, as ``omero import`` links it."""
+        comment = omero.model.CommentAnnotationI()
+        comment.setNs(omero.rtypes.rstring(order_namespace(self.settings)))
+        comment.setTextValue(omero.rtypes.rstring(order_uuid))
+        saved = self.conn.getUpdateService().saveAndReturnObject(comment, self.conn.SERVICE_OPTS)
+        return int(saved.getId().getValue())
+
+    def _register(
+        self,
+        content: ZarrContent,
+        target: Target,
+        comment: int,
+        done: dict[tuple[str, str], ImportedObject],
+        made: Callable[[ImportedObject], None],
+    ) -> list[ImportedObject]:
         update = self.conn.getUpdateService()
         if content.plate is None:
             objects = []
             for image in content.images:
-                image_id = self._create_image(image)
-                link = omero.model.DatasetImageLinkI()
-                link.setParent(omero.model.DatasetI(target.id, False))
-                link.setChild(omero.model.ImageI(image_id, False))
-                update.saveObject(link, self.conn.SERVICE_OPTS)
-                objects.append(ImportedObject("Image", image_id, image.name, str(image.path)))
+                old = done.get(("Image", str(image.path)))
+                if old is not None:
+                    objects.append(old)
+                    continue
+                image_id = self._call(
+                    "register_image",
+                    partial(self._create_image, image, comment=comment, dataset=target.id),
+                )
+                obj = ImportedObject("Image", image_id, image.name, str(image.path))
+                made(obj)
+                objects.append(obj)
             return objects
+        old = done.get(("Plate", str(content.path)))
+        if old is not None:
+            return [old]
         plate = omero.model.PlateI()
         plate.setName(omero.rtypes.rstring(content.plate.name))
         for zarr_well in content.plate.wells:
@@ -565,19 +658,27 @@ class BlitzSession:
             well.setRow(omero.rtypes.rint(zarr_well.row))
             well.setColumn(omero.rtypes.rint(zarr_well.column))
             for field_image in zarr_well.fields:
+                image_id = self._call("register_image", partial(self._create_image, field_image))
                 sample = omero.model.WellSampleI()
-                sample.setImage(omero.model.ImageI(self._create_image(field_image), False))
+                sample.setImage(omero.model.ImageI(image_id, False))
                 well.addWellSample(sample)
             plate.addWell(well)
-        saved = update.saveAndReturnObject(plate, self.conn.SERVICE_OPTS)
-        plate_id = int(saved.getId().getValue())
-        link = omero.model.ScreenPlateLinkI()
-        link.setParent(omero.model.ScreenI(target.id, False))
-        link.setChild(omero.model.PlateI(plate_id, False))
-        update.saveObject(link, self.conn.SERVICE_OPTS)
-        return [ImportedObject("Plate", plate_id, content.plate.name, str(content.path))]
+        # plate, ExternalInfo, order comment and screen link in one save: one step
+        plate.getDetails().setExternalInfo(ngff_external_info(str(content.path)))
+        plate.linkAnnotation(omero.model.CommentAnnotationI(comment, False))
+        plate.linkScreen(omero.model.ScreenI(target.id, False))
+        saved = self._call(
+            "register_plate", lambda: update.saveAndReturnObject(plate, self.conn.SERVICE_OPTS)
+        )
+        obj = ImportedObject(
+            "Plate", int(saved.getId().getValue()), content.plate.name, str(content.path)
+        )
+        made(obj)
+        return [obj]
 
-    def _create_image(self, image: ZarrImage) -> int:
+    def _create_image(
+        self, image: ZarrImage, *, comment: int | None = None, dataset: int | None = None
+    ) -> int:
         query = self.conn.getQueryService()
         params = omero.sys.ParametersI()
         params.addString("value", pixel_type(image.dtype))
@@ -596,7 +697,13 @@ class BlitzSession:
             self.conn.SERVICE_OPTS,
         )
         loaded = query.get("Image", image_id.getValue(), self.conn.SERVICE_OPTS)
+        # ExternalInfo, the order comment and the dataset link in one save: an image in the
+        # target always carries the comment that finds it again.
         loaded.getDetails().setExternalInfo(ngff_external_info(str(image.path)))
+        if comment is not None:
+            loaded.linkAnnotation(omero.model.CommentAnnotationI(comment, False))
+        if dataset is not None:
+            loaded.linkDataset(omero.model.DatasetI(dataset, False))
         self.conn.getUpdateService().saveObject(loaded, self.conn.SERVICE_OPTS)
         return int(image_id.getValue())
 
