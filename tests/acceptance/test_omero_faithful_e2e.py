@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 import sqlite3
 import time
 from collections.abc import Callable
@@ -20,6 +22,7 @@ from tests.support import (
     PICKED_UP,
     insert_order,
     make_settings,
+    make_tiffs,
     start_replica,
     stop_replica,
     wait_for_stage,
@@ -40,7 +43,9 @@ def sim(settings: Settings, query: str, *args: Any) -> list[tuple[Any, ...]]:
 async def ledger(url: str, uuid: str) -> list[dict[str, Any]]:
     conn = await asyncpg.connect(url)
     try:
-        text = await conn.fetchval("SELECT objects::text FROM importer_orders WHERE uuid = $1", uuid)
+        text = await conn.fetchval(
+            "SELECT objects::text FROM importer_orders WHERE uuid = $1", uuid
+        )
     finally:
         await conn.close()
     return json.loads(text) if text else []
@@ -87,7 +92,10 @@ async def test_sigterm_during_a_multi_image_registration_then_restart(
         return [row[0] for row in rows]
 
     await sigterm_when(
-        write_config(tmp_path / "slow.yml", slow), migrated_url, uuid, lambda: len(registered()) >= 3
+        write_config(tmp_path / "slow.yml", slow),
+        migrated_url,
+        uuid,
+        lambda: len(registered()) >= 3,
     )
     first = registered()
     assert 3 <= len(first) < 8
@@ -136,3 +144,121 @@ async def test_sigterm_during_annotate_of_2000_images_then_one_map_annotation_ea
     assert len(per_image) == 2000
     assert {count for _, count in per_image} == {1}
     assert len(await ledger(migrated_url, uuid)) == 2000
+
+
+async def sigkill_when(config: Path, url: str, uuid: str, ready: Callable[[], bool]) -> None:
+    """A replica that dies without a word once ``ready()``: its lease expires and another
+    replica recovers the order."""
+    replica = start_replica(config)
+    try:
+        await wait_for_stage(url, uuid, PICKED_UP, timeout=60)
+        deadline = time.monotonic() + 60
+        while not ready():
+            assert time.monotonic() < deadline, "the replica never got there"
+            await asyncio.sleep(0.005)
+    finally:
+        os.killpg(replica.pid, signal.SIGKILL)
+        stop_replica(replica)
+
+
+async def test_recovery_after_sigkill_mid_multi_file_import_imports_each_file_once(
+    migrated_url: str, tmp_path: Path, import_root: Path
+) -> None:
+    """Imports are saved to the ledger at most once a second: what the dead replica imported
+    after its last save is found by the order's comment annotation, never imported twice."""
+    files = make_tiffs(import_root / "run", 8)
+    slow = make_settings(
+        tmp_path,
+        migrated_url,
+        [import_root],
+        lease_seconds=1.5,
+        max_attempts=2,
+        omero_simulator_import_delay=0.2,
+    )
+    uuid = await insert_order(migrated_url, files)
+
+    def imported() -> list[str]:
+        rows = sim(slow, "SELECT client_path FROM objects WHERE order_uuid = ?", uuid)
+        return [row[0] for row in rows]
+
+    await sigkill_when(
+        write_config(tmp_path / "slow.yml", slow), migrated_url, uuid, lambda: len(imported()) >= 4
+    )
+    fast = slow.model_copy(update={"omero_simulator_import_delay": 0.0})
+    row = await run_to_the_end(write_config(tmp_path / "fast.yml", fast), migrated_url, uuid)
+    assert row["stage"] == "Import Completed"
+    assert sorted(imported()) == sorted(str(f) for f in files)
+    recorded = await ledger(migrated_url, uuid)
+    assert sorted(r["client_path"] for r in recorded) == sorted(str(f) for f in files)
+
+
+async def test_recovery_after_sigkill_mid_registration_registers_the_rest_once(
+    migrated_url: str, tmp_path: Path, import_root: Path
+) -> None:
+    series = make_series_v2(import_root / "series.zarr", 6)
+    slow = make_settings(
+        tmp_path,
+        migrated_url,
+        [import_root],
+        use_register_zarr=True,
+        lease_seconds=1.5,
+        max_attempts=2,
+        omero_simulator_import_delay=0.3,
+    )
+    uuid = await insert_order(migrated_url, [series])
+
+    def registered() -> list[str]:
+        rows = sim(slow, "SELECT client_path FROM objects WHERE order_uuid = ?", uuid)
+        return [row[0] for row in rows]
+
+    await sigkill_when(
+        write_config(tmp_path / "slow.yml", slow),
+        migrated_url,
+        uuid,
+        lambda: len(registered()) >= 2,
+    )
+    fast = slow.model_copy(update={"omero_simulator_import_delay": 0.0})
+    row = await run_to_the_end(write_config(tmp_path / "fast.yml", fast), migrated_url, uuid)
+    assert row["stage"] == "Import Completed"
+    assert sorted(registered()) == sorted(str(series / str(i)) for i in range(6))
+    recorded = await ledger(migrated_url, uuid)
+    assert len({(r["type"], r["id"]) for r in recorded}) == len(recorded) == 6
+
+
+async def test_sql_retry_after_an_orphan_fileset_imports_every_file(
+    migrated_url: str, tmp_path: Path, import_root: Path
+) -> None:
+    """The documented SQL retry (every row rewritten to 'Import Pending') after a first
+    attempt that left an orphan fileset: one Image per file, or a failure naming the file."""
+    good, other = make_tiffs(import_root / "run", 2)
+    bad = other.rename(other.with_name("bad.tif"))
+    failing = make_settings(
+        tmp_path,
+        migrated_url,
+        [import_root],
+        omero_simulator_fail_pattern="bad",
+        omero_simulator_failure="orphan_fileset",
+    )
+    uuid = await insert_order(migrated_url, [good, bad])
+    first = await run_to_the_end(write_config(tmp_path / "f.yml", failing), migrated_url, uuid)
+    assert first["stage"] == "Import Failed" and "bad.tif" in first["description"]
+    assert sim(failing, "SELECT count(*) FROM filesets")[0][0] == 2  # one of them an orphan
+
+    async def sql_retry() -> None:
+        conn = await asyncpg.connect(migrated_url)
+        try:
+            await conn.execute("UPDATE imports SET stage = 'Import Pending' WHERE uuid = $1", uuid)
+        finally:
+            await conn.close()
+
+    # still broken: it fails again, naming the file, never 'Import Completed'
+    await sql_retry()
+    again = await run_to_the_end(write_config(tmp_path / "f.yml", failing), migrated_url, uuid)
+    assert again["stage"] == "Import Failed" and "bad.tif" in again["description"]
+    # fixed: every file has its Image
+    await sql_retry()
+    fixed = make_settings(tmp_path, migrated_url, [import_root])
+    last = await run_to_the_end(write_config(tmp_path / "ok.yml", fixed), migrated_url, uuid)
+    assert last["stage"] == "Import Completed"
+    rows = sim(fixed, "SELECT client_path FROM objects WHERE order_uuid = ?", uuid)
+    assert sorted(row[0] for row in rows) == sorted([str(good), str(bad)])
