@@ -113,6 +113,63 @@ def map_annotation_link(
     return link
 
 
+# --- HQL: every query the backend runs, by name, so the contract tests check each one --------
+
+PIXELS_TYPE_HQL = "from PixelsType p where p.value = :value"
+
+
+def names_hql(kind: ObjectType) -> str:
+    return f"select o.id, o.name from {kind} o where o.id in (:ids)"
+
+
+def _order_marked(alias: str, kind: ObjectType) -> str:
+    """The object carries the order's comment annotation (namespace ``:ns``, text ``:uuid``)."""
+    return (
+        f"exists (select 1 from {kind}AnnotationLink l join l.child a"
+        f" where l.parent = {alias} and a.ns = :ns and a.textValue = :uuid)"
+    )
+
+
+def imported_hql(kind: ObjectType) -> str:
+    """Imported objects in target ``:target`` and their client paths, for the order: every
+    import links the order comment to the Images it creates (``--annotation-ns/-text``)."""
+    if kind == "Plate":
+        return (
+            "select distinct p.id, p.name, fs.id, u.clientPath from Plate p"
+            " join p.screenLinks sl join p.wells w join w.wellSamples ws join ws.image i"
+            " join i.fileset fs join fs.usedFiles u"
+            f" where sl.parent.id = :target and {_order_marked('i', 'Image')}"
+        )
+    return (
+        "select distinct i.id, i.name, fs.id, u.clientPath from Image i"
+        " join i.datasetLinks dl join i.fileset fs join fs.usedFiles u"
+        f" where dl.parent.id = :target and {_order_marked('i', 'Image')}"
+    )
+
+
+def managed_files_hql(kind: ObjectType) -> str:
+    if kind == "Plate":
+        source = (
+            "from Plate p join p.wells w join w.wellSamples ws join ws.image i"
+            " join i.fileset fs join fs.usedFiles u join u.originalFile f where p.id = :id"
+        )
+    else:
+        source = (
+            "from Image i join i.fileset fs join fs.usedFiles u join u.originalFile f"
+            " where i.id = :id"
+        )
+    return f"select distinct f.path, f.name {source}"
+
+
+def pixels_hql(kind: ObjectType) -> str:
+    if kind == "Image":
+        return "select pix.id from Pixels pix join pix.image i where i.id = :id"
+    return (
+        "select pix.id from Plate p join p.wells w join w.wellSamples ws"
+        " join ws.image i join i.pixels pix where p.id = :id"
+    )
+
+
 def existing_map_annotation_hql(kind: ObjectType) -> str:
     """MapAnnotations in namespace ``:ns`` already linked to the Image or Plate ``:id``."""
     return (
@@ -122,20 +179,36 @@ def existing_map_annotation_hql(kind: ObjectType) -> str:
 
 
 def registered_hql(kind: ObjectType) -> str:
-    """Registered (fileset-less) objects in target ``:target`` carrying the order comment."""
+    """Registered (fileset-less) objects in target ``:target`` carrying the order comment;
+    their client path is their ExternalInfo lsid."""
     if kind == "Plate":
         return (
             "select p.id, p.name, ei.lsid from Plate p join p.screenLinks sl"
-            " join p.details.externalInfo ei where sl.parent.id = :target and exists"
-            " (select 1 from PlateAnnotationLink l join l.child a"
-            " where l.parent = p and a.ns = :ns and a.textValue = :uuid)"
+            " join p.details.externalInfo ei"
+            f" where sl.parent.id = :target and {_order_marked('p', 'Plate')}"
         )
     return (
         "select i.id, i.name, ei.lsid from Image i join i.datasetLinks dl"
         " join i.details.externalInfo ei where dl.parent.id = :target and i.fileset is null"
-        " and exists (select 1 from ImageAnnotationLink l join l.child a"
-        " where l.parent = i and a.ns = :ns and a.textValue = :uuid)"
+        f" and {_order_marked('i', 'Image')}"
     )
+
+
+def every_hql() -> list[str]:
+    """Every HQL string the backend can send (for the contract tests)."""
+    kinds: list[ObjectType] = ["Image", "Plate"]
+    return [PIXELS_TYPE_HQL] + [
+        build(kind)
+        for kind in kinds
+        for build in (
+            names_hql,
+            imported_hql,
+            registered_hql,
+            managed_files_hql,
+            pixels_hql,
+            existing_map_annotation_hql,
+        )
+    ]
 
 
 def ngff_external_info(lsid: str) -> omero.model.ExternalInfoI:
@@ -145,6 +218,49 @@ def ngff_external_info(lsid: str) -> omero.model.ExternalInfoI:
     info.setEntityId(omero.rtypes.rlong(NGFF_ENTITY_ID))
     info.setLsid(omero.rtypes.rstring(lsid))
     return info
+
+
+def order_comment(namespace: str, order_uuid: str) -> omero.model.CommentAnnotationI:
+    """The comment annotation holding the order UUID, as ``omero import`` links it."""
+    comment = omero.model.CommentAnnotationI()
+    comment.setNs(omero.rtypes.rstring(namespace))
+    comment.setTextValue(omero.rtypes.rstring(order_uuid))
+    return comment
+
+
+def registered_image(
+    image: omero.model.ImageI, lsid: str, *, comment: int | None, dataset: int | None
+) -> None:
+    """Make a created Image a registered OME-Zarr image: ExternalInfo, the order comment and
+    the Dataset link, all saved with it in one step."""
+    image.getDetails().setExternalInfo(ngff_external_info(lsid))
+    if comment is not None:
+        image.linkAnnotation(omero.model.CommentAnnotationI(comment, False))
+    if dataset is not None:
+        image.linkDataset(omero.model.DatasetI(dataset, False))
+
+
+def registered_plate(
+    content: ZarrContent, fields: list[list[int]], *, comment: int, screen: int
+) -> omero.model.PlateI:
+    """An unsaved Plate with its Wells and WellSamples (``fields``: the Image ids per well),
+    its ExternalInfo, the order comment and its Screen link."""
+    assert content.plate is not None
+    plate = omero.model.PlateI()
+    plate.setName(omero.rtypes.rstring(content.plate.name))
+    for zarr_well, image_ids in zip(content.plate.wells, fields, strict=True):
+        well = omero.model.WellI()
+        well.setRow(omero.rtypes.rint(zarr_well.row))
+        well.setColumn(omero.rtypes.rint(zarr_well.column))
+        for image_id in image_ids:
+            sample = omero.model.WellSampleI()
+            sample.setImage(omero.model.ImageI(image_id, False))
+            well.addWellSample(sample)
+        plate.addWell(well)
+    plate.getDetails().setExternalInfo(ngff_external_info(str(content.path)))
+    plate.linkAnnotation(omero.model.CommentAnnotationI(comment, False))
+    plate.linkScreen(omero.model.ScreenI(screen, False))
+    return plate
 
 
 def _unwrap_rows(rows: Any) -> list[list[Any]]:
@@ -462,7 +578,7 @@ class BlitzSession:
         rows = self._call(
             "names",
             lambda: self.conn.getQueryService().projection(
-                f"select o.id, o.name from {kind} o where o.id in (:ids)",
+                names_hql(kind),
                 params,
                 self.conn.SERVICE_OPTS,
             ),
@@ -482,25 +598,8 @@ class BlitzSession:
         params.addLong("target", target.id)
         params.addString("ns", order_namespace(self.settings))
         params.addString("uuid", order_uuid)
-        marked = (
-            "exists (select 1 from ImageAnnotationLink l join l.child a"
-            " where l.parent = i and a.ns = :ns and a.textValue = :uuid)"
-        )
-        if target.type == "Screen":
-            kind: ObjectType = "Plate"
-            hql = (
-                "select distinct p.id, p.name, fs.id, u.clientPath from Plate p"
-                " join p.screenLinks sl join p.wells w join w.wellSamples ws join ws.image i"
-                " join i.fileset fs join fs.usedFiles u"
-                f" where sl.parent.id = :target and {marked}"
-            )
-        else:
-            kind = "Image"
-            hql = (
-                "select distinct i.id, i.name, fs.id, u.clientPath from Image i"
-                " join i.datasetLinks dl join i.fileset fs join fs.usedFiles u"
-                f" where dl.parent.id = :target and {marked}"
-            )
+        kind: ObjectType = "Plate" if target.type == "Screen" else "Image"
+        hql = imported_hql(kind)
         # Registered OME-Zarr objects have no fileset: found by their ExternalInfo path and
         # the order comment the registration saved with them.
         registered = registered_hql(kind)
@@ -559,20 +658,10 @@ class BlitzSession:
     def managed_files(self, obj: ImportedObject) -> list[Path]:
         params = omero.sys.ParametersI()
         params.addId(obj.id)
-        if obj.type == "Plate":
-            source = (
-                "from Plate p join p.wells w join w.wellSamples ws join ws.image i"
-                " join i.fileset fs join fs.usedFiles u join u.originalFile f where p.id = :id"
-            )
-        else:
-            source = (
-                "from Image i join i.fileset fs join fs.usedFiles u join u.originalFile f"
-                " where i.id = :id"
-            )
         rows = self._call(
             "managed_files",
             lambda: self.conn.getQueryService().projection(
-                f"select distinct f.path, f.name {source}", params, self.conn.SERVICE_OPTS
+                managed_files_hql(obj.type), params, self.conn.SERVICE_OPTS
             ),
         )
         root = self.settings.omero_managed_repository
@@ -618,9 +707,7 @@ class BlitzSession:
 
     def _order_comment(self, order_uuid: str) -> int:
         """The comment annotation holding the order UUID, as ``omero import`` links it."""
-        comment = omero.model.CommentAnnotationI()
-        comment.setNs(omero.rtypes.rstring(order_namespace(self.settings)))
-        comment.setTextValue(omero.rtypes.rstring(order_uuid))
+        comment = order_comment(order_namespace(self.settings), order_uuid)
         saved = self.conn.getUpdateService().saveAndReturnObject(comment, self.conn.SERVICE_OPTS)
         return int(saved.getId().getValue())
 
@@ -651,22 +738,15 @@ class BlitzSession:
         old = done.get(("Plate", str(content.path)))
         if old is not None:
             return [old]
-        plate = omero.model.PlateI()
-        plate.setName(omero.rtypes.rstring(content.plate.name))
-        for zarr_well in content.plate.wells:
-            well = omero.model.WellI()
-            well.setRow(omero.rtypes.rint(zarr_well.row))
-            well.setColumn(omero.rtypes.rint(zarr_well.column))
-            for field_image in zarr_well.fields:
-                image_id = self._call("register_image", partial(self._create_image, field_image))
-                sample = omero.model.WellSampleI()
-                sample.setImage(omero.model.ImageI(image_id, False))
-                well.addWellSample(sample)
-            plate.addWell(well)
+        fields = [
+            [
+                self._call("register_image", partial(self._create_image, field_image))
+                for field_image in zarr_well.fields
+            ]
+            for zarr_well in content.plate.wells
+        ]
         # plate, ExternalInfo, order comment and screen link in one save: one step
-        plate.getDetails().setExternalInfo(ngff_external_info(str(content.path)))
-        plate.linkAnnotation(omero.model.CommentAnnotationI(comment, False))
-        plate.linkScreen(omero.model.ScreenI(target.id, False))
+        plate = registered_plate(content, fields, comment=comment, screen=target.id)
         saved = self._call(
             "register_plate", lambda: update.saveAndReturnObject(plate, self.conn.SERVICE_OPTS)
         )
@@ -682,9 +762,7 @@ class BlitzSession:
         query = self.conn.getQueryService()
         params = omero.sys.ParametersI()
         params.addString("value", pixel_type(image.dtype))
-        ptype = query.findByQuery(
-            "from PixelsType p where p.value = :value", params, self.conn.SERVICE_OPTS
-        )
+        ptype = query.findByQuery(PIXELS_TYPE_HQL, params, self.conn.SERVICE_OPTS)
         image_id = self.conn.getPixelsService().createImage(
             image.size("x"),
             image.size("y"),
@@ -699,11 +777,7 @@ class BlitzSession:
         loaded = query.get("Image", image_id.getValue(), self.conn.SERVICE_OPTS)
         # ExternalInfo, the order comment and the dataset link in one save: an image in the
         # target always carries the comment that finds it again.
-        loaded.getDetails().setExternalInfo(ngff_external_info(str(image.path)))
-        if comment is not None:
-            loaded.linkAnnotation(omero.model.CommentAnnotationI(comment, False))
-        if dataset is not None:
-            loaded.linkDataset(omero.model.DatasetI(dataset, False))
+        registered_image(loaded, str(image.path), comment=comment, dataset=dataset)
         self.conn.getUpdateService().saveObject(loaded, self.conn.SERVICE_OPTS)
         return int(image_id.getValue())
 
@@ -714,12 +788,7 @@ class BlitzSession:
         first = objects[0]
         params = omero.sys.ParametersI()
         params.addId(first.id)
-        hql = (
-            "select pix.id from Pixels pix join pix.image i where i.id = :id"
-            if first.type == "Image"
-            else "select pix.id from Plate p join p.wells w join w.wellSamples ws"
-            " join ws.image i join i.pixels pix where p.id = :id"
-        )
+        hql = pixels_hql(first.type)
         rows = _unwrap_rows(
             self.conn.getQueryService().projection(hql, params, self.conn.SERVICE_OPTS)
         )
