@@ -135,7 +135,7 @@ class Settings(BaseModel):
     order_log_dir: Path = Path("logs")
 
     # --- OMERO ----------------------------------------------------------------------------
-    omero_backend: Literal["blitz", "simulator"] = "blitz"
+    omero_backend: Literal["blitz", "simulator", "null"] = "blitz"
     omero_host: str | None = None
     omero_user: str | None = None
     omero_password: SecretStr | None = None

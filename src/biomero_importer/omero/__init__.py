@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import structlog
 
+from biomero_importer.omero.null import NullGateway
 from biomero_importer.omero.port import SESSION_TTL_MARGIN_SECONDS, OmeroGateway, session_ttl_ms
 from biomero_importer.omero.simulator import SimulatorGateway
 from biomero_importer.settings import Settings
@@ -38,6 +39,8 @@ def create_gateway(settings: Settings) -> OmeroGateway:
     warn_short_ttl(settings)
     if settings.omero_backend == "simulator":
         return SimulatorGateway(settings)
+    if settings.omero_backend == "null":
+        return NullGateway(settings)
     password = settings.omero_password.get_secret_value() if settings.omero_password else ""
     missing = [
         name
