@@ -349,29 +349,30 @@ class SimulatorSession:
         if failing and mode == "clean":
             raise self._failure(path.name, failing)
         user_id = self.gateway.user_id(self.user)
+        if exclude_existing:
+            done = self._excluded(self.gateway.connection(), files, target)
+            files = [f for f in files if str(f) not in done]
+            failing = [f for f in failing if str(f) not in done]
+            if not files:
+                # OMERO rule: excluded files print nothing and the import exits 0.
+                return []
+        # The fileset folder is unique (time and a random token): its links are made before
+        # the write transaction, which then holds the lock for the rows alone.
+        folder = self._fileset_folder(user_id)
+        try:
+            managed = self._link(path, files, folder)
+        except OSError as exc:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise ImportFailed(
+                f"OMERO import of {path.name} failed: cannot link it into the ManagedRepository",
+                str(exc),
+            ) from exc
         with self.gateway.transaction() as db:
-            if exclude_existing:
-                done = self._excluded(db, files, target)
-                files = [f for f in files if str(f) not in done]
-                failing = [f for f in failing if str(f) not in done]
-                if not files:
-                    # OMERO rule: excluded files print nothing and the import exits 0.
-                    return []
-            folder = self._fileset_folder(user_id)
             (fileset_id,) = db.execute(
                 "INSERT INTO filesets (template_prefix, order_uuid, group_name)"
                 " VALUES (?, ?, ?) RETURNING id",
                 (str(folder.relative_to(self.gateway.repository)) + "/", order_uuid, self.group),
             ).fetchone()
-            try:
-                managed = self._link(path, files, folder)
-            except OSError as exc:
-                shutil.rmtree(folder, ignore_errors=True)
-                raise ImportFailed(
-                    f"OMERO import of {path.name} failed: cannot link it into the"
-                    " ManagedRepository",
-                    str(exc),
-                ) from exc
             db.executemany(
                 "INSERT INTO fileset_files (fileset_id, managed_path, client_path)"
                 " VALUES (?, ?, ?)",
@@ -536,28 +537,30 @@ class SimulatorSession:
             raise ImportAborted("aborted before annotating")
         self._alive("annotating")
         with self.gateway.transaction() as db:
-            self._require(db, obj)
+            # One statement reads all this needs (the object exists, an annotation in the
+            # namespace, the next row id): the write lock is held, so the ids are ours.
+            exists, found, last = db.execute(
+                "SELECT (SELECT 1 FROM objects WHERE id = ? AND type = ?),"
+                " (SELECT min(map_id) FROM annotations WHERE object_id = ? AND object_type = ?"
+                " AND ns = ?), (SELECT coalesce(max(id), 0) FROM annotations)",
+                (obj.id, obj.type, obj.id, obj.type, namespace),
+            ).fetchone()
+            if exists is None:
+                raise OmeroError(f"{obj.type} {obj.id} not found in OMERO")
             # OMERO rule: nothing stops a second MapAnnotation in the same namespace on an
             # object; the check is the caller's, and this port method makes it.
-            found = db.execute(
-                "SELECT min(map_id) FROM annotations WHERE object_id = ? AND object_type = ?"
-                " AND ns = ?",
-                (obj.id, obj.type, namespace),
-            ).fetchone()
-            if found is not None and found[0] is not None:
-                return int(found[0])
-            (first,) = db.execute(
-                "INSERT INTO annotations (object_type, object_id, ns, key, value)"
-                " VALUES (?, ?, ?, ?, ?) RETURNING id",
-                (obj.type, obj.id, namespace, *pairs[0]),
-            ).fetchone()
+            if found is not None:
+                return int(found)
+            first = int(last) + 1
             db.executemany(
-                "INSERT INTO annotations (object_type, object_id, ns, key, value, map_id)"
-                " VALUES (?, ?, ?, ?, ?, ?)",
-                [(obj.type, obj.id, namespace, key, value, first) for key, value in pairs[1:]],
+                "INSERT INTO annotations (id, object_type, object_id, ns, key, value, map_id)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (first + n, obj.type, obj.id, namespace, key, value, first)
+                    for n, (key, value) in enumerate(pairs)
+                ],
             )
-            db.execute("UPDATE annotations SET map_id = id WHERE id = ?", (first,))
-        return int(first)
+        return first
 
     @staticmethod
     def _require(db: sqlite3.Connection, obj: ImportedObject) -> None:
