@@ -173,6 +173,15 @@ class ObjectLedger:
         return self._dirty
 
 
+class _Flag:
+    """Raised once by the event loop, read by a worker thread (a bool store is atomic)."""
+
+    __slots__ = ("up",)
+
+    def __init__(self) -> None:
+        self.up = False
+
+
 class _Sessions:
     """The order's OMERO session, replaced by a fresh one when it cannot outlive the next
     import: a session's time-to-live is a hard lifetime that keep-alives never extend."""
@@ -261,10 +270,11 @@ class Pipeline:
         """Run a port call in the executor; on cancel, abort it and wait for the thread.
 
         A call still queued behind others when the order is cancelled never starts."""
-        cancelled = threading.Event()
+        # a plain flag, not a threading.Event: one is made per call, on the hot path
+        cancelled = _Flag()
 
         def guarded() -> T:
-            if cancelled.is_set():
+            if cancelled.up:
                 raise ImportAborted("cancelled before the call started")
             return call()
 
@@ -272,7 +282,7 @@ class Pipeline:
         try:
             return await asyncio.shield(future)
         except asyncio.CancelledError:
-            cancelled.set()
+            cancelled.up = True
             if session is not None:
                 session.abort()
             # The thread cannot be interrupted; abort() kills its process, so it ends soon.
@@ -282,10 +292,10 @@ class Pipeline:
     async def _open_session(self, order: Order) -> OmeroSession:
         """A user session; one that finishes opening after a cancel is closed at once (its
         Ice communicator with it), however long the opening took."""
-        cancelled = threading.Event()
+        cancelled = _Flag()
 
         def guarded() -> OmeroSession:
-            if cancelled.is_set():
+            if cancelled.up:
                 raise ImportAborted("cancelled before the session opened")
             return self.gateway.open_session(order.user, order.group, order_uuid=order.uuid)
 
@@ -293,7 +303,7 @@ class Pipeline:
         try:
             return await asyncio.shield(future)
         except asyncio.CancelledError:
-            cancelled.set()
+            cancelled.up = True
             future.add_done_callback(_close_late_session)
             raise
 
