@@ -697,9 +697,18 @@ class BlitzSession:
             if on_created is not None:
                 on_created(obj)
 
+        saved_comment: list[int] = []
+
+        def comment() -> int:
+            """The order comment, saved once, when the first object needs it."""
+            if not saved_comment:
+                saved_comment.append(
+                    self._call("order_comment", lambda: self._order_comment(order_uuid))
+                )
+            return saved_comment[0]
+
         # Each step goes through _call on its own: a lost connection retries only that step,
         # never the steps before it, and abort() is honoured between steps.
-        comment = self._call("order_comment", lambda: self._order_comment(order_uuid))
         objects = self._register(content, target, comment, done, made)
         self._require_pixel_buffer(path, created)
         log.info("omero_zarr_registered", path=str(path), objects=len(created))
@@ -715,7 +724,7 @@ class BlitzSession:
         self,
         content: ZarrContent,
         target: Target,
-        comment: int,
+        comment: Callable[[], int],
         done: dict[tuple[str, str], ImportedObject],
         made: Callable[[ImportedObject], None],
     ) -> list[ImportedObject]:
@@ -727,10 +736,7 @@ class BlitzSession:
                 if old is not None:
                     objects.append(old)
                     continue
-                image_id = self._call(
-                    "register_image",
-                    partial(self._create_image, image, comment=comment, dataset=target.id),
-                )
+                image_id = self._create_image(image, comment=comment(), dataset=target.id)
                 obj = ImportedObject("Image", image_id, image.name, str(image.path))
                 made(obj)
                 objects.append(obj)
@@ -739,14 +745,11 @@ class BlitzSession:
         if old is not None:
             return [old]
         fields = [
-            [
-                self._call("register_image", partial(self._create_image, field_image))
-                for field_image in zarr_well.fields
-            ]
+            [self._create_image(field_image) for field_image in zarr_well.fields]
             for zarr_well in content.plate.wells
         ]
         # plate, ExternalInfo, order comment and screen link in one save: one step
-        plate = registered_plate(content, fields, comment=comment, screen=target.id)
+        plate = registered_plate(content, fields, comment=comment(), screen=target.id)
         saved = self._call(
             "register_plate", lambda: update.saveAndReturnObject(plate, self.conn.SERVICE_OPTS)
         )
@@ -759,27 +762,39 @@ class BlitzSession:
     def _create_image(
         self, image: ZarrImage, *, comment: int | None = None, dataset: int | None = None
     ) -> int:
-        query = self.conn.getQueryService()
-        params = omero.sys.ParametersI()
-        params.addString("value", pixel_type(image.dtype))
-        ptype = query.findByQuery(PIXELS_TYPE_HQL, params, self.conn.SERVICE_OPTS)
-        image_id = self.conn.getPixelsService().createImage(
-            image.size("x"),
-            image.size("y"),
-            image.size("z"),
-            image.size("t"),
-            list(range(image.size("c"))),
-            ptype,
-            image.name,
-            "",
-            self.conn.SERVICE_OPTS,
-        )
-        loaded = query.get("Image", image_id.getValue(), self.conn.SERVICE_OPTS)
-        # ExternalInfo, the order comment and the dataset link in one save: an image in the
-        # target always carries the comment that finds it again.
-        registered_image(loaded, str(image.path), comment=comment, dataset=dataset)
-        self.conn.getUpdateService().saveObject(loaded, self.conn.SERVICE_OPTS)
-        return int(image_id.getValue())
+        """Two steps, each retried on its own after a lost connection: createImage, then the
+        save that makes it a registered image (skipped when an earlier try committed it)."""
+
+        def create() -> int:
+            query = self.conn.getQueryService()
+            params = omero.sys.ParametersI()
+            params.addString("value", pixel_type(image.dtype))
+            ptype = query.findByQuery(PIXELS_TYPE_HQL, params, self.conn.SERVICE_OPTS)
+            image_id = self.conn.getPixelsService().createImage(
+                image.size("x"),
+                image.size("y"),
+                image.size("z"),
+                image.size("t"),
+                list(range(image.size("c"))),
+                ptype,
+                image.name,
+                "",
+                self.conn.SERVICE_OPTS,
+            )
+            return int(image_id.getValue())
+
+        def register(image_id: int) -> None:
+            loaded = self.conn.getQueryService().get("Image", image_id, self.conn.SERVICE_OPTS)
+            if loaded.getDetails().getExternalInfo() is not None:
+                return  # the reply to an earlier try was lost, not its save
+            # ExternalInfo, the order comment and the dataset link in one save: an image in
+            # the target always carries the comment that finds it again.
+            registered_image(loaded, str(image.path), comment=comment, dataset=dataset)
+            self.conn.getUpdateService().saveObject(loaded, self.conn.SERVICE_OPTS)
+
+        image_id = self._call("create_image", create)
+        self._call("register_image", partial(register, image_id))
+        return image_id
 
     def _require_pixel_buffer(self, path: Path, objects: list[ImportedObject]) -> None:
         """Read one plane's worth of metadata back; without the extension the server cannot."""

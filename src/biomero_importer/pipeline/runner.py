@@ -450,7 +450,15 @@ class Pipeline:
             await ledger.save(self.sink, uuid)
 
         def on_created(obj: ImportedObject) -> None:
-            asyncio.run_coroutine_threadsafe(record(obj), loop).result(timeout=RECORD_WAIT)
+            try:
+                asyncio.run_coroutine_threadsafe(record(obj), loop).result(timeout=RECORD_WAIT)
+            except Exception as exc:
+                # Registering on without a record would break the guarantee: stop here. A
+                # re-run finds this object by the order's comment annotation.
+                raise ImportFailed(
+                    f"Could not record registered {obj.type} {obj.id}; retry the order",
+                    f"{type(exc).__name__}: {exc}",
+                ) from exc
 
         return on_created
 
