@@ -309,3 +309,55 @@ async def test_a_cancel_during_session_opening_leaves_no_open_session(
         await asyncio.sleep(1.2)
         assert gateway.open_sessions == set()
     assert images_of(settings, placed.uuid) == []
+
+
+async def test_a_cancel_keeps_the_ledger_of_what_was_imported_and_a_retry_completes_it(
+    tmp_path: Path, root: Path
+) -> None:
+    """Before: the cancel outcome dropped the in-memory ledger (saved at most once a second),
+    so the retry had only OMERO to ask."""
+    files = make_tiffs(root / "five", 5)
+    settings = unit_settings(tmp_path, root, omero_simulator_import_delay=0.15)
+    store = new_store(settings)
+    placed = order(files)
+    async with memory_replica(settings, store) as (service, _):
+        await store.submit(placed)
+        await wait_until(lambda: len(images_of(settings, placed.uuid)) >= 2)
+        await store.request_cancel(placed.uuid)
+        assert (await finished(store, placed.uuid)) == (STAGE_INGEST_FAILED, "Cancelled")
+        imported = images_of(settings, placed.uuid)
+        assert 2 <= len(imported) < 5
+        assert sorted(r["client_path"] for r in await ledger(store, placed.uuid)) == sorted(
+            imported
+        )
+        gateway = service.gateway
+        assert isinstance(gateway, SimulatorGateway)
+        await wait_until(lambda: not gateway.open_sessions, 5)
+        await store.retry(placed.uuid, "retry")
+        assert (await finished(store, placed.uuid))[0] == STAGE_IMPORTED
+    assert sorted(images_of(settings, placed.uuid)) == sorted(str(f) for f in files)
+
+
+async def test_a_cancel_in_the_middle_of_a_registration_stops_between_steps(
+    tmp_path: Path, root: Path
+) -> None:
+    series = make_series_v2(root / "series.zarr", 6)
+    settings = unit_settings(
+        tmp_path, root, use_register_zarr=True, omero_simulator_import_delay=0.15
+    )
+    store = new_store(settings)
+    placed = order([series])
+    async with memory_replica(settings, store):
+        await store.submit(placed)
+        await wait_until(lambda: len(images_of(settings, placed.uuid)) >= 2)
+        await store.request_cancel(placed.uuid)
+        assert (await finished(store, placed.uuid))[1] == "Cancelled"
+        stopped = images_of(settings, placed.uuid)
+        await asyncio.sleep(0.5)  # nothing more is registered after the cancel
+        assert images_of(settings, placed.uuid) == stopped and len(stopped) < 6
+        assert len(await ledger(store, placed.uuid)) == len(stopped)
+        await store.retry(placed.uuid, "retry")
+        assert (await finished(store, placed.uuid))[0] == STAGE_IMPORTED
+    assert sorted(images_of(settings, placed.uuid)) == sorted(
+        str(series / str(i)) for i in range(6)
+    )
