@@ -512,3 +512,37 @@ def test_register_zarr_plate_with_label_pixels(gateway: SimulatorGateway, tmp_pa
             order_uuid="z",
             options=RegistrationOptions(plate_pixel_source="label", plate_label_name="cells"),
         )
+
+
+def test_a_folder_made_by_the_previous_simulator_is_upgraded(
+    tmp_path: Path, data_dir: Path
+) -> None:
+    """The quickstart keeps its simulator folder: the new columns are added and filled in."""
+    (source,) = write_files(data_dir, "x.tif")
+    folder = tmp_path / "omero-sim"
+    folder.mkdir()
+    with sqlite3.connect(folder / "omero.sqlite") as conn:
+        conn.executescript(
+            "CREATE TABLE objects (id INTEGER PRIMARY KEY, type TEXT, name TEXT,"
+            " client_path TEXT, target_type TEXT, target_id INTEGER, user_name TEXT,"
+            " group_name TEXT, order_uuid TEXT);"
+            "CREATE TABLE annotations (id INTEGER PRIMARY KEY, object_type TEXT,"
+            " object_id INTEGER, ns TEXT, key TEXT, value TEXT);"
+            "CREATE TABLE filesets (id INTEGER PRIMARY KEY, template_prefix TEXT, order_uuid TEXT);"
+            "CREATE TABLE fileset_files (fileset_id INTEGER, managed_path TEXT, client_path TEXT);"
+            "CREATE TABLE fileset_objects (fileset_id INTEGER, object_id INTEGER);"
+            f"INSERT INTO objects VALUES (1, 'Image', 'x.tif', '{source}', 'Dataset', 7,"
+            " 'alice', 'lab', 'old');"
+            "INSERT INTO annotations VALUES (1, 'Image', 1, 'ns', 'a', '1'),"
+            " (2, 'Image', 1, 'ns', 'b', '2');"
+            "INSERT INTO filesets VALUES (1, 'alice_1/x/', 'old');"
+            f"INSERT INTO fileset_files VALUES (1, '/m/x.tif', '{source}');"
+            "INSERT INTO fileset_objects VALUES (1, 1);"
+        )
+    conn.close()
+    gateway = SimulatorGateway(make_settings(tmp_path, omero_simulator_dir=folder))
+    session = gateway.open_session("alice", "lab", order_uuid="new")
+    (old,) = session.find_imported(source, DATASET, order_uuid="old")
+    assert session.annotate(old, "ns", [("a", "again")]) == 1  # the old one is kept
+    assert session.import_path(source, DATASET, order_uuid="new", exclude_existing=True) == []
+    assert ("map_id", "INTEGER") in _columns(gateway.db_path, "annotations")

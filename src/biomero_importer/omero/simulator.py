@@ -143,6 +143,7 @@ class SimulatorGateway:
             self.repository.mkdir(parents=True, exist_ok=True)
             # One transaction, so replicas starting together never see half a schema.
             self.connection().executescript(f"BEGIN IMMEDIATE;{_SCHEMA}COMMIT;")
+            self._upgrade()
         except (OSError, sqlite3.Error) as exc:
             raise OmeroError(f"OMERO simulator folder {self.root} is not usable", str(exc)) from exc
         log.warning(
@@ -185,6 +186,28 @@ class SimulatorGateway:
                 db.execute("ROLLBACK")
                 raise
             db.execute("COMMIT")
+
+    def _upgrade(self) -> None:
+        """Add the columns a simulator folder made by an earlier version lacks (the quickstart
+        keeps its folder), filled in from what the old rows say."""
+        with self.transaction() as db:
+            annotations = {row[1] for row in db.execute("PRAGMA table_info(annotations)")}
+            if "map_id" not in annotations:
+                db.execute("ALTER TABLE annotations ADD COLUMN map_id INTEGER")
+                # old rows: one MapAnnotation per object and namespace, as far as anyone knows
+                db.execute(
+                    "UPDATE annotations SET map_id = (SELECT min(a.id) FROM annotations a"
+                    " WHERE a.object_id = annotations.object_id"
+                    " AND a.object_type = annotations.object_type AND a.ns = annotations.ns)"
+                )
+            filesets = {row[1] for row in db.execute("PRAGMA table_info(filesets)")}
+            if "group_name" not in filesets:
+                db.execute("ALTER TABLE filesets ADD COLUMN group_name TEXT")
+                db.execute(
+                    "UPDATE filesets SET group_name = (SELECT o.group_name FROM fileset_objects fo"
+                    " JOIN objects o ON o.id = fo.object_id WHERE fo.fileset_id = filesets.id"
+                    " LIMIT 1)"
+                )
 
     def clock(self) -> float:
         """Server time in seconds: the wall clock plus simulated time."""
