@@ -1,10 +1,12 @@
 """Dispatcher benchmark: pickup latency, end-to-end throughput and memory of real replicas.
 
 Replicas are separate OS processes running ``biomero-importer run`` against a real PostgreSQL
-(embedded unless --database-url or BIOMERO_IMPORTER_TEST_DATABASE_URL names one) with the
-OMERO simulator at zero delay and no preprocessing.
+(embedded unless --database-url or BIOMERO_IMPORTER_TEST_DATABASE_URL names one) with no
+preprocessing and, by ``--backend``, the OMERO simulator at zero delay (``simulator``), a port
+that records nothing (``null``: the service's own overhead), or both in one run (``both``).
 
     python benchmarks/dispatch.py --orders 2000 --replicas 1
+    python benchmarks/dispatch.py --orders 20000 --backend both
     python benchmarks/dispatch.py --orders 20000 --replicas 3 --rate 100 --history 1000000 --json
 """
 
@@ -206,13 +208,13 @@ async def backlog_result(url: str, orders: int) -> dict[str, float]:
     return {"orders_per_second": orders / (last - first), "drain_seconds": last - first}
 
 
-def write_config(workdir: Path, url: str, data_file: Path, workers: int) -> Path:
+def write_config(workdir: Path, url: str, data_file: Path, workers: int, backend: str) -> Path:
     config = workdir / "bench.yml"
     config.write_text(
         yaml.safe_dump(
             {
                 "ingest_tracking_db": url,
-                "omero_backend": "simulator",
+                "omero_backend": backend,
                 "omero_simulator_dir": str(workdir / "omero-sim"),
                 "import_roots": [str(data_file.parent)],
                 "order_log_dir": str(workdir / "logs"),
@@ -227,20 +229,20 @@ def write_config(workdir: Path, url: str, data_file: Path, workers: int) -> Path
     return config
 
 
-async def run(args: argparse.Namespace) -> dict[str, Any]:
+async def run(args: argparse.Namespace, backend: str) -> dict[str, Any]:
     workdir = Path(tempfile.mkdtemp(prefix="biomero-bench-"))
     data = workdir / "data"
     data.mkdir()
     image = data / "image.tif"
     image.write_bytes(b"II*\x00" + bytes(64))
     files = json.dumps([str(image)])
-    result: dict[str, Any] = {"orders": args.orders, "replicas": args.replicas}
+    result: dict[str, Any] = {"orders": args.orders, "replicas": args.replicas, "backend": backend}
     with fresh_database(args.database_url, workdir) as url:
         migrate(url, channel="biomero_importer_orders")
         if args.history:
             await fill_history(url, args.history)
             result["history_rows"] = args.history
-        config = write_config(workdir, url, image, args.max_workers)
+        config = write_config(workdir, url, image, args.max_workers, backend)
 
         replicas = Replicas(config, args.replicas)
         await asyncio.sleep(2.0)  # let every replica connect and LISTEN
@@ -268,24 +270,33 @@ def main() -> None:
     parser.add_argument("--history", type=int, default=0, help="history rows to prefill")
     parser.add_argument("--max-workers", type=int, default=64)
     parser.add_argument("--database-url", default=None)
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--json", action="store_true", help="print one JSON object per backend")
+    parser.add_argument(
+        "--backend",
+        choices=["simulator", "null", "both"],
+        default="simulator",
+        help="the OMERO port of the replicas; 'both' measures one after the other",
+    )
     args = parser.parse_args()
-    result = asyncio.run(run(args))
-    if args.json:
-        print(json.dumps(result))
-        return
-    steady_result, backlog = result["steady"], result["backlog"]
-    print(f"replicas={args.replicas} history_rows={args.history}")
-    print(
-        f"steady {steady_result['rate']:.0f}/s: pickup p50={steady_result['pickup_p50_ms']:.2f} ms"
-        f" p99={steady_result['pickup_p99_ms']:.2f} ms"
-        f" peak_rss_mb={[round(x) for x in steady_result['peak_rss_mb']]}"
-    )
-    print(
-        f"backlog {args.orders}: {backlog['orders_per_second']:.0f} orders/s"
-        f" ({backlog['drain_seconds']:.1f} s)"
-        f" peak_rss_mb={[round(x) for x in backlog['peak_rss_mb']]}"
-    )
+    backends = ["simulator", "null"] if args.backend == "both" else [args.backend]
+    for backend in backends:
+        result = asyncio.run(run(args, backend))
+        if args.json:
+            print(json.dumps(result))
+            continue
+        steady_result, backlog = result["steady"], result["backlog"]
+        print(f"backend={backend} replicas={args.replicas} history_rows={args.history}")
+        print(
+            f"steady {steady_result['rate']:.0f}/s:"
+            f" pickup p50={steady_result['pickup_p50_ms']:.2f} ms"
+            f" p99={steady_result['pickup_p99_ms']:.2f} ms"
+            f" peak_rss_mb={[round(x) for x in steady_result['peak_rss_mb']]}"
+        )
+        print(
+            f"backlog {args.orders}: {backlog['orders_per_second']:.0f} orders/s"
+            f" ({backlog['drain_seconds']:.1f} s)"
+            f" peak_rss_mb={[round(x) for x in backlog['peak_rss_mb']]}"
+        )
 
 
 if __name__ == "__main__":

@@ -156,6 +156,8 @@ def test_every_key_has_a_prefixed_environment_name(key: str) -> None:
         "notify_channel": "chan",
         "omero_simulator_users": '{"alice": ["lab"]}',
         "omero_simulator_fail_pattern": "fail",
+        "omero_simulator_failure": "orphan_fileset",
+        "omero_simulator_exclusion": "target",
         "processed_folder_name": ".p",
         "omero_password": "pw",
         "metrics_port": "9464",

@@ -137,7 +137,7 @@ class Settings(BaseModel):
     order_log_dir: Path = Path("logs")
 
     # --- OMERO ----------------------------------------------------------------------------
-    omero_backend: Literal["blitz", "simulator"] = "blitz"
+    omero_backend: Literal["blitz", "simulator", "null"] = "blitz"
     omero_host: str | None = None
     omero_user: str | None = None
     omero_password: SecretStr | None = None
@@ -167,6 +167,12 @@ class Settings(BaseModel):
     omero_simulator_import_delay: float = Field(default=0.0, ge=0)
     omero_simulator_fail_pattern: str | None = None
     omero_simulator_users: dict[str, list[str]] | None = None
+    # The simulator's OMERO rules, switchable per test (README: "The OMERO simulator").
+    omero_simulator_exclusion: Literal["visible", "target"] = "visible"
+    omero_simulator_failure: Literal["clean", "orphan_fileset", "partial"] = "clean"
+    omero_simulator_import_seconds: float = Field(default=0.0, ge=0)
+    omero_simulator_session_ttl: bool = True
+    omero_simulator_connection_lost_after: int | None = Field(default=None, ge=0)
 
     # --- preprocessing --------------------------------------------------------------------
     container_runtime: str = "podman"

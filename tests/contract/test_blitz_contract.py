@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+import importlib.util
+import re
 import socket
 from datetime import datetime, timezone
 from pathlib import Path
@@ -20,9 +23,13 @@ from biomero_importer.omero import create_gateway
 from biomero_importer.omero.blitz import (
     NGFF_ENTITY_TYPE,
     BlitzBackend,
+    every_hql,
     map_annotation_link,
     ngff_external_info,
+    order_comment,
     pixel_type,
+    registered_image,
+    registered_plate,
 )
 from biomero_importer.omero.importcli import (
     fetch_jars_argv,
@@ -32,6 +39,7 @@ from biomero_importer.omero.importcli import (
 )
 from biomero_importer.omero.metadata import build_annotation_pairs
 from biomero_importer.omero.port import ImportedObject, OmeroUnavailable, Target
+from biomero_importer.omero.zarr import ZarrContent, ZarrImage, ZarrPlate, ZarrWell
 from biomero_importer.paths import import_area
 from biomero_importer.settings import Settings
 
@@ -221,3 +229,157 @@ def test_the_cli_finds_the_session_recorded_for_it(tmp_path: Path) -> None:
     assert store.get_current() == ("127.0.0.1", "alice", key, str(settings.omero_port))
     assert store.conflicts("127.0.0.1", "alice", key, {}, True) == ""
     assert store.get("127.0.0.1", "alice", key)["omero.sess"] == key
+
+
+# --- HQL and model fields -----------------------------------------------------------------------
+
+_ALIAS = re.compile(r"\bfrom\s+([A-Z]\w*)\s+(\w+)")
+_JOIN = re.compile(r"\bjoin\s+(\w+)\.(\w+(?:\.\w+)*)\s+(\w+)")
+_PATH = re.compile(r"(?<![\w.:])([a-z]\w*)((?:\.\w+)+)")
+_CLASS_TEST = re.compile(r"\.class\s*=\s*([A-Z]\w*)")
+_HQL_WORDS = {"select", "distinct", "from", "join", "where", "and", "exists", "is", "null", "in"}
+
+
+def _model(entity: str) -> type:
+    cls = getattr(omero.model, f"{entity}I", None)
+    assert isinstance(cls, type), f"omero.model has no {entity}I"
+    return cls
+
+
+_FIELD = re.compile(r"\('_(\w+)', \(\), _M_omero(\.model)?\._t_(\w+)")
+
+
+@functools.cache
+def _fields(entity: str) -> dict[str, str | None]:
+    """The fields of a model entity and the entity each points to (None: a value), read from
+    the Slice definitions omero-py generated (``omero_model_<Entity>_ice.py``): the Python
+    model classes do not say which entity a reference points to."""
+    spec = importlib.util.find_spec(f"omero_model_{entity}_ice")
+    assert spec is not None and spec.origin is not None, f"no Slice module for {entity}"
+    source = Path(spec.origin).read_text()
+    head = f"IcePy.defineClass('::omero::model::{entity}', {entity}, -1, (), "
+    start = source.index(head)
+    block = source[start : source.index("\n\n", start)]
+    base = re.search(r"_M_omero\.model\._t_(\w+), \(\), \(", block)
+    fields: dict[str, str | None] = dict(_fields(base.group(1))) if base else {}
+    fields.update({"id": None, "details": "Details"})
+    for name, in_model, kind in _FIELD.findall(block):
+        if not in_model:
+            fields[name] = None  # an rtype: a value
+            continue
+        if name.endswith("Seq"):
+            element = re.search(
+                rf"_t_{kind} = IcePy\.defineSequence\('[^']+', \(\), _M_omero\.model\._t_(\w+)\)",
+                source,
+            )
+            assert element is not None, f"{entity}.{name}: sequence {kind} not found"
+            fields[name[: -len("Seq")]] = element.group(1)
+        elif not name.endswith(("Loaded", "CountPerOwner")):
+            fields[name] = kind
+    return fields
+
+
+def _entities_below(entity: str) -> list[str]:
+    """The entity and its subclasses (Hibernate resolves a subclass's property on an alias of
+    its superclass: ``a.textValue`` on an Annotation)."""
+    found = [entity]
+    for sub in getattr(omero.model, entity).__subclasses__():
+        if sub.__module__ == "omero.model" and not sub.__name__.endswith("I"):
+            found.extend(_entities_below(sub.__name__))
+    return found
+
+
+def _field(entity: str, name: str) -> str | None:
+    """The entity ``entity.name`` points to (None for a value), or fail."""
+    for candidate in _entities_below(entity):
+        fields = _fields(candidate)
+        if name in fields:
+            return fields[name]
+    raise AssertionError(f"{entity} (or a subclass) has no field {name!r}")
+
+
+def _resolve(aliases: dict[str, str], alias: str, path: str) -> str | None:
+    assert alias in aliases, f"unknown alias {alias!r}"
+    current: str | None = aliases[alias]
+    for name in path.split("."):
+        assert current is not None, f"{alias}.{path}: {name!r} follows a value"
+        current = _field(current, name)
+    return current
+
+
+def check_hql(hql: str) -> None:
+    """Every entity, alias, join and property path of ``hql`` against the real omero.model."""
+    aliases: dict[str, str] = {}
+    for entity, alias in _ALIAS.findall(hql):
+        _model(entity)
+        aliases[alias] = entity
+    for parent, path, alias in _JOIN.findall(hql):
+        target = _resolve(aliases, parent, path)
+        assert target is not None, f"join {parent}.{path} is not an object"
+        aliases[alias] = target
+    for entity in _CLASS_TEST.findall(hql):
+        _model(entity)
+    for alias, path in _PATH.findall(_CLASS_TEST.sub("", hql)):
+        if alias in _HQL_WORDS:
+            continue
+        _resolve(aliases, alias, path.lstrip("."))
+
+
+@pytest.mark.parametrize("hql", every_hql())
+def test_every_hql_string_names_real_model_fields(hql: str) -> None:
+    check_hql(hql)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "select i.id from Image i join i.filesets fs",  # no such field
+        "select i.id from Imagee i",  # no such entity
+        "select a.id from ImageAnnotationLink l join l.child a where a.textValu = :x",
+        "select i.name.value from Image i",  # a value has no fields
+    ],
+)
+def test_the_hql_check_catches_mistakes(bad: str) -> None:
+    with pytest.raises(AssertionError):
+        check_hql(bad)
+
+
+def test_a_registered_image_carries_external_info_the_order_comment_and_its_dataset() -> None:
+    image = omero.model.ImageI()
+    registered_image(image, "/data/s.zarr/0", comment=12, dataset=51)
+    assert image.getDetails().getExternalInfo().getLsid().getValue() == "/data/s.zarr/0"
+    (annotation_link,) = image.copyAnnotationLinks()
+    assert isinstance(annotation_link, omero.model.ImageAnnotationLinkI)
+    assert isinstance(annotation_link.getChild(), omero.model.CommentAnnotationI)
+    assert annotation_link.getChild().getId().getValue() == 12
+    (dataset_link,) = image.copyDatasetLinks()
+    assert isinstance(dataset_link, omero.model.DatasetImageLinkI)
+    assert dataset_link.getParent().getId().getValue() == 51
+    comment = order_comment("biomero.import.order", UUID)
+    assert (comment.getNs().getValue(), comment.getTextValue().getValue()) == (
+        "biomero.import.order",
+        UUID,
+    )
+
+
+def test_a_registered_plate_carries_wells_external_info_the_order_comment_and_its_screen(
+    tmp_path: Path,
+) -> None:
+    image = ZarrImage("f", tmp_path / "plate.zarr/A/1/0", ("y", "x"), (4, 4), "uint8")
+    wells = [ZarrWell("A/1", 0, 0, [image, image]), ZarrWell("B/2", 1, 1, [image])]
+    plate_content = ZarrPlate("My plate", ["A", "B"], ["1", "2"], wells)
+    content = ZarrContent("plate", tmp_path / "plate.zarr", 3, "0.5", "My plate", [], plate_content)
+    assert content.plate is not None
+    fields = [[100 + n for n, _ in enumerate(well.fields)] for well in content.plate.wells]
+    plate = registered_plate(content, fields, comment=12, screen=7)
+    assert plate.getName().getValue() == content.plate.name
+    samples = [
+        s.getImage().getId().getValue() for w in plate.copyWells() for s in w.copyWellSamples()
+    ]
+    assert samples == [i for ids in fields for i in ids]
+    assert plate.getDetails().getExternalInfo().getLsid().getValue() == str(content.path)
+    (annotation_link,) = plate.copyAnnotationLinks()
+    assert isinstance(annotation_link, omero.model.PlateAnnotationLinkI)
+    (screen_link,) = plate.copyScreenLinks()
+    assert isinstance(screen_link, omero.model.ScreenPlateLinkI)
+    assert screen_link.getParent().getId().getValue() == 7

@@ -20,6 +20,7 @@ from biomero_importer.omero import create_gateway
 from biomero_importer.omero.port import (
     ImportAborted,
     ImportFailed,
+    OmeroUnavailable,
     Target,
     UnknownUserOrGroup,
 )
@@ -62,6 +63,7 @@ def test_tables_have_exactly_the_documented_columns(gateway: SimulatorGateway) -
         ("ns", "TEXT"),
         ("key", "TEXT"),
         ("value", "TEXT"),
+        ("map_id", "INTEGER"),
     ]
     with sqlite3.connect(gateway.db_path) as conn:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
@@ -135,19 +137,168 @@ def test_importing_the_same_file_twice_creates_two_objects(
     assert session.managed_files(first[0]) != session.managed_files(second[0])
 
 
-def test_exclude_existing_skips_what_any_order_imported_into_the_same_target(
+def test_exclude_existing_skips_what_any_visible_fileset_holds(
     gateway: SimulatorGateway, data_dir: Path
 ) -> None:
+    """OMERO's ClientPathExclusion: not scoped to the target, the order or a successful import."""
     (source,) = write_files(data_dir, "x.tif")
     gateway.open_session("alice", "lab", order_uuid="old").import_path(
         source, DATASET, order_uuid="old", exclude_existing=False
     )
     session = gateway.open_session("alice", "lab", order_uuid="new")
     assert session.import_path(source, DATASET, order_uuid="new", exclude_existing=True) == []
-    other = session.import_path(
-        source, Target("Dataset", 8), order_uuid="new", exclude_existing=True
+    other = Target("Dataset", 8)
+    assert session.import_path(source, other, order_uuid="new", exclude_existing=True) == []
+    # another group cannot see alice's filesets
+    elsewhere = gateway.open_session("bob", "other", order_uuid="b")
+    assert len(elsewhere.import_path(source, other, order_uuid="b", exclude_existing=True)) == 1
+
+
+def test_exclusion_can_be_switched_back_to_the_target_only_rule(
+    tmp_path: Path, data_dir: Path
+) -> None:
+    gateway = SimulatorGateway(make_settings(tmp_path, omero_simulator_exclusion="target"))
+    (source,) = write_files(data_dir, "x.tif")
+    session = gateway.open_session("alice", "lab", order_uuid="old")
+    session.import_path(source, DATASET, order_uuid="old", exclude_existing=False)
+    assert session.import_path(source, DATASET, order_uuid="new", exclude_existing=True) == []
+    other = Target("Dataset", 8)
+    assert len(session.import_path(source, other, order_uuid="new", exclude_existing=True)) == 1
+
+
+def _count(gateway: SimulatorGateway, query: str) -> int:
+    with sqlite3.connect(gateway.db_path) as conn:
+        return int(conn.execute(query).fetchone()[0])
+
+
+def test_a_server_side_failure_leaves_an_orphan_fileset_that_exclusion_then_skips(
+    tmp_path: Path, data_dir: Path
+) -> None:
+    gateway = SimulatorGateway(
+        make_settings(
+            tmp_path, omero_simulator_fail_pattern="bad", omero_simulator_failure="orphan_fileset"
+        )
     )
-    assert len(other) == 1
+    (bad,) = write_files(data_dir, "bad.tif")
+    session = gateway.open_session("alice", "lab", order_uuid="u1")
+    with pytest.raises(ImportFailed, match=r"bad\.tif"):
+        session.import_path(bad, DATASET, order_uuid="u1", exclude_existing=False)
+    assert _count(gateway, "SELECT count(*) FROM filesets") == 1
+    assert _count(gateway, "SELECT count(*) FROM fileset_files") == 1
+    assert _count(gateway, "SELECT count(*) FROM objects") == 0
+    # the file is fixed: --exclude=clientpath still skips it, exit 0, no ids
+    fixed = SimulatorGateway(make_settings(tmp_path))
+    again = fixed.open_session("alice", "lab", order_uuid="u1")
+    assert again.import_path(bad, DATASET, order_uuid="u1", exclude_existing=True) == []
+    assert len(again.import_path(bad, DATASET, order_uuid="u1", exclude_existing=False)) == 1
+
+
+def test_a_multi_file_import_where_some_files_fail_keeps_the_others(
+    tmp_path: Path, data_dir: Path
+) -> None:
+    gateway = SimulatorGateway(
+        make_settings(
+            tmp_path, omero_simulator_fail_pattern="bad", omero_simulator_failure="partial"
+        )
+    )
+    write_files(data_dir, "run/a.tif", "run/bad.tif", "run/c.tif")
+    session = gateway.open_session("alice", "lab", order_uuid="u1")
+    with pytest.raises(ImportFailed, match=r"1 error: bad\.tif"):
+        session.import_path(data_dir / "run", DATASET, order_uuid="u1", exclude_existing=False)
+    found = session.find_imported(data_dir / "run", DATASET, order_uuid="u1")
+    assert sorted(Path(o.client_path).name for o in found) == ["a.tif", "c.tif"]
+
+
+def test_session_time_to_live_is_a_hard_lifetime_on_a_simulated_clock(
+    tmp_path: Path, data_dir: Path
+) -> None:
+    settings = make_settings(
+        tmp_path, ttl_for_user_conn=60_000, import_timeout=60.0, omero_simulator_import_seconds=400
+    )
+    gateway = SimulatorGateway(settings)
+    a, b, c = write_files(data_dir, "a.tif", "b.tif", "c.tif")
+    session = gateway.open_session("alice", "lab", order_uuid="u1")
+    assert session.ttl == 660  # import_timeout + 600 s margin, not the configured 60 s
+    started = time.monotonic()
+    session.import_path(a, DATASET, order_uuid="u1", exclude_existing=False)
+    assert 250 < session.remaining() < 261
+    with pytest.raises(ImportFailed, match="session expired"):
+        session.import_path(b, DATASET, order_uuid="u1", exclude_existing=False)
+    assert time.monotonic() - started < 5  # simulated time, no waiting
+    lenient = SimulatorGateway(
+        make_settings(
+            tmp_path, omero_simulator_session_ttl=False, omero_simulator_import_seconds=1e6
+        )
+    )
+    forever = lenient.open_session("alice", "lab", order_uuid="u2")
+    forever.import_path(b, DATASET, order_uuid="u2", exclude_existing=False)
+    assert forever.import_path(c, DATASET, order_uuid="u2", exclude_existing=False)
+
+
+def test_registered_images_have_no_fileset_and_are_found_by_the_order_comment(
+    gateway: SimulatorGateway, tmp_path: Path
+) -> None:
+    from .test_zarr import make_series_v2
+
+    series = make_series_v2(tmp_path / "s.zarr", 3)
+    session = gateway.open_session("alice", "lab", order_uuid="z")
+    images = session.register_zarr(series, DATASET, order_uuid="z")
+    assert [o.fileset_id for o in images] == [None, None, None]
+    assert _count(gateway, "SELECT count(*) FROM fileset_objects") == 0
+    assert session.find_imported(series, DATASET, order_uuid="z") == images
+    assert session.find_imported(series, DATASET, order_uuid="other") == []
+    # what exists is passed on and not registered again
+    again = session.register_zarr(series, DATASET, order_uuid="z", existing=images[:2])
+    assert again[:2] == images[:2] and again[2].id not in {o.id for o in images}
+
+
+def test_connection_lost_in_the_middle_of_a_registration_keeps_earlier_steps(
+    tmp_path: Path,
+) -> None:
+    from .test_zarr import make_series_v2
+
+    gateway = SimulatorGateway(make_settings(tmp_path, omero_simulator_connection_lost_after=2))
+    series = make_series_v2(tmp_path / "s.zarr", 4)
+    session = gateway.open_session("alice", "lab", order_uuid="z")
+    created: list[object] = []
+    with pytest.raises(OmeroUnavailable):
+        session.register_zarr(series, DATASET, order_uuid="z", on_created=created.append)
+    assert len(created) == 2 == len(session.find_imported(series, DATASET, order_uuid="z"))
+    done = session.register_zarr(series, DATASET, order_uuid="z", existing=created)  # type: ignore[arg-type]
+    assert len(done) == 4 == _count(gateway, "SELECT count(*) FROM objects")
+
+
+def test_abort_is_honoured_between_registration_steps(tmp_path: Path) -> None:
+    from .test_zarr import make_series_v2
+
+    gateway = SimulatorGateway(make_settings(tmp_path))
+    series = make_series_v2(tmp_path / "s.zarr", 3)
+    session = gateway.open_session("alice", "lab", order_uuid="z")
+    with pytest.raises(ImportAborted):
+        session.register_zarr(
+            series, DATASET, order_uuid="z", on_created=lambda _obj: session.abort()
+        )
+    assert _count(gateway, "SELECT count(*) FROM objects") == 1
+
+
+def test_annotate_links_at_most_one_map_annotation_per_namespace(
+    gateway: SimulatorGateway, data_dir: Path
+) -> None:
+    (source,) = write_files(data_dir, "x.tif")
+    session = gateway.open_session("alice", "lab", order_uuid="u1")
+    (image,) = session.import_path(source, DATASET, order_uuid="u1", exclude_existing=False)
+    first = session.annotate(image, "ns", [("a", "1"), ("b", "2")])
+    assert session.annotate(image, "ns", [("a", "other")]) == first
+    assert session.annotate(image, "ns2", [("a", "1")]) != first
+    assert _count(gateway, "SELECT count(DISTINCT map_id) FROM annotations") == 2
+    assert _count(gateway, "SELECT count(*) FROM annotations WHERE map_id IS NULL") == 0
+
+
+def test_sessions_are_tracked_until_closed(gateway: SimulatorGateway) -> None:
+    session = gateway.open_session("alice", "lab", order_uuid="u1")
+    assert gateway.open_sessions == {id(session)}
+    session.close()
+    assert gateway.open_sessions == set()
 
 
 def test_find_imported_matches_order_client_path_and_target(
@@ -361,3 +512,37 @@ def test_register_zarr_plate_with_label_pixels(gateway: SimulatorGateway, tmp_pa
             order_uuid="z",
             options=RegistrationOptions(plate_pixel_source="label", plate_label_name="cells"),
         )
+
+
+def test_a_folder_made_by_the_previous_simulator_is_upgraded(
+    tmp_path: Path, data_dir: Path
+) -> None:
+    """The quickstart keeps its simulator folder: the new columns are added and filled in."""
+    (source,) = write_files(data_dir, "x.tif")
+    folder = tmp_path / "omero-sim"
+    folder.mkdir()
+    with sqlite3.connect(folder / "omero.sqlite") as conn:
+        conn.executescript(
+            "CREATE TABLE objects (id INTEGER PRIMARY KEY, type TEXT, name TEXT,"
+            " client_path TEXT, target_type TEXT, target_id INTEGER, user_name TEXT,"
+            " group_name TEXT, order_uuid TEXT);"
+            "CREATE TABLE annotations (id INTEGER PRIMARY KEY, object_type TEXT,"
+            " object_id INTEGER, ns TEXT, key TEXT, value TEXT);"
+            "CREATE TABLE filesets (id INTEGER PRIMARY KEY, template_prefix TEXT, order_uuid TEXT);"
+            "CREATE TABLE fileset_files (fileset_id INTEGER, managed_path TEXT, client_path TEXT);"
+            "CREATE TABLE fileset_objects (fileset_id INTEGER, object_id INTEGER);"
+            f"INSERT INTO objects VALUES (1, 'Image', 'x.tif', '{source}', 'Dataset', 7,"
+            " 'alice', 'lab', 'old');"
+            "INSERT INTO annotations VALUES (1, 'Image', 1, 'ns', 'a', '1'),"
+            " (2, 'Image', 1, 'ns', 'b', '2');"
+            "INSERT INTO filesets VALUES (1, 'alice_1/x/', 'old');"
+            f"INSERT INTO fileset_files VALUES (1, '/m/x.tif', '{source}');"
+            "INSERT INTO fileset_objects VALUES (1, 1);"
+        )
+    conn.close()
+    gateway = SimulatorGateway(make_settings(tmp_path, omero_simulator_dir=folder))
+    session = gateway.open_session("alice", "lab", order_uuid="new")
+    (old,) = session.find_imported(source, DATASET, order_uuid="old")
+    assert session.annotate(old, "ns", [("a", "again")]) == 1  # the old one is kept
+    assert session.import_path(source, DATASET, order_uuid="new", exclude_existing=True) == []
+    assert ("map_id", "INTEGER") in _columns(gateway.db_path, "annotations")

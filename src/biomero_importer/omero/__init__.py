@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from biomero_importer.omero.port import OmeroGateway
+import structlog
+
+from biomero_importer.omero.null import NullGateway
+from biomero_importer.omero.port import SESSION_TTL_MARGIN_SECONDS, OmeroGateway, session_ttl_ms
 from biomero_importer.omero.simulator import SimulatorGateway
 from biomero_importer.settings import Settings
 
@@ -11,10 +14,33 @@ class OmeroConfigError(Exception):
     """The OMERO settings cannot work; the message is the one line an admin needs."""
 
 
+log = structlog.get_logger(__name__)
+
+
+def warn_short_ttl(settings: Settings) -> None:
+    """Once, at start: a ``ttl_for_user_conn`` too short for one import is raised, never left
+    to fail imports (the original's shipped settings.yml has 60000, which it never applied)."""
+    ttl = session_ttl_ms(settings)
+    if ttl > settings.ttl_for_user_conn:
+        log.warning(
+            "omero_session_ttl_raised",
+            configured_ms=settings.ttl_for_user_conn,
+            ttl_ms=ttl,
+            message=(
+                "ttl_for_user_conn is shorter than import_timeout plus"
+                f" {SESSION_TTL_MARGIN_SECONDS:g} s; OMERO session lifetimes are hard limits,"
+                " so sessions are opened with the longer time-to-live"
+            ),
+        )
+
+
 def create_gateway(settings: Settings) -> OmeroGateway:
     """The configured backend; ``blitz`` never falls back to the simulator."""
+    warn_short_ttl(settings)
     if settings.omero_backend == "simulator":
         return SimulatorGateway(settings)
+    if settings.omero_backend == "null":
+        return NullGateway(settings)
     password = settings.omero_password.get_secret_value() if settings.omero_password else ""
     missing = [
         name

@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -47,6 +48,7 @@ from biomero_importer.omero.port import (
     RegistrationOptions,
     Target,
     UnknownUserOrGroup,
+    session_ttl_ms,
 )
 from biomero_importer.omero.zarr import ZarrContent, ZarrError, ZarrImage, read_zarr
 from biomero_importer.omero.zarr_labels import for_registration
@@ -111,6 +113,104 @@ def map_annotation_link(
     return link
 
 
+# --- HQL: every query the backend runs, by name, so the contract tests check each one --------
+
+PIXELS_TYPE_HQL = "from PixelsType p where p.value = :value"
+
+
+def names_hql(kind: ObjectType) -> str:
+    return f"select o.id, o.name from {kind} o where o.id in (:ids)"
+
+
+def _order_marked(alias: str, kind: ObjectType) -> str:
+    """The object carries the order's comment annotation (namespace ``:ns``, text ``:uuid``)."""
+    return (
+        f"exists (select 1 from {kind}AnnotationLink l join l.child a"
+        f" where l.parent = {alias} and a.ns = :ns and a.textValue = :uuid)"
+    )
+
+
+def imported_hql(kind: ObjectType) -> str:
+    """Imported objects in target ``:target`` and their client paths, for the order: every
+    import links the order comment to the Images it creates (``--annotation-ns/-text``)."""
+    if kind == "Plate":
+        return (
+            "select distinct p.id, p.name, fs.id, u.clientPath from Plate p"
+            " join p.screenLinks sl join p.wells w join w.wellSamples ws join ws.image i"
+            " join i.fileset fs join fs.usedFiles u"
+            f" where sl.parent.id = :target and {_order_marked('i', 'Image')}"
+        )
+    return (
+        "select distinct i.id, i.name, fs.id, u.clientPath from Image i"
+        " join i.datasetLinks dl join i.fileset fs join fs.usedFiles u"
+        f" where dl.parent.id = :target and {_order_marked('i', 'Image')}"
+    )
+
+
+def managed_files_hql(kind: ObjectType) -> str:
+    if kind == "Plate":
+        source = (
+            "from Plate p join p.wells w join w.wellSamples ws join ws.image i"
+            " join i.fileset fs join fs.usedFiles u join u.originalFile f where p.id = :id"
+        )
+    else:
+        source = (
+            "from Image i join i.fileset fs join fs.usedFiles u join u.originalFile f"
+            " where i.id = :id"
+        )
+    return f"select distinct f.path, f.name {source}"
+
+
+def pixels_hql(kind: ObjectType) -> str:
+    if kind == "Image":
+        return "select pix.id from Pixels pix join pix.image i where i.id = :id"
+    return (
+        "select pix.id from Plate p join p.wells w join w.wellSamples ws"
+        " join ws.image i join i.pixels pix where p.id = :id"
+    )
+
+
+def existing_map_annotation_hql(kind: ObjectType) -> str:
+    """MapAnnotations in namespace ``:ns`` already linked to the Image or Plate ``:id``."""
+    return (
+        f"select a.id from {kind}AnnotationLink l join l.child a"
+        " where l.parent.id = :id and a.ns = :ns and a.class = MapAnnotation order by a.id"
+    )
+
+
+def registered_hql(kind: ObjectType) -> str:
+    """Registered (fileset-less) objects in target ``:target`` carrying the order comment;
+    their client path is their ExternalInfo lsid."""
+    if kind == "Plate":
+        return (
+            "select p.id, p.name, ei.lsid from Plate p join p.screenLinks sl"
+            " join p.details.externalInfo ei"
+            f" where sl.parent.id = :target and {_order_marked('p', 'Plate')}"
+        )
+    return (
+        "select i.id, i.name, ei.lsid from Image i join i.datasetLinks dl"
+        " join i.details.externalInfo ei where dl.parent.id = :target and i.fileset is null"
+        f" and {_order_marked('i', 'Image')}"
+    )
+
+
+def every_hql() -> list[str]:
+    """Every HQL string the backend can send (for the contract tests)."""
+    kinds: list[ObjectType] = ["Image", "Plate"]
+    return [PIXELS_TYPE_HQL] + [
+        build(kind)
+        for kind in kinds
+        for build in (
+            names_hql,
+            imported_hql,
+            registered_hql,
+            managed_files_hql,
+            pixels_hql,
+            existing_map_annotation_hql,
+        )
+    ]
+
+
 def ngff_external_info(lsid: str) -> omero.model.ExternalInfoI:
     """What the omero-zarr-pixel-buffer extension reads to serve pixels from an OME-Zarr."""
     info = omero.model.ExternalInfoI()
@@ -118,6 +218,49 @@ def ngff_external_info(lsid: str) -> omero.model.ExternalInfoI:
     info.setEntityId(omero.rtypes.rlong(NGFF_ENTITY_ID))
     info.setLsid(omero.rtypes.rstring(lsid))
     return info
+
+
+def order_comment(namespace: str, order_uuid: str) -> omero.model.CommentAnnotationI:
+    """The comment annotation holding the order UUID, as ``omero import`` links it."""
+    comment = omero.model.CommentAnnotationI()
+    comment.setNs(omero.rtypes.rstring(namespace))
+    comment.setTextValue(omero.rtypes.rstring(order_uuid))
+    return comment
+
+
+def registered_image(
+    image: omero.model.ImageI, lsid: str, *, comment: int | None, dataset: int | None
+) -> None:
+    """Make a created Image a registered OME-Zarr image: ExternalInfo, the order comment and
+    the Dataset link, all saved with it in one step."""
+    image.getDetails().setExternalInfo(ngff_external_info(lsid))
+    if comment is not None:
+        image.linkAnnotation(omero.model.CommentAnnotationI(comment, False))
+    if dataset is not None:
+        image.linkDataset(omero.model.DatasetI(dataset, False))
+
+
+def registered_plate(
+    content: ZarrContent, fields: list[list[int]], *, comment: int, screen: int
+) -> omero.model.PlateI:
+    """An unsaved Plate with its Wells and WellSamples (``fields``: the Image ids per well),
+    its ExternalInfo, the order comment and its Screen link."""
+    assert content.plate is not None
+    plate = omero.model.PlateI()
+    plate.setName(omero.rtypes.rstring(content.plate.name))
+    for zarr_well, image_ids in zip(content.plate.wells, fields, strict=True):
+        well = omero.model.WellI()
+        well.setRow(omero.rtypes.rint(zarr_well.row))
+        well.setColumn(omero.rtypes.rint(zarr_well.column))
+        for image_id in image_ids:
+            sample = omero.model.WellSampleI()
+            sample.setImage(omero.model.ImageI(image_id, False))
+            well.addWellSample(sample)
+        plate.addWell(well)
+    plate.getDetails().setExternalInfo(ngff_external_info(str(content.path)))
+    plate.linkAnnotation(omero.model.CommentAnnotationI(comment, False))
+    plate.linkScreen(omero.model.ScreenI(screen, False))
+    return plate
 
 
 def _unwrap_rows(rows: Any) -> list[list[Any]]:
@@ -248,7 +391,8 @@ class BlitzBackend:
             with self._lock:
                 root = self.root()
                 try:
-                    conn = root.suConn(user, group=group, ttl=self.settings.ttl_for_user_conn)
+                    # the TTL is a hard lifetime: at least import_timeout plus a margin
+                    conn = root.suConn(user, group=group, ttl=session_ttl_ms(self.settings))
                 except omero.ServerError as exc:
                     raise UnknownUserOrGroup(user, group, type(exc).__name__) from exc
             if conn is None or not conn.isConnected():
@@ -297,6 +441,12 @@ class BlitzSession:
         self._proc: subprocess.Popen[bytes] | None = None
         # imports of this order so far: numbers each one's cli.<UUID>_<i> log files
         self._imports = 0
+        # the session's hard lifetime counts from its creation (timeToLive, timeToIdle 0)
+        self._opened = time.monotonic()
+        self._ttl = session_ttl_ms(self.settings) / 1000
+
+    def remaining(self) -> float:
+        return self._ttl - (time.monotonic() - self._opened)
 
     @property
     def session_key(self) -> str:
@@ -428,7 +578,7 @@ class BlitzSession:
         rows = self._call(
             "names",
             lambda: self.conn.getQueryService().projection(
-                f"select o.id, o.name from {kind} o where o.id in (:ids)",
+                names_hql(kind),
                 params,
                 self.conn.SERVICE_OPTS,
             ),
@@ -448,28 +598,14 @@ class BlitzSession:
         params.addLong("target", target.id)
         params.addString("ns", order_namespace(self.settings))
         params.addString("uuid", order_uuid)
-        marked = (
-            "exists (select 1 from ImageAnnotationLink l join l.child a"
-            " where l.parent = i and a.ns = :ns and a.textValue = :uuid)"
-        )
-        if target.type == "Screen":
-            kind: ObjectType = "Plate"
-            hql = (
-                "select distinct p.id, p.name, fs.id, u.clientPath from Plate p"
-                " join p.screenLinks sl join p.wells w join w.wellSamples ws join ws.image i"
-                " join i.fileset fs join fs.usedFiles u"
-                f" where sl.parent.id = :target and {marked}"
-            )
-        else:
-            kind = "Image"
-            hql = (
-                "select distinct i.id, i.name, fs.id, u.clientPath from Image i"
-                " join i.datasetLinks dl join i.fileset fs join fs.usedFiles u"
-                f" where dl.parent.id = :target and {marked}"
-            )
+        kind: ObjectType = "Plate" if target.type == "Screen" else "Image"
+        hql = imported_hql(kind)
+        # Registered OME-Zarr objects have no fileset: found by their ExternalInfo path and
+        # the order comment the registration saved with them.
+        registered = registered_hql(kind)
+        query = self.conn.getQueryService()
         rows = self._call(
-            "find_imported",
-            lambda: self.conn.getQueryService().projection(hql, params, self.conn.SERVICE_OPTS),
+            "find_imported", lambda: query.projection(hql, params, self.conn.SERVICE_OPTS)
         )
         found: dict[int, ImportedObject] = {}
         for object_id, name, fileset_id, used in _unwrap_rows(rows):
@@ -478,12 +614,32 @@ class BlitzSession:
                 found[int(object_id)] = ImportedObject(
                     kind, int(object_id), str(name), used_path, int(fileset_id)
                 )
+        rows = self._call(
+            "find_registered", lambda: query.projection(registered, params, self.conn.SERVICE_OPTS)
+        )
+        for object_id, name, lsid in _unwrap_rows(rows):
+            if int(object_id) not in found and _is_under(str(lsid), str(client_path)):
+                found[int(object_id)] = ImportedObject(kind, int(object_id), str(name), str(lsid))
         return sorted(found.values(), key=lambda o: o.id)
 
     # --- annotations, names, files ----------------------------------------------------------
     def annotate(
         self, obj: ImportedObject, namespace: str, pairs: Sequence[tuple[str, str]]
     ) -> int:
+        params = omero.sys.ParametersI()
+        params.addId(obj.id)
+        params.addString("ns", namespace)
+        existing = _unwrap_rows(
+            self._call(
+                "find_annotation",
+                lambda: self.conn.getQueryService().projection(
+                    existing_map_annotation_hql(obj.type), params, self.conn.SERVICE_OPTS
+                ),
+            )
+        )
+        if existing:
+            # an earlier run annotated it (the ledger had not been saved): never a second one
+            return int(existing[0][0])
         link = map_annotation_link(obj, namespace, pairs)
         saved = self._call(
             "annotate",
@@ -502,20 +658,10 @@ class BlitzSession:
     def managed_files(self, obj: ImportedObject) -> list[Path]:
         params = omero.sys.ParametersI()
         params.addId(obj.id)
-        if obj.type == "Plate":
-            source = (
-                "from Plate p join p.wells w join w.wellSamples ws join ws.image i"
-                " join i.fileset fs join fs.usedFiles u join u.originalFile f where p.id = :id"
-            )
-        else:
-            source = (
-                "from Image i join i.fileset fs join fs.usedFiles u join u.originalFile f"
-                " where i.id = :id"
-            )
         rows = self._call(
             "managed_files",
             lambda: self.conn.getQueryService().projection(
-                f"select distinct f.path, f.name {source}", params, self.conn.SERVICE_OPTS
+                managed_files_hql(obj.type), params, self.conn.SERVICE_OPTS
             ),
         )
         root = self.settings.omero_managed_repository
@@ -529,6 +675,8 @@ class BlitzSession:
         *,
         order_uuid: str,
         options: RegistrationOptions | None = None,
+        existing: Sequence[ImportedObject] = (),
+        on_created: Callable[[ImportedObject], None] | None = None,
     ) -> list[ImportedObject]:
         if self._aborted.is_set():
             raise ImportAborted(f"aborted before registering {path.name}")
@@ -541,64 +689,112 @@ class BlitzSession:
             raise ImportFailed(f"{path.name} is a plate: send it to a Screen, not a Dataset")
         if content.kind != "plate" and target.type != "Dataset":
             raise ImportFailed(f"{path.name} holds images: send it to a Dataset, not a Screen")
-        objects = self._call("register_zarr", lambda: self._register(content, target))
-        self._require_pixel_buffer(path, objects)
-        log.info("omero_zarr_registered", path=str(path), objects=len(objects))
+        done: dict[tuple[str, str], ImportedObject] = {(o.type, o.client_path): o for o in existing}
+        created: list[ImportedObject] = []
+
+        def made(obj: ImportedObject) -> None:
+            created.append(obj)
+            if on_created is not None:
+                on_created(obj)
+
+        saved_comment: list[int] = []
+
+        def comment() -> int:
+            """The order comment, saved once, when the first object needs it."""
+            if not saved_comment:
+                saved_comment.append(
+                    self._call("order_comment", lambda: self._order_comment(order_uuid))
+                )
+            return saved_comment[0]
+
+        # Each step goes through _call on its own: a lost connection retries only that step,
+        # never the steps before it, and abort() is honoured between steps.
+        objects = self._register(content, target, comment, done, made)
+        self._require_pixel_buffer(path, created)
+        log.info("omero_zarr_registered", path=str(path), objects=len(created))
         return objects
 
-    def _register(self, content: ZarrContent, target: Target) -> list[ImportedObject]:
+    def _order_comment(self, order_uuid: str) -> int:
+        """The comment annotation holding the order UUID, as ``omero import`` links it."""
+        comment = order_comment(order_namespace(self.settings), order_uuid)
+        saved = self.conn.getUpdateService().saveAndReturnObject(comment, self.conn.SERVICE_OPTS)
+        return int(saved.getId().getValue())
+
+    def _register(
+        self,
+        content: ZarrContent,
+        target: Target,
+        comment: Callable[[], int],
+        done: dict[tuple[str, str], ImportedObject],
+        made: Callable[[ImportedObject], None],
+    ) -> list[ImportedObject]:
         update = self.conn.getUpdateService()
         if content.plate is None:
             objects = []
             for image in content.images:
-                image_id = self._create_image(image)
-                link = omero.model.DatasetImageLinkI()
-                link.setParent(omero.model.DatasetI(target.id, False))
-                link.setChild(omero.model.ImageI(image_id, False))
-                update.saveObject(link, self.conn.SERVICE_OPTS)
-                objects.append(ImportedObject("Image", image_id, image.name, str(image.path)))
+                old = done.get(("Image", str(image.path)))
+                if old is not None:
+                    objects.append(old)
+                    continue
+                image_id = self._create_image(image, comment=comment(), dataset=target.id)
+                obj = ImportedObject("Image", image_id, image.name, str(image.path))
+                made(obj)
+                objects.append(obj)
             return objects
-        plate = omero.model.PlateI()
-        plate.setName(omero.rtypes.rstring(content.plate.name))
-        for zarr_well in content.plate.wells:
-            well = omero.model.WellI()
-            well.setRow(omero.rtypes.rint(zarr_well.row))
-            well.setColumn(omero.rtypes.rint(zarr_well.column))
-            for field_image in zarr_well.fields:
-                sample = omero.model.WellSampleI()
-                sample.setImage(omero.model.ImageI(self._create_image(field_image), False))
-                well.addWellSample(sample)
-            plate.addWell(well)
-        saved = update.saveAndReturnObject(plate, self.conn.SERVICE_OPTS)
-        plate_id = int(saved.getId().getValue())
-        link = omero.model.ScreenPlateLinkI()
-        link.setParent(omero.model.ScreenI(target.id, False))
-        link.setChild(omero.model.PlateI(plate_id, False))
-        update.saveObject(link, self.conn.SERVICE_OPTS)
-        return [ImportedObject("Plate", plate_id, content.plate.name, str(content.path))]
+        old = done.get(("Plate", str(content.path)))
+        if old is not None:
+            return [old]
+        fields = [
+            [self._create_image(field_image) for field_image in zarr_well.fields]
+            for zarr_well in content.plate.wells
+        ]
+        # plate, ExternalInfo, order comment and screen link in one save: one step
+        plate = registered_plate(content, fields, comment=comment(), screen=target.id)
+        saved = self._call(
+            "register_plate", lambda: update.saveAndReturnObject(plate, self.conn.SERVICE_OPTS)
+        )
+        obj = ImportedObject(
+            "Plate", int(saved.getId().getValue()), content.plate.name, str(content.path)
+        )
+        made(obj)
+        return [obj]
 
-    def _create_image(self, image: ZarrImage) -> int:
-        query = self.conn.getQueryService()
-        params = omero.sys.ParametersI()
-        params.addString("value", pixel_type(image.dtype))
-        ptype = query.findByQuery(
-            "from PixelsType p where p.value = :value", params, self.conn.SERVICE_OPTS
-        )
-        image_id = self.conn.getPixelsService().createImage(
-            image.size("x"),
-            image.size("y"),
-            image.size("z"),
-            image.size("t"),
-            list(range(image.size("c"))),
-            ptype,
-            image.name,
-            "",
-            self.conn.SERVICE_OPTS,
-        )
-        loaded = query.get("Image", image_id.getValue(), self.conn.SERVICE_OPTS)
-        loaded.getDetails().setExternalInfo(ngff_external_info(str(image.path)))
-        self.conn.getUpdateService().saveObject(loaded, self.conn.SERVICE_OPTS)
-        return int(image_id.getValue())
+    def _create_image(
+        self, image: ZarrImage, *, comment: int | None = None, dataset: int | None = None
+    ) -> int:
+        """Two steps, each retried on its own after a lost connection: createImage, then the
+        save that makes it a registered image (skipped when an earlier try committed it)."""
+
+        def create() -> int:
+            query = self.conn.getQueryService()
+            params = omero.sys.ParametersI()
+            params.addString("value", pixel_type(image.dtype))
+            ptype = query.findByQuery(PIXELS_TYPE_HQL, params, self.conn.SERVICE_OPTS)
+            image_id = self.conn.getPixelsService().createImage(
+                image.size("x"),
+                image.size("y"),
+                image.size("z"),
+                image.size("t"),
+                list(range(image.size("c"))),
+                ptype,
+                image.name,
+                "",
+                self.conn.SERVICE_OPTS,
+            )
+            return int(image_id.getValue())
+
+        def register(image_id: int) -> None:
+            loaded = self.conn.getQueryService().get("Image", image_id, self.conn.SERVICE_OPTS)
+            if loaded.getDetails().getExternalInfo() is not None:
+                return  # the reply to an earlier try was lost, not its save
+            # ExternalInfo, the order comment and the dataset link in one save: an image in
+            # the target always carries the comment that finds it again.
+            registered_image(loaded, str(image.path), comment=comment, dataset=dataset)
+            self.conn.getUpdateService().saveObject(loaded, self.conn.SERVICE_OPTS)
+
+        image_id = self._call("create_image", create)
+        self._call("register_image", partial(register, image_id))
+        return image_id
 
     def _require_pixel_buffer(self, path: Path, objects: list[ImportedObject]) -> None:
         """Read one plane's worth of metadata back; without the extension the server cannot."""
@@ -607,12 +803,7 @@ class BlitzSession:
         first = objects[0]
         params = omero.sys.ParametersI()
         params.addId(first.id)
-        hql = (
-            "select pix.id from Pixels pix join pix.image i where i.id = :id"
-            if first.type == "Image"
-            else "select pix.id from Plate p join p.wells w join w.wellSamples ws"
-            " join ws.image i join i.pixels pix where p.id = :id"
-        )
+        hql = pixels_hql(first.type)
         rows = _unwrap_rows(
             self.conn.getQueryService().projection(hql, params, self.conn.SERVICE_OPTS)
         )

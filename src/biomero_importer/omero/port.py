@@ -7,7 +7,7 @@ and ``simulator`` (SQLite plus real symlinks, for the quickstart, demo, tests an
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -18,9 +18,11 @@ from biomero_importer.model import (
     Target,
     TargetType,
 )
+from biomero_importer.settings import Settings
 
 __all__ = [
     "OMERO_UNAVAILABLE",
+    "SESSION_TTL_MARGIN_SECONDS",
     "ImportAborted",
     "ImportFailed",
     "ImportedObject",
@@ -33,9 +35,25 @@ __all__ = [
     "Target",
     "TargetType",
     "UnknownUserOrGroup",
+    "session_ttl_ms",
 ]
 
 OMERO_UNAVAILABLE = "OMERO unavailable, retry later"
+
+# What a session must still have to live when an import unit starts, beyond import_timeout:
+# the calls around the import (find, rename, annotate) and the clock of a busy server.
+SESSION_TTL_MARGIN_SECONDS = 600.0
+
+
+def session_ttl_ms(settings: Settings) -> int:
+    """The time-to-live every user session is opened with.
+
+    OMERO's ``suConn(ttl)`` sets a hard lifetime (timeToLive; timeToIdle 0): keep-alives never
+    extend it, so a session must outlive the longest single import it may run. The pipeline
+    opens a fresh session whenever less than that is left, so an order may take any time.
+    """
+    needed = int((settings.import_timeout + SESSION_TTL_MARGIN_SECONDS) * 1000)
+    return max(settings.ttl_for_user_conn, needed)
 
 
 class OmeroError(Exception):
@@ -76,8 +94,10 @@ class OmeroSession(Protocol):
     ) -> list[ImportedObject]:
         """Import one file or folder in place (``ln_s``) into the target.
 
-        ``exclude_existing`` asks the backend to skip what was already imported from the
-        same client path (used on retried orders). Raises ImportFailed naming the file.
+        ``exclude_existing`` is ``omero import --exclude=clientpath``: OMERO then skips every
+        file that *any* fileset visible to the user holds (any order, orphans included), so
+        the pipeline never asks for it: re-runs are made idempotent by the order's ledger and
+        comment annotation instead. Raises ImportFailed naming the file.
         """
         ...
 
@@ -88,28 +108,40 @@ class OmeroSession(Protocol):
         *,
         order_uuid: str,
         options: RegistrationOptions | None = None,
+        existing: Sequence[ImportedObject] = (),
+        on_created: Callable[[ImportedObject], None] | None = None,
     ) -> list[ImportedObject]:
         """Register an OME-Zarr (image, bioformats2raw series, plate) without copying pixels.
 
-        ``options`` are the order's registration ImportOptions (a plate's pixel source)."""
+        ``options`` are the order's registration ImportOptions (a plate's pixel source).
+        Each object is created in one step, carrying the order's comment annotation, and
+        reported to ``on_created`` before the next step starts; what ``existing`` already
+        holds (by client path) is not created again; abort() is honoured between steps and a
+        lost connection never replays a step that succeeded. Returns existing plus new."""
         ...
 
     def find_imported(
         self, client_path: Path, target: Target, *, order_uuid: str
     ) -> list[ImportedObject]:
-        """What this order already imported from this client path into this target."""
+        """What this order already created from this client path in this target: found by the
+        order's comment annotation, so registered objects (no fileset) are found too."""
         ...
 
     def annotate(
         self, obj: ImportedObject, namespace: str, pairs: Sequence[tuple[str, str]]
     ) -> int:
-        """Link one MapAnnotation to the object; returns the annotation id."""
+        """Link one MapAnnotation to the object unless it already has one in ``namespace``
+        (a re-run after an interrupted annotate step); returns the annotation id."""
         ...
 
     def rename(self, obj: ImportedObject, name: str) -> None: ...
 
     def managed_files(self, obj: ImportedObject) -> list[Path]:
         """Absolute ManagedRepository paths of the object's fileset files (symlinks for ln_s)."""
+        ...
+
+    def remaining(self) -> float:
+        """Seconds this session has left to live (its time-to-live is a hard lifetime)."""
         ...
 
     def abort(self) -> None:

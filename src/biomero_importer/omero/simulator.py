@@ -5,6 +5,20 @@ can share it) and in-place imports create real symlinks under
 ``<simulator_dir>/ManagedRepository``, laid out as OMERO lays them out, so that the symlink
 redirect after preprocessing runs on a real filesystem. Like OMERO, importing the same file
 twice creates two objects.
+
+Where the pipeline relies on how OMERO behaves, the simulator behaves the same way, and the rule
+is cited next to its code ("OMERO rule: ..."). Rules that tests need to switch are settings
+(``omero_simulator_*``) or attributes of the gateway (``open_delay``, ``advance``):
+
+- client-path exclusion across everything the user can see (``omero_simulator_exclusion``);
+- a server-side failure after the fileset was created: an orphan fileset
+  (``omero_simulator_failure: orphan_fileset``), or a multi-file import where only some files
+  fail (``partial``);
+- registered OME-Zarr objects have no fileset, only the order's comment annotation;
+- a session's time-to-live is a hard lifetime (``omero_simulator_session_ttl``), on a simulated
+  clock that imports advance by ``omero_simulator_import_seconds`` without waiting;
+- a connection lost in the middle of a multi-step operation
+  (``omero_simulator_connection_lost_after``).
 """
 
 from __future__ import annotations
@@ -16,7 +30,8 @@ import secrets
 import shutil
 import sqlite3
 import threading
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
@@ -29,9 +44,11 @@ from biomero_importer.omero.port import (
     ImportFailed,
     ObjectType,
     OmeroError,
+    OmeroUnavailable,
     RegistrationOptions,
     Target,
     UnknownUserOrGroup,
+    session_ttl_ms,
 )
 from biomero_importer.omero.zarr import ZarrError, read_zarr
 from biomero_importer.omero.zarr_labels import for_registration
@@ -47,12 +64,14 @@ CREATE TABLE IF NOT EXISTS objects (
     id INTEGER PRIMARY KEY, type TEXT, name TEXT, client_path TEXT, target_type TEXT,
     target_id INTEGER, user_name TEXT, group_name TEXT, order_uuid TEXT
 );
+-- one row per (key, value) pair; map_id (the first row's id) names the MapAnnotation
 CREATE TABLE IF NOT EXISTS annotations (
-    id INTEGER PRIMARY KEY, object_type TEXT, object_id INTEGER, ns TEXT, key TEXT, value TEXT
+    id INTEGER PRIMARY KEY, object_type TEXT, object_id INTEGER, ns TEXT, key TEXT, value TEXT,
+    map_id INTEGER
 );
 CREATE TABLE IF NOT EXISTS users (id INTEGER PRIMARY KEY, name TEXT UNIQUE);
 CREATE TABLE IF NOT EXISTS filesets (
-    id INTEGER PRIMARY KEY, template_prefix TEXT, order_uuid TEXT
+    id INTEGER PRIMARY KEY, template_prefix TEXT, order_uuid TEXT, group_name TEXT
 );
 CREATE TABLE IF NOT EXISTS fileset_files (
     fileset_id INTEGER, managed_path TEXT, client_path TEXT
@@ -67,6 +86,8 @@ CREATE INDEX IF NOT EXISTS objects_order_uuid ON objects (order_uuid);
 CREATE INDEX IF NOT EXISTS objects_client_path ON objects (client_path, target_type, target_id);
 CREATE INDEX IF NOT EXISTS fileset_files_fileset ON fileset_files (fileset_id);
 CREATE INDEX IF NOT EXISTS fileset_objects_object ON fileset_objects (object_id);
+CREATE INDEX IF NOT EXISTS fileset_files_client ON fileset_files (client_path);
+CREATE INDEX IF NOT EXISTS annotations_object ON annotations (object_id, ns);
 """
 
 # Long enough to ride out another replica's write transaction, which never waits on I/O.
@@ -108,10 +129,21 @@ class SimulatorGateway:
         self._lock = threading.Lock()
         self._write_lock = threading.Lock()
         self._user_ids: dict[str, int] = {}
+        # Simulated seconds added to the wall clock: imports "take" omero_simulator_import_seconds
+        # of server time without the test waiting for it.
+        self._skew = 0.0
+        # Sessions opened and not closed yet, to prove none leaks.
+        self.open_sessions: set[int] = set()
+        # Test hook: seconds open_session takes (a cancel can arrive meanwhile).
+        self.open_delay = 0.0
+        # Steps of multi-step operations so far (omero_simulator_connection_lost_after).
+        self._steps = 0
+        self._connection_lost = False
         try:
             self.repository.mkdir(parents=True, exist_ok=True)
             # One transaction, so replicas starting together never see half a schema.
             self.connection().executescript(f"BEGIN IMMEDIATE;{_SCHEMA}COMMIT;")
+            self._upgrade()
         except (OSError, sqlite3.Error) as exc:
             raise OmeroError(f"OMERO simulator folder {self.root} is not usable", str(exc)) from exc
         log.warning(
@@ -155,6 +187,55 @@ class SimulatorGateway:
                 raise
             db.execute("COMMIT")
 
+    def _upgrade(self) -> None:
+        """Add the columns a simulator folder made by an earlier version lacks (the quickstart
+        keeps its folder), filled in from what the old rows say."""
+        with self.transaction() as db:
+            annotations = {row[1] for row in db.execute("PRAGMA table_info(annotations)")}
+            if "map_id" not in annotations:
+                db.execute("ALTER TABLE annotations ADD COLUMN map_id INTEGER")
+                # old rows: one MapAnnotation per object and namespace, as far as anyone knows
+                db.execute(
+                    "UPDATE annotations SET map_id = (SELECT min(a.id) FROM annotations a"
+                    " WHERE a.object_id = annotations.object_id"
+                    " AND a.object_type = annotations.object_type AND a.ns = annotations.ns)"
+                )
+            filesets = {row[1] for row in db.execute("PRAGMA table_info(filesets)")}
+            if "group_name" not in filesets:
+                db.execute("ALTER TABLE filesets ADD COLUMN group_name TEXT")
+                db.execute(
+                    "UPDATE filesets SET group_name = (SELECT o.group_name FROM fileset_objects fo"
+                    " JOIN objects o ON o.id = fo.object_id WHERE fo.fileset_id = filesets.id"
+                    " LIMIT 1)"
+                )
+
+    def clock(self) -> float:
+        """Server time in seconds: the wall clock plus simulated time."""
+        with self._lock:
+            return time.monotonic() + self._skew
+
+    def advance(self, seconds: float) -> None:
+        """Let ``seconds`` of server time pass at once (a simulated long import)."""
+        with self._lock:
+            self._skew += seconds
+
+    def step(self) -> None:
+        """One step of a multi-step operation succeeded on the server.
+
+        OMERO rule: a multi-step operation (register an image, then link it...) is not one
+        transaction; the connection can drop after any step, leaving earlier steps committed.
+        With ``omero_simulator_connection_lost_after: N`` the connection is lost once, after
+        the N-th step of the replica's life.
+        """
+        limit = self.settings.omero_simulator_connection_lost_after
+        with self._lock:
+            self._steps += 1
+            lost = limit is not None and not self._connection_lost and self._steps >= limit
+            if lost:
+                self._connection_lost = True
+        if lost:
+            raise OmeroUnavailable("Ice.ConnectionLostException (simulated)")
+
     def user_id(self, user: str) -> int:
         known = self._user_ids.get(user)
         if known is not None:
@@ -178,10 +259,19 @@ class SimulatorGateway:
             raise OmeroError(f"OMERO simulator folder {self.root} is not usable", str(exc)) from exc
 
     def open_session(self, user: str, group: str, *, order_uuid: str) -> SimulatorSession:
+        if self.open_delay > 0:
+            time.sleep(self.open_delay)
         users = self.settings.omero_simulator_users
         if users is not None and group not in users.get(user, []):
             raise UnknownUserOrGroup(user, group, "not in omero_simulator_users")
-        return SimulatorSession(self, user, group, order_uuid)
+        session = SimulatorSession(self, user, group, order_uuid)
+        with self._lock:
+            self.open_sessions.add(id(session))
+        return session
+
+    def forget(self, session: SimulatorSession) -> None:
+        with self._lock:
+            self.open_sessions.discard(id(session))
 
     def close(self) -> None:
         with self._lock:
@@ -198,79 +288,139 @@ class SimulatorSession:
         self.group = group
         self.order_uuid = order_uuid
         self._aborted = threading.Event()
+        self.started = gateway.clock()
+        self.ttl = session_ttl_ms(gateway.settings) / 1000
 
-    def _pause(self) -> None:
-        """The simulated import time; abort() ends it at once."""
+    def remaining(self) -> float:
+        return self.ttl - (self.gateway.clock() - self.started)
+
+    def _alive(self, what: str) -> None:
+        """OMERO rule: ``suConn(ttl)`` sets timeToLive with timeToIdle 0, and the SessionCache
+        ends the session once ``now - started > timeToLive``; keep-alives do not extend it.
+        (omero-server SessionCache; ``omero_simulator_session_ttl: false`` switches it off.)"""
+        if self.gateway.settings.omero_simulator_session_ttl and self.remaining() < 0:
+            raise ImportFailed(
+                f"OMERO session expired during {what}",
+                f"session time-to-live {self.ttl:g} s exceeded (hard lifetime)",
+            )
+
+    def _pause(self, what: str) -> None:
+        """The simulated import time (each step of a registration takes it too); abort() ends
+        it at once."""
+        self._alive(what)
         delay = self.gateway.settings.omero_simulator_import_delay
         if self._aborted.is_set() or (delay > 0 and self._aborted.wait(delay)):
-            raise ImportAborted("aborted during the simulated import")
+            raise ImportAborted(f"aborted during {what}")
+        seconds = self.gateway.settings.omero_simulator_import_seconds
+        if seconds > 0:
+            self.gateway.advance(seconds)
+        # the import ran in this session: it fails when the session ended meanwhile
+        self._alive(what)
+
+    def _failing(self, files: Sequence[Path]) -> list[Path]:
+        pattern = self.gateway.fail_pattern
+        return [f for f in files if pattern is not None and pattern.search(str(f))]
+
+    @staticmethod
+    def _failure(name: str, failing: Sequence[Path]) -> ImportFailed:
+        errors = len(failing)
+        return ImportFailed(
+            f"OMERO import of {name} failed with {errors} error{'s' if errors > 1 else ''}:"
+            f" {', '.join(f.name for f in failing)} could not be imported",
+            f"simulated failure: {failing[0]} matches omero_simulator_fail_pattern",
+        )
 
     def _check_fail_pattern(self, files: Sequence[Path], name: str) -> None:
-        pattern = self.gateway.fail_pattern
-        if pattern is None:
-            return
-        for file in files:
-            if pattern.search(str(file)):
-                raise ImportFailed(
-                    f"OMERO import of {name} failed with 1 error:"
-                    f" {file.name} could not be imported",
-                    f"simulated failure: {file} matches omero_simulator_fail_pattern",
-                )
+        failing = self._failing(files)
+        if failing:
+            raise self._failure(name, failing)
 
-    def _already_imported(self, db: sqlite3.Connection, path: Path, target: Target) -> set[str]:
-        text = str(path)
-        rows = db.execute(
-            "SELECT client_path FROM objects WHERE target_type = ? AND target_id = ?"
-            " AND (client_path = ? OR substr(client_path, 1, ?) = ?)",
-            (target.type, target.id, text, len(text) + 1, text.rstrip("/") + "/"),
-        ).fetchall()
+    def _excluded(self, db: sqlite3.Connection, files: Sequence[Path], target: Target) -> set[str]:
+        """OMERO rule (ClientPathExclusion, ``--exclude=clientpath``): a file is skipped when
+        *any* FilesetEntry with its client path is visible to the session: any dataset, any
+        earlier import or order, orphan filesets of failed imports included. Visibility is
+        modelled as the user's group. ``omero_simulator_exclusion: target`` switches back to
+        the old, unfaithful rule (only what was imported into the same target)."""
+        names = [str(f) for f in files]
+        marks = ",".join("?" * len(names))
+        if self.gateway.settings.omero_simulator_exclusion == "target":
+            rows = db.execute(
+                "SELECT client_path FROM objects WHERE target_type = ? AND target_id = ?"
+                f" AND client_path IN ({marks})",
+                (target.type, target.id, *names),
+            ).fetchall()
+        else:
+            rows = db.execute(
+                "SELECT ff.client_path FROM fileset_files ff"
+                " JOIN filesets fs ON fs.id = ff.fileset_id"
+                f" WHERE fs.group_name = ? AND ff.client_path IN ({marks})",
+                (self.group, *names),
+            ).fetchall()
         return {row[0] for row in rows}
 
     def import_path(
         self, path: Path, target: Target, *, order_uuid: str, exclude_existing: bool
     ) -> list[ImportedObject]:
-        self._pause()
+        self._pause(f"the import of {path.name}")
         if not path.exists():
             raise ImportFailed(f"OMERO import of {path.name} failed: file not found")
         files = _importable_files(path)
         if not files:
             raise ImportFailed(f"OMERO import of {path.name} failed: no importable files found")
-        self._check_fail_pattern(files, path.name)
+        failing = self._failing(files)
+        mode = self.gateway.settings.omero_simulator_failure
+        if failing and mode == "clean":
+            raise self._failure(path.name, failing)
         user_id = self.gateway.user_id(self.user)
+        if exclude_existing:
+            done = self._excluded(self.gateway.connection(), files, target)
+            files = [f for f in files if str(f) not in done]
+            failing = [f for f in failing if str(f) not in done]
+            if not files:
+                # OMERO rule: excluded files print nothing and the import exits 0.
+                return []
+        # The fileset folder is unique (time and a random token): its links are made before
+        # the write transaction, which then holds the lock for the rows alone.
+        folder = self._fileset_folder(user_id)
+        try:
+            managed = self._link(path, files, folder)
+        except OSError as exc:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise ImportFailed(
+                f"OMERO import of {path.name} failed: cannot link it into the ManagedRepository",
+                str(exc),
+            ) from exc
         with self.gateway.transaction() as db:
-            if exclude_existing:
-                done = self._already_imported(db, path, target)
-                files = [f for f in files if str(f) not in done and str(path) not in done]
-                if not files:
-                    return []
-            folder = self._fileset_folder(user_id)
             (fileset_id,) = db.execute(
-                "INSERT INTO filesets (template_prefix, order_uuid) VALUES (?, ?) RETURNING id",
-                (str(folder.relative_to(self.gateway.repository)) + "/", order_uuid),
+                "INSERT INTO filesets (template_prefix, order_uuid, group_name)"
+                " VALUES (?, ?, ?) RETURNING id",
+                (str(folder.relative_to(self.gateway.repository)) + "/", order_uuid, self.group),
             ).fetchone()
-            try:
-                managed = self._link(path, files, folder)
-            except OSError as exc:
-                shutil.rmtree(folder, ignore_errors=True)
-                raise ImportFailed(
-                    f"OMERO import of {path.name} failed: cannot link it into the"
-                    " ManagedRepository",
-                    str(exc),
-                ) from exc
             db.executemany(
                 "INSERT INTO fileset_files (fileset_id, managed_path, client_path)"
                 " VALUES (?, ?, ?)",
                 [(fileset_id, str(link), str(source)) for link, source in managed],
             )
-            made: list[tuple[ObjectType, str, Path]]
-            if target.type == "Screen":
+            if failing and (mode == "orphan_fileset" or target.type == "Screen"):
+                # OMERO rule: a server-side failure (Bio-Formats parsing, pixel processing)
+                # after the upload leaves the Fileset and its entries, with no Image/Plate.
+                orphan: ImportFailed | None = self._failure(path.name, failing)
+                made: list[tuple[ObjectType, str, Path]] = []
+            elif target.type == "Screen":
+                orphan = None
                 made = [("Plate", path.name, path)]
             else:
-                made = [("Image", f.name, f) for f in files]
+                # OMERO rule: in a multi-file import each file is its own fileset job; the
+                # files that fail create nothing, the others their images, and the import
+                # reports errors (exit 2) ("partial").
+                orphan = self._failure(path.name, failing) if failing else None
+                made = [("Image", f.name, f) for f in files if f not in failing]
             objects = [
                 self._insert(db, item, target=target, order_uuid=order_uuid, fileset_id=fileset_id)
                 for item in made
             ]
+        if orphan is not None:
+            raise orphan
         log.debug("simulated_import", path=str(path), objects=len(objects))
         return objects
 
@@ -331,8 +481,12 @@ class SimulatorSession:
         *,
         order_uuid: str,
         options: RegistrationOptions | None = None,
+        existing: Sequence[ImportedObject] = (),
+        on_created: Callable[[ImportedObject], None] | None = None,
     ) -> list[ImportedObject]:
-        self._pause()
+        if self._aborted.is_set():
+            raise ImportAborted(f"aborted before registering {path.name}")
+        self._alive(f"the registration of {path.name}")
         try:
             content = for_registration(read_zarr(path), options)
         except ZarrError as exc:
@@ -352,20 +506,29 @@ class SimulatorSession:
                 raise ImportFailed(f"{path.name} holds images: send it to a Dataset, not a Screen")
             made = [("Image", image.name, image.path) for image in content.images]
             images = [[image.path] for image in content.images]
-        with self.gateway.transaction() as db:
-            objects = [
-                self._insert(db, item, target=target, order_uuid=order_uuid, fileset_id=None)
-                for item in made
-            ]
-            db.executemany(
-                "INSERT INTO registrations (object_id, pixel_source, label_name, image_paths)"
-                " VALUES (?, ?, ?, ?)",
-                [
-                    (obj.id, pixel_source, label_name, json.dumps([str(p) for p in paths]))
-                    for obj, paths in zip(objects, images, strict=True)
-                ],
-            )
-            return objects
+        done = {(o.type, o.client_path): o for o in existing}
+        objects: list[ImportedObject] = []
+        for item, image_paths in zip(made, images, strict=True):
+            old = done.get((item[0], str(item[2])))
+            if old is not None:
+                objects.append(old)
+                continue
+            # abort() is honoured between steps, never in the middle of one
+            self._pause(f"the registration of {path.name}")
+            # OMERO rule: registered objects have no Fileset (ExternalInfo only), so only the
+            # order's comment annotation, saved with the object in one step, finds them again.
+            with self.gateway.transaction() as db:
+                obj = self._insert(db, item, target=target, order_uuid=order_uuid, fileset_id=None)
+                db.execute(
+                    "INSERT INTO registrations (object_id, pixel_source, label_name, image_paths)"
+                    " VALUES (?, ?, ?, ?)",
+                    (obj.id, pixel_source, label_name, json.dumps([str(p) for p in image_paths])),
+                )
+            objects.append(obj)
+            if on_created is not None:
+                on_created(obj)
+            self.gateway.step()
+        return objects
 
     def find_imported(
         self, client_path: Path, target: Target, *, order_uuid: str
@@ -395,18 +558,32 @@ class SimulatorSession:
             raise ValueError("a map annotation needs at least one key")
         if self._aborted.is_set():
             raise ImportAborted("aborted before annotating")
-        rows = [(obj.type, obj.id, namespace, key, value) for key, value in pairs]
+        self._alive("annotating")
         with self.gateway.transaction() as db:
-            self._require(db, obj)
+            # One statement reads all this needs (the object exists, an annotation in the
+            # namespace, the next row id): the write lock is held, so the ids are ours.
+            exists, found, last = db.execute(
+                "SELECT (SELECT 1 FROM objects WHERE id = ? AND type = ?),"
+                " (SELECT min(map_id) FROM annotations WHERE object_id = ? AND object_type = ?"
+                " AND ns = ?), (SELECT coalesce(max(id), 0) FROM annotations)",
+                (obj.id, obj.type, obj.id, obj.type, namespace),
+            ).fetchone()
+            if exists is None:
+                raise OmeroError(f"{obj.type} {obj.id} not found in OMERO")
+            # OMERO rule: nothing stops a second MapAnnotation in the same namespace on an
+            # object; the check is the caller's, and this port method makes it.
+            if found is not None:
+                return int(found)
+            first = int(last) + 1
             db.executemany(
-                "INSERT INTO annotations (object_type, object_id, ns, key, value)"
-                " VALUES (?, ?, ?, ?, ?)",
-                rows,
+                "INSERT INTO annotations (id, object_type, object_id, ns, key, value, map_id)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (first + n, obj.type, obj.id, namespace, key, value, first)
+                    for n, (key, value) in enumerate(pairs)
+                ],
             )
-            (last,) = db.execute("SELECT last_insert_rowid()").fetchone()
-        # The write lock is held for the whole transaction, so the rows of one map annotation
-        # get consecutive ids; the first row's id names the annotation.
-        return int(last) - len(rows) + 1
+        return first
 
     @staticmethod
     def _require(db: sqlite3.Connection, obj: ImportedObject) -> None:
@@ -438,4 +615,5 @@ class SimulatorSession:
         self._aborted.set()
 
     def close(self) -> None:
-        """Nothing to release: connections belong to the gateway's threads."""
+        """Connections belong to the gateway's threads; the session itself ends."""
+        self.gateway.forget(self)

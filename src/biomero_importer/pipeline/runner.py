@@ -10,6 +10,7 @@ import asyncio
 import contextvars
 import os
 import shutil
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Executor
@@ -32,7 +33,15 @@ from biomero_importer.model import (
 )
 from biomero_importer.observability.metrics import Step
 from biomero_importer.omero.metadata import build_annotation_pairs
-from biomero_importer.omero.port import ImportedObject, OmeroError, OmeroGateway, OmeroSession
+from biomero_importer.omero.port import (
+    SESSION_TTL_MARGIN_SECONDS,
+    ImportAborted,
+    ImportedObject,
+    ImportFailed,
+    OmeroError,
+    OmeroGateway,
+    OmeroSession,
+)
 from biomero_importer.pipeline.validate import InvalidOrder, validate
 from biomero_importer.preprocessing import (
     PreprocessingError,
@@ -49,6 +58,8 @@ T = TypeVar("T")
 
 # Seconds a cancelled order waits for its aborted OMERO call to return (shutdown is bounded).
 ABORT_WAIT = 3.0
+# Seconds a registration step waits for its object to be recorded before it gives up.
+RECORD_WAIT = 60.0
 
 
 def _in_thread(executor: Executor, call: Callable[[], T]) -> asyncio.Future[T]:
@@ -92,11 +103,15 @@ class ImportUnit:
 
 
 class ObjectLedger:
-    """The OMERO objects an order created, kept in the database between runs.
+    """The OMERO objects an order created, kept in the database between runs; each object at
+    most once.
 
-    Saved at most once per ``flush_interval`` while an order runs (and always at its end): an
-    object created after the last save is still found by ``find_imported`` on a second run,
-    so saving after every file of a 10,000-file order would buy nothing but write load.
+    Registered OME-Zarr objects are saved one by one as they are created. Imports and
+    annotation progress are saved at most once per ``flush_interval`` while an order runs, and
+    always at its end, on a cancel and on a hand-back: an object imported after the last save
+    still carries the order's comment annotation, which ``find_imported`` finds on a second
+    run, and an annotation made after it is found by ``annotate`` itself; saving after every
+    file of a 10,000-file order would buy nothing but write load.
     """
 
     def __init__(self, records: list[dict[str, Any]], flush_interval: float = 1.0) -> None:
@@ -127,6 +142,8 @@ class ObjectLedger:
 
     def add(self, key: str, objects: list[ImportedObject]) -> None:
         for obj in objects:
+            if (obj.type, obj.id) in self._by_object:
+                continue  # found again on a re-run: the ledger lists each object once
             record = {
                 "type": obj.type,
                 "id": obj.id,
@@ -148,12 +165,37 @@ class ObjectLedger:
         record = self._by_object.get((obj.type, obj.id))
         if record is not None:
             record["annotated"] = True
+            self._dirty = True
 
     async def save_if_due(self, sink: StageSink, uuid: str) -> None:
         if self._dirty and time.monotonic() - self._saved_at >= self.flush_interval:
-            await sink.record_objects(uuid, self.records)
-            self._dirty = False
-            self._saved_at = time.monotonic()
+            await self.save(sink, uuid)
+
+    async def save(self, sink: StageSink, uuid: str) -> None:
+        self._dirty = False
+        self._saved_at = time.monotonic()
+        await sink.record_objects(uuid, self.records)
+
+    @property
+    def dirty(self) -> bool:
+        return self._dirty
+
+
+class _Flag:
+    """Raised once by the event loop, read by a worker thread (a bool store is atomic)."""
+
+    __slots__ = ("up",)
+
+    def __init__(self) -> None:
+        self.up = False
+
+
+class _Sessions:
+    """The order's OMERO session, replaced by a fresh one when it cannot outlive the next
+    import: a session's time-to-live is a hard lifetime that keep-alives never extend."""
+
+    def __init__(self, session: OmeroSession) -> None:
+        self.current = session
 
 
 class Pipeline:
@@ -189,13 +231,31 @@ class Pipeline:
                 file_names = order.file_names
                 if order.preprocessing is not None:
                     validate_preprocessing(order, self.settings)
-            await self._import_order(order, claimed, ledger, notes)
+            try:
+                await self._import_order(order, claimed, ledger, notes)
+            except asyncio.CancelledError:
+                await self._save_on_stop(claimed.uuid, ledger)
+                raise
         except (InvalidOrder, PreprocessingError, OmeroError, paths.PathRefused) as exc:
             detail = getattr(exc, "detail", "")
             log.warning("order_failed", reason=exc.reason, detail=detail or None)
             return Outcome(STAGE_INGEST_FAILED, exc.reason, file_names, ledger.records)
         description = "; ".join(dict.fromkeys(notes)) or None
         return Outcome(STAGE_IMPORTED, description, file_names, ledger.records)
+
+    async def _save_on_stop(self, uuid: str, ledger: ObjectLedger) -> None:
+        """A cancel, shutdown or lease loss ends the run: what it created and annotated is
+        saved first (bounded), or the next run would have only OMERO to ask."""
+        if not ledger.dirty:
+            return
+        save = asyncio.ensure_future(ledger.save(self.sink, uuid))
+        try:
+            await asyncio.wait_for(asyncio.shield(save), timeout=ABORT_WAIT)
+        except (asyncio.TimeoutError, asyncio.CancelledError):
+            save.cancel()
+            log.warning("ledger_not_saved_on_stop")
+        except Exception as exc:  # the order is stopping anyway; recovery has OMERO to ask
+            log.warning("ledger_not_saved_on_stop", error=type(exc).__name__)
 
     async def _storage(self, watch: _PathWatch, call: Callable[[], T]) -> T:
         """Filesystem work on shared storage, in a storage thread with ``storage_timeout``: a
@@ -215,16 +275,61 @@ class Pipeline:
         return _StepTimer(name, self.observe_step)
 
     async def _blocking(self, session: OmeroSession | None, call: Callable[[], T]) -> T:
-        """Run a port call in the executor; on cancel, abort it and wait for the thread."""
-        future = _in_thread(self.executor, call)
+        """Run a port call in the executor; on cancel, abort it and wait for the thread.
+
+        A call still queued behind others when the order is cancelled never starts."""
+        # a plain flag, not a threading.Event: one is made per call, on the hot path
+        cancelled = _Flag()
+
+        def guarded() -> T:
+            if cancelled.up:
+                raise ImportAborted("cancelled before the call started")
+            return call()
+
+        future = _in_thread(self.executor, guarded)
         try:
             return await asyncio.shield(future)
         except asyncio.CancelledError:
+            cancelled.up = True
             if session is not None:
                 session.abort()
             # The thread cannot be interrupted; abort() kills its process, so it ends soon.
             await asyncio.wait([future], timeout=ABORT_WAIT)
             raise
+
+    async def _open_session(self, order: Order) -> OmeroSession:
+        """A user session; one that finishes opening after a cancel is closed at once (its
+        Ice communicator with it), however long the opening took."""
+        cancelled = _Flag()
+
+        def guarded() -> OmeroSession:
+            if cancelled.up:
+                raise ImportAborted("cancelled before the session opened")
+            return self.gateway.open_session(order.user, order.group, order_uuid=order.uuid)
+
+        future = asyncio.get_running_loop().run_in_executor(self.executor, guarded)
+        try:
+            return await asyncio.shield(future)
+        except asyncio.CancelledError:
+            cancelled.up = True
+            future.add_done_callback(_close_late_session)
+            raise
+
+    async def _close_session(self, session: OmeroSession) -> None:
+        # closing must happen even when the order is being cancelled
+        close = asyncio.get_running_loop().run_in_executor(self.executor, session.close)
+        await asyncio.shield(close)
+
+    async def _fresh_session(self, sessions: _Sessions, order: Order) -> OmeroSession:
+        """The current session, or a new one if it cannot outlive one more import."""
+        needed = self.settings.import_timeout + SESSION_TTL_MARGIN_SECONDS
+        current = sessions.current
+        if current.remaining() >= needed:
+            return current
+        log.info("omero_session_renewed", remaining=round(current.remaining(), 1))
+        await self._close_session(current)
+        sessions.current = await self._open_session(order)
+        return sessions.current
 
     async def _import_order(
         self, order: Order, claimed: ClaimedOrder, ledger: ObjectLedger, notes: list[str]
@@ -244,23 +349,30 @@ class Pipeline:
             roots = paths.import_area(self.settings.effective_import_roots)
             units = [ImportUnit(p, p, order.checked.get(p), roots) for p in order.files]
 
-        session = await self._blocking(
-            None, partial(self.gateway.open_session, order.user, order.group, order_uuid=order.uuid)
-        )
+        sessions = _Sessions(await self._open_session(order))
         try:
             # A second run may find files an earlier run already brought into OMERO.
             check_existing = claimed.runs > 1 or bool(ledger.records)
             imported: list[tuple[ImportUnit, list[ImportedObject]]] = []
             with self._step("import"):
                 for unit in units:
+                    session = await self._fresh_session(sessions, order)
                     objects = await self._import_unit(session, order, unit, ledger, check_existing)
                     imported.append((unit, objects))
                     if unit.item is not None:
                         await self._finish_item(session, unit.item, objects)
+            # The invariant before 'Import Completed': every unit brought at least one object.
+            empty = [unit.path.name for unit, objects in imported if not objects]
+            if empty:
+                raise ImportFailed(
+                    f"Nothing imported from {len(empty)} of {len(units)} files: "
+                    + ", ".join(empty[:10])
+                    + (", ..." if len(empty) > 10 else "")
+                )
             with self._step("annotate"):
-                await self._annotate(session, order, imported, ledger, notes)
+                await self._annotate(sessions, order, imported, ledger, notes)
         finally:
-            await self._blocking(None, session.close)
+            await self._close_session(sessions.current)
         if temp_dir is not None:
             await asyncio.get_running_loop().run_in_executor(
                 self.executor, partial(shutil.rmtree, temp_dir, ignore_errors=True)
@@ -276,10 +388,10 @@ class Pipeline:
     ) -> list[ImportedObject]:
         key = str(unit.path)
         known = ledger.known(key)
-        if known:
+        register = self.settings.use_register_zarr and unit.path.suffix.lower() == ".zarr"
+        if known and not register:
             log.info("import_skipped_already_done", path=key, objects=len(known))
             return known
-        register = self.settings.use_register_zarr and unit.path.suffix.lower() == ".zarr"
         # What is imported is what was checked, checked once more now: a file swapped for a
         # symlink while the order waited fails the order here.
         source = await self._storage(
@@ -296,21 +408,29 @@ class Pipeline:
                 partial(paths.recheck, final, final, unit.area, "Converter output"),
             )
         if check_existing:
+            # Order-scoped: what *this order* created (its comment annotation), never what
+            # any earlier import of the same file left (OMERO's --exclude=clientpath).
             found = await self._blocking(
                 session,
                 partial(session.find_imported, client, order.target, order_uuid=order.uuid),
             )
-            if found:
+            if found and not register:
                 log.info("import_skipped_found_in_omero", path=key, objects=len(found))
                 ledger.add(key, found)
                 return found
+            known = [*known, *found]
         if register:
-            call = partial(
+            # A registration may have stopped half way: what exists is passed on and only
+            # the rest is registered; each new object is recorded as soon as it exists.
+            ledger.add(key, known)
+            call: Callable[[], list[ImportedObject]] = partial(
                 session.register_zarr,
                 client,
                 order.target,
                 order_uuid=order.uuid,
                 options=order.registration,
+                existing=known,
+                on_created=self._recorder(order.uuid, key, ledger),
             )
         else:
             call = partial(
@@ -318,13 +438,37 @@ class Pipeline:
                 source,
                 order.target,
                 order_uuid=order.uuid,
-                exclude_existing=check_existing,
+                exclude_existing=False,
             )
         objects = await self._blocking(session, call)
         log.info("imported", path=key, objects=[f"{o.type}:{o.id}" for o in objects])
         ledger.add(key, objects)
         await ledger.save_if_due(self.sink, order.uuid)
         return objects
+
+    def _recorder(
+        self, uuid: str, key: str, ledger: ObjectLedger
+    ) -> Callable[[ImportedObject], None]:
+        """``on_created`` for a registration: runs in the port's thread and returns once the
+        object is in the database, before the next step starts."""
+        loop = asyncio.get_running_loop()
+
+        async def record(obj: ImportedObject) -> None:
+            ledger.add(key, [obj])
+            await ledger.save(self.sink, uuid)
+
+        def on_created(obj: ImportedObject) -> None:
+            try:
+                asyncio.run_coroutine_threadsafe(record(obj), loop).result(timeout=RECORD_WAIT)
+            except Exception as exc:
+                # Registering on without a record would break the guarantee: stop here. A
+                # re-run finds this object by the order's comment annotation.
+                raise ImportFailed(
+                    f"Could not record registered {obj.type} {obj.id}; retry the order",
+                    f"{type(exc).__name__}: {exc}",
+                ) from exc
+
+        return on_created
 
     async def _finish_item(
         self, session: OmeroSession, item: ProcessedItem, objects: list[ImportedObject]
@@ -340,7 +484,7 @@ class Pipeline:
 
     async def _annotate(
         self,
-        session: OmeroSession,
+        sessions: _Sessions,
         order: Order,
         imported: list[tuple[ImportUnit, list[ImportedObject]]],
         ledger: ObjectLedger,
@@ -367,12 +511,25 @@ class Pipeline:
             for obj in objects:
                 if ledger.annotated(obj):
                     continue
+                session = sessions.current
+                # the port checks for an annotation in the namespace before creating one,
+                # so an annotation made after the last save is not made twice
                 await self._blocking(
                     session,
                     partial(session.annotate, obj, self.settings.annotation_namespace, pairs),
                 )
                 ledger.mark_annotated(obj)
-            await ledger.save_if_due(self.sink, order.uuid)
+                await ledger.save_if_due(self.sink, order.uuid)
+
+
+def _close_late_session(future: asyncio.Future[OmeroSession]) -> None:
+    """Close a session that finished opening after its order was cancelled."""
+    if future.cancelled() or future.exception() is not None:
+        return
+    session = future.result()
+    # never on the event loop: closing a real session talks to the server
+    threading.Thread(target=session.close, name="omero-close-late", daemon=True).start()
+    log.info("omero_session_closed_after_cancel")
 
 
 def redirect_links(managed: list[Path], item: ProcessedItem) -> None:
