@@ -12,6 +12,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import psycopg2
 import pytest
@@ -41,6 +42,22 @@ class PgServer:
                 cur.execute(sql)
         finally:
             conn.close()
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _uncached_loggers() -> Iterator[None]:
+    """The service caches each module's logger on first use (faster logging); a cached logger
+    keeps the processors of its day, so structlog.testing.capture_logs would miss its events
+    in every later test. Tests configure logging without that cache."""
+    real = structlog.configure
+
+    def configure(*args: Any, **kwargs: Any) -> None:
+        kwargs["cache_logger_on_first_use"] = False
+        real(*args, **kwargs)
+
+    structlog.configure = configure
+    yield
+    structlog.configure = real
 
 
 @pytest.fixture(autouse=True)

@@ -62,6 +62,11 @@ ABORT_WAIT = 3.0
 RECORD_WAIT = 60.0
 
 
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
 def _in_thread(executor: Executor, call: Callable[[], T]) -> asyncio.Future[T]:
     """``call`` in one of the executor's threads, with this task's context: the order's log
     fields (order_uuid, stage, worker_id) stay on what it logs."""
@@ -294,6 +299,9 @@ class Pipeline:
             if session is not None:
                 session.abort()
             # The thread cannot be interrupted; abort() kills its process, so it ends soon.
+            # Its outcome (usually ImportAborted) is expected: retrieved, so asyncio does not
+            # report it as a "Future exception was never retrieved" error.
+            future.add_done_callback(_retrieve)
             await asyncio.wait([future], timeout=ABORT_WAIT)
             raise
 
@@ -307,7 +315,7 @@ class Pipeline:
                 raise ImportAborted("cancelled before the session opened")
             return self.gateway.open_session(order.user, order.group, order_uuid=order.uuid)
 
-        future = asyncio.get_running_loop().run_in_executor(self.executor, guarded)
+        future = _in_thread(self.executor, guarded)
         try:
             return await asyncio.shield(future)
         except asyncio.CancelledError:
