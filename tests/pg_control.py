@@ -24,14 +24,17 @@ def _server(embedded: EmbeddedPostgres) -> Any:
     return server
 
 
-def pg_ctl(embedded: EmbeddedPostgres, *args: str, check: bool = True) -> int:
-    """Run pg_ctl on the cluster as the server's own system user; its exit status."""
-    server = _server(embedded)
-    cmd = [str(server.bin_path / "pg_ctl"), "-D", str(embedded.data_dir), *args]
+def _pg_ctl(server: Any, data_dir: Path, *args: str, check: bool = True) -> int:
+    cmd = [str(server.bin_path / "pg_ctl"), "-D", str(data_dir), *args]
     done = subprocess.run(
         cmd, check=check, capture_output=True, user=server.system_user, timeout=60
     )
     return done.returncode
+
+
+def pg_ctl(embedded: EmbeddedPostgres, *args: str) -> None:
+    """Run pg_ctl on the cluster as the server's own system user."""
+    _pg_ctl(_server(embedded), embedded.data_dir, *args)
 
 
 def stop_server(embedded: EmbeddedPostgres) -> None:
@@ -44,11 +47,12 @@ def start_server(embedded: EmbeddedPostgres) -> None:
 
 
 def stop_for_sure(embedded: EmbeddedPostgres) -> None:
-    """Stop the cluster however it was last started, then forget the library's handle."""
+    """Stop the cluster however it was last started."""
+    server = embedded._server
+    embedded.stop()  # the library stops the postmaster it started, if that one still runs
     # pg_ctl status: 0 running, 3 not running, 4 no data directory
-    if embedded._server is not None and pg_ctl(embedded, "status", check=False) == 0:
-        pg_ctl(embedded, "-w", "-m", "fast", "stop", check=False)
-    embedded.stop()
+    if server is not None and _pg_ctl(server, embedded.data_dir, "status", check=False) == 0:
+        _pg_ctl(server, embedded.data_dir, "-w", "-m", "fast", "stop", check=False)
     for proc in postmasters(embedded.data_dir):
         proc.terminate()
         try:
