@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
+import json
 import re
 import threading
 import time
@@ -186,9 +188,53 @@ class ReplicaThread:
         self._thread.join(grace)
         if self._thread.is_alive():
             self.shutdown_hung = True
-            main = self._main
-            if main is not None:
-                self._loop.call_soon_threadsafe(main.cancel)
-            self._thread.join(30)
+            # each cancel ends one await; a shutdown that awaits again (a queue join after
+            # the dispatcher was cancelled) needs another
+            deadline = time.monotonic() + 30
+            while self._thread.is_alive() and time.monotonic() < deadline:
+                main = self._main
+                if main is not None and not self._loop.is_closed():
+                    with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+                        self._loop.call_soon_threadsafe(main.cancel)
+                self._thread.join(0.5)
+            assert not self._thread.is_alive(), "the replica's thread survived cancellation"
         else:
             self.shutdown_seconds = time.monotonic() - started
+
+
+class LogSink(io.TextIOBase):
+    """The replica's JSON log lines, kept for the checks (written from its thread)."""
+
+    def __init__(self) -> None:
+        self.lines: list[dict[str, Any]] = []
+        self._lock = threading.Lock()
+        self._partial = ""
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        with self._lock:
+            self._partial += text
+            *complete, self._partial = self._partial.split("\n")
+            for line in complete:
+                self._add(line)
+        return len(text)
+
+    def _add(self, line: str) -> None:
+        if not line.strip():
+            return
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = {"event": "unparsed_log_line", "level": "error", "line": line[:500]}
+        if isinstance(record, dict):
+            self.lines.append(record)
+
+    def faults(self, since: int) -> list[dict[str, Any]]:
+        with self._lock:
+            return [
+                {k: v for k, v in r.items() if k in ("event", "level", "error", "exception")}
+                for r in self.lines[since:]
+                if r.get("level") in ("error", "critical") or r.get("event") in SERVICE_FAULTS
+            ]
