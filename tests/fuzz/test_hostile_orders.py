@@ -81,7 +81,6 @@ class FuzzRun:
     actions: dict[str, int] = field(default_factory=dict)
     replicas_started: int = 0
     hung_shutdowns: list[str] = field(default_factory=list)
-    slow_shutdowns: list[float] = field(default_factory=list)
     broken: bool = False
     # the failing example's problems: without shrinking, hypothesis only replays it to report
     # it, and on a frozen replica that would wait out every bound again
@@ -114,8 +113,6 @@ class FuzzRun:
         replica.stop(grace=SHUTDOWN_BOUND)
         if replica.shutdown_hung:
             self.hung_shutdowns.append(f"replica {self.replicas_started}")
-        elif replica.shutdown_seconds is not None and replica.shutdown_seconds > SHUTDOWN_BOUND:
-            self.slow_shutdowns.append(replica.shutdown_seconds)
 
 
 # the machine's examples are built by hypothesis, without arguments: they find the run here
@@ -346,7 +343,8 @@ def fuzz_run(
     strict=True,
     reason="defects (see test_regressions.py): a non-UTF-8 name in a failure description kills"
     " the finish writer and freezes the replica; deeply nested extra_params kill the claim"
-    " loop; validation and the simulator crash on some names and ids",
+    " loop; validation and the simulator crash on some names and ids; cancelling a running"
+    " import logs an asyncio error",
 )
 def test_hostile_orders_never_freeze_the_replica(fuzz_run: FuzzRun, record_property: Any) -> None:
     phases = [Phase.explicit, Phase.reuse, Phase.generate] + ([Phase.shrink] if SHRINK else [])
@@ -370,4 +368,3 @@ def test_hostile_orders_never_freeze_the_replica(fuzz_run: FuzzRun, record_prope
     assert not fuzz_run.hung_shutdowns, (
         f"shutdown did not finish within {SHUTDOWN_BOUND}s: {fuzz_run.hung_shutdowns}"
     )
-    assert not fuzz_run.slow_shutdowns
