@@ -222,3 +222,36 @@ def materialise(spec: OrderSpec, folder: Path, root: Path, outside: Path) -> str
     if kind == "huge_raw":
         return json.dumps([str(folder) + "/" + "b" * args[0]])
     raise AssertionError(f"unknown files spec {kind}")
+
+
+# --- a seed corpus -----------------------------------------------------------------------------
+
+
+def _seed(files: tuple[Any, ...], **changes: Any) -> OrderSpec:
+    plain: dict[str, Any] = {
+        "group": "Demo",
+        "user": "researcher",
+        "destination_id": "151",
+        "destination_type": "Dataset",
+        "preprocessing": None,
+    }
+    return OrderSpec(files=files, **{**plain, **changes})
+
+
+# Inputs known to have broken a replica, one of which opens every example (fuzzers start
+# from a corpus): the run then always meets them, interleaved with whatever hypothesis adds,
+# and whether it finds them does not depend on the generated sequence.
+SEEDS = [
+    # the case: a folder holding a symlink with a Latin-1 name that leads outside
+    _seed(("folder", [("link", b"caf\xe9.tif", "outside")])),
+    _seed(("outside", b"r\xe9sum\xe9.tif")),
+    _seed(("file", b"caf\xe9.tif")),
+    _seed(("nested", 100_000)),
+    _seed(("path_text", "\ud800.tif")),
+    _seed(("file", b"image.tif"), destination_id="9" * 40),
+    _seed(
+        ("file", b"image.tif"),
+        preprocessing={"container": "docker.io/x:1", "extra_params": "[" * 5000 + "]" * 5000},
+    ),
+]
+seed_specs = st.sampled_from(SEEDS)

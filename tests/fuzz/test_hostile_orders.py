@@ -18,6 +18,9 @@ After every example:
 
 At the end the replica's shutdown must finish within ``shutdown_timeout`` + 10 s.
 
+Every example opens with one order from a seed corpus of inputs that broke a replica before
+(``SEEDS``), so the run meets them whatever hypothesis generates around them.
+
 One replica serves the whole run (not one per example), so a defect that only shows after
 many orders shows; after an example breaks it, the next example gets a fresh replica.
 The budget is ``BIOMERO_FUZZ_EXAMPLES`` (default 25, fixed seed); shrinking is on
@@ -41,6 +44,7 @@ from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     RuleBasedStateMachine,
+    initialize,
     precondition,
     rule,
     run_state_machine_as_test,
@@ -49,7 +53,7 @@ from hypothesis.stateful import (
 from biomero_importer.observability.logging import configure_logging, reset_logging
 from biomero_importer.settings import Settings
 from tests.fuzz.harness import Database, LogSink, ReplicaThread
-from tests.fuzz.strategies import OrderSpec, materialise, order_specs
+from tests.fuzz.strategies import OrderSpec, materialise, order_specs, seed_specs
 from tests.support import invoke, make_settings, write_config
 
 pytestmark = pytest.mark.fuzz
@@ -57,7 +61,9 @@ pytestmark = pytest.mark.fuzz
 EXAMPLES = int(os.environ.get("BIOMERO_FUZZ_EXAMPLES", "25"))
 SHRINK = os.environ.get("BIOMERO_FUZZ_SHRINK") == "1"
 STEPS = 8
-TERMINAL_BOUND = 10.0  # seconds for every order of an example to end
+TERMINAL_BOUND = 15.0  # seconds for every order of an example to end
+# how lease recovery describes an order whose replica stopped renewing its lease
+RECOVERED = "The importer stopped while this order ran"
 PLAIN_BOUND = 20.0  # seconds for the plain order after it
 SHUTDOWN_TIMEOUT = 3.0
 SHUTDOWN_BOUND = SHUTDOWN_TIMEOUT + 10.0
@@ -137,6 +143,11 @@ class HostileOrders(RuleBasedStateMachine):
         self.log_start = len(self.run.logs.lines)
 
     # --- actions ------------------------------------------------------------------------
+    @initialize(spec=seed_specs)
+    def submit_seed(self, spec: OrderSpec) -> None:
+        self.run.count("seed")
+        self.submit(spec)
+
     @rule(spec=order_specs)
     def submit(self, spec: OrderSpec) -> None:
         folder = self.folder / f"order{len(self.orders)}"
@@ -153,6 +164,7 @@ class HostileOrders(RuleBasedStateMachine):
         self.orders.append(order_uuid)
         self.run.orders += 1
         self.run.count("submit")
+        self.run.count(f"files:{spec.files[0]}")
 
     def _insert(self, order_uuid: str, spec: OrderSpec, files: str) -> None:
         with self.run.db.cursor() as cur:
@@ -248,6 +260,7 @@ class HostileOrders(RuleBasedStateMachine):
             )
         else:
             problems += self._dropped_retries()
+            problems += self._lost_orders()
         plain = str(uuidlib.uuid4())
         run.db.execute(
             "INSERT INTO imports (group_name, user_name, destination_id, destination_type,"
@@ -270,6 +283,17 @@ class HostileOrders(RuleBasedStateMachine):
         if faults:
             problems.append(f"the service logged faults: {faults[:5]}")
         return problems
+
+    def _lost_orders(self) -> list[str]:
+        """Lease recovery means a replica stopped under a running order; this one never did,
+        so a recovered order was claimed and then lost (the bound alone would not show it:
+        recovery ends such an order within a lease or two)."""
+        lost = []
+        for order_uuid in self.orders:
+            for row in self.run.db.history(order_uuid):
+                if (row.description or "").startswith(RECOVERED):
+                    lost.append(f"{order_uuid} was recovered from a lost lease: {row.description}")
+        return lost
 
     def _dropped_retries(self) -> list[str]:
         dropped = []
