@@ -58,7 +58,7 @@ class ContainerRun:
     plain_file: Path
     examples: int = 0
     outcomes: dict[str, int] = field(default_factory=dict)
-    # the first example's problems once the replica is broken: hypothesis replays the failing
+    # the problems of the example that froze the replica: hypothesis replays the failing
     # example to report it, and a frozen replica would only make it wait out every bound again
     broken: list[str] = field(default_factory=list)
 
@@ -143,8 +143,9 @@ def _insert(db: Database, image: str, files: str, params: dict[str, Any]) -> str
 
 @pytest.mark.xfail(
     strict=True,
-    reason="defect (see test_regressions.py): a converter failure description naming a"
-    " non-UTF-8 input file kills the finish writer and freezes the replica",
+    reason="defects (see test_regressions.py): a converter failure description naming a"
+    " non-UTF-8 input file kills the finish writer and freezes the replica; key-values with"
+    " a non-UTF-8 byte crash the order while its annotations are written",
 )
 def test_hostile_converter_output_fails_only_its_order(container_run: ContainerRun) -> None:
     run = container_run
@@ -159,19 +160,22 @@ def test_hostile_converter_output_fails_only_its_order(container_run: ContainerR
         suppress_health_check=list(HealthCheck),
     )
     @given(name=component, params=extra_params)
-    # the seed: a converter failure whose description names a non-UTF-8 input file
+    # seeds: a converter failure whose description names a non-UTF-8 input file, and
+    # key-values coming back with a non-UTF-8 byte in them
     @example(name=b"caf\xe9.tif", params={"mode": "exit1"})
+    @example(name=b"image.tif", params={"mode": "ok", "x": "\udcff"})
     def one_example(name: bytes, params: dict[str, Any]) -> None:
         run.examples += 1
-        problems = run.broken or _one_order(run, name, params)
-        if problems:
+        problems, frozen = (run.broken, True) if run.broken else _one_order(run, name, params)
+        if frozen:
             run.broken = problems
         assert not problems, "\n".join(problems)
 
     one_example()
 
 
-def _one_order(run: ContainerRun, name: bytes, params: dict[str, Any]) -> list[str]:
+def _one_order(run: ContainerRun, name: bytes, params: dict[str, Any]) -> tuple[list[str], bool]:
+    """The example's problems, and whether they left the replica frozen."""
     problems = []
     log_start = len(run.logs.lines)
     folder = os.path.join(os.fsencode(run.root), f"e{run.examples}".encode())
@@ -196,14 +200,17 @@ def _one_order(run: ContainerRun, name: bytes, params: dict[str, Any]) -> list[s
         plain,
         json.dumps([str(run.plain_file)]),
     )
+    frozen = bool(stuck)
     if run.db.wait_terminal([plain], 5.0 if stuck else 20.0):
         problems.append("the replica stopped claiming: a plain order did not end")
+        frozen = True
     elif run.db.latest([plain])[plain].stage != "Import Completed":
         problems.append("a plain order did not complete")
     dead = run.replica.dead_helpers()
     if dead:
         problems.append(f"service tasks ended: {dead}")
+        frozen = True
     faults = run.logs.faults(log_start)
     if faults:
         problems.append(f"the service logged faults: {faults[:5]}")
-    return problems
+    return problems, frozen

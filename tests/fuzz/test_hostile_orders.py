@@ -237,18 +237,16 @@ class HostileOrders(RuleBasedStateMachine):
 
     # --- invariants, once the example's actions are done ----------------------------------
     def teardown(self) -> None:
-        try:
-            self._check()
-        except BaseException:
-            self.run.broken = True
-            raise
-
-    def _check(self) -> None:
-        problems = self.run.problems if self.replay else self._problems()
-        self.run.problems = problems
+        if self.replay:
+            problems = self.run.problems
+        else:
+            problems, frozen = self._problems()
+            if frozen:  # the next example needs a fresh replica (or, replaying, these)
+                self.run.broken, self.run.problems = True, problems
         assert not problems, "\n".join(problems)
 
-    def _problems(self) -> list[str]:
+    def _problems(self) -> tuple[list[str], bool]:
+        """The example's problems, and whether they left the replica frozen."""
         run, replica = self.run, self.replica
         assert replica is not None
         problems = []
@@ -269,9 +267,11 @@ class HostileOrders(RuleBasedStateMachine):
             plain,
             json.dumps([str(run.plain_file)]),
         )
+        frozen = bool(stuck)
         bound = 5.0 if stuck else PLAIN_BOUND  # a replica that froze once stays frozen
         if run.db.wait_terminal([plain], bound):
             problems.append(f"the replica stopped claiming: a plain order did not end in {bound}s")
+            frozen = True
         else:
             last = run.db.latest([plain])[plain]
             if last.stage != "Import Completed":
@@ -279,10 +279,11 @@ class HostileOrders(RuleBasedStateMachine):
         dead = replica.dead_helpers()
         if dead:
             problems.append(f"service tasks ended: {dead}")
+            frozen = True
         faults = run.logs.faults(self.log_start)
         if faults:
             problems.append(f"the service logged faults: {faults[:5]}")
-        return problems
+        return problems, frozen
 
     def _lost_orders(self) -> list[str]:
         """Lease recovery means a replica stopped under a running order; this one never did,

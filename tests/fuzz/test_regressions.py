@@ -177,6 +177,37 @@ async def test_converter_failure_naming_a_non_utf8_file_fails_only_its_order(
         await _assert_still_claiming(migrated_url, root)
 
 
+@pytest.mark.podman
+@pytest.mark.xfail(
+    strict=True,
+    reason="defect: an extra_params value holding a surrogate escape ('\\udcff', a non-UTF-8"
+    " byte on the converter's command line) comes back in the converter's key-values and"
+    " raises UnicodeEncodeError while the annotations are written: 'Internal error in the"
+    " importer' (order_crashed) instead of a safe value or a description",
+)
+async def test_converter_key_values_with_a_surrogate_do_not_crash_the_order(
+    podman_image: str, migrated_url: str, tmp_path: Path
+) -> None:
+    root = tmp_path / "data"
+    root.mkdir()
+    settings = _settings(
+        tmp_path, migrated_url, root, allowed_containers=[podman_image], preprocessing_timeout=60
+    )
+    async with replica(settings, migrated_url):
+        order = await insert_order(
+            migrated_url,
+            [_plain_file(root)],
+            preprocessing={
+                "container": podman_image,
+                "extra_params": {"mode": "ok", "x": "\udcff"},
+            },
+        )
+        row = await wait_for_stage(migrated_url, order, timeout=20)
+        assert _readable(row["description"]) or row["description"] is None, row["description"]
+        assert "Internal error" not in (row["description"] or ""), row["description"]
+        await _assert_still_claiming(migrated_url, root)
+
+
 # --- 2. deeply nested JSON in extra_params ---------------------------------------------------
 
 
