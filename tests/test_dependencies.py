@@ -89,3 +89,18 @@ def test_service_and_cli_do_not_load_demo_only_libraries(module: str) -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
     )
     assert json.loads(done.stdout.strip().splitlines()[-1]) == []
+
+
+def test_demo_without_numpy_says_how_to_install_it(tmp_path: Path) -> None:
+    code = (
+        "import sys\n"
+        "sys.modules['numpy'] = None  # as if the demo extra were not installed\n"
+        "from biomero_importer.cli.app import main\n"
+        f"sys.argv = ['biomero-importer', 'demo', '--dir', {str(tmp_path)!r}]\n"
+        "main()\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=False, timeout=120
+    )
+    assert done.returncode != 0
+    assert "pip install 'biomero-importer[demo]'" in done.stderr, done.stderr[-2000:]
