@@ -82,6 +82,17 @@ class Database:
             )
             return [Row(r["id"], r["uuid"], r["stage"], r["description"]) for r in cur]
 
+    def queue_state(self, uuid: str) -> dict[str, Any]:
+        """The importer's bookkeeping row of an order, for failure messages."""
+        with self.cursor() as cur:
+            cur.execute(
+                "SELECT stage, latest_id, worker_id, cancel_requested, attempts,"
+                " lease_expires_at - now() AS lease_left FROM importer_orders WHERE uuid = %s",
+                (uuid,),
+            )
+            row = cur.fetchone()
+            return dict(row) if row is not None else {}
+
     def wait_terminal(self, uuids: list[str], timeout: float) -> dict[str, Row]:
         """Latest rows once every order is terminal; the stragglers' rows on timeout."""
         deadline = time.monotonic() + timeout

@@ -254,7 +254,11 @@ class HostileOrders(RuleBasedStateMachine):
         if stuck:
             problems.append(
                 f"orders not terminal after {TERMINAL_BOUND}s: "
-                + "; ".join(f"{u} {r.stage} {r.description!r}" for u, r in stuck.items())
+                + "; ".join(
+                    f"{u} {r.stage} {r.description!r} (queue: {run.db.queue_state(u)},"
+                    f" history: {[(h.id, h.stage) for h in run.db.history(u)]})"
+                    for u, r in stuck.items()
+                )
             )
         else:
             problems += self._dropped_retries()
