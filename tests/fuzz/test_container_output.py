@@ -141,6 +141,7 @@ def _insert(db: Database, image: str, files: str, params: dict[str, Any]) -> str
     return order_uuid
 
 
+@pytest.mark.timeout(max(300, EXAMPLES * 30))  # a long run on demand outlasts the default
 @pytest.mark.xfail(
     strict=True,
     reason="defects (see test_regressions.py): a converter failure description naming a"

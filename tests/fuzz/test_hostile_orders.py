@@ -368,6 +368,7 @@ def fuzz_run(
                 )
 
 
+@pytest.mark.timeout(max(300, EXAMPLES * 10))  # a long run on demand outlasts the default
 @pytest.mark.xfail(
     strict=True,
     reason="defects (see test_regressions.py): a non-UTF-8 name in a failure description kills"
