@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import io
 import json
 import re
@@ -144,7 +145,15 @@ class ReplicaThread:
             self.error = self.error or exc
         finally:
             self._ready.set()
+            # end what is left and collect its exceptions here: a task or future whose
+            # exception is logged from __del__ later may do so inside another thread's
+            # ast.parse (traceback carets), which CPython 3.11 answers with "SystemError: AST
+            # constructor recursion depth mismatch" (python/cpython#106905)
             with contextlib.suppress(Exception):
+                left = asyncio.all_tasks(self._loop)
+                for task in left:
+                    task.cancel()
+                self._loop.run_until_complete(asyncio.gather(*left, return_exceptions=True))
                 self._loop.run_until_complete(self._loop.shutdown_asyncgens())
             self._loop.close()
 
@@ -211,6 +220,10 @@ class ReplicaThread:
             assert not self._thread.is_alive(), "the replica's thread survived cancellation"
         else:
             self.shutdown_seconds = time.monotonic() - started
+        for task in self._helpers.values():  # retrieved: nothing left to log from __del__
+            if task.done() and not task.cancelled():
+                task.exception()
+        gc.collect()
 
 
 class LogSink(io.TextIOBase):

@@ -172,7 +172,11 @@ def test_hostile_converter_output_fails_only_its_order(container_run: ContainerR
             run.broken = problems
         assert not problems, "\n".join(problems)
 
-    one_example()
+    try:
+        one_example()
+    finally:
+        # before pytest formats a failure: no replica thread logging tracebacks meanwhile
+        run.replica.stop(grace=3.0 if run.broken else 13.0)
 
 
 def _one_order(run: ContainerRun, name: bytes, params: dict[str, Any]) -> tuple[list[str], bool]:

@@ -395,7 +395,8 @@ def test_hostile_orders_never_freeze_the_replica(fuzz_run: FuzzRun, record_prope
     finally:
         record_property("fuzz_examples", fuzz_run.examples)
         record_property("fuzz_orders", fuzz_run.orders)
-    fuzz_run.stop_replica()
+        # before pytest formats a failure: no replica thread logging tracebacks meanwhile
+        fuzz_run.stop_replica()
     assert not fuzz_run.hung_shutdowns, (
         f"shutdown did not finish within {SHUTDOWN_BOUND}s: {fuzz_run.hung_shutdowns}"
     )
