@@ -45,7 +45,7 @@ COPY migrations ./migrations
 # version is the image's); omero-py is pinned here, the other dependencies by the ranges
 # in pyproject.toml.
 # hadolint ignore=DL3013
-RUN pip install ".[omero,import-options]" "omero-py==${OMERO_PY_VERSION}" \
+RUN pip install ".[omero,import-options,demo]" "omero-py==${OMERO_PY_VERSION}" \
     && python -c "import Ice, omero, omero.cli, biomero_importer, biomero_schema.imports" \
     && biomero-importer --help > /dev/null
 

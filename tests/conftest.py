@@ -6,6 +6,7 @@ create and drop one fresh database per test).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import uuid
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import psutil
 import psycopg2
 import pytest
 import structlog
@@ -24,9 +26,13 @@ from biomero_importer.db.sql import DEFAULT_CHANNEL
 from biomero_importer.db.urls import with_database
 from biomero_importer.observability.logging import reset_logging
 from biomero_importer.settings import normalise_db_url
+from tests.pg_control import postmasters, stop_for_sure
 from tests.podman_support import build_test_image
 
 TEST_DB_ENV = "BIOMERO_IMPORTER_TEST_DATABASE_URL"
+
+# data directories of the embedded servers this session started, checked when it ends
+_SESSION_DATA_DIRS: list[Path] = []
 
 
 @dataclass
@@ -78,11 +84,13 @@ def pg_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PgServer]:
         yield PgServer(admin_url=normalise_db_url(external), embedded=None)
         return
     embedded = EmbeddedPostgres(tmp_path_factory.mktemp("pgdata"))
-    url = embedded.start()
+    _SESSION_DATA_DIRS.append(embedded.data_dir)
     try:
+        url = embedded.start()
         yield PgServer(admin_url=url, embedded=embedded)
     finally:
-        embedded.stop()
+        # also the server a test restarted through pg_ctl, which the library does not know
+        stop_for_sure(embedded)
 
 
 @pytest.fixture
@@ -114,3 +122,25 @@ def import_root(tmp_path: Path) -> Path:
 def podman_image() -> Iterator[str]:
     """Podman configured for this machine and the local converter image built (or a skip)."""
     yield from build_test_image()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> Iterator[None]:
+    """After every fixture is torn down: no PostgreSQL this session started may be running.
+
+    A leftover fails the run (and is stopped, so it does not outlive the report).
+    """
+    result = yield
+    left = [proc for data_dir in _SESSION_DATA_DIRS for proc in postmasters(data_dir)]
+    if left:
+        lines = []
+        for proc in left:
+            with contextlib.suppress(psutil.Error):
+                lines.append(f"{proc.pid}: {' '.join(proc.cmdline())}")
+                proc.terminate()
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        message = "PostgreSQL started by the tests is still running:\n" + "\n".join(lines)
+        if reporter is not None:
+            reporter.write_line(message, red=True)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+    return result

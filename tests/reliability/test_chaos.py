@@ -21,6 +21,7 @@ import pytest
 import tifffile
 
 from tests.conftest import PgServer
+from tests.pg_control import start_server, stop_server
 from tests.reliability.harness import (
     Replica,
     attempt_problems,
@@ -131,11 +132,11 @@ async def test_chaos_run_loses_nothing_and_imports_nothing_twice(
             )
             if pg_due and all(now - r.started_at > SETTLED for r in replicas):
                 assert pg_server.embedded is not None
-                await asyncio.to_thread(pg_server.embedded.stop_server)
+                await asyncio.to_thread(stop_server, pg_server.embedded)
                 try:
                     await asyncio.sleep(PG_DOWN_SECONDS)
                 finally:
-                    await asyncio.to_thread(pg_server.embedded.start_server)
+                    await asyncio.to_thread(start_server, pg_server.embedded)
                 pg_restarts += 1
                 continue
             if now >= next_kill and not pg_due:

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import PgServer
+from tests.pg_control import start_server, stop_server
 from tests.reliability.harness import Replica, fetch, free_port, terminal_count
 from tests.support import PICKED_UP, insert_order, make_settings, make_tiffs, write_config
 
@@ -81,7 +82,7 @@ async def test_thirty_second_database_outage(
             assert time.monotonic() < deadline, "orders were not picked up"
             await asyncio.sleep(0.05)
 
-        await asyncio.to_thread(pg_server.embedded.stop_server)
+        await asyncio.to_thread(stop_server, pg_server.embedded)
         outage_started = time.monotonic()
         statuses: list[int | None] = []
         try:
@@ -90,7 +91,7 @@ async def test_thirty_second_database_outage(
                 statuses.append(await asyncio.to_thread(_healthz, port))
                 await asyncio.sleep(0.5)
         finally:
-            await asyncio.to_thread(pg_server.embedded.start_server)
+            await asyncio.to_thread(start_server, pg_server.embedded)
         assert replica.alive
         # /healthz keeps answering, and says the database is down
         assert None not in statuses, statuses

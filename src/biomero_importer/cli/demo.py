@@ -20,8 +20,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
 
-import numpy as np
-import tifffile
 import typer
 import yaml
 
@@ -117,6 +115,14 @@ def _write_config(folder: Path, settings: Settings) -> Path:
 
 def _sample_images(folder: Path, prefix: str, count: int) -> list[Path]:
     """Small gradient images, a different pattern each, rewritten on every run."""
+    # only the demo writes images: the service and the other commands never load these
+    try:
+        import numpy as np  # noqa: PLC0415
+        import tifffile  # noqa: PLC0415
+    except ImportError:
+        raise fail(
+            "the demo needs numpy and tifffile: pip install 'biomero-importer[demo]'"
+        ) from None
     folder.mkdir(parents=True, exist_ok=True)
     y, x = np.mgrid[0:64, 0:64]
     paths = []

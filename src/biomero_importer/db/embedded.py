@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shlex
-import subprocess
 import warnings
 from pathlib import Path
 from types import TracebackType
@@ -69,24 +68,6 @@ class EmbeddedPostgres:
 
     def psql_command(self) -> str:
         return f"psql -h {shlex.quote(str(self._socket_dir))} -U postgres {DATABASE}"
-
-    def pg_ctl(self, *args: str) -> None:
-        """Run pg_ctl on this cluster as the server's own system user (tests stop/start it)."""
-        server = self._require_server()
-        cmd = [str(server.bin_path / "pg_ctl"), "-D", str(self.data_dir), *args]
-        subprocess.run(cmd, check=True, capture_output=True, user=server.system_user, timeout=60)
-
-    def stop_server(self) -> None:
-        self.pg_ctl("-w", "-m", "fast", "stop")
-
-    def start_server(self) -> None:
-        options = f'-h "" -k {self._socket_dir}'
-        self.pg_ctl("-w", "-o", options, "-l", str(self.data_dir / "log"), "start")
-
-    def _require_server(self) -> Any:
-        if self._server is None:
-            raise RuntimeError("embedded PostgreSQL is not started")
-        return self._server
 
     def stop(self) -> None:
         if self._server is not None:
