@@ -142,12 +142,6 @@ def _insert(db: Database, image: str, files: str, params: dict[str, Any]) -> str
 
 
 @pytest.mark.timeout(max(300, EXAMPLES * 30))  # a long run on demand outlasts the default
-@pytest.mark.xfail(
-    strict=True,
-    reason="defects (see test_regressions.py): a converter failure description naming a"
-    " non-UTF-8 input file kills the finish writer and freezes the replica; key-values with"
-    " a non-UTF-8 byte crash the order while its annotations are written",
-)
 def test_hostile_converter_output_fails_only_its_order(container_run: ContainerRun) -> None:
     run = container_run
     phases = [Phase.explicit, Phase.reuse, Phase.generate] + ([Phase.shrink] if SHRINK else [])

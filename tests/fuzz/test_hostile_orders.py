@@ -369,14 +369,6 @@ def fuzz_run(
 
 
 @pytest.mark.timeout(max(300, EXAMPLES * 10))  # a long run on demand outlasts the default
-@pytest.mark.xfail(
-    strict=True,
-    reason="defects (see test_regressions.py): a non-UTF-8 name in a failure description kills"
-    " the finish writer and freezes the replica; deeply nested extra_params kill the claim"
-    " loop; validation and the simulator crash on some names and ids; cancelling a running"
-    " import logs an asyncio error; a cancel right after the claim leaves the order running"
-    " forever; an SQL retry of a running order is dropped",
-)
 def test_hostile_orders_never_freeze_the_replica(fuzz_run: FuzzRun, record_property: Any) -> None:
     phases = [Phase.explicit, Phase.reuse, Phase.generate] + ([Phase.shrink] if SHRINK else [])
     try:

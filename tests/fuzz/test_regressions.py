@@ -128,12 +128,6 @@ def _missing_non_utf8_file(root: Path, outside: Path) -> list[str]:
     return [os.fsdecode(os.path.join(os.fsencode(root), b"gone-\xff.tif"))]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect: a description holding a surrogate-escaped (non-UTF-8) file name raises"
-    " UnicodeEncodeError in the batched finish writer, which dies silently; every later"
-    " order stays 'Import Started' and shutdown hangs",
-)
 @pytest.mark.parametrize(
     "make_files",
     [_folder_with_non_utf8_symlink, _missing_non_utf8_file],
@@ -155,12 +149,6 @@ async def test_non_utf8_name_in_description_fails_only_its_order(
 
 
 @pytest.mark.podman
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect: a converter failure description names the input file; with a non-UTF-8"
-    " name it raises UnicodeEncodeError in the batched finish writer, which dies silently;"
-    " the order stays 'Import Preprocessing' and the replica freezes",
-)
 async def test_converter_failure_naming_a_non_utf8_file_fails_only_its_order(
     podman_image: str, migrated_url: str, tmp_path: Path
 ) -> None:
@@ -185,13 +173,6 @@ async def test_converter_failure_naming_a_non_utf8_file_fails_only_its_order(
 
 
 @pytest.mark.podman
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect: an extra_params value holding a surrogate escape ('\\udcff', a non-UTF-8"
-    " byte on the converter's command line) comes back in the converter's key-values and"
-    " raises UnicodeEncodeError while the annotations are written: 'Internal error in the"
-    " importer' (order_crashed) instead of a safe value or a description",
-)
 async def test_converter_key_values_with_a_surrogate_do_not_crash_the_order(
     podman_image: str, migrated_url: str, tmp_path: Path
 ) -> None:
@@ -218,12 +199,6 @@ async def test_converter_key_values_with_a_surrogate_do_not_crash_the_order(
 # --- 2. deeply nested JSON in extra_params ---------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect: json.loads of a deeply nested extra_params raises RecursionError inside"
-    " claim(), after the claim committed: the claim loop (dispatcher.run) dies, the order"
-    " stays 'Import Started' and the replica stops claiming",
-)
 async def test_deeply_nested_extra_params_fail_only_their_order(
     migrated_url: str, tmp_path: Path
 ) -> None:
@@ -256,22 +231,10 @@ async def test_deeply_nested_extra_params_fail_only_their_order(
 # --- 3. input that makes validation itself raise -------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect: json.loads of a deeply nested files column raises RecursionError, which"
-    " validation does not catch: 'Internal error in the importer' and an order_crashed"
-    " traceback instead of 'Files is not valid JSON'",
-)
 async def test_deeply_nested_files_json_is_invalid_json(migrated_url: str, tmp_path: Path) -> None:
     await _fails_with(migrated_url, tmp_path, "[" * 100_000 + "]" * 100_000, "Files")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect: a path holding a lone high surrogate (JSON '\\ud800', no file name can"
-    " encode it) raises UnicodeEncodeError in os.fsencode during validation: 'Internal"
-    " error in the importer' instead of a description naming the path",
-)
 async def test_path_with_a_lone_high_surrogate_fails_with_a_reason(
     migrated_url: str, tmp_path: Path
 ) -> None:
@@ -280,12 +243,6 @@ async def test_path_with_a_lone_high_surrogate_fails_with_a_reason(
     await _fails_with(migrated_url, tmp_path, files, "Path")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect: DestinationID is not bounded to OMERO's 64-bit ids: a 40-digit id passes"
-    " validation and the import raises OverflowError (simulator: SQLite INTEGER):"
-    " 'Internal error in the importer' instead of a DestinationID description",
-)
 async def test_destination_id_beyond_64_bits_fails_with_a_reason(
     migrated_url: str, tmp_path: Path
 ) -> None:
@@ -313,12 +270,6 @@ async def _fails_with(
 # --- 4. a valid order with non-UTF-8 file names ----------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect: a valid file or folder with a non-UTF-8 name inside the roots ends"
-    " 'Internal error in the importer' (the simulator stores the surrogate-escaped path"
-    " in SQLite: UnicodeEncodeError) instead of being imported",
-)
 @pytest.mark.parametrize("kind", ["file", "folder"])
 async def test_valid_non_utf8_names_are_imported(
     migrated_url: str, tmp_path: Path, kind: str
@@ -344,12 +295,6 @@ async def test_valid_non_utf8_names_are_imported(
 # --- 5. the documented SQL retry on a running order ------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect: README's SQL retry (UPDATE imports SET stage = 'Import Pending') on a"
-    " running order leaves a Pending row with a worker attached; the order then completes"
-    " and the retry is silently dropped (neither run again nor refused with a description)",
-)
 async def test_sql_retry_of_a_running_order_is_not_silently_dropped(
     migrated_url: str, tmp_path: Path
 ) -> None:
@@ -379,12 +324,6 @@ async def test_sql_retry_of_a_running_order_is_not_silently_dropped(
 # --- 6. cancelling a running import ----------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect: cancelling an order while its import runs in the executor leaves the"
-    " import's future unretrieved; asyncio logs 'Future exception was never retrieved"
-    " (ImportAborted)' at error level for every such cancel",
-)
 async def test_cancelling_a_running_import_logs_no_error(
     migrated_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -414,13 +353,6 @@ async def test_cancelling_a_running_import_logs_no_error(
 # --- 7. a cancel that arrives between the claim and the order's first step ------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect: a cancel notification handled after an order is claimed but before its"
-    " task first runs cancels the task before its try/finally is entered: the order stays in"
-    " the dispatcher's running set (slot leaked, lease renewed forever) and its latest row"
-    " stays 'Import Started' with cancel_requested set",
-)
 async def test_cancel_right_after_the_claim_ends_the_order(
     migrated_url: str, tmp_path: Path
 ) -> None:

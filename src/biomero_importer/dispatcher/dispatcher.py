@@ -64,6 +64,7 @@ class _Running:
     task: asyncio.Task[None]
     renewed_at: float = field(default_factory=time.monotonic)
     stop_reason: StopReason | None = None
+    started: bool = False
 
 
 @dataclass
@@ -208,6 +209,11 @@ class Dispatcher:
         self.metrics.running_orders.set(len(self._running))
 
     async def _run_order(self, order: ClaimedOrder) -> None:
+        # A stop requested before this task first ran could not cancel it (a task cancelled
+        # before it starts never runs its cleanup): it is honoured here instead.
+        running = self._running.get(order.uuid)
+        if running is not None:
+            running.started = True
         bound = structlog.contextvars.bound_contextvars(
             order_uuid=order.uuid,
             worker_id=self.store.worker_id,
@@ -221,6 +227,8 @@ class Dispatcher:
             # (that one re-raises), or the replica would stop claiming once its slots leaked.
             try:
                 try:
+                    if running is not None and running.stop_reason is not None:
+                        raise asyncio.CancelledError
                     outcome = await self.pipeline.run(order)
                 except asyncio.CancelledError:
                     running = self._running.get(order.uuid)
@@ -279,7 +287,8 @@ class Dispatcher:
         if running is None or running.stop_reason is not None:
             return
         running.stop_reason = reason
-        running.task.cancel()
+        if running.started:
+            running.task.cancel()
         log.info("order_stopping", order_uuid=uuid, reason=reason.value)
 
     async def _cancel_pending(self, uuid: str | None = None) -> None:

@@ -35,6 +35,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import structlog
 
@@ -53,6 +54,7 @@ from biomero_importer.omero.port import (
 from biomero_importer.omero.zarr import ZarrError, read_zarr
 from biomero_importer.omero.zarr_labels import for_registration
 from biomero_importer.settings import Settings
+from biomero_importer.text import safe_text
 
 log = structlog.get_logger(__name__)
 
@@ -109,6 +111,24 @@ def _importable_files(path: Path) -> list[Path]:
     return found
 
 
+def _safe_params(params: Any) -> Any:
+    if isinstance(params, dict):
+        return {k: safe_text(v) if isinstance(v, str) else v for k, v in params.items()}
+    return [safe_text(v) if isinstance(v, str) else v for v in params]
+
+
+class _TextSafeConnection(sqlite3.Connection):
+    """File names that are not UTF-8 reach Python as surrogate escapes, which SQLite cannot
+    store; OMERO keeps such names as escaped text too. Every text parameter is escaped the
+    same way, so what is written and what is looked up always match."""
+
+    def execute(self, sql: str, parameters: Any = (), /) -> sqlite3.Cursor:
+        return super().execute(sql, _safe_params(parameters))
+
+    def executemany(self, sql: str, parameters: Any, /) -> sqlite3.Cursor:
+        return super().executemany(sql, [_safe_params(p) for p in parameters])
+
+
 class SimulatorGateway:
     """One per replica; hands out one SQLite connection per thread."""
 
@@ -160,6 +180,7 @@ class SimulatorGateway:
                 timeout=_BUSY_TIMEOUT_MS / 1000,
                 isolation_level=None,
                 check_same_thread=False,
+                factory=_TextSafeConnection,
             )
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")

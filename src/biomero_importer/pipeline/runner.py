@@ -50,7 +50,7 @@ from biomero_importer.preprocessing import (
     validate_preprocessing,
 )
 from biomero_importer.settings import Settings
-from biomero_importer.text import short
+from biomero_importer.text import safe_text, short
 
 log = structlog.get_logger(__name__)
 
@@ -63,15 +63,19 @@ RECORD_WAIT = 60.0
 
 
 def _retrieve(future: asyncio.Future[Any]) -> None:
-    if not future.cancelled():
-        future.exception()
+    if not future.cancelled() and future.exception() is not None:
+        log.debug("abandoned_call_ended", error=repr(future.exception()))
 
 
 def _in_thread(executor: Executor, call: Callable[[], T]) -> asyncio.Future[T]:
     """``call`` in one of the executor's threads, with this task's context: the order's log
     fields (order_uuid, stage, worker_id) stay on what it logs."""
     context = contextvars.copy_context()
-    return asyncio.get_running_loop().run_in_executor(executor, context.run, call)
+    future = asyncio.get_running_loop().run_in_executor(executor, context.run, call)
+    # A caller that stops waiting (cancel, storage timeout) leaves the outcome behind; it is
+    # expected (usually ImportAborted or the order's own error), not an unhandled fault.
+    future.add_done_callback(_retrieve)
+    return future
 
 
 class _PathWatch:
@@ -299,9 +303,6 @@ class Pipeline:
             if session is not None:
                 session.abort()
             # The thread cannot be interrupted; abort() kills its process, so it ends soon.
-            # Its outcome (usually ImportAborted) is expected: retrieved, so asyncio does not
-            # report it as a "Future exception was never retrieved" error.
-            future.add_done_callback(_retrieve)
             await asyncio.wait([future], timeout=ABORT_WAIT)
             raise
 
@@ -516,6 +517,8 @@ class Pipeline:
                     notes=notes,
                 ),
             )
+            # keys and values come from file names and converter output: made encodable
+            pairs = [(safe_text(key), safe_text(value)) for key, value in pairs]
             for obj in objects:
                 if ledger.annotated(obj):
                     continue

@@ -11,9 +11,10 @@ from pathlib import Path
 from biomero_importer import paths
 from biomero_importer.model import ClaimedOrder, Order, Target
 from biomero_importer.options import InvalidImportOptions, parse_column
-from biomero_importer.text import short
+from biomero_importer.text import safe_text, short
 
 MAX_NAME_LENGTH = 255
+MAX_OMERO_ID = 2**63 - 1  # OMERO ids are Java longs
 MAX_PATH_LENGTH = 4096
 DESTINATION_TYPES = ("Dataset", "Screen")
 
@@ -51,14 +52,17 @@ def _target(destination_type: str, destination_id: str) -> Target:
     except ValueError:
         raise InvalidOrder(f"DestinationID {short(text, 40)!r} is not an integer") from None
     if number <= 0:
-        raise InvalidOrder(f"DestinationID {number} is not a positive integer")
+        raise InvalidOrder(f"DestinationID {short(text, 40)} is not a positive integer")
+    if number > MAX_OMERO_ID:
+        raise InvalidOrder(f"DestinationID {short(text, 40)} is out of range")
     return Target(type=destination_type, id=number)  # type: ignore[arg-type]
 
 
 def _file_list(raw: str) -> list[str]:
     try:
         files = json.loads(raw)
-    except (json.JSONDecodeError, TypeError):
+    # RecursionError: nesting deeper than the parser follows (PostgreSQL's text takes any)
+    except (json.JSONDecodeError, TypeError, RecursionError):
         raise InvalidOrder("Files is not valid JSON (expected a list of paths)") from None
     if not isinstance(files, list):
         kind = "an object" if isinstance(files, dict) else "a single value"
@@ -110,7 +114,11 @@ def validate(
     for raw in raws:
         if watch is not None:
             watch(raw)
-        checked[Path(raw)] = check_file(raw, area)
+        try:
+            checked[Path(raw)] = check_file(raw, area)
+        except UnicodeEncodeError:
+            # a lone surrogate that did not come from a file name: no file can have it
+            raise InvalidOrder(f"Path is not a valid file name: {safe_text(raw, 160)}") from None
     written = [Path(raw) for raw in raws]
     if claimed.preprocessing_problem is not None:
         raise InvalidOrder(claimed.preprocessing_problem)

@@ -426,13 +426,19 @@ class PostgresStore(OrderStore):
         return await self._retry("request_cancel", attempt)
 
 
+_UNREADABLE = object()
+
+
 def _json(text: str | None) -> Any:
+    """Parsed JSON; None for NULL; _UNREADABLE for what Python cannot parse. It never raises:
+    a claim is committed before its rows are parsed, and one order's column must not undo it."""
     if text is None:
         return None
     try:
         return json.loads(text)
-    except (json.JSONDecodeError, TypeError):
-        return None
+    # RecursionError: PostgreSQL's json type takes nesting deeper than Python's parser follows
+    except (json.JSONDecodeError, TypeError, RecursionError):
+        return _UNREADABLE
 
 
 def _preprocessing(row: asyncpg.Record) -> tuple[PreprocessingSpec | None, str | None]:
@@ -440,7 +446,9 @@ def _preprocessing(row: asyncpg.Record) -> tuple[PreprocessingSpec | None, str |
         return None, None
     problem = None
     # JSON null (as some writers store "no parameters") counts as none
-    extra = _json(row["extra_params"]) or {}
+    extra = _json(row["extra_params"])
+    if extra is not _UNREADABLE and not extra:
+        extra = {}
     if not isinstance(extra, dict):
         problem = "Preprocessing extra_params must be a JSON object"
         extra = {}
@@ -457,7 +465,7 @@ def _preprocessing(row: asyncpg.Record) -> tuple[PreprocessingSpec | None, str |
 
 def _claimed_order(started: asyncpg.Record, claim: asyncpg.Record) -> ClaimedOrder:
     preprocessing, problem = _preprocessing(started)
-    recorded = _json(claim["objects"]) or []
+    recorded = _json(claim["objects"])
     return ClaimedOrder(
         uuid=started["uuid"],
         group_name=started["group_name"],
@@ -495,6 +503,7 @@ def _summary(row: asyncpg.Record) -> OrderSummary:
 def _detail(row: asyncpg.Record) -> OrderDetail:
     preprocessing, _ = _preprocessing(row)
     objects = _json(row["objects"])
+    extra = _json(row["extra_params"])
     return OrderDetail(
         summary=_summary(row),
         latest_id=row["latest_id"],
@@ -507,6 +516,6 @@ def _detail(row: asyncpg.Record) -> OrderDetail:
         objects=[o for o in objects if isinstance(o, dict)] if isinstance(objects, list) else [],
         file_names=row["file_names"],
         preprocessing=preprocessing,
-        raw_extra_params=_json(row["extra_params"]),
+        raw_extra_params=None if extra is _UNREADABLE else extra,
         import_options=row["import_options"],
     )
