@@ -104,6 +104,13 @@ def test_unknown_environment_variable_is_refused() -> None:
         load_settings(None, environ={"BIOMERO_IMPORTER_POLL_INTERVALL": "1"})
 
 
+def test_the_test_database_variable_does_not_stop_the_cli() -> None:
+    """Before: exporting the suite's BIOMERO_IMPORTER_TEST_DATABASE_URL made every command
+    exit with "unknown environment variable"."""
+    env = {"BIOMERO_IMPORTER_TEST_DATABASE_URL": "postgresql://u@h/db"}
+    assert load_settings(None, environ=env).settings.max_workers == 4
+
+
 def test_invalid_value_names_the_key_and_source(tmp_path: Path) -> None:
     config = _yaml(tmp_path, "max_workers: lots\n")
     with pytest.raises(SettingsError, match=r"invalid setting 'max_workers' in .*settings.yml"):

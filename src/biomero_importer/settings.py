@@ -29,6 +29,9 @@ from pydantic import (
 
 ENV_PREFIX = "BIOMERO_IMPORTER_"
 CONFIG_ENV = "BIOMERO_IMPORTER_CONFIG"
+# Our own names that are not settings: the config file, and what the test suite reads (a
+# developer who exports it must still be able to run the CLI in the same shell).
+NOT_SETTINGS_ENV = frozenset({CONFIG_ENV, "BIOMERO_IMPORTER_TEST_DATABASE_URL"})
 DEFAULT_CONFIG_PATH = Path("config/settings.yml")
 
 # Environment names the original importer (and the NL-BIOMERO compose files) use.
@@ -349,7 +352,7 @@ def load_settings(
             values[key] = _parse_env_value(key, env[env_name])
             origin[key] = env_name
     for env_name, raw in env.items():
-        if not env_name.startswith(ENV_PREFIX) or env_name == CONFIG_ENV:
+        if not env_name.startswith(ENV_PREFIX) or env_name in NOT_SETTINGS_ENV:
             continue
         key = env_name[len(ENV_PREFIX) :].lower()
         if key not in FIELD_NAMES:
