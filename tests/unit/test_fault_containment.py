@@ -94,7 +94,7 @@ async def test_a_failing_helper_is_logged_restarted_and_the_replica_recovers(
             during = order(make_tiffs(root / "during", 1))
             await store.submit(during)
             # every helper runs at least once a lease (recovery starts one lease after start)
-            await asyncio.sleep(0.8)
+            await asyncio.sleep(0.45)
             assert (await finished(store, during.uuid))[0] == STAGE_IMPORTED
             done = order(make_tiffs(root / "after", 1))
             await store.submit(done)
@@ -177,6 +177,7 @@ async def test_shutdown_is_bounded_while_the_database_is_down(tmp_path: Path, ro
     store = MemoryStore(worker_id=settings.worker_id, lease_seconds=60)
     replica = memory_replica(settings, store)
     service, task = await replica.__aenter__()
+    service.dispatcher.handback_grace = 0.5
     slow = order(make_tiffs(root / "slow", 1))
     await store.submit(slow)
     while not service.dispatcher.running_count:
@@ -185,7 +186,7 @@ async def test_shutdown_is_bounded_while_the_database_is_down(tmp_path: Path, ro
     started = time.monotonic()
     with structlog.testing.capture_logs() as logs:
         await replica.__aexit__(None, None, None)
-    assert time.monotonic() - started < settings.shutdown_timeout + 10
+    assert time.monotonic() - started < settings.shutdown_timeout + 2 * 0.5 + 1
     assert task.done()
     assert any(e["event"] == "shutdown_handback_abandoned" for e in logs)
     store.available = True

@@ -80,6 +80,7 @@ class Dispatcher:
     metrics: Metrics = field(default_factory=Metrics)
     health: HealthState = field(default_factory=HealthState)
     supervisor: Supervisor = field(default_factory=Supervisor)
+    handback_grace: float = HANDBACK_GRACE
     #: extra helpers the service adds (health watcher, metrics server, loop-lag probe)
     helpers: dict[str, Callable[[], Awaitable[None]]] = field(default_factory=dict)
     _running: dict[str, _Running] = field(default_factory=dict)
@@ -360,7 +361,7 @@ class Dispatcher:
     # --- shutdown ---------------------------------------------------------------------------
     async def _drain(self) -> None:
         """Bounded, database up or down: the grace period, then stop and hand back; what
-        cannot be written in HANDBACK_GRACE is left to lease recovery."""
+        cannot be written in ``handback_grace`` is left to lease recovery."""
         if not self._running:
             return
         log.info("shutdown_waiting", running=len(self._running), timeout=self.shutdown_timeout)
@@ -371,7 +372,7 @@ class Dispatcher:
         for uuid in list(self._running):
             if self._running[uuid].task in pending:
                 self._stop(uuid, StopReason.SHUTDOWN)
-        _, stuck = await asyncio.wait(pending, timeout=HANDBACK_GRACE)
+        _, stuck = await asyncio.wait(pending, timeout=self.handback_grace)
         if stuck:
             log.warning(
                 "shutdown_handback_abandoned",
@@ -379,7 +380,7 @@ class Dispatcher:
                 note="not written; lease recovery re-queues them",
             )
             self.store.stop_retrying()
-            await asyncio.wait(stuck, timeout=HANDBACK_GRACE)
+            await asyncio.wait(stuck, timeout=self.handback_grace)
 
 
 def _outcome_label(outcome: Outcome) -> OutcomeLabel:
