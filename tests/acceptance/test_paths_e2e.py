@@ -116,11 +116,19 @@ async def test_a_file_swapped_while_the_order_waits_for_its_import_is_not_import
     settings = make_settings(
         tmp_path, migrated_url, [import_root], omero_simulator_import_delay=2.0
     )
-    async with running_service(settings, migrated_url):
+    async with running_service(settings, migrated_url) as service:
         order = await insert_order(migrated_url, [first, second])
         await wait_for_stage(migrated_url, order, ("Import Started",), timeout=30)
-        second.unlink()
-        second.symlink_to(secret)
+        # 'Import Started' is written at the claim, before validation: swap only once the
+        # order was validated (its first import then runs for 2 s), and atomically
+        validated = "biomero_importer_step_duration_seconds_count"
+        for _ in range(1000):
+            if service.metrics.registry.get_sample_value(validated, {"step": "validate"}):
+                break
+            await asyncio.sleep(0.01)
+        link = second.with_name("swap.tmp")
+        link.symlink_to(secret)
+        os.replace(link, second)
         row = await wait_for_stage(migrated_url, order, timeout=30)
     assert row["stage"] == "Import Failed"
     assert row["description"] == f"Files changed while the order waited: {second}"

@@ -24,8 +24,13 @@ async def test_every_row_written_for_an_order_keeps_its_import_options(migrated_
 
         abandoned = await insert_order(migrated_url, ["/data/b.tif"], import_options=OPTIONS)
         assert [o.uuid for o in await store.claim(1)] == [abandoned]
-        await asyncio.sleep(0.5)  # the lease expires: recovery appends the closing row
-        assert await store.recover_expired(max_attempts=1) == [(abandoned, "Import Failed")]
+        await asyncio.sleep(0.5)  # the lease expires: another replica's recovery closes it
+        other = PostgresStore(asyncpg_dsn(migrated_url), worker_id="w2", pool_size=2)
+        await other.open()
+        try:
+            assert await other.recover_expired(max_attempts=1) == [(abandoned, "Import Failed")]
+        finally:
+            await other.close()
 
         cancelled = await insert_order(migrated_url, ["/data/c.tif"], import_options=OPTIONS)
         assert (await store.request_cancel(cancelled)).cancelled

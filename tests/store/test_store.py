@@ -194,6 +194,19 @@ async def test_expired_leases_are_recovered_by_any_replica(harness: Harness) -> 
     assert f"biomero-importer retry {first.uuid}" in (detail.summary.description or "")
 
 
+async def test_a_replica_never_recovers_an_order_it_runs(harness: Harness) -> None:
+    """Before: a replica whose renewals were slow took back its own running order and failed
+    it ("the importer stopped while this order ran"); fencing is what handles that case."""
+    order = new_order()
+    await harness.a.submit(order)
+    await harness.a.claim(1)
+    await harness.pass_time(LEASE * 2)
+    assert await harness.a.recover_expired(max_attempts=1) == []
+    assert dict(await harness.b.recover_expired(max_attempts=1)) == {
+        order.uuid: STAGE_INGEST_FAILED
+    }
+
+
 async def test_renewal_reports_owned_orders_and_cancel_requests(harness: Harness) -> None:
     order = new_order()
     await harness.a.submit(order)

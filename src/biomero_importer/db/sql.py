@@ -221,11 +221,12 @@ WHERE o.worker_id = $1 AND o.uuid = ANY($2::text[])
 """
 
 # Orders whose replica stopped renewing, and orders the original importer left running.
-# $1 max attempts, $2 batch size
+# $1 max attempts, $2 batch size, $3 this replica's worker id: its own orders are never taken
+# back by itself (it still runs them; a lease it could not renew is handled by fencing).
 RECOVER_EXPIRED = f"""
 WITH expired AS (
     SELECT uuid FROM importer_orders
-    WHERE (worker_id IS NOT NULL AND lease_expires_at < now())
+    WHERE (worker_id IS NOT NULL AND worker_id <> $3 AND lease_expires_at < now())
        OR (worker_id IS NULL AND stage IN ('Import Started', 'Import Preprocessing'))
     ORDER BY updated_at
     LIMIT $2

@@ -277,7 +277,10 @@ class MemoryStore(OrderStore):
         now = self.clock()
         recovered = []
         for order in list(self._db.values())[:100]:
-            expired = order.worker_id is not None and (order.lease_expires_at or 0) < now
+            expired = (
+                order.worker_id not in (None, self.worker_id)
+                and (order.lease_expires_at or 0) < now
+            )
             orphan = order.worker_id is None and order.stage in RUNNING_STAGES
             if not (expired or orphan):
                 continue

@@ -293,7 +293,7 @@ class PostgresStore(OrderStore):
     async def recover_expired(self, max_attempts: int) -> list[tuple[str, str]]:
         async def attempt() -> list[tuple[str, str]]:
             async with self.pool.acquire() as conn, conn.transaction():
-                rows = await conn.fetch(sql.RECOVER_EXPIRED, max_attempts, 100)
+                rows = await conn.fetch(sql.RECOVER_EXPIRED, max_attempts, 100, self.worker_id)
             return [(row["uuid"], row["stage"]) for row in rows]
 
         return await self._retry("recover_expired", attempt)
