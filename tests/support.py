@@ -80,6 +80,24 @@ def non_utf8_folder(root: Path, name: str = "smb-share") -> Path:
     return folder
 
 
+async def explain_nodes(
+    conn: asyncpg.Connection, query: str, *args: object
+) -> list[dict[str, Any]]:
+    """Every node of ``EXPLAIN ANALYZE`` of ``query`` (it runs: call it in a transaction that
+    is rolled back when the query writes)."""
+    text = await conn.fetchval(f"EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) {query}", *args)
+
+    def walk(node: dict[str, Any]) -> list[dict[str, Any]]:
+        return [node, *(n for child in node.get("Plans", []) for n in walk(child))]
+
+    return walk(json.loads(text)[0]["Plan"])
+
+
+def rows_read(node: dict[str, Any]) -> int:
+    """Rows a plan node touched: those it returned plus those its filter removed."""
+    return int(node.get("Actual Rows", 0)) + int(node.get("Rows Removed by Filter", 0))
+
+
 async def insert_order(
     url: str,
     files: Sequence[str | Path] | str,

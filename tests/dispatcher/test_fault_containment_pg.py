@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import signal
 import time
 from pathlib import Path
@@ -20,10 +19,12 @@ from biomero_importer.store.postgres import UNRECORDABLE
 from tests import slowfs
 from tests.support import (
     PICKED_UP,
+    explain_nodes,
     insert_order,
     make_settings,
     make_tiffs,
     non_utf8_folder,
+    rows_read,
     running_service,
     start_replica,
     wait_for_stage,
@@ -162,18 +163,6 @@ async def test_renewal_never_waits_for_a_row_lock(migrated_url: str) -> None:
         await store.close()
 
 
-async def _explain(conn: asyncpg.Connection, query: str, *args: object) -> dict[str, object]:
-    plan = await conn.fetchval(f"EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) {query}", *args)
-    return json.loads(plan)[0]["Plan"]  # type: ignore[no-any-return]
-
-
-def _nodes(plan: dict[str, object]) -> list[dict[str, object]]:
-    found = [plan]
-    for child in plan.get("Plans", []):  # type: ignore[attr-defined]
-        found += _nodes(child)
-    return found
-
-
 @pytest.mark.reliability
 async def test_queue_stats_and_the_cancel_sweep_do_not_grow_with_the_backlog(
     migrated_url: str,
@@ -199,11 +188,9 @@ async def test_queue_stats_and_the_cancel_sweep_do_not_grow_with_the_backlog(
             (sql.CANCEL_PENDING.split("INSERT INTO")[0] + "SELECT uuid FROM picked", (None, 100)),
         ):
             # rows each scan touched: returned plus filtered out, whatever plan is chosen
-            scans = [n for n in _nodes(await _explain(conn, query, *args)) if "Scan" in str(n)]
+            scans = [n for n in await explain_nodes(conn, query, *args) if "Scan" in str(n)]
             for scan in scans:
-                read = int(str(scan["Actual Rows"])) + int(
-                    str(scan.get("Rows Removed by Filter", 0))
-                )
+                read = rows_read(scan)
                 assert read <= sql.QUEUE_STATS_CAP + 1, (query, scan["Node Type"], read)
         pending, oldest = await conn.fetchrow(sql.QUEUE_STATS, sql.QUEUE_STATS_CAP)
         assert pending == sql.QUEUE_STATS_CAP

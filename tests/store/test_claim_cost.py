@@ -8,24 +8,16 @@ executed plan must read a few hundred rows at most, whatever plan PostgreSQL pic
 
 from __future__ import annotations
 
-import json
-
 import asyncpg
 import pytest
 
 from biomero_importer.db import sql
 from biomero_importer.db.urls import asyncpg_dsn
+from tests.support import explain_nodes, rows_read
 
 SLOTS = 8
 # generous: the running orders, plus users x (slots + 1) index entries, plus one probe each
 MAX_ROWS_PER_SCAN = 200
-
-
-def _nodes(plan: dict[str, object]) -> list[dict[str, object]]:
-    found = [plan]
-    for child in plan.get("Plans", []):  # type: ignore[attr-defined]
-        found += _nodes(child)
-    return found
 
 
 @pytest.mark.reliability
@@ -54,9 +46,7 @@ async def test_claim_reads_a_bounded_number_of_rows(migrated_url: str, cap: int 
         tx = conn.transaction()
         await tx.start()
         try:
-            text = await conn.fetchval(
-                f"EXPLAIN (ANALYZE, FORMAT JSON) {sql.CLAIM}", SLOTS, "bench", 60.0, cap
-            )
+            nodes = await explain_nodes(conn, sql.CLAIM, SLOTS, "bench", 60.0, cap)
             claimed = await conn.fetch(
                 "SELECT uuid, user_name FROM importer_orders WHERE worker_id = 'bench'"
             )
@@ -65,11 +55,10 @@ async def test_claim_reads_a_bounded_number_of_rows(migrated_url: str, cap: int 
     finally:
         await conn.close()
 
-    plan = json.loads(text)[0]["Plan"]
-    for node in _nodes(plan):
+    for node in nodes:
         if "Scan" not in str(node["Node Type"]):
             continue
-        per_loop = int(str(node["Actual Rows"])) + int(str(node.get("Rows Removed by Filter", 0)))
+        per_loop = rows_read(node)
         assert per_loop <= MAX_ROWS_PER_SCAN, (node["Node Type"], node.get("Index Name"), per_loop)
     users = sorted(row["user_name"] for row in claimed)
     # both light users get a slot despite 99,998 older orders of 'busy' (who runs 20 already);
