@@ -318,3 +318,62 @@ def test_fair_claim_revision_adopts_owners_and_keeps_them_current(database_url: 
     assert queue["new-order"] == ("alice", "Lab-1")
     assert queue["other-order"] == ("carol", "Lab-1")
     assert queue[existing] == ("bob", "Lab-2")
+
+
+def test_waits_revision_queues_one_notification_per_outcome(database_url: str) -> None:
+    """f4a7c2e9b1d3: old outcomes are not notified; every new outcome is, once, by whatever
+    writer ends the order; leaving the running stages clears progress, finishing clears the
+    wait and retry state."""
+    create_upstream(database_url, with_description=True, stamped=True, orders=20)
+    engine = create_engine(sync_url(database_url), poolclass=NullPool)
+    try:
+        with engine.connect() as conn:
+            command.upgrade(alembic_config(conn), "e8b3f5a2c7d1")
+            conn.commit()
+    finally:
+        engine.dispose()
+    queue_before = _queue(database_url)
+
+    assert migrate(database_url, channel=DEFAULT_CHANNEL) == ("e8b3f5a2c7d1", head_revision())
+
+    assert _queue(database_url) == queue_before
+    conn = psycopg2.connect(database_url)
+    try:
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            cur.execute("SELECT count(*) FROM importer_outbox")
+            assert cur.fetchone() == (0,)
+
+            def insert(stage: str) -> None:
+                cur.execute(
+                    "INSERT INTO imports (group_name, user_name, destination_id,"
+                    " destination_type, stage, uuid, files)"
+                    " VALUES ('Lab-1', 'alice', '1', 'Dataset', %s, 'n-1', '[]')",
+                    (stage,),
+                )
+
+            insert("Import Pending")
+            insert("Import Started")
+            cur.execute(
+                "UPDATE importer_orders SET progress = '{\"units_done\": 3}', progress_at = now(),"
+                " retries = 2, waiting_since = now(), not_before = now() WHERE uuid = 'n-1'"
+            )
+            insert("Import Completed")
+            cur.execute(
+                "SELECT progress, retries, waiting_since, not_before, latest_id"
+                " FROM importer_orders WHERE uuid = 'n-1'"
+            )
+            progress, retries, waiting_since, not_before, latest_id = cur.fetchone()
+            assert (progress, retries, waiting_since, not_before) == (None, 0, None, None)
+            # a duplicate submission of the finished order restores its stage: no new outcome
+            insert("Import Pending")
+            cur.execute("SELECT uuid, event_id, stage FROM importer_outbox")
+            assert cur.fetchall() == [("n-1", latest_id, "Import Completed")]
+            # the documented SQL retry, then a failure: a second outcome, a second row
+            cur.execute("UPDATE imports SET stage = 'Import Pending' WHERE uuid = 'n-1'")
+            insert("Import Started")
+            insert("Import Failed")
+            cur.execute("SELECT stage FROM importer_outbox WHERE uuid = 'n-1' ORDER BY id")
+            assert cur.fetchall() == [("Import Completed",), ("Import Failed",)]
+    finally:
+        conn.close()

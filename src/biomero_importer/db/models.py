@@ -12,10 +12,13 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import (
+    ARRAY,
     JSON,
+    BigInteger,
     Boolean,
     DateTime,
     ForeignKey,
+    Identity,
     Index,
     Integer,
     MetaData,
@@ -53,7 +56,7 @@ __all__ = [
 ]
 
 # The tables this service owns; migrations and autogenerate never look at anything else.
-OWNED_TABLES = frozenset({"imports", "imports_preprocessing", "importer_orders"})
+OWNED_TABLES = frozenset({"imports", "imports_preprocessing", "importer_orders", "importer_outbox"})
 
 
 class Base(DeclarativeBase):
@@ -148,6 +151,13 @@ class ImporterOrder(Base):
     # fair claim (migration e8b3f5a2c7d1)
     user_name: Mapped[str] = mapped_column(String, nullable=False, server_default=text("''"))
     group_name: Mapped[str] = mapped_column(String, nullable=False, server_default=text("''"))
+    # waits, automatic retries and progress (migration f4a7c2e9b1d3); the
+    # importer_order_stage_changed trigger clears them when the order moves on
+    not_before: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    waiting_since: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    retries: Mapped[int] = mapped_column(Integer, nullable=False, server_default=text("0"))
+    progress: Mapped[Any] = mapped_column(JSON, nullable=True)
+    progress_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
     __table_args__ = (
         Index(
@@ -179,4 +189,38 @@ class ImporterOrder(Base):
             "queued_at",
             postgresql_where=text("stage = 'Import Pending' AND worker_id IS NULL"),
         ),
+    )
+
+
+class ImporterOutbox(Base):
+    """One notification per order outcome, queued in the outcome's transaction by the
+    ``importer_order_stage_changed`` trigger (migration f4a7c2e9b1d3)."""
+
+    __tablename__ = "importer_outbox"
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    uuid: Mapped[str] = mapped_column(String(36), nullable=False)
+    # the terminal ``imports`` row
+    event_id: Mapped[int] = mapped_column(Integer, nullable=False, unique=True)
+    stage: Mapped[str] = mapped_column(String, nullable=False)
+    created_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), nullable=False, server_default=func.now()
+    )
+    next_attempt_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), nullable=False, server_default=func.now()
+    )
+    attempts: Mapped[int] = mapped_column(Integer, nullable=False, server_default=text("0"))
+    delivered: Mapped[list[str]] = mapped_column(
+        ARRAY(String), nullable=False, server_default=text("'{}'::varchar[]")
+    )
+    done_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    last_error: Mapped[str | None] = mapped_column(String, nullable=True)
+
+    __table_args__ = (
+        Index(
+            "importer_outbox_ix_due",
+            "next_attempt_at",
+            postgresql_where=text("done_at IS NULL"),
+        ),
+        Index("importer_outbox_ix_done", "done_at", postgresql_where=text("done_at IS NOT NULL")),
     )
