@@ -189,3 +189,33 @@ class OrderDetail:
     #: extra_params exactly as stored (may be anything a SQL writer put there)
     raw_extra_params: Any = None
     import_options: str | None = None
+
+
+@dataclass(frozen=True)
+class Notification:
+    """One order outcome to notify (an ``importer_outbox`` row), with what its messages say.
+
+    ``delivered`` lists the channels already settled for it: delivered, or ``<channel>:failed``
+    for a channel that can never succeed for this outcome (no address, refused for good).
+    The order's fields come from the outcome's own history row, so a later retry of the order
+    does not change what this outcome says.
+    """
+
+    id: int
+    uuid: str
+    event_id: int
+    stage: str
+    attempts: int
+    delivered: tuple[str, ...]
+    #: seconds since the outcome was queued for notification
+    age_seconds: float
+    user: str | None
+    group: str | None
+    destination_type: str | None
+    destination_id: str | None
+    description: str | None
+    objects: list[dict[str, Any]]
+    #: when the order was first queued and first started (None if the history lost it)
+    queued_at: datetime | None
+    started_at: datetime | None
+    finished_at: datetime | None

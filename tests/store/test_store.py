@@ -26,6 +26,7 @@ from biomero_importer.model import (
 from biomero_importer.store import (
     Finish,
     MemoryStore,
+    NotificationResult,
     OrderBusy,
     OrderNotFound,
     OrderStore,
@@ -367,3 +368,155 @@ async def test_max_running_per_user_holds_when_replicas_claim_at_once(harness: H
         claims = await asyncio.gather(*(store.claim(10) for store in (harness.a, harness.b) * 3))
         assert sum(len(claimed) for claimed in claims) <= 2
     assert len(await harness.a.list_orders(stage=STAGE_IMPORTING, limit=100)) == 2
+
+
+# --- the notification outbox ---------------------------------------------------------------
+
+
+async def outcome_ids(store: OrderStore, uuid: str) -> list[int]:
+    """History ids of the order's terminal rows, in order."""
+    return [
+        e.id
+        for e in await store.order_events(uuid)
+        if e.stage in (STAGE_IMPORTED, STAGE_INGEST_FAILED)
+    ]
+
+
+async def test_every_outcome_queues_one_notification_whoever_ends_the_order(
+    harness: Harness,
+) -> None:
+    """The finish writer, lease recovery and cancel all end orders: each outcome is queued
+    once, with its own terminal row as key; hand-backs and duplicate submissions queue none."""
+    done, recovered, cancelled, handed = new_order(), new_order(), new_order(), new_order()
+    for order in (done, recovered, cancelled, handed):
+        await harness.a.submit(order)
+    await harness.a.request_cancel(cancelled.uuid)
+    await harness.a.claim(3)
+    assert await harness.a.finish(Finish(handed.uuid, STAGE_NEW_ORDER, "shutting down"))
+    assert await harness.a.finish(Finish(done.uuid, STAGE_IMPORTED, "Imported"))
+    await harness.a.submit(done)  # a duplicate of a finished order
+    await harness.pass_time(LEASE * 2)
+    assert dict(await harness.b.recover_expired(max_attempts=1)) == {
+        recovered.uuid: STAGE_INGEST_FAILED
+    }
+    claimed = await harness.b.claim_notifications(10, 60)
+    got = {(n.uuid, n.event_id, n.stage) for n in claimed}
+    expected = {
+        (done.uuid, (await outcome_ids(harness.a, done.uuid))[0], STAGE_IMPORTED),
+        (recovered.uuid, (await outcome_ids(harness.a, recovered.uuid))[0], STAGE_INGEST_FAILED),
+        (cancelled.uuid, (await outcome_ids(harness.a, cancelled.uuid))[0], STAGE_INGEST_FAILED),
+    }
+    assert got == expected
+    assert len(claimed) == 3
+
+
+async def test_a_retried_order_queues_a_notification_per_outcome(harness: Harness) -> None:
+    order = new_order()
+    await harness.a.submit(order)
+    await harness.a.claim(1)
+    await harness.a.finish(Finish(order.uuid, STAGE_INGEST_FAILED, "File missing"))
+    await harness.a.retry(order.uuid, "retried by admin")
+    await harness.b.claim(1)
+    await harness.b.finish(Finish(order.uuid, STAGE_IMPORTED, "Imported"))
+    outcomes = await outcome_ids(harness.a, order.uuid)
+    await harness.sql_retry(order.uuid)  # rewrites every row's stage to 'Import Pending'
+    claimed = sorted(await harness.a.claim_notifications(10, 60), key=lambda n: n.event_id)
+    # each outcome as it was, although its history row now reads 'Import Pending'
+    assert [(n.event_id, n.stage, n.description) for n in claimed] == [
+        (outcomes[0], STAGE_INGEST_FAILED, "File missing"),
+        (outcomes[1], STAGE_IMPORTED, "Imported"),
+    ]
+
+
+async def test_a_notification_carries_what_its_messages_need(harness: Harness) -> None:
+    order = NewOrder(
+        uuid=str(uuidlib.uuid4()),
+        group="Lab",
+        user="bob",
+        destination_type="Screen",
+        destination_id="77",
+        files='["/data/p.zarr"]',
+    )
+    await harness.a.submit(order)
+    await harness.pass_time(0.01)
+    await harness.a.claim(1)
+    objects = [{"type": "Plate", "id": 5, "name": "p.zarr"}]
+    await harness.pass_time(0.01)
+    await harness.a.finish(Finish(order.uuid, STAGE_IMPORTED, "Imported 1 plate", None, objects))
+    [note] = await harness.a.claim_notifications(10, 60)
+    assert (note.uuid, note.stage, note.user, note.group) == (order.uuid, STAGE_IMPORTED, "bob", "Lab")
+    assert (note.destination_type, note.destination_id) == ("Screen", "77")
+    assert note.description == "Imported 1 plate"
+    assert [o["id"] for o in note.objects] == [5]
+    assert note.attempts == 1 and note.delivered == ()
+    events = await harness.a.order_events(order.uuid)
+    assert note.queued_at == events[0].timestamp
+    assert note.started_at == events[1].timestamp
+    assert note.finished_at == events[-1].timestamp
+    assert note.queued_at is not None and note.started_at is not None
+    assert note.finished_at is not None
+    assert note.queued_at < note.started_at < note.finished_at
+
+
+async def test_a_claimed_notification_is_leased_then_due_again(harness: Harness) -> None:
+    order = new_order()
+    await harness.a.submit(order)
+    await harness.a.claim(1)
+    await harness.a.finish(Finish(order.uuid, STAGE_IMPORTED, None))
+    [first] = await harness.a.claim_notifications(10, LEASE)
+    # another replica never sends it while the lease runs
+    assert await harness.b.claim_notifications(10, LEASE) == []
+    await harness.pass_time(LEASE * 2)
+    [again] = await harness.b.claim_notifications(10, LEASE)
+    assert again.id == first.id and again.attempts == 2
+
+
+async def test_recorded_channels_accumulate_and_done_rows_are_never_sent_again(
+    harness: Harness,
+) -> None:
+    order = new_order()
+    await harness.a.submit(order)
+    await harness.a.claim(1)
+    await harness.a.finish(Finish(order.uuid, STAGE_IMPORTED, None))
+    [note] = await harness.a.claim_notifications(10, 60)
+    await harness.a.record_notifications(
+        [NotificationResult(note.id, ("webhook",), retry_in=LEASE, error="email: refused")]
+    )
+    assert await harness.b.claim_notifications(10, 60) == []  # not due yet
+    assert await harness.a.notification_stats() == (1, pytest.approx(0, abs=5))
+    await harness.pass_time(LEASE * 2)
+    [again] = await harness.b.claim_notifications(10, 60)
+    assert again.delivered == ("webhook",)
+    await harness.b.record_notifications(
+        [NotificationResult(again.id, ("email:failed", "webhook"), done=True)]
+    )
+    # a late result of the first replica changes nothing on a done row
+    await harness.a.record_notifications([NotificationResult(note.id, (), retry_in=0)])
+    await harness.pass_time(LEASE * 2)
+    assert await harness.a.claim_notifications(10, 60) == []
+    stats = await harness.a.notification_stats()
+    assert stats is not None and stats[0] == 0
+
+
+async def test_done_notifications_are_pruned_after_the_retention_in_batches(
+    harness: Harness,
+) -> None:
+    orders = [new_order() for _ in range(3)]
+    for order in orders:
+        await harness.a.submit(order)
+    await harness.a.claim(3)
+    for order in orders:
+        await harness.a.finish(Finish(order.uuid, STAGE_IMPORTED, None))
+    notes = await harness.a.claim_notifications(10, 60)
+    # two delivered, one still owed
+    await harness.a.record_notifications(
+        [NotificationResult(n.id, ("webhook",), done=True) for n in notes[:2]]
+        + [NotificationResult(notes[2].id, (), retry_in=60)]
+    )
+    assert await harness.a.prune_notifications(older_than=60) == 0  # too recent
+    await harness.pass_time(LEASE)
+    assert await harness.a.prune_notifications(older_than=LEASE / 2, batch=1) == 1
+    assert await harness.b.prune_notifications(older_than=LEASE / 2, batch=10) == 1
+    assert await harness.b.prune_notifications(older_than=0, batch=10) == 0
+    stats = await harness.a.notification_stats()
+    assert stats is not None and stats[0] == 1  # the owed one stays

@@ -371,3 +371,90 @@ INSERT INTO imports ({ORDER_COLUMNS})
 WHERE o.uuid = $1
 RETURNING id
 """
+
+
+# --- the notification outbox ---
+# One row per order outcome, queued by the stage trigger in the outcome's own transaction.
+# Everything here walks the partial indexes importer_outbox_ix_due (undelivered, by due time)
+# and importer_outbox_ix_done (delivered, by when), never the whole table.
+
+# $1 batch size, $2 delivery lease (seconds). A claimed row is due again after the lease: a
+# replica that dies mid-delivery leaves it to the next one (at least once), and SKIP LOCKED
+# keeps two replicas from sending the same row at the same moment. The order's fields come
+# from the outcome's own history row (event_id); its timings from the order's own rows up to
+# the outcome (ix_imports_uuid), so a later retry changes neither.
+CLAIM_NOTIFICATIONS = """
+WITH due AS (
+    SELECT id FROM importer_outbox
+    WHERE done_at IS NULL AND next_attempt_at <= now()
+    ORDER BY next_attempt_at
+    LIMIT $1
+    FOR UPDATE SKIP LOCKED
+),
+claimed AS (
+    UPDATE importer_outbox b
+    SET next_attempt_at = now() + make_interval(secs => $2), attempts = b.attempts + 1
+    FROM due
+    WHERE b.id = due.id
+    RETURNING b.id, b.uuid, b.event_id, b.stage, b.attempts, b.delivered,
+              extract(epoch FROM now() - b.created_at)::float8 AS age
+)
+SELECT c.id, c.uuid, c.event_id, c.stage, c.attempts, c.delivered, c.age,
+       i.user_name, i.group_name, i.destination_type, i.destination_id, i.description,
+       i.timestamp AS finished_at, o.objects::text AS objects, t.queued_at, t.started_at
+FROM claimed c
+LEFT JOIN imports i ON i.id = c.event_id
+LEFT JOIN importer_orders o ON o.uuid = c.uuid
+LEFT JOIN LATERAL (
+    SELECT min(h.timestamp) AS queued_at,
+           min(h.timestamp) FILTER (WHERE h.stage = 'Import Started') AS started_at
+    FROM imports h WHERE h.uuid = c.uuid AND h.id <= c.event_id
+) t ON true
+ORDER BY c.id
+"""
+
+# $1 ids, $2 settled channels per row (a JSON list each), $3 done, $4 seconds until due
+# again, $5 error (NULL keeps the last one). Channels are added, never removed: a replica that
+# delivered a channel after its lease ran out still counts.
+RECORD_NOTIFICATIONS = """
+WITH args AS (
+    SELECT * FROM unnest($1::bigint[], $2::text[], $3::bool[], $4::float8[], $5::text[])
+        AS a(id, settled, done, retry_in, error)
+)
+UPDATE importer_outbox b
+SET delivered = ARRAY(
+        SELECT DISTINCT x FROM unnest(
+            b.delivered || ARRAY(SELECT json_array_elements_text(a.settled::json))::varchar[]
+        ) x ORDER BY x
+    ),
+    done_at = CASE WHEN a.done THEN now() ELSE NULL END,
+    next_attempt_at = CASE WHEN a.done THEN b.next_attempt_at
+                           ELSE now() + make_interval(secs => a.retry_in) END,
+    last_error = COALESCE(a.error, b.last_error)
+FROM args a
+WHERE b.id = a.id AND b.done_at IS NULL
+"""
+
+# $1 retention (seconds), $2 batch size
+PRUNE_NOTIFICATIONS = """
+DELETE FROM importer_outbox WHERE id IN (
+    SELECT id FROM importer_outbox
+    WHERE done_at IS NOT NULL AND done_at < now() - make_interval(secs => $1)
+    ORDER BY done_at
+    LIMIT $2
+)
+"""
+
+# Counting stops at $1, like QUEUE_STATS: a receiver down for days must not make the gauge
+# cost the backlog.
+NOTIFICATION_STATS = """
+SELECT (SELECT count(*) FROM (
+            SELECT 1 FROM importer_outbox WHERE done_at IS NULL
+            ORDER BY next_attempt_at  -- walk the partial index of undelivered rows
+            LIMIT $1
+        ) capped) AS pending,
+       COALESCE((SELECT extract(epoch FROM now() - min(created_at)) FROM (
+            SELECT created_at FROM importer_outbox WHERE done_at IS NULL
+            ORDER BY next_attempt_at LIMIT $1
+        ) oldest), 0)::float8 AS oldest_age
+"""

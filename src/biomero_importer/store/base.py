@@ -18,6 +18,7 @@ import asyncpg
 from biomero_importer.model import (
     ClaimedOrder,
     NewOrder,
+    Notification,
     OrderDetail,
     OrderEvent,
     OrderState,
@@ -57,6 +58,21 @@ class Finish:
     description: str | None
     file_names: list[str] | None = None
     objects: list[dict[str, Any]] | None = None
+
+
+@dataclass(frozen=True)
+class NotificationResult:
+    """What one delivery round did with one outbox row.
+
+    ``settled``: channels to add to the row's ``delivered`` (a channel, or ``<channel>:failed``);
+    ``done``: nothing is left to send; otherwise the row is due again in ``retry_in`` seconds.
+    """
+
+    id: int
+    settled: tuple[str, ...] = ()
+    done: bool = False
+    retry_in: float = 0.0
+    error: str | None = None
 
 
 @dataclass(frozen=True)
@@ -212,3 +228,22 @@ class OrderStore(abc.ABC):
     async def request_cancel(self, uuid: str) -> CancelResult:
         """Record a cancel request (a pending order ends at once). Raises OrderNotFound, or
         OrderBusy when it already finished."""
+
+    # --- notifications (the outbox) -------------------------------------------------------
+    @abc.abstractmethod
+    async def claim_notifications(self, limit: int, lease_seconds: float) -> list[Notification]:
+        """Up to ``limit`` due outbox rows, oldest due first, none that another replica is
+        delivering: each is leased (due again ``lease_seconds`` from now) and its attempt
+        counted before it is returned."""
+
+    @abc.abstractmethod
+    async def record_notifications(self, results: list[NotificationResult]) -> None:
+        """Record each row's settled channels, then mark it done or due again later."""
+
+    @abc.abstractmethod
+    async def prune_notifications(self, older_than: float, batch: int = 1000) -> int:
+        """Delete up to ``batch`` rows done more than ``older_than`` seconds ago; how many."""
+
+    @abc.abstractmethod
+    async def notification_stats(self) -> tuple[int, float] | None:
+        """(undelivered rows, capped; age of the oldest) or None when unreachable (no retry)."""

@@ -27,6 +27,7 @@ from biomero_importer.model import (
     TERMINAL_STAGES,
     ClaimedOrder,
     NewOrder,
+    Notification,
     OrderDetail,
     OrderEvent,
     OrderState,
@@ -36,6 +37,7 @@ from biomero_importer.store.base import (
     CancelResult,
     Finish,
     Lease,
+    NotificationResult,
     OrderBusy,
     OrderNotFound,
     OrderStore,
@@ -78,6 +80,22 @@ class _Order:
     @property
     def stage(self) -> str:
         return self.rows[-1].stage
+
+
+@dataclass
+class _OutboxEntry:
+    """One ``importer_outbox`` row."""
+
+    id: int
+    uuid: str
+    event_id: int
+    stage: str
+    created_at: float
+    next_attempt_at: float
+    attempts: int = 0
+    delivered: list[str] = field(default_factory=list)
+    done_at: float | None = None
+    last_error: str | None = None
 
 
 def _check(value: str | None) -> None:
@@ -145,6 +163,7 @@ class MemoryStore(OrderStore):
         self.clock = clock
         self._db: dict[str, _Order] = shared._db if shared is not None else {}
         self._ids: list[int] = shared._ids if shared is not None else [0]
+        self._outbox: dict[int, _OutboxEntry] = shared._outbox if shared is not None else {}
         self._closing = False
         self.available = True
         self.healthy = True
@@ -178,6 +197,7 @@ class MemoryStore(OrderStore):
         _check(description)
         _check(order.rows[-1].file_names if order.rows else None)
         self._ids[0] += 1
+        previous = order.rows[-1].stage if order.rows else None
         row = _Row(
             self._ids[0],
             stage,
@@ -187,6 +207,12 @@ class MemoryStore(OrderStore):
         )
         order.rows.append(row)
         order.updated_at = self.clock()
+        if stage in TERMINAL_STAGES and previous not in TERMINAL_STAGES:
+            # the stage trigger: one outbox row per outcome, in the outcome's transaction
+            # (a duplicate submission of a finished order rewrites the same stage: none)
+            entry_id = max(self._outbox, default=0) + 1
+            now = self.clock()
+            self._outbox[entry_id] = _OutboxEntry(entry_id, order.new.uuid, row.id, stage, now, now)
         return row
 
     # --- the dispatcher ------------------------------------------------------------------
@@ -470,6 +496,87 @@ class MemoryStore(OrderStore):
             self._append(order, STAGE_INGEST_FAILED, CANCELLED)
             return CancelResult(stage, True)
         return CancelResult(stage, False)
+
+    # --- notifications (the outbox) -------------------------------------------------------
+    async def claim_notifications(self, limit: int, lease_seconds: float) -> list[Notification]:
+        await self._gate("claim_notifications", retry=True)
+        now = self.clock()
+        due = sorted(
+            (e for e in self._outbox.values() if e.done_at is None and e.next_attempt_at <= now),
+            key=lambda e: (e.next_attempt_at, e.id),
+        )[:limit]
+        claimed = []
+        for entry in sorted(due, key=lambda e: e.id):
+            entry.next_attempt_at = now + lease_seconds
+            entry.attempts += 1
+            claimed.append(self._notification(entry, now))
+        return claimed
+
+    def _notification(self, entry: _OutboxEntry, now: float) -> Notification:
+        order = self._db.get(entry.uuid)
+        rows = [r for r in order.rows if r.id <= entry.event_id] if order is not None else []
+        event = next((r for r in rows if r.id == entry.event_id), None)
+        started = [r.timestamp for r in rows if r.stage == STAGE_IMPORTING]
+        new = order.new if order is not None and event is not None else None
+        return Notification(
+            id=entry.id,
+            uuid=entry.uuid,
+            event_id=entry.event_id,
+            stage=entry.stage,
+            attempts=entry.attempts,
+            delivered=tuple(entry.delivered),
+            age_seconds=now - entry.created_at,
+            user=None if new is None else new.user,
+            group=None if new is None else new.group,
+            destination_type=None if new is None else new.destination_type,
+            destination_id=None if new is None else new.destination_id,
+            description=None if event is None else event.description,
+            objects=copy.deepcopy(order.objects or []) if order is not None else [],
+            queued_at=min((r.timestamp for r in rows), default=None),
+            started_at=min(started, default=None),
+            finished_at=None if event is None else event.timestamp,
+        )
+
+    async def record_notifications(self, results: list[NotificationResult]) -> None:
+        await self._gate("record_notifications", retry=True)
+        now = self.clock()
+        for result in results:
+            entry = self._outbox.get(result.id)
+            if entry is None or entry.done_at is not None:
+                continue
+            entry.delivered = sorted(set(entry.delivered) | set(result.settled))
+            if result.done:
+                entry.done_at = now
+            else:
+                entry.next_attempt_at = now + result.retry_in
+            if result.error is not None:
+                entry.last_error = safe_text(result.error, 500)
+
+    async def prune_notifications(self, older_than: float, batch: int = 1000) -> int:
+        await self._gate("prune_notifications", retry=True)
+        limit = self.clock() - older_than
+        old = sorted(
+            (e for e in self._outbox.values() if e.done_at is not None and e.done_at < limit),
+            key=lambda e: e.done_at or 0.0,
+        )[:batch]
+        for entry in old:
+            del self._outbox[entry.id]
+        return len(old)
+
+    async def notification_stats(self) -> tuple[int, float] | None:
+        if not self.available:
+            self.healthy = False
+            return None
+        waiting = [e.created_at for e in self._outbox.values() if e.done_at is None]
+        oldest = self.clock() - min(waiting) if waiting else 0.0
+        return len(waiting), oldest
+
+    def outbox(self) -> list[tuple[str, int, str, list[str], bool]]:
+        """(uuid, event id, stage, delivered, done) of every outbox row, for tests."""
+        return [
+            (e.uuid, e.event_id, e.stage, list(e.delivered), e.done_at is not None)
+            for e in self._outbox.values()
+        ]
 
     def snapshot(self, uuid: str) -> list[tuple[str, str | None]]:
         """(stage, description) of every row of an order, for tests."""

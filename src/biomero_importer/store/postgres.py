@@ -26,6 +26,7 @@ from biomero_importer.model import (
     TERMINAL_STAGES,
     ClaimedOrder,
     NewOrder,
+    Notification,
     OrderDetail,
     OrderEvent,
     OrderState,
@@ -37,6 +38,7 @@ from biomero_importer.store.base import (
     ErrorKind,
     Finish,
     Lease,
+    NotificationResult,
     OrderBusy,
     OrderNotFound,
     OrderStore,
@@ -425,6 +427,51 @@ class PostgresStore(OrderStore):
 
         return await self._retry("request_cancel", attempt)
 
+    # --- notifications (the outbox) -------------------------------------------------------
+    async def claim_notifications(self, limit: int, lease_seconds: float) -> list[Notification]:
+        async def attempt() -> list[Notification]:
+            async with self.pool.acquire() as conn, conn.transaction():
+                rows = await conn.fetch(sql.CLAIM_NOTIFICATIONS, limit, lease_seconds)
+            return [_notification(row) for row in rows]
+
+        return await self._retry("claim_notifications", attempt)
+
+    async def record_notifications(self, results: list[NotificationResult]) -> None:
+        if not results:
+            return
+
+        async def attempt() -> None:
+            await self.pool.execute(
+                sql.RECORD_NOTIFICATIONS,
+                [r.id for r in results],
+                [json.dumps(list(r.settled)) for r in results],
+                [r.done for r in results],
+                [r.retry_in for r in results],
+                [None if r.error is None else safe_text(r.error, 500) for r in results],
+            )
+
+        await self._retry("record_notifications", attempt)
+
+    async def prune_notifications(self, older_than: float, batch: int = 1000) -> int:
+        async def attempt() -> int:
+            status = await self.pool.execute(sql.PRUNE_NOTIFICATIONS, older_than, batch)
+            return int(status.split()[-1])
+
+        return await self._retry("prune_notifications", attempt)
+
+    async def notification_stats(self) -> tuple[int, float] | None:
+        try:
+            row = await asyncio.wait_for(
+                self.pool.fetchrow(sql.NOTIFICATION_STATS, sql.QUEUE_STATS_CAP), timeout=5
+            )
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
+            self._set_health(False)
+            return None
+        assert row is not None
+        return int(row["pending"]), float(row["oldest_age"])
+
 
 _UNREADABLE = object()
 
@@ -518,4 +565,26 @@ def _detail(row: asyncpg.Record) -> OrderDetail:
         preprocessing=preprocessing,
         raw_extra_params=None if extra is _UNREADABLE else extra,
         import_options=row["import_options"],
+    )
+
+
+def _notification(row: asyncpg.Record) -> Notification:
+    objects = _json(row["objects"])
+    return Notification(
+        id=row["id"],
+        uuid=row["uuid"],
+        event_id=row["event_id"],
+        stage=row["stage"],
+        attempts=row["attempts"],
+        delivered=tuple(row["delivered"]),
+        age_seconds=row["age"],
+        user=row["user_name"],
+        group=row["group_name"],
+        destination_type=row["destination_type"],
+        destination_id=row["destination_id"],
+        description=row["description"],
+        objects=[o for o in objects if isinstance(o, dict)] if isinstance(objects, list) else [],
+        queued_at=row["queued_at"],
+        started_at=row["started_at"],
+        finished_at=row["finished_at"],
     )
