@@ -12,6 +12,7 @@ from biomero_importer.settings import (
     LEGACY_ENV,
     Settings,
     SettingsError,
+    SimulatorUser,
     load_settings,
     mask_db_url,
     normalise_db_url,
@@ -169,7 +170,10 @@ def test_every_key_has_a_prefixed_environment_name(key: str) -> None:
         "omero_password": "pw",
         "metrics_port": "9464",
         "ttl_for_user_conn": "120000",
+        "notify_webhook_url": "https://hooks.example/biomero",
     }
+    # keys that are only valid together with another one
+    companions = {"notify_email_host": {"BIOMERO_IMPORTER_NOTIFY_EMAIL_SENDER": "i@lab.example"}}
     field = Settings.model_fields[key]
     annotation = str(field.annotation)
     if key in samples:
@@ -184,7 +188,8 @@ def test_every_key_has_a_prefixed_environment_name(key: str) -> None:
         raw = "7.5"
     else:
         raw = "/x/y"
-    settings = load_settings(None, environ={f"BIOMERO_IMPORTER_{key.upper()}": raw}).settings
+    environ = {f"BIOMERO_IMPORTER_{key.upper()}": raw, **companions.get(key, {})}
+    settings = load_settings(None, environ=environ).settings
     assert getattr(settings, key) != field.get_default(call_default_factory=True) or key in {
         "worker_id"
     }
@@ -285,3 +290,36 @@ def test_cli_blitz_without_omero_settings_refuses_to_run(tmp_path: Path, migrate
     result = _cli("run", "--config", str(config), env={"PATH": "/usr/bin:/bin"})
     assert result.returncode == 2
     assert "OMERO" in result.stderr
+
+
+def test_notification_settings_are_checked_without_echoing_them() -> None:
+    with pytest.raises(SettingsError, match="notify_email_sender must be set"):
+        load_settings(None, environ={"BIOMERO_IMPORTER_NOTIFY_EMAIL_HOST": "smtp.lab.example"})
+    with pytest.raises(SettingsError) as caught:
+        load_settings(None, environ={"BIOMERO_IMPORTER_NOTIFY_WEBHOOK_URL": "ftp://tok3n@x/y"})
+    assert "http:// or https://" in str(caught.value) and "tok3n" not in str(caught.value)
+    env = {
+        "BIOMERO_IMPORTER_NOTIFY_WEBHOOK_URL": " ",
+        "BIOMERO_IMPORTER_NOTIFY_EMAIL_PASSWORD": "s3cret",
+        "BIOMERO_IMPORTER_NOTIFY_WEBHOOK_SECRET": "hm4c",
+    }
+    settings = load_settings(None, environ=env).settings
+    assert settings.notify_webhook_url is None
+    assert "s3cret" not in repr(settings) and "hm4c" not in repr(settings)
+
+
+def test_a_simulated_user_may_carry_an_email_address() -> None:
+    users = '{"alice": ["lab"], "bob": {"groups": ["lab", "x"], "email": "bob@lab.example"}}'
+    settings = load_settings(
+        None, environ={"BIOMERO_IMPORTER_OMERO_SIMULATOR_USERS": users}
+    ).settings
+    assert settings.omero_simulator_users is not None
+    assert settings.omero_simulator_users["alice"] == ["lab"]
+    bob = settings.omero_simulator_users["bob"]
+    assert isinstance(bob, SimulatorUser) and bob.email == "bob@lab.example"
+    assert bob.groups == ["lab", "x"]
+    with pytest.raises(SettingsError, match="OMERO_SIMULATOR_USERS"):
+        load_settings(
+            None,
+            environ={"BIOMERO_IMPORTER_OMERO_SIMULATOR_USERS": '{"c": {"group": ["lab"]}}'},
+        )

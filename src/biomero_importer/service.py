@@ -21,6 +21,7 @@ from biomero_importer.db.migrate import is_at_head, migrate
 from biomero_importer.db.urls import asyncpg_dsn
 from biomero_importer.dispatcher.dispatcher import Dispatcher
 from biomero_importer.dispatcher.listener import Listener
+from biomero_importer.notify import Notifier
 from biomero_importer.observability.health import HealthState, start_http_server
 from biomero_importer.observability.logging import Redactor
 from biomero_importer.observability.metrics import Metrics, create_metrics
@@ -106,6 +107,7 @@ class Service:
     metrics: Metrics
     health: HealthState
     reconnects_counted: int = 0
+    notifier: Notifier | None = None
 
 
 @asynccontextmanager
@@ -163,10 +165,15 @@ async def assemble(
     service = Service(settings, "", gateway, store, dispatcher, executor, metrics, health)
     dispatcher.helpers["health"] = partial(watch_health, service)
     dispatcher.helpers["loop-lag"] = partial(watch_loop_lag, metrics)
+    # outcomes are queued by the database whatever the settings: with no channel configured
+    # the notifier marks them done, so the outbox never grows
+    service.notifier = Notifier(settings, store, gateway, metrics)
+    dispatcher.helpers["notifications"] = service.notifier.run
     try:
         yield service
     finally:
         await store.close(timeout=CLOSE_TIMEOUT)
+        service.notifier.close()
         executor.shutdown(wait=False, cancel_futures=True)
         storage.shutdown(wait=False, cancel_futures=True)
         gateway.close()

@@ -25,6 +25,7 @@ from pydantic import (
     SecretStr,
     ValidationError,
     field_validator,
+    model_validator,
 )
 
 ENV_PREFIX = "BIOMERO_IMPORTER_"
@@ -105,6 +106,16 @@ def _default_worker_id() -> str:
 PositiveFloat = Annotated[float, Field(gt=0)]
 
 
+class SimulatorUser(BaseModel):
+    """A simulated OMERO experimenter: the groups it may import into, and its email address
+    (OMERO's Experimenter.email, where notifications to the researcher go)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    groups: list[str] = Field(default_factory=list)
+    email: str | None = None
+
+
 class Settings(BaseModel):
     """Every key of ``config/settings.yml``; README's configuration reference lists them all."""
 
@@ -169,7 +180,8 @@ class Settings(BaseModel):
     omero_simulator_dir: Path | None = None
     omero_simulator_import_delay: float = Field(default=0.0, ge=0)
     omero_simulator_fail_pattern: str | None = None
-    omero_simulator_users: dict[str, list[str]] | None = None
+    # user -> groups, or user -> {"groups": [...], "email": "..."}
+    omero_simulator_users: dict[str, list[str] | SimulatorUser] | None = None
     # The simulator's OMERO rules, switchable per test (README: "The OMERO simulator").
     omero_simulator_exclusion: Literal["visible", "target"] = "visible"
     omero_simulator_failure: Literal["clean", "orphan_fileset", "partial"] = "clean"
@@ -190,6 +202,18 @@ class Settings(BaseModel):
     preprocessing_parallel: int = Field(default=1, ge=1, le=64)
     allowed_containers: list[str] | None = None
 
+    # --- notifications of outcomes --------------------------------------------------------
+    notify_webhook_url: str | None = None
+    notify_webhook_secret: SecretStr | None = None
+    notify_email_host: str | None = None
+    notify_email_port: int = Field(default=587, ge=1, le=65535)
+    notify_email_starttls: bool = True
+    notify_email_sender: str | None = None
+    notify_email_user: str | None = None
+    notify_email_password: SecretStr | None = None
+    # first wait before a failed delivery is tried again; it doubles up to 10 minutes
+    notify_retry_backoff: PositiveFloat = 5.0
+
     # --- operations -----------------------------------------------------------------------
     metrics_port: int | None = Field(default=None, ge=0, le=65535)
     metrics_host: str = "127.0.0.1"
@@ -207,6 +231,27 @@ class Settings(BaseModel):
         if not re.fullmatch(r"[a-z_][a-z0-9_]{0,62}", value):
             raise ValueError("must be a lower-case SQL identifier (letters, digits, underscore)")
         return value
+
+    @field_validator("notify_webhook_url", "notify_email_host", "notify_email_sender")
+    @classmethod
+    def _empty_is_unset(cls, value: str | None) -> str | None:
+        return value.strip() or None if value is not None else None
+
+    @field_validator("notify_webhook_url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be an http:// or https:// URL with a host")
+        return value
+
+    @model_validator(mode="after")
+    def _email_has_a_sender(self) -> Settings:
+        if self.notify_email_host is not None and self.notify_email_sender is None:
+            raise ValueError("notify_email_sender must be set when notify_email_host is")
+        return self
 
     @field_validator("processed_folder_name")
     @classmethod

@@ -17,6 +17,7 @@ pytest.importorskip("omero")
 
 import omero.cli
 import omero.model
+import omero.rtypes
 
 from biomero_importer.model import Order, PreprocessingSpec
 from biomero_importer.omero import create_gateway
@@ -24,6 +25,7 @@ from biomero_importer.omero.blitz import (
     NGFF_ENTITY_TYPE,
     BlitzBackend,
     every_hql,
+    experimenter_email,
     map_annotation_link,
     ngff_external_info,
     order_comment,
@@ -215,6 +217,30 @@ def test_closed_port_becomes_omero_unavailable(tmp_path: Path) -> None:
             backend.open_session("alice", "lab", order_uuid=UUID)
     finally:
         backend.close()
+
+
+def test_a_closed_port_makes_the_email_lookup_unavailable_not_unknown(tmp_path: Path) -> None:
+    """A notification waits for OMERO to answer rather than deciding the user has no address."""
+    backend = BlitzBackend(_settings(tmp_path))
+    try:
+        with pytest.raises(OmeroUnavailable):
+            backend.experimenter_email("alice")
+    finally:
+        backend.close()
+
+
+@pytest.mark.parametrize(
+    ("email", "expected"),
+    [("  alice@lab.example ", "alice@lab.example"), ("", None), ("   ", None), (None, None)],
+)
+def test_the_email_is_read_from_a_real_experimenter(
+    email: str | None, expected: str | None
+) -> None:
+    experimenter = omero.model.ExperimenterI()
+    experimenter.setOmeName(omero.rtypes.rstring("alice"))
+    if email is not None:
+        experimenter.setEmail(omero.rtypes.rstring(email))
+    assert experimenter_email(experimenter) == expected
 
 
 def test_the_cli_finds_the_session_recorded_for_it(tmp_path: Path) -> None:

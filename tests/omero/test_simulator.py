@@ -356,6 +356,27 @@ def test_unknown_users_and_groups_are_refused_when_users_are_listed(tmp_path: Pa
     gateway.close()
 
 
+def test_a_user_entry_may_carry_groups_and_an_email_address(tmp_path: Path) -> None:
+    users = {
+        "alice": ["lab"],
+        "bob": {"groups": ["lab"], "email": " bob@lab.example "},
+        "carol": {"groups": ["hcs"], "email": ""},
+    }
+    gateway = SimulatorGateway(make_settings(tmp_path, omero_simulator_users=users))
+    try:
+        gateway.open_session("bob", "lab", order_uuid="u")
+        with pytest.raises(UnknownUserOrGroup):
+            gateway.open_session("bob", "hcs", order_uuid="u")
+        gateway.open_session("carol", "hcs", order_uuid="u")
+        assert gateway.experimenter_email("bob") == "bob@lab.example"
+        # OMERO's email is optional: a list entry, an empty address or no such user has none
+        assert gateway.experimenter_email("alice") is None
+        assert gateway.experimenter_email("carol") is None
+        assert gateway.experimenter_email("mallory") is None
+    finally:
+        gateway.close()
+
+
 def test_any_user_is_accepted_without_a_user_list(gateway: SimulatorGateway) -> None:
     gateway.open_session("anyone", "anygroup", order_uuid="u")
 

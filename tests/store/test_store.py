@@ -444,7 +444,12 @@ async def test_a_notification_carries_what_its_messages_need(harness: Harness) -
     await harness.pass_time(0.01)
     await harness.a.finish(Finish(order.uuid, STAGE_IMPORTED, "Imported 1 plate", None, objects))
     [note] = await harness.a.claim_notifications(10, 60)
-    assert (note.uuid, note.stage, note.user, note.group) == (order.uuid, STAGE_IMPORTED, "bob", "Lab")
+    assert (note.uuid, note.stage, note.user, note.group) == (
+        order.uuid,
+        STAGE_IMPORTED,
+        "bob",
+        "Lab",
+    )
     assert (note.destination_type, note.destination_id) == ("Screen", "77")
     assert note.description == "Imported 1 plate"
     assert [o["id"] for o in note.objects] == [5]

@@ -23,6 +23,7 @@ from biomero_importer.cli.common import (
 )
 from biomero_importer.db.migrate import head_revision
 from biomero_importer.db.urls import asyncpg_dsn
+from biomero_importer.notify import check_channels
 from biomero_importer.omero import OmeroConfigError, create_gateway
 from biomero_importer.omero.port import OmeroError
 from biomero_importer.service import database
@@ -208,12 +209,30 @@ def _folder_lines(settings: Settings) -> list[Line]:
     return lines
 
 
+_CHANNEL_HINTS = {
+    "webhook": "the receiver must accept connections from this host (notify_webhook_url)",
+    "email": "check notify_email_host, notify_email_port, notify_email_starttls and the"
+    " login (notify_email_user, notify_email_password)",
+}
+
+
+def _notification_lines(settings: Settings) -> list[Line]:
+    """One line per configured channel: connected (and logged in), nothing sent."""
+    return [
+        Line(
+            f"notifications: {channel} reachable", ok, detail, "" if ok else _CHANNEL_HINTS[channel]
+        )
+        for channel, ok, detail in asyncio.run(check_channels(settings))
+    ]
+
+
 def run_checks(settings: Settings) -> list[Line]:
     return [
         *_database_lines(settings),
         _omero_line(settings),
         _runtime_line(settings),
         *_folder_lines(settings),
+        *_notification_lines(settings),
     ]
 
 

@@ -95,12 +95,19 @@ class Redactor:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Redactor:
-        """The OMERO password and the tracking database's password, whole values."""
+        """The OMERO password, the tracking database's password and the notification
+        secrets (webhook signing secret and URL password, SMTP password), whole values."""
         secrets: list[str] = []
-        if settings.omero_password is not None:
-            secrets.append(settings.omero_password.get_secret_value())
-        if settings.ingest_tracking_db is not None:
-            secrets.extend(_url_passwords(settings.ingest_tracking_db))
+        for secret in (
+            settings.omero_password,
+            settings.notify_webhook_secret,
+            settings.notify_email_password,
+        ):
+            if secret is not None:
+                secrets.append(secret.get_secret_value())
+        for url in (settings.ingest_tracking_db, settings.notify_webhook_url):
+            if url is not None:
+                secrets.extend(_url_passwords(url))
         return cls(secrets)
 
     def __call__(self, text: str) -> str:

@@ -27,6 +27,10 @@ LeaseOutcome = Literal["requeued", "failed"]
 OUTCOMES: tuple[Outcome, ...] = ("completed", "failed", "cancelled", "handed_back")
 STEPS: tuple[Step, ...] = ("validate", "preprocess", "import", "annotate")
 LEASE_OUTCOMES: tuple[LeaseOutcome, ...] = ("requeued", "failed")
+NotificationChannel = Literal["webhook", "email"]
+NotificationFailure = Literal["retry", "permanent"]
+NOTIFICATION_CHANNELS: tuple[NotificationChannel, ...] = ("webhook", "email")
+NOTIFICATION_FAILURES: tuple[NotificationFailure, ...] = ("retry", "permanent")
 # The checks behind /healthz, exported too: Prometheus scrapes /metrics, not /healthz.
 HEALTH_CHECKS = ("process", "database", "listener", "helpers")
 
@@ -148,6 +152,34 @@ class Metrics:
             registry=reg,
         )
 
+        self.notifications_delivered = Counter(
+            "notifications_delivered",
+            "Order-outcome notifications delivered, by channel.",
+            ["channel"],
+            namespace=NAMESPACE,
+            registry=reg,
+        )
+        self.notifications_failed = Counter(
+            "notifications_failed",
+            "Failed notification attempts, by channel and kind: retry (tried again later) or"
+            " permanent (never delivered for that outcome).",
+            ["channel", "kind"],
+            namespace=NAMESPACE,
+            registry=reg,
+        )
+        self.notification_backlog = Gauge(
+            "notification_backlog",
+            "Order outcomes with notifications still to deliver (from the database, capped).",
+            namespace=NAMESPACE,
+            registry=reg,
+        )
+        self.oldest_notification_age = Gauge(
+            "oldest_notification_age_seconds",
+            "Age of the oldest outcome with notifications still to deliver; 0 when none.",
+            namespace=NAMESPACE,
+            registry=reg,
+        )
+
         self.health_check = Gauge(
             "health_check",
             "1 while a check behind /healthz passes, 0 while it fails (/healthz is then 503).",
@@ -162,6 +194,10 @@ class Metrics:
             self.step_duration.labels(step=step)
         for lease_outcome in LEASE_OUTCOMES:
             self.recovered_leases.labels(outcome=lease_outcome)
+        for channel in NOTIFICATION_CHANNELS:
+            self.notifications_delivered.labels(channel=channel)
+            for kind in NOTIFICATION_FAILURES:
+                self.notifications_failed.labels(channel=channel, kind=kind)
 
     def order_finished(self, outcome: Outcome) -> None:
         self.orders_finished.labels(outcome=outcome).inc()
@@ -171,6 +207,16 @@ class Metrics:
 
     def lease_recovered(self, outcome: LeaseOutcome, count: int = 1) -> None:
         self.recovered_leases.labels(outcome=outcome).inc(count)
+
+    def notification_delivered(self, channel: str) -> None:
+        self.notifications_delivered.labels(channel=channel).inc()
+
+    def notification_failed(self, channel: str, kind: NotificationFailure) -> None:
+        self.notifications_failed.labels(channel=channel, kind=kind).inc()
+
+    def set_notification_backlog(self, pending: int, oldest_age_seconds: float) -> None:
+        self.notification_backlog.set(pending)
+        self.oldest_notification_age.set(oldest_age_seconds if pending else 0.0)
 
     def follow_health(self, checks: Callable[[], Mapping[str, bool]]) -> None:
         """Export ``checks()`` (the /healthz checks) at every scrape, so the two never differ."""

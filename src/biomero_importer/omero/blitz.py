@@ -113,6 +113,15 @@ def map_annotation_link(
     return link
 
 
+def experimenter_email(experimenter: omero.model.IObject) -> str | None:
+    """An Experimenter's email address; None when it has none (the field is optional and
+    often left blank)."""
+    value = omero.rtypes.unwrap(experimenter.getEmail())
+    if not isinstance(value, str) or not value.strip():
+        return None
+    return value.strip()
+
+
 # --- HQL: every query the backend runs, by name, so the contract tests check each one --------
 
 PIXELS_TYPE_HQL = "from PixelsType p where p.value = :value"
@@ -402,6 +411,18 @@ class BlitzBackend:
         conn = self.retry("open_session", attempt)
         log.debug("omero_session_opened", user=user, group=group, order=order_uuid)
         return BlitzSession(self, conn, order_uuid, user)
+
+    def experimenter_email(self, user: str) -> str | None:
+        def attempt() -> str | None:
+            with self._lock:
+                admin = self.root().getAdminService()
+                try:
+                    experimenter = admin.lookupExperimenter(user)
+                except omero.ApiUsageException:  # no experimenter by that name
+                    return None
+            return experimenter_email(experimenter)
+
+        return self.retry("experimenter_email", attempt)
 
     def ensure_jars(self, session: BlitzSession) -> None:
         """``--fetch-jars`` downloads and exits, so it runs once before the first import."""

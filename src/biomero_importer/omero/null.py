@@ -47,6 +47,9 @@ class NullGateway:
     def open_session(self, user: str, group: str, *, order_uuid: str) -> NullSession:
         return NullSession(self)
 
+    def experimenter_email(self, user: str) -> str | None:
+        return None
+
     def next_id(self) -> int:
         return next(self._ids)
 

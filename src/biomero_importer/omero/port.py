@@ -168,4 +168,9 @@ class OmeroGateway(Protocol):
         """A session as ``user`` in ``group``; raises UnknownUserOrGroup or OmeroUnavailable."""
         ...
 
+    def experimenter_email(self, user: str) -> str | None:
+        """The email address of the OMERO experimenter named ``user`` (omeName); None when
+        the user is unknown or has none. Raises OmeroUnavailable when OMERO cannot say."""
+        ...
+
     def close(self) -> None: ...

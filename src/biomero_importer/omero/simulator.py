@@ -53,7 +53,7 @@ from biomero_importer.omero.port import (
 )
 from biomero_importer.omero.zarr import ZarrError, read_zarr
 from biomero_importer.omero.zarr_labels import for_registration
-from biomero_importer.settings import Settings
+from biomero_importer.settings import Settings, SimulatorUser
 from biomero_importer.text import safe_text
 
 log = structlog.get_logger(__name__)
@@ -127,6 +127,13 @@ class _TextSafeConnection(sqlite3.Connection):
 
     def executemany(self, sql: str, parameters: Any, /) -> sqlite3.Cursor:
         return super().executemany(sql, [_safe_params(p) for p in parameters])
+
+
+def _groups(entry: list[str] | SimulatorUser | None) -> list[str]:
+    """A user's groups in ``omero_simulator_users``: a plain list, or the entry's groups."""
+    if entry is None:
+        return []
+    return entry.groups if isinstance(entry, SimulatorUser) else entry
 
 
 class SimulatorGateway:
@@ -283,12 +290,19 @@ class SimulatorGateway:
         if self.open_delay > 0:
             time.sleep(self.open_delay)
         users = self.settings.omero_simulator_users
-        if users is not None and group not in users.get(user, []):
+        if users is not None and group not in _groups(users.get(user)):
             raise UnknownUserOrGroup(user, group, "not in omero_simulator_users")
         session = SimulatorSession(self, user, group, order_uuid)
         with self._lock:
             self.open_sessions.add(id(session))
         return session
+
+    def experimenter_email(self, user: str) -> str | None:
+        """The address ``omero_simulator_users`` gives the user (OMERO: Experimenter.email)."""
+        entry = (self.settings.omero_simulator_users or {}).get(user)
+        if isinstance(entry, SimulatorUser) and entry.email and entry.email.strip():
+            return entry.email.strip()
+        return None
 
     def forget(self, session: SimulatorSession) -> None:
         with self._lock:
