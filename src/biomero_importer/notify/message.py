@@ -113,7 +113,8 @@ def email_message(note: Notification, *, sender: str, recipient: str) -> EmailMe
     lines = [
         f"Hello {_line(note.user, 80) or 'there'},",
         "",
-        f"Your OMERO import order {uuid} ended: {note.stage}.",
+        f"Your OMERO import order {uuid}",
+        f"ended: {note.stage}.",
         "",
         f"Result:       {safe_text(note.description or note.stage, 2000)}",
         f"Destination:  {destination} (group {_line(note.group, 80) or '?'})",
@@ -128,7 +129,8 @@ def email_message(note: Notification, *, sender: str, recipient: str) -> EmailMe
             "missing, still being written or not readable by the importer), then submit the",
             "order again from OMERO.biomero, or ask your imaging facility to re-run it with:",
             f"    biomero-importer retry {uuid}",
-            f"If the reason is unclear, reply to this message or contact your facility ({sender}).",
+            "If the reason is unclear, reply to this message or contact your imaging",
+            f"facility ({sender}).",
         ]
     elif result == "cancelled":
         lines += [

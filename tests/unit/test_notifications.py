@@ -1,0 +1,275 @@
+"""Notifications of outcomes, against a real local HTTP receiver and a real SMTP server.
+
+The store is the in-memory twin (its outbox mirrors the PostgreSQL trigger); the dispatcher,
+pipeline, simulator and notifier are the real ones.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import structlog
+
+from biomero_importer.model import STAGE_IMPORTED, STAGE_INGEST_FAILED
+from biomero_importer.notify.channels import Webhook
+from biomero_importer.notify.notifier import BACKOFF_MAX, Notifier, backoff
+from biomero_importer.observability.metrics import Metrics
+from biomero_importer.omero.simulator import SimulatorGateway
+from biomero_importer.store import Finish, MemoryStore
+from tests.notify_support import SmtpReceiver, WebhookReceiver, notify_settings
+from tests.support import make_tiffs
+from tests.unit.conftest import finished, memory_replica, order, unit_settings
+
+pytestmark = pytest.mark.unit
+
+SECRET = "hmac-test-secret-1"
+RESEARCHER = "researcher@lab.example"
+USERS: dict[str, Any] = {
+    "researcher": {"groups": ["Demo"], "email": RESEARCHER},
+    "nomail": ["Demo"],  # the plain form: groups only, so no address
+}
+
+
+@pytest.fixture
+async def webhook() -> AsyncIterator[WebhookReceiver]:
+    receiver = WebhookReceiver(SECRET)
+    await receiver.start()
+    yield receiver
+    await receiver.stop()
+
+
+@pytest.fixture
+def smtp() -> Iterator[SmtpReceiver]:
+    receiver = SmtpReceiver()
+    receiver.start()
+    yield receiver
+    receiver.stop()
+
+
+async def until(check: Callable[[], bool], timeout: float = 20.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not check():
+        assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
+        await asyncio.sleep(0.01)
+
+
+def all_done(store: MemoryStore, count: int) -> Callable[[], bool]:
+    def check() -> bool:
+        rows = store.outbox()
+        return len(rows) == count and all(done for *_, done in rows)
+
+    return check
+
+
+def counter(metrics: Metrics, name: str, **labels: str) -> float:
+    value = metrics.registry.get_sample_value(f"biomero_importer_{name}_total", labels)
+    return value or 0.0
+
+
+async def test_each_outcome_is_posted_signed_and_emailed_to_the_researcher(
+    tmp_path: Path, root: Path, webhook: WebhookReceiver, smtp: SmtpReceiver
+) -> None:
+    settings = unit_settings(
+        tmp_path, root, omero_simulator_users=USERS, **notify_settings(webhook, smtp)
+    )
+    good = order(make_tiffs(root / "good", 2))
+    bad = order([root / "missing.tif"])
+    async with memory_replica(settings) as (service, _):
+        store = service.store
+        assert isinstance(store, MemoryStore)
+        for new in (good, bad):
+            await store.submit(new)
+        assert (await finished(store, good.uuid))[0] == STAGE_IMPORTED
+        assert (await finished(store, bad.uuid))[0] == STAGE_INGEST_FAILED
+        await until(all_done(store, 2))
+        outbox = {uuid: (event_id, delivered) for uuid, event_id, _, delivered, _ in store.outbox()}
+        metrics = service.metrics
+
+    assert webhook.bad_signatures == 0 and webhook.duplicates == 0
+    assert set(webhook.deliveries) == {f"{u}:{outbox[u][0]}" for u in (good.uuid, bad.uuid)}
+    assert all(delivered == ["email", "webhook"] for _, delivered in outbox.values())
+    by_uuid = {body["uuid"]: body for body in webhook.deliveries.values()}
+    done, failed = by_uuid[good.uuid], by_uuid[bad.uuid]
+    assert (done["stage"], done["outcome"], failed["outcome"]) == (
+        STAGE_IMPORTED,
+        "completed",
+        "failed",
+    )
+    assert done["user"] == "researcher" and done["group"] == "Demo"
+    assert done["destination"] == {"type": "Dataset", "id": "151"}
+    assert [o["type"] for o in done["objects"]] == ["Image", "Image"]
+    assert failed["objects"] == [] and "missing.tif" in failed["description"]
+    timings = done["timings"]
+    assert timings["queued_at"] <= timings["started_at"] <= timings["finished_at"]
+    # the URL's user and password become Basic auth; the path and query are sent as given
+    seen = webhook.headers_seen[0]
+    assert seen["authorization"] == "Basic " + base64.b64encode(b"hook:pw-in-url").decode()
+    assert seen["request_line"].startswith("POST /hooks/biomero?token=t0k3n-in-query HTTP/1.1")
+
+    assert len(smtp.messages) == 2
+    mails = {str(m["Idempotency-Key"]).split(":")[0]: (to, m) for to, m in smtp.messages.values()}
+    to, ok_mail = mails[good.uuid]
+    assert to == [RESEARCHER] and ok_mail["To"] == RESEARCHER
+    assert ok_mail["Subject"] == f"Import completed: order {good.uuid}"
+    assert "2 Images" in ok_mail.get_content()
+    _, failed_mail = mails[bad.uuid]
+    assert failed_mail["Subject"] == f"Import failed: order {bad.uuid}"
+    text = failed_mail.get_content()
+    assert "missing.tif" in text and f"biomero-importer retry {bad.uuid}" in text
+    assert "imaging@facility.example" in text
+    assert counter(metrics, "notifications_delivered", channel="webhook") == 2
+    assert counter(metrics, "notifications_delivered", channel="email") == 2
+
+
+async def test_a_receiver_error_is_retried_with_backoff_until_it_answers(
+    tmp_path: Path, root: Path, webhook: WebhookReceiver
+) -> None:
+    webhook.statuses = [503, 429, 408]
+    settings = unit_settings(
+        tmp_path, root, notify_retry_backoff=0.05, **notify_settings(webhook, None)
+    )
+    new = order(make_tiffs(root, 1))
+    async with memory_replica(settings) as (service, _):
+        store = service.store
+        assert isinstance(store, MemoryStore)
+        await store.submit(new)
+        await finished(store, new.uuid)
+        await until(all_done(store, 1))
+        metrics = service.metrics
+    assert webhook.requests == 4 and len(webhook.deliveries) == 1
+    assert counter(metrics, "notifications_failed", channel="webhook", kind="retry") == 3
+    assert counter(metrics, "notifications_delivered", channel="webhook") == 1
+
+
+async def test_a_permanent_refusal_and_a_missing_address_are_never_retried(
+    tmp_path: Path, root: Path, webhook: WebhookReceiver, smtp: SmtpReceiver
+) -> None:
+    webhook.statuses = [400]
+    settings = unit_settings(
+        tmp_path,
+        root,
+        omero_simulator_users=USERS,
+        notify_retry_backoff=0.01,
+        **notify_settings(webhook, smtp),
+    )
+    new = order(make_tiffs(root, 1), user="nomail")
+    async with memory_replica(settings) as (service, _):
+        store = service.store
+        assert isinstance(store, MemoryStore)
+        with structlog.testing.capture_logs() as logs:
+            await store.submit(new)
+            await finished(store, new.uuid)
+            await until(all_done(store, 1))
+            # a retry would come after 0.01 s: give it many chances to (wrongly) happen
+            assert service.notifier is not None
+            for _ in range(20):
+                await service.notifier.deliver_due()
+                await asyncio.sleep(0.01)
+        metrics = service.metrics
+    [(_, _, _, delivered, _)] = store.outbox()
+    assert delivered == ["email:failed", "webhook:failed"]
+    assert webhook.requests == 1 and smtp.messages == {}
+    reasons = {
+        e["channel"]: e["reason"] for e in logs if e["event"] == "notification_undeliverable"
+    }
+    assert reasons == {
+        "webhook": "HTTP 400: refused by the receiver",
+        "email": "no email address known for OMERO user 'nomail'",
+    }
+    assert counter(metrics, "notifications_failed", channel="webhook", kind="permanent") == 1
+    assert counter(metrics, "notifications_failed", channel="email", kind="permanent") == 1
+
+
+async def test_without_channels_outcomes_are_marked_done_at_once(
+    tmp_path: Path, root: Path
+) -> None:
+    settings = unit_settings(tmp_path, root)
+    new = order(make_tiffs(root, 1))
+    async with memory_replica(settings) as (service, _):
+        store = service.store
+        assert isinstance(store, MemoryStore)
+        await store.submit(new)
+        await finished(store, new.uuid)
+        await until(all_done(store, 1))
+    assert [delivered for *_, delivered, _ in store.outbox()] == [[]]
+
+
+async def test_a_hanging_receiver_never_delays_the_next_order(
+    tmp_path: Path, root: Path, webhook: WebhookReceiver
+) -> None:
+    webhook.hang = True
+    settings = unit_settings(tmp_path, root, **notify_settings(webhook, None))
+    first, second = order(make_tiffs(root / "a", 1)), order(make_tiffs(root / "b", 1))
+    async with memory_replica(settings) as (service, _):
+        store = service.store
+        assert isinstance(store, MemoryStore) and service.notifier is not None
+        # longer than this test can take: the POST hangs for as long as it runs
+        service.notifier.webhook = Webhook(webhook.url, timeout=600)
+        await store.submit(first)
+        await finished(store, first.uuid)
+        await until(lambda: webhook.open_hangs == 1)
+        await store.submit(second)
+        assert (await finished(store, second.uuid))[0] == STAGE_IMPORTED
+        # the second order was claimed, run and finished while the first one's
+        # notification still hung
+        assert webhook.open_hangs == 1 and webhook.deliveries == {}
+        assert service.dispatcher.supervisor.failing() == []
+
+
+async def test_a_second_send_of_the_same_outcome_reuses_its_key_and_body(
+    tmp_path: Path, root: Path, webhook: WebhookReceiver
+) -> None:
+    """At least once: a replica that sent but could not record sends again after the lease;
+    the receiver sees the same key and byte-identical signed body, and keeps one."""
+    settings = unit_settings(tmp_path, root, **notify_settings(webhook, None))
+    store = MemoryStore(worker_id="A", lease_seconds=1.0)
+    new = order(make_tiffs(root, 1))
+    await store.submit(new)
+    await store.claim(1)
+    await store.finish(Finish(new.uuid, STAGE_IMPORTED, "Imported"))
+    gateway = SimulatorGateway(settings)
+    notifier = Notifier(settings, store, gateway, Metrics())
+    try:
+        [note] = await store.claim_notifications(10, lease_seconds=0)
+        await notifier.deliver(note)  # sent, then the replica "dies" before recording it
+        assert await notifier.deliver_due() == 1  # the lease ran out: sent again, recorded
+    finally:
+        notifier.close()
+        gateway.close()
+    assert webhook.requests == 2 and webhook.duplicates == 1 and len(webhook.deliveries) == 1
+    assert webhook.bad_signatures == 0
+    assert store.outbox()[0][3:] == (["webhook"], True)
+
+
+async def test_nothing_of_the_webhook_url_but_its_host_is_logged(
+    tmp_path: Path, root: Path, webhook: WebhookReceiver
+) -> None:
+    await webhook.stop()  # down: every attempt fails and is logged
+    settings = unit_settings(
+        tmp_path, root, notify_retry_backoff=0.01, **notify_settings(webhook, None)
+    )
+    new = order(make_tiffs(root, 1))
+    with structlog.testing.capture_logs() as logs:
+        async with memory_replica(settings) as (service, _):
+            store = service.store
+            assert isinstance(store, MemoryStore)
+            await store.submit(new)
+            await finished(store, new.uuid)
+            await until(lambda: any(e["event"] == "notification_failed" for e in logs))
+    text = repr(logs)
+    assert "notification_failed" in text and "notifications_enabled" in text
+    for secret in ("pw-in-url", "t0k3n", "hooks/biomero", SECRET):
+        assert secret not in text
+
+
+def test_backoff_doubles_to_a_cap_with_jitter() -> None:
+    waits = [backoff(n, 5.0, rand=lambda: 0.5) for n in range(1, 12)]
+    assert waits[:4] == [5.0, 10.0, 20.0, 40.0]
+    assert max(waits) == BACKOFF_MAX
+    assert backoff(3, 5.0, rand=lambda: 0.0) == 15.0 and backoff(3, 5.0, rand=lambda: 1.0) == 25.0
+    assert backoff(10_000, 5.0) <= BACKOFF_MAX * 1.25
