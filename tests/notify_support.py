@@ -22,6 +22,7 @@ from typing import Any
 
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, Envelope, Session
+from pydantic import SecretStr
 
 
 def free_port() -> int:
@@ -77,6 +78,8 @@ class WebhookReceiver:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         request_line = await reader.readline()
+        if not request_line:
+            return  # connected and closed without a request (a reachability check)
         headers: dict[str, str] = {}
         while True:
             line = (await reader.readline()).decode("latin-1").strip()
@@ -149,7 +152,9 @@ class SmtpReceiver:
 def notify_settings(webhook: WebhookReceiver | None, smtp: SmtpReceiver | None) -> dict[str, Any]:
     values: dict[str, Any] = {}
     if webhook is not None:
-        values.update(notify_webhook_url=webhook.url, notify_webhook_secret=webhook.secret)
+        values.update(
+            notify_webhook_url=webhook.url, notify_webhook_secret=SecretStr(webhook.secret)
+        )
     if smtp is not None:
         values.update(
             notify_email_host="127.0.0.1",

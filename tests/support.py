@@ -19,6 +19,7 @@ import asyncpg
 import numpy as np
 import tifffile
 import yaml
+from pydantic import SecretStr
 from typer.testing import CliRunner, Result
 
 from biomero_importer.cli.app import app
@@ -53,8 +54,10 @@ def make_settings(tmp_path: Path, url: str, roots: Sequence[Path], **overrides: 
 def write_config(path: Path, settings: Settings, **extra: Any) -> Path:
     """A YAML file a subprocess replica can load (worker ids stay unique per process)."""
     data = json.loads(settings.model_dump_json(exclude={"worker_id"}))
-    if settings.omero_password is not None:
-        data["omero_password"] = settings.omero_password.get_secret_value()
+    for key in Settings.model_fields:  # secrets dump masked: write their values
+        value = getattr(settings, key)
+        if isinstance(value, SecretStr):
+            data[key] = value.get_secret_value()
     data.update(extra)
     path.write_text(yaml.safe_dump(data))
     return path

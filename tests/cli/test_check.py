@@ -6,7 +6,8 @@ import json
 from pathlib import Path
 
 from tests.cli.conftest import CliSetup, invoke
-from tests.support import make_settings, write_config
+from tests.notify_support import SmtpReceiver, WebhookReceiver, notify_settings
+from tests.support import ainvoke, make_settings, write_config
 
 
 def _lines(result_stdout: str) -> list[dict[str, object]]:
@@ -76,3 +77,31 @@ def test_check_never_shows_the_database_password(tmp_path: Path, import_root: Pa
     assert "✗ database reachable" in result.stdout
     assert "importer:***@127.0.0.1" in result.stdout
     assert secret not in result.output
+
+
+async def test_check_reports_each_notification_channel(cli_setup: CliSetup) -> None:
+    webhook, smtp = WebhookReceiver("s3cret-hmac"), SmtpReceiver()
+    await webhook.start()
+    smtp.start()
+    try:
+        setup = cli_setup.with_config(**notify_settings(webhook, smtp))
+        by_name = {
+            str(line["check"]): line
+            for line in _lines((await ainvoke("check", "--json", "--config", setup.config)).stdout)
+        }
+        assert by_name["notifications: webhook reachable"]["ok"]
+        assert by_name["notifications: webhook reachable"]["detail"] == (
+            f"http://127.0.0.1:{webhook.port}"
+        )
+        assert by_name["notifications: email reachable"]["ok"]
+        assert webhook.requests == 0 and smtp.messages == {}  # nothing is sent
+        await webhook.stop()
+        smtp.stop()
+        down = await ainvoke("check", "--config", setup.config)
+    finally:
+        await webhook.stop()
+        smtp.stop()
+    assert down.exit_code == 1
+    assert "✗ notifications: webhook reachable" in down.stdout
+    assert "✗ notifications: email reachable" in down.stdout
+    assert "pw-in-url" not in down.stdout and "t0k3n" not in down.stdout

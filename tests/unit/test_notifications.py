@@ -273,3 +273,36 @@ def test_backoff_doubles_to_a_cap_with_jitter() -> None:
     assert max(waits) == BACKOFF_MAX
     assert backoff(3, 5.0, rand=lambda: 0.0) == 15.0 and backoff(3, 5.0, rand=lambda: 1.0) == 25.0
     assert backoff(10_000, 5.0) <= BACKOFF_MAX * 1.25
+
+
+async def test_the_backlog_gauges_count_outcomes_still_owed(
+    tmp_path: Path, root: Path, webhook: WebhookReceiver
+) -> None:
+    await webhook.stop()
+    settings = unit_settings(tmp_path, root, **notify_settings(webhook, None))
+    now = [1_800_000_000.0]
+    store = MemoryStore(worker_id="A", clock=lambda: now[0])
+    for _ in range(2):
+        new = order(make_tiffs(root, 1))
+        await store.submit(new)
+        await store.claim(1)
+        await store.finish(Finish(new.uuid, STAGE_IMPORTED, None))
+    gateway = SimulatorGateway(settings)
+    metrics = Metrics()
+    notifier = Notifier(settings, store, gateway, metrics)
+    try:
+        assert await notifier.deliver_due() == 2  # both fail: the receiver is down
+        await notifier.update_backlog()
+        assert metrics.registry.get_sample_value("biomero_importer_notification_backlog") == 2
+        oldest = metrics.registry.get_sample_value(
+            "biomero_importer_oldest_notification_age_seconds"
+        )
+        assert oldest is not None and oldest >= 0
+        await webhook.start()
+        now[0] += BACKOFF_MAX * 2  # past any backoff
+        assert await notifier.deliver_due() == 2
+        await notifier.update_backlog()
+        assert metrics.registry.get_sample_value("biomero_importer_notification_backlog") == 0
+    finally:
+        notifier.close()
+        gateway.close()

@@ -139,15 +139,19 @@ class Notifier:
         now = time.monotonic()
         if now - self._stats_at >= STATS_INTERVAL:
             self._stats_at = now
-            stats = await self.store.notification_stats()
-            if stats is not None:
-                self.metrics.set_notification_backlog(*stats)
+            await self.update_backlog()
         if now - self._pruned_at >= PRUNE_INTERVAL:
             self._pruned_at = now
             # bounded batches, so a large first prune never holds long locks
             for _ in range(10):
                 if await self.store.prune_notifications(RETENTION, 1000) < 1000:
                     break
+
+    async def update_backlog(self) -> None:
+        """The backlog gauges, from the database (skipped while it does not answer)."""
+        stats = await self.store.notification_stats()
+        if stats is not None:
+            self.metrics.set_notification_backlog(*stats)
 
     # --- one row ----------------------------------------------------------------------------
     async def deliver(self, note: Notification) -> NotificationResult:
