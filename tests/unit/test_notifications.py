@@ -306,3 +306,34 @@ async def test_the_backlog_gauges_count_outcomes_still_owed(
     finally:
         notifier.close()
         gateway.close()
+
+
+class CountingGateway(SimulatorGateway):
+    lookups = 0
+
+    def experimenter_email(self, user: str) -> str | None:
+        self.lookups += 1
+        return super().experimenter_email(user)
+
+
+async def test_a_batch_of_one_users_outcomes_looks_the_address_up_once(
+    tmp_path: Path, root: Path, smtp: SmtpReceiver
+) -> None:
+    settings = unit_settings(
+        tmp_path, root, omero_simulator_users=USERS, **notify_settings(None, smtp)
+    )
+    store = MemoryStore(worker_id="A")
+    for _ in range(3):
+        new = order(make_tiffs(root, 1))
+        await store.submit(new)
+        await store.claim(1)
+        await store.finish(Finish(new.uuid, STAGE_IMPORTED, None))
+    gateway = CountingGateway(settings)
+    notifier = Notifier(settings, store, gateway, Metrics())
+    try:
+        assert await notifier.deliver_due() == 3
+    finally:
+        notifier.close()
+        gateway.close()
+    assert gateway.lookups == 1
+    assert [to for to, _ in smtp.messages.values()] == [[RESEARCHER]] * 3

@@ -435,14 +435,15 @@ FROM args a
 WHERE b.id = a.id AND b.done_at IS NULL
 """
 
-# $1 retention (seconds), $2 batch size
+# $1 retention (seconds), $2 batch size. The batch is taken as an array first (an InitPlan),
+# so the delete probes the primary key for exactly those rows instead of joining the table.
 PRUNE_NOTIFICATIONS = """
-DELETE FROM importer_outbox WHERE id IN (
+DELETE FROM importer_outbox WHERE id = ANY(ARRAY(
     SELECT id FROM importer_outbox
     WHERE done_at IS NOT NULL AND done_at < now() - make_interval(secs => $1)
     ORDER BY done_at
     LIMIT $2
-)
+))
 """
 
 # Counting stops at $1, like QUEUE_STATS: a receiver down for days must not make the gauge

@@ -87,6 +87,7 @@ class Notifier:
         # SMTP and OMERO lookups block: their own threads, never the OMERO or storage pools
         self.executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="notify")
         self._emails: dict[str, tuple[float, str | None]] = {}
+        self._lookups: dict[str, asyncio.Future[str | None]] = {}
         self._pruned_at = float("-inf")
         self._stats_at = float("-inf")
 
@@ -253,17 +254,21 @@ class Notifier:
         log.debug("notification_email_sent", order_uuid=note.uuid, outcome=outcome(note))
 
     async def _address(self, user: str) -> str | None:
-        """The experimenter's address, remembered a few minutes (one lookup per user, not
-        per order, when a batch of orders ends)."""
+        """The experimenter's address, remembered a few minutes: one OMERO lookup per user,
+        not per order, when a batch of orders ends."""
         now = time.monotonic()
         cached = self._emails.get(user)
         if cached is not None and now - cached[0] < EMAIL_CACHE_SECONDS:
             return cached[1]
-        loop = asyncio.get_running_loop()
+        # the rows of one batch share one lookup per user
+        lookup = self._lookups.get(user)
+        if lookup is None:
+            loop = asyncio.get_running_loop()
+            lookup = loop.run_in_executor(self.executor, self.gateway.experimenter_email, user)
+            self._lookups[user] = lookup
+            lookup.add_done_callback(lambda _: self._lookups.pop(user, None))
         try:
-            address = await loop.run_in_executor(
-                self.executor, self.gateway.experimenter_email, user
-            )
+            address = await asyncio.shield(lookup)
         except OmeroError as exc:
             raise DeliveryFailed(f"OMERO: {exc.reason}", permanent=False) from None
         if address is not None and ("@" not in address or any(c.isspace() for c in address)):
