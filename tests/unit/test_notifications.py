@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import structlog
 
-from biomero_importer.model import STAGE_IMPORTED, STAGE_INGEST_FAILED
+from biomero_importer.model import STAGE_IMPORTED, STAGE_INGEST_FAILED, Notification
 from biomero_importer.notify.channels import Webhook
 from biomero_importer.notify.notifier import BACKOFF_MAX, Notifier, backoff
 from biomero_importer.observability.metrics import Metrics
@@ -337,3 +337,26 @@ async def test_a_batch_of_one_users_outcomes_looks_the_address_up_once(
         gateway.close()
     assert gateway.lookups == 1
     assert [to for to, _ in smtp.messages.values()] == [[RESEARCHER]] * 3
+
+
+class BrokenOutbox(MemoryStore):
+    """An outbox whose every read fails (a bug, a broken table): imports must go on."""
+
+    async def claim_notifications(self, limit: int, lease_seconds: float) -> list[Notification]:
+        raise RuntimeError("outbox broken")
+
+
+async def test_a_failing_notifier_never_stops_the_replica_from_claiming(
+    tmp_path: Path, root: Path, webhook: WebhookReceiver
+) -> None:
+    settings = unit_settings(tmp_path, root, **notify_settings(webhook, None))
+    store = BrokenOutbox(worker_id=settings.worker_id, lease_seconds=settings.lease_seconds)
+    with structlog.testing.capture_logs() as logs:
+        async with memory_replica(settings, store) as (service, _):
+            await until(lambda: sum(e["event"] == "notifications_pass_failed" for e in logs) >= 2)
+            later = order(make_tiffs(root, 1))
+            await store.submit(later)
+            assert (await finished(store, later.uuid))[0] == STAGE_IMPORTED
+            assert service.dispatcher.supervisor.failing() == []
+            assert service.health.claiming
+    assert webhook.requests == 0

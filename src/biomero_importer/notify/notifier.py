@@ -40,7 +40,7 @@ from biomero_importer.notify.message import (
 from biomero_importer.observability.metrics import Metrics
 from biomero_importer.omero.port import OmeroError, OmeroGateway
 from biomero_importer.settings import Settings
-from biomero_importer.store import NotificationResult, OrderStore
+from biomero_importer.store import NotificationResult, OrderStore, StoreClosed
 
 log = structlog.get_logger(__name__)
 
@@ -121,10 +121,12 @@ class Notifier:
                 busy = await self.deliver_due() == BATCH
                 await self._housekeeping()
                 pause = self.settings.poll_interval
+            except StoreClosed:
+                busy = False  # the replica is stopping: this task is cancelled next
             except Exception:
+                pause = min(pause * 2, 60.0)
                 log.exception("notifications_pass_failed", retry_in=pause)
                 busy = False
-                pause = min(pause * 2, 60.0)
             if not busy:
                 await asyncio.sleep(pause)
 

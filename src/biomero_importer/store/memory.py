@@ -1,9 +1,10 @@
 """The order store in memory: the PostgreSQL store's semantics without a server.
 
 Used by the unit tier (``pytest -m unit``) with a controllable clock. It mirrors the queue
-trigger (duplicate submissions, retries, the SQL retry UPDATE), claims, leases, recovery and
-cancel, and it refuses what PostgreSQL refuses in text (invalid UTF-8, NUL), so a value that
-would break the real store breaks this one too. ``available = False`` simulates an outage.
+trigger (duplicate submissions, retries, the SQL retry UPDATE), the stage trigger's outbox
+rows (one per outcome), claims, leases, recovery and cancel, and it refuses what PostgreSQL
+refuses in text (invalid UTF-8, NUL), so a value that would break the real store breaks this
+one too. ``available = False`` simulates an outage.
 """
 
 from __future__ import annotations
