@@ -14,14 +14,18 @@ import contextlib
 import hashlib
 import hmac
 import json
+import shutil
 import socket
+import ssl
+import subprocess
 from dataclasses import dataclass, field
 from email import message_from_bytes, policy
 from email.message import EmailMessage
+from pathlib import Path
 from typing import Any
 
 from aiosmtpd.controller import Controller
-from aiosmtpd.smtp import SMTP, Envelope, Session
+from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 from pydantic import SecretStr
 
 
@@ -128,15 +132,37 @@ class _Inbox:
 
 
 class SmtpReceiver:
-    """A real SMTP server (aiosmtpd, in its own thread)."""
+    """A real SMTP server (aiosmtpd, in its own thread). With ``tls`` (certificate and key
+    files) it requires STARTTLS; with ``login`` it requires that user and password."""
 
-    def __init__(self) -> None:
+    def __init__(
+        self, *, tls: tuple[Path, Path] | None = None, login: tuple[str, str] | None = None
+    ) -> None:
         self.port = free_port()
         self.inbox = _Inbox()
+        self.tls = tls
+        self.login = login
+        self.logins: list[tuple[str, bool]] = []
         self._controller: Controller | None = None
 
+    def _authenticate(
+        self, server: SMTP, session: Session, envelope: Envelope, mechanism: str, data: Any
+    ) -> AuthResult:
+        assert isinstance(data, LoginPassword)
+        given = (data.login.decode(), data.password.decode())
+        self.logins.append((given[0], given == self.login))
+        # handled=False: aiosmtpd answers 535 itself (its default assumes we did)
+        return AuthResult(success=given == self.login, handled=False)
+
     def start(self) -> None:
-        self._controller = Controller(self.inbox, hostname="127.0.0.1", port=self.port)
+        options: dict[str, Any] = {}
+        if self.tls is not None:
+            context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            context.load_cert_chain(*self.tls)
+            options.update(tls_context=context, require_starttls=True)
+        if self.login is not None:
+            options.update(authenticator=self._authenticate, auth_required=True)
+        self._controller = Controller(self.inbox, hostname="127.0.0.1", port=self.port, **options)
         self._controller.start()
 
     def stop(self) -> None:
@@ -163,3 +189,37 @@ def notify_settings(webhook: WebhookReceiver | None, smtp: SmtpReceiver | None) 
             notify_email_sender="imaging@facility.example",
         )
     return values
+
+
+def self_signed(folder: Path) -> tuple[Path, Path] | None:
+    """A certificate for 127.0.0.1 and its key, made with the openssl command (None without
+    it); trust it in this process with ``SSL_CERT_FILE``."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        return None
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    subprocess.run(
+        [
+            openssl,
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+            "-days",
+            "1",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+        ],
+        check=True,
+        capture_output=True,
+    )
+    return cert, key

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 import structlog
+from pydantic import SecretStr
 
 from biomero_importer.model import STAGE_IMPORTED, STAGE_INGEST_FAILED, Notification
 from biomero_importer.notify.channels import Webhook
@@ -21,7 +22,7 @@ from biomero_importer.notify.notifier import BACKOFF_MAX, Notifier, backoff
 from biomero_importer.observability.metrics import Metrics
 from biomero_importer.omero.simulator import SimulatorGateway
 from biomero_importer.store import Finish, MemoryStore
-from tests.notify_support import SmtpReceiver, WebhookReceiver, notify_settings
+from tests.notify_support import SmtpReceiver, WebhookReceiver, notify_settings, self_signed
 from tests.support import make_tiffs
 from tests.unit.conftest import finished, memory_replica, order, unit_settings
 
@@ -360,3 +361,45 @@ async def test_a_failing_notifier_never_stops_the_replica_from_claiming(
             assert service.dispatcher.supervisor.failing() == []
             assert service.health.claiming
     assert webhook.requests == 0
+
+
+async def test_email_goes_over_starttls_with_the_configured_login(
+    tmp_path: Path, root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tls = self_signed(tmp_path)
+    if tls is None:
+        pytest.skip("no openssl command to make a certificate with")
+    monkeypatch.setenv("SSL_CERT_FILE", str(tls[0]))  # trust the test certificate
+    smtp = SmtpReceiver(tls=tls, login=("importer", "smtp-pw"))
+    smtp.start()
+    store = MemoryStore(worker_id="A")
+    new = order(make_tiffs(root, 1))
+    await store.submit(new)
+    await store.claim(1)
+    await store.finish(Finish(new.uuid, STAGE_IMPORTED, None))
+    values = {**notify_settings(None, smtp), "notify_email_starttls": True}
+    metrics = Metrics()
+    try:
+        for password, expected in (("wrong", False), ("smtp-pw", True)):
+            settings = unit_settings(
+                tmp_path,
+                root,
+                omero_simulator_users=USERS,
+                notify_email_user="importer",
+                notify_email_password=SecretStr(password),
+                **values,
+            )
+            gateway = SimulatorGateway(settings)
+            notifier = Notifier(settings, store, gateway, metrics)
+            try:
+                [note] = await store.claim_notifications(10, lease_seconds=0)
+                result = await notifier.deliver(note)
+            finally:
+                notifier.close()
+                gateway.close()
+            # a refused login concerns every message: tried again later, not given up
+            assert result.done is expected and smtp.logins[-1] == ("importer", expected)
+    finally:
+        smtp.stop()
+    assert counter(metrics, "notifications_failed", channel="email", kind="retry") == 1
+    assert [to for to, _ in smtp.messages.values()] == [[RESEARCHER]]
