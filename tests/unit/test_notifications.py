@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
+import hmac
+import json
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +20,7 @@ import structlog
 from pydantic import SecretStr
 
 from biomero_importer.model import STAGE_IMPORTED, STAGE_INGEST_FAILED, Notification
+from biomero_importer.notify import email_message, idempotency_key, sign, webhook_body
 from biomero_importer.notify.channels import Webhook
 from biomero_importer.notify.notifier import BACKOFF_MAX, Notifier, backoff
 from biomero_importer.observability.metrics import Metrics
@@ -403,3 +407,46 @@ async def test_email_goes_over_starttls_with_the_configured_login(
         smtp.stop()
     assert counter(metrics, "notifications_failed", channel="email", kind="retry") == 1
     assert [to for to, _ in smtp.messages.values()] == [[RESEARCHER]]
+
+
+def _note(**changes: Any) -> Notification:
+    values: dict[str, Any] = {
+        "id": 1,
+        "uuid": "u-1",
+        "event_id": 7,
+        "stage": STAGE_INGEST_FAILED,
+        "attempts": 1,
+        "delivered": (),
+        "age_seconds": 0.0,
+        "user": "researcher",
+        "group": "Demo",
+        "destination_type": "Dataset",
+        "destination_id": "151",
+        "description": "File not found: /data/r\udce9sum\udce9.tif",
+        "objects": [],
+        "queued_at": None,
+        "started_at": None,
+        "finished_at": None,
+    }
+    values.update(changes)
+    return Notification(**values)
+
+
+def test_messages_are_the_same_bytes_every_time_and_header_safe() -> None:
+    note = _note(uuid="evil\r\nX-Injected: 1")
+    body = webhook_body(note)
+    assert body == webhook_body(note)  # retries send identical, identically signed bytes
+    payload = json.loads(body)
+    assert payload["description"] == "File not found: /data/r\\xe9sum\\xe9.tif"
+    key = idempotency_key(note)
+    assert "\r" not in key and "\n" not in key and key.endswith(":7")
+    assert sign(body, "k") == "sha256=" + hmac.new(b"k", body, hashlib.sha256).hexdigest()
+    mail = email_message(note, sender="Imaging <imaging@facility.example>", recipient=RESEARCHER)
+    again = email_message(note, sender="x@facility.example", recipient="a@b")
+    assert mail["Message-ID"] == again["Message-ID"]  # one id per outcome, whatever the sender
+    assert str(mail["Message-ID"]).endswith("@facility.example>")
+    assert "\n" not in str(mail["Subject"]) and str(mail["Subject"]).startswith("Import failed")
+    cancelled = email_message(
+        _note(description="Cancelled"), sender="i@facility.example", recipient=RESEARCHER
+    )
+    assert str(cancelled["Subject"]) == "Import cancelled: order u-1"

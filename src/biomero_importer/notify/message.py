@@ -12,10 +12,11 @@ import json
 import re
 from datetime import datetime
 from email.message import EmailMessage
+from email.utils import parseaddr
 from typing import Any
 
 from biomero_importer.model import CANCELLED, STAGE_IMPORTED, Notification
-from biomero_importer.text import safe_text, short
+from biomero_importer.text import safe_json, safe_text, short
 
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 SIGNATURE_HEADER = "X-Biomero-Signature"
@@ -64,17 +65,10 @@ def webhook_body(note: Notification) -> bytes:
             "finished_at": _when(note.finished_at),
         },
     }
-    return json.dumps(_safe(payload), sort_keys=True, separators=(",", ":")).encode("utf-8")
-
-
-def _safe(value: Any) -> Any:
-    if isinstance(value, str):
-        return safe_text(value)
-    if isinstance(value, dict):
-        return {safe_text(str(k)): _safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_safe(v) for v in value]
-    return value
+    # safe_json makes every string encodable (file names that are not UTF-8); then the
+    # canonical form: keys sorted, no spaces
+    safe = json.loads(safe_json(payload))
+    return json.dumps(safe, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
 
 def sign(body: bytes, secret: str) -> str:
@@ -146,7 +140,7 @@ def email_message(note: Notification, *, sender: str, recipient: str) -> EmailMe
     message["From"] = sender
     message["To"] = recipient
     # The same id on every retry: mail clients and archives drop a second copy.
-    domain = sender.rpartition("@")[2] or "biomero-importer"
+    domain = parseaddr(sender)[1].rpartition("@")[2] or "biomero-importer"
     message["Message-ID"] = f"<biomero-importer.{idempotency_key(note).replace(':', '.')}@{domain}>"
     message[IDEMPOTENCY_HEADER] = idempotency_key(note)
     message.set_content("\n".join(lines) + "\n")
