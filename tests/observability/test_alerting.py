@@ -41,6 +41,7 @@ EXPECTED_ALERTS = {
     "BiomeroImporterFailureRatioHigh",
     "BiomeroImporterListenerReconnectStorm",
     "BiomeroImporterEventLoopLag",
+    "BiomeroImporterNotificationsStuck",
 }
 
 
