@@ -1,0 +1,195 @@
+"""Progress of one running order, written to its queue row as it goes, at a bounded rate.
+
+The pipeline reports with plain calls that never wait (:meth:`ProgressReporter.start_step`,
+:meth:`~ProgressReporter.advance`, :meth:`~ProgressReporter.end_step`); one writer task per
+order, a child of the order's task, writes the latest state. So a 10,000-file order writes
+about one row a second, not 10,000, and a database that answers slowly or not at all costs
+progress writes, never the order's time: states that arrive while a write is in flight are
+merged into the next one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import os
+import stat
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Protocol
+
+import structlog
+
+from biomero_importer.model import Progress, ProgressStep
+from biomero_importer.text import safe_text
+
+log = structlog.get_logger(__name__)
+
+# At most one write per order in this many seconds, but a step's first and last state at once.
+PROGRESS_INTERVAL = 1.0
+# Nothing is written for an order before it has run this long: most orders end sooner, and
+# their progress would be cleared before anyone could read it (a write per step would add
+# several statements to every order, which costs a replica a third of its throughput).
+PROGRESS_DELAY = 0.5
+# Seconds an ending order waits for its writer to stop (it is cancelled, so it stops at once).
+STOP_WAIT = 1.0
+# current_file is a name to show, not a path to act on
+NAME_LIMIT = 160
+
+
+class ProgressSink(Protocol):
+    async def record_progress(self, uuid: str, progress: Progress) -> bool: ...
+
+
+def file_sizes(paths: Sequence[Path], watch: Callable[[str], None]) -> list[int | None]:
+    """The size of each plain file, None for a folder or a file that cannot be read now
+    (its import re-checks it and fails properly). Blocking: run it in a storage thread."""
+    sizes: list[int | None] = []
+    for path in paths:
+        watch(str(path))
+        try:
+            info = os.stat(path)
+        except OSError:
+            sizes.append(None)
+            continue
+        sizes.append(info.st_size if stat.S_ISREG(info.st_mode) else None)
+    return sizes
+
+
+class ProgressReporter:
+    """The latest state of one order, and the task that writes it.
+
+    ``observe`` hears every state at once (the replica's metrics) and None when the order
+    ends. Writes follow the state at most once per ``interval``; the first state of a step and
+    the state it ends with are written without waiting for the interval (but never before
+    ``delay`` after the order started).
+    """
+
+    def __init__(
+        self,
+        uuid: str,
+        sink: ProgressSink,
+        *,
+        interval: float = PROGRESS_INTERVAL,
+        delay: float = PROGRESS_DELAY,
+        observe: Callable[[Progress | None], None] | None = None,
+    ) -> None:
+        self.uuid = uuid
+        self.sink = sink
+        self.interval = interval
+        self.delay = delay
+        self.observe = observe
+        self.latest: Progress | None = None
+        self._written: Progress | None = None
+        self._changed = asyncio.Event()
+        self._urgent = asyncio.Event()
+        self._not_before = 0.0
+        self._last_write = -math.inf
+        self._task: asyncio.Task[None] | None = None
+        self._failing = False
+
+    # --- what the pipeline calls ---------------------------------------------------------
+    def start_step(
+        self,
+        step: ProgressStep,
+        units_total: int = 0,
+        *,
+        bytes_total: int | None = None,
+    ) -> None:
+        self._set(
+            Progress(
+                step=step,
+                units_total=units_total,
+                bytes_done=None if bytes_total is None else 0,
+                bytes_total=bytes_total,
+            ),
+            urgent=True,
+        )
+
+    def advance(
+        self,
+        *,
+        units_done: int | None = None,
+        current_file: str | None = None,
+        bytes_done: int | None = None,
+    ) -> None:
+        """Move the current step on; ``current_file`` replaces the name shown (None clears it)."""
+        if self.latest is None:
+            return
+        progress = replace(
+            self.latest,
+            units_done=self.latest.units_done if units_done is None else units_done,
+            current_file=None if current_file is None else safe_text(current_file, NAME_LIMIT),
+            bytes_done=self.latest.bytes_done if bytes_done is None else bytes_done,
+        )
+        self._set(progress, urgent=False)
+
+    def end_step(self) -> None:
+        """The step is over: its last state is written without waiting for the interval."""
+        if self.latest is not None:
+            self._set(replace(self.latest, current_file=None), urgent=True)
+
+    def _set(self, progress: Progress, *, urgent: bool) -> None:
+        self.latest = progress
+        if self.observe is not None:
+            self.observe(progress)
+        self._changed.set()
+        if urgent:
+            self._urgent.set()
+
+    # --- the writer ----------------------------------------------------------------------
+    def start(self) -> None:
+        """Start the writer: call it from the order's task, which must :meth:`stop` it."""
+        loop = asyncio.get_running_loop()
+        self._not_before = loop.time() + self.delay
+        self._task = asyncio.create_task(self._run(), name=f"progress-{self.uuid}")
+        self._task.add_done_callback(_log_failure)
+
+    async def stop(self) -> None:
+        """Stop writing (the order is ending: its end clears the progress) and forget it."""
+        task, self._task = self._task, None
+        if self.observe is not None:
+            self.observe(None)
+        if task is None:
+            return
+        task.cancel()
+        await asyncio.wait([task], timeout=STOP_WAIT)
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._changed.wait()
+            # a step's first or last state waits only for the start delay, the rest for the
+            # interval; an urgent state arriving meanwhile cuts the interval short
+            due = max(self._not_before, self._last_write + self.interval)
+            if not self._urgent.is_set() and due > loop.time():
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._urgent.wait(), due - loop.time())
+            if self._not_before > loop.time():
+                await asyncio.sleep(self._not_before - loop.time())
+            self._changed.clear()
+            self._urgent.clear()
+            progress = self.latest
+            if progress is None or progress == self._written:
+                continue
+            self._last_write = loop.time()
+            await self._write(progress)
+
+    async def _write(self, progress: Progress) -> None:
+        try:
+            await self.sink.record_progress(self.uuid, progress)
+        except Exception:
+            # The store answers False for what it expects; anything else is a bug, logged
+            # once per order, and the order goes on (progress is for people watching).
+            if not self._failing:
+                self._failing = True
+                log.exception("progress_write_failed")
+            return
+        self._written = progress
+
+
+def _log_failure(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("progress_writer_failed", task=task.get_name(), exc_info=task.exception())
