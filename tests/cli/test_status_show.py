@@ -9,7 +9,6 @@ from biomero_importer.db.migrate import is_at_head
 from tests.cli.conftest import CliSetup, ainvoke, append_stage, execute, invoke
 from tests.support import insert_order, make_settings, make_tiffs, write_config
 
-
 # What a replica records on a running order's queue row, 3 s ago.
 PROGRESS = (
     "UPDATE importer_orders SET progress = $2::json, progress_at = now() - interval '3 s'"

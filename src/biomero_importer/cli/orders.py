@@ -38,6 +38,7 @@ from biomero_importer.cli.common import (
 )
 from biomero_importer.model import (
     CANCELLED,
+    RUNNING_STAGES,
     STAGE_IMPORTED,
     STAGE_NEW_ORDER,
     TERMINAL_STAGES,
@@ -253,6 +254,8 @@ class _Follower:
 
     def event(self, event: OrderEvent) -> None:
         self.stage = event.stage
+        if event.stage not in RUNNING_STAGES:
+            self.progress = None  # what the stage trigger does to the stored progress
         line = f"{local_time(event.timestamp)}  {event.stage}"
         if event.description:
             line += f"  {event.description}"
@@ -260,6 +263,7 @@ class _Follower:
             typer.echo(line, err=True)
         else:
             self.console.print(line, markup=False)
+            self.tick()
 
     def update(self, progress: Progress | None) -> None:
         """The progress last read (None once the order is not running)."""
