@@ -87,15 +87,19 @@ async def test_a_steps_first_and_last_state_do_not_wait_for_the_interval() -> No
 
 
 async def test_an_order_that_ends_within_the_delay_writes_nothing() -> None:
+    """Most orders take milliseconds: they cost no write, no task and no metric series."""
+    seen: list[Progress | None] = []
     sink = Sink()
-    reporter = ProgressReporter("o", sink, interval=0, delay=600)
+    reporter = ProgressReporter("o", sink, interval=0, delay=600, observe=seen.append)
     reporter.start()
     reporter.start_step("validate")
     reporter.start_step("import", 1)
     reporter.end_step()
     await asyncio.sleep(0.05)
+    assert not [t for t in asyncio.all_tasks() if t.get_name().startswith("progress-")]
     await reporter.stop()
     assert sink.writes == []
+    assert seen == []
 
 
 async def test_a_slow_database_merges_states_and_never_holds_up_the_order() -> None:

@@ -61,10 +61,11 @@ def file_sizes(paths: Sequence[Path], watch: Callable[[str], None]) -> list[int 
 class ProgressReporter:
     """The latest state of one order, and the task that writes it.
 
-    ``observe`` hears every state at once (the replica's metrics) and None when the order
-    ends. Writes follow the state at most once per ``interval``; the first state of a step and
-    the state it ends with are written without waiting for the interval (but never before
-    ``delay`` after the order started).
+    Nothing happens before the order has run ``delay`` seconds (no task, no write, no
+    metric): then the writer starts, and ``observe`` (the replica's metrics) hears the latest
+    state, every later one at once, and None when the order ends. Writes follow the state at
+    most once per ``interval``; the first state of a step and the state it ends with are
+    written without waiting for the interval.
     """
 
     def __init__(
@@ -85,8 +86,8 @@ class ProgressReporter:
         self._written: Progress | None = None
         self._changed = asyncio.Event()
         self._urgent = asyncio.Event()
-        self._not_before = 0.0
         self._last_write = -math.inf
+        self._timer: asyncio.TimerHandle | None = None
         self._task: asyncio.Task[None] | None = None
         self._failing = False
 
@@ -133,7 +134,7 @@ class ProgressReporter:
 
     def _set(self, progress: Progress, *, urgent: bool) -> None:
         self.latest = progress
-        if self.observe is not None:
+        if self.observe is not None and self._task is not None:
             self.observe(progress)
         self._changed.set()
         if urgent:
@@ -141,19 +142,27 @@ class ProgressReporter:
 
     # --- the writer ----------------------------------------------------------------------
     def start(self) -> None:
-        """Start the writer: call it from the order's task, which must :meth:`stop` it."""
-        loop = asyncio.get_running_loop()
-        self._not_before = loop.time() + self.delay
+        """Start the writer after the delay: call it from the order's task, which must
+        :meth:`stop` it. (A timer, not a sleeping task: most orders end before it fires.)"""
+        self._timer = asyncio.get_running_loop().call_later(self.delay, self._spawn)
+
+    def _spawn(self) -> None:
+        self._timer = None
         self._task = asyncio.create_task(self._run(), name=f"progress-{self.uuid}")
         self._task.add_done_callback(_log_failure)
+        if self.observe is not None and self.latest is not None:
+            self.observe(self.latest)
 
     async def stop(self) -> None:
         """Stop writing (the order is ending: its end clears the progress) and forget it."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         task, self._task = self._task, None
-        if self.observe is not None:
-            self.observe(None)
         if task is None:
             return
+        if self.observe is not None:
+            self.observe(None)
         task.cancel()
         await asyncio.wait([task], timeout=STOP_WAIT)
 
@@ -161,14 +170,12 @@ class ProgressReporter:
         loop = asyncio.get_running_loop()
         while True:
             await self._changed.wait()
-            # a step's first or last state waits only for the start delay, the rest for the
-            # interval; an urgent state arriving meanwhile cuts the interval short
-            due = max(self._not_before, self._last_write + self.interval)
+            # a step's first or last state is written at once, the rest an interval after the
+            # last write; an urgent state arriving meanwhile cuts the interval short
+            due = self._last_write + self.interval
             if not self._urgent.is_set() and due > loop.time():
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self._urgent.wait(), due - loop.time())
-            if self._not_before > loop.time():
-                await asyncio.sleep(self._not_before - loop.time())
             self._changed.clear()
             self._urgent.clear()
             progress = self.latest

@@ -388,7 +388,7 @@ class Pipeline:
             await self.sink.append_stage(order.uuid, STAGE_PREPROCESSING)
             structlog.contextvars.bind_contextvars(stage=STAGE_PREPROCESSING)
             with self._step("preprocess"):
-                progress.start_step("preprocess", len(order.files))
+                progress.start_step("preprocess")  # one container run: no units to count
                 result = await run_preprocessing(order, self.settings, log=log)
             items, temp_dir = result.items, result.temp_dir
             units = [
