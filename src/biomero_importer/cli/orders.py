@@ -220,9 +220,9 @@ class _Follower:
     """Shows an order's new rows and its progress: a live bar on a terminal (rich), plain
     lines otherwise, one per change of the progress (step or units), never one per poll."""
 
-    def __init__(self, order_uuid: str, console: Console | None = None) -> None:
+    def __init__(self, order_uuid: str) -> None:
         self.order_uuid = order_uuid
-        self.console = console or Console(stderr=True, highlight=False)
+        self.console = Console(stderr=True, highlight=False)
         self.stage = STAGE_NEW_ORDER
         self.progress: Progress | None = None
         self.bar: ProgressBar | None = None

@@ -304,15 +304,12 @@ class Pipeline:
 
     async def _unit_sizes(self, units: list[ImportUnit]) -> list[int | None]:
         """Each unit's size in bytes for its progress (None: a folder, or not known now).
-        One stat per unit in a storage thread; storage that does not answer leaves the
-        sizes unknown, and the import's own checks then fail the order with the reason."""
+        One stat per unit in a storage thread; storage that does not answer fails the order
+        here, as the re-check before the first import would a moment later."""
         watch = _PathWatch(str(units[0].path) if units else "")
-        try:
-            return await self._storage(
-                watch, partial(file_sizes, [u.checked or u.path for u in units], watch)
-            )
-        except InvalidOrder:
-            return [None] * len(units)
+        return await self._storage(
+            watch, partial(file_sizes, [u.checked or u.path for u in units], watch)
+        )
 
     def _step(self, name: Step) -> _StepTimer:
         return _StepTimer(name, self.observe_step)
