@@ -4,14 +4,17 @@ real replica (memory store, simulator) recording progress that status and /metri
 from __future__ import annotations
 
 import asyncio
+import gc
 import itertools
 from pathlib import Path
+from typing import Any
 
 import pytest
 import structlog
 
 from biomero_importer.model import STAGE_IMPORTED, Progress
 from biomero_importer.observability.metrics import Metrics
+from biomero_importer.pipeline import progress
 from biomero_importer.pipeline.progress import ProgressReporter
 from biomero_importer.store import MemoryStore
 from tests.support import make_tiffs
@@ -128,6 +131,44 @@ async def test_stop_ends_the_writer_and_forgets_the_order() -> None:
     await reporter.stop()
     assert not [t for t in asyncio.all_tasks() if t.get_name().startswith("progress-")]
     assert seen == [Progress("import", 0, 3), None]
+
+
+class Stubborn:
+    """A database call that, once cancelled, waits on something only it knows about (as a
+    pooled connection being reset does) before it ends."""
+
+    async def record_progress(self, uuid: str, progress: Progress) -> bool:
+        try:
+            await asyncio.sleep(600)
+        except asyncio.CancelledError:
+            await asyncio.get_running_loop().create_future()
+        return False
+
+
+async def test_a_writer_slow_to_stop_is_kept_until_it_ends() -> None:
+    """Before: the ending order dropped its writer after the wait, and the event loop
+    destroyed it half way ("Task was destroyed but it is pending!", logged as an error)."""
+    loop = asyncio.get_running_loop()
+    faults: list[dict[str, Any]] = []
+    loop.set_exception_handler(lambda _, context: faults.append(context))
+    try:
+        reporter = ProgressReporter("stubborn", Stubborn(), interval=0, delay=0, stop_wait=0.05)
+        reporter.start()
+        reporter.start_step("import", 1)
+        await asyncio.sleep(0.01)  # the write is in flight
+        with structlog.testing.capture_logs() as logs:
+            await reporter.stop()
+        del reporter
+        gc.collect()
+        assert faults == []
+        assert [e["event"] for e in logs] == ["progress_writer_still_stopping"]
+        (lingering,) = progress._stopping
+        assert not lingering.done()
+        lingering.cancel()  # its database call ends: the writer ends and is forgotten
+        await asyncio.wait([lingering], timeout=5)
+        assert lingering.cancelled() and not progress._stopping
+    finally:
+        loop.set_exception_handler(None)
 
 
 async def test_a_sink_that_raises_is_logged_once_and_the_order_goes_on() -> None:

@@ -34,9 +34,14 @@ PROGRESS_INTERVAL = 1.0
 # several statements to every order, which costs a replica a third of its throughput).
 PROGRESS_DELAY = 0.5
 # Seconds an ending order waits for its writer to stop (it is cancelled, so it stops at once).
-STOP_WAIT = 1.0
+STOP_WAIT = 0.5
 # current_file is a name to show, not a path to act on
 NAME_LIMIT = 160
+
+# Writers cancelled in the middle of a database call that did not end within STOP_WAIT (asyncpg
+# hands the connection back to its pool first): kept referenced until they end, or the event
+# loop would destroy them half way ("Task was destroyed but it is pending").
+_stopping: set[asyncio.Task[None]] = set()
 
 
 class ProgressSink(Protocol):
@@ -76,8 +81,10 @@ class ProgressReporter:
         interval: float = PROGRESS_INTERVAL,
         delay: float = PROGRESS_DELAY,
         observe: Callable[[Progress | None], None] | None = None,
+        stop_wait: float = STOP_WAIT,
     ) -> None:
         self.uuid = uuid
+        self.stop_wait = stop_wait
         self.sink = sink
         self.interval = interval
         self.delay = delay
@@ -164,7 +171,11 @@ class ProgressReporter:
         if self.observe is not None:
             self.observe(None)
         task.cancel()
-        await asyncio.wait([task], timeout=STOP_WAIT)
+        await asyncio.wait([task], timeout=self.stop_wait)
+        if not task.done():
+            log.info("progress_writer_still_stopping", waited=self.stop_wait)
+            _stopping.add(task)
+            task.add_done_callback(_stopping.discard)
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
