@@ -30,10 +30,11 @@ log = structlog.get_logger(__name__)
 # At most one write per order in this many seconds, but a step's first and last state at once.
 PROGRESS_INTERVAL = 1.0
 # Nothing is written for an order before it has run this long: most orders end sooner, and
-# their progress would be cleared before anyone could read it (a write per step would add
-# several statements to every order, which costs a replica a third of its throughput).
+# their progress would be cleared before anyone could read it, at the cost of a statement per
+# step on a path that runs hundreds of orders a second.
 PROGRESS_DELAY = 0.5
-# Seconds an ending order waits for its writer to stop (it is cancelled, so it stops at once).
+# Seconds an ending order waits for its cancelled writer; one still in a database call after
+# that is left to end on its own (see _stopping).
 STOP_WAIT = 0.5
 # current_file is a name to show, not a path to act on
 NAME_LIMIT = 160
