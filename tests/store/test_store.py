@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import asyncpg
 import pytest
+import structlog
 
 from biomero_importer.db.urls import asyncpg_dsn
 from biomero_importer.model import (
@@ -486,4 +487,35 @@ async def test_a_progress_value_written_by_hand_never_breaks_the_reads(
         if status is not None:  # a known step with unusable numbers: the numbers read as 0
             assert (status.units_done, status.units_total, status.current_file) == (0, 0, None)
     finally:
+        await store.close()
+
+
+async def test_a_progress_write_the_database_cannot_take_gives_up_at_once(
+    migrated_url: str,
+) -> None:
+    """One attempt with a bound, never a wait: here a SQL client holds the order's row lock
+    in an open transaction. Logged once until a write works again, not once per write."""
+    url = asyncpg_dsn(migrated_url)
+    store = PostgresStore(url, worker_id="A", lease_seconds=60, pool_size=2)
+    store.progress_timeout = 0.3
+    await store.open()
+    holder = await asyncpg.connect(url)
+    try:
+        order = new_order()
+        await store.submit(order)
+        await store.claim(1)
+        lock = holder.transaction()
+        await lock.start()
+        await holder.execute("SELECT 1 FROM importer_orders WHERE uuid = $1 FOR UPDATE", order.uuid)
+        with structlog.testing.capture_logs() as logs:
+            for done in range(3):
+                assert not await store.record_progress(order.uuid, Progress("import", done, 3))
+            await lock.rollback()
+            assert await store.record_progress(order.uuid, Progress("import", 3, 3))
+        assert [e["event"] for e in logs] == ["progress_not_recorded", "progress_recorded_again"]
+        assert logs[0]["error"].startswith("TimeoutError")
+        status, _ = await _progress(store, order.uuid)
+        assert status is not None and status.units_done == 3
+    finally:
+        await holder.close()
         await store.close()

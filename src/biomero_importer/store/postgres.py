@@ -88,6 +88,7 @@ class PostgresStore(OrderStore):
         self._serving = False
         # progress writes failing since the last one that worked: logged once per outage
         self._progress_failing = False
+        self.progress_timeout = PROGRESS_TIMEOUT
 
     async def open(self) -> None:
         self._pool = await self._retry("connect", self._create_pool)
@@ -211,7 +212,7 @@ class PostgresStore(OrderStore):
         try:
             status = await asyncio.wait_for(
                 self.pool.execute(sql.RECORD_PROGRESS, uuid, self.worker_id, payload),
-                timeout=PROGRESS_TIMEOUT,
+                timeout=self.progress_timeout,
             )
         except Exception as exc:
             # Whatever went wrong, the order goes on: the next write tries again.
