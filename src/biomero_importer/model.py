@@ -155,6 +155,65 @@ class OrderState:
     cancel_requested: bool
 
 
+ProgressStep = Literal["validate", "preprocess", "import", "annotate"]
+PROGRESS_STEPS: tuple[ProgressStep, ...] = ("validate", "preprocess", "import", "annotate")
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Where a running order is, as its replica last recorded it (``importer_orders.progress``).
+
+    ``units_done`` of ``units_total`` import units (files, folders or converter outputs) are
+    through the step; ``current_file`` is the name being worked on. Bytes are known only when
+    every unit is a plain file (``None`` otherwise). ``recorded_at`` is when it was written,
+    filled in by the store when it reads the row.
+    """
+
+    step: ProgressStep
+    units_done: int = 0
+    units_total: int = 0
+    current_file: str | None = None
+    bytes_done: int | None = None
+    bytes_total: int | None = None
+    recorded_at: datetime | None = None
+
+    def as_json(self) -> dict[str, Any]:
+        """The stored form (``recorded_at`` is a column of its own)."""
+        return {
+            "step": self.step,
+            "units_done": self.units_done,
+            "units_total": self.units_total,
+            "current_file": self.current_file,
+            "bytes_done": self.bytes_done,
+            "bytes_total": self.bytes_total,
+        }
+
+    @classmethod
+    def from_json(cls, value: Any, recorded_at: datetime | None = None) -> Progress | None:
+        """The stored form back, or None for anything else: the column is writable by any SQL
+        client, and a bad value must never break ``status``."""
+        if not isinstance(value, dict) or value.get("step") not in PROGRESS_STEPS:
+            return None
+
+        def count(key: str) -> int | None:
+            number = value.get(key)
+            # bool is an int to Python, not a count
+            if isinstance(number, int) and not isinstance(number, bool) and number >= 0:
+                return number
+            return None
+
+        current = value.get("current_file")
+        return cls(
+            step=value["step"],
+            units_done=count("units_done") or 0,
+            units_total=count("units_total") or 0,
+            current_file=current if isinstance(current, str) else None,
+            bytes_done=count("bytes_done"),
+            bytes_total=count("bytes_total"),
+            recorded_at=recorded_at,
+        )
+
+
 @dataclass(frozen=True)
 class OrderSummary:
     """The latest state of one order, as ``status`` lists it."""
@@ -169,6 +228,8 @@ class OrderSummary:
     destination_id: str
     files: str
     description: str | None
+    #: what a running order's replica last recorded; None when not running (or not yet)
+    progress: Progress | None = None
 
 
 @dataclass(frozen=True)
@@ -189,6 +250,10 @@ class OrderDetail:
     #: extra_params exactly as stored (may be anything a SQL writer put there)
     raw_extra_params: Any = None
     import_options: str | None = None
+
+    @property
+    def progress(self) -> Progress | None:
+        return self.summary.progress
 
 
 @dataclass(frozen=True)

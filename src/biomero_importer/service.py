@@ -149,7 +149,15 @@ async def assemble(
     executor = ThreadPoolExecutor(max_workers=settings.omero_threads, thread_name_prefix="omero")
     # Storage calls get their own threads: a hung mount must not starve OMERO calls.
     storage = ThreadPoolExecutor(max_workers=STORAGE_THREADS, thread_name_prefix="storage")
-    pipeline = Pipeline(settings, gateway, executor, store, metrics.observe_step, storage=storage)
+    pipeline = Pipeline(
+        settings,
+        gateway,
+        executor,
+        store,
+        metrics.observe_step,
+        storage=storage,
+        observe_progress=metrics.order_progress,
+    )
     dispatcher = Dispatcher(
         store=store,
         pipeline=pipeline,

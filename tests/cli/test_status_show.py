@@ -9,6 +9,20 @@ from biomero_importer.db.migrate import is_at_head
 from tests.cli.conftest import CliSetup, ainvoke, append_stage, execute, invoke
 from tests.support import insert_order, make_settings, make_tiffs, write_config
 
+# What a replica records on a running order's queue row, 3 s ago.
+PROGRESS = (
+    "UPDATE importer_orders SET progress = $2::json, progress_at = now() - interval '3 s'"
+    " WHERE uuid = $1"
+)
+RUNNING_PROGRESS = {
+    "step": "import",
+    "units_done": 1,
+    "units_total": 2,
+    "current_file": "image1.tif",
+    "bytes_done": 1500,
+    "bytes_total": 2_400_000,
+}
+
 
 async def _orders(setup: CliSetup) -> dict[str, str]:
     files = make_tiffs(setup.root, 2)
@@ -25,6 +39,7 @@ async def _orders(setup: CliSetup) -> dict[str, str]:
     await append_stage(setup.url, orders["failed"], "Import Started")
     await append_stage(setup.url, orders["failed"], "Import Failed", "File not found: " + "x" * 200)
     await append_stage(setup.url, orders["running"], "Import Started")
+    await execute(setup.url, PROGRESS, orders["running"], json.dumps(RUNNING_PROGRESS))
     await execute(
         setup.url,
         "UPDATE importer_orders SET updated_at = now() - interval '3 days' WHERE uuid = $1",
@@ -70,6 +85,10 @@ async def test_status_filters(cli_setup: CliSetup) -> None:
     assert record["stage"] == "Import Started"
     assert record["destination_type"] == "Screen"
     assert record["files"] == 2
+    progress = record["progress"]
+    assert isinstance(progress, dict) and progress.pop("recorded_at")
+    assert progress == RUNNING_PROGRESS
+    assert all(r["progress"] is None for r in everything if r["uuid"] != orders["running"])
 
 
 async def test_status_table(cli_setup: CliSetup) -> None:
@@ -77,8 +96,10 @@ async def test_status_table(cli_setup: CliSetup) -> None:
     result = await ainvoke("status", "--config", cli_setup.config)
     assert result.exit_code == 0, result.output
     lines = result.stdout.splitlines()
-    assert lines[0].split()[:3] == ["UUID", "STAGE", "USER"]
+    assert lines[0].split()[:4] == ["UUID", "STAGE", "PROGRESS", "USER"]
     assert len(lines) == 2 + len(orders)
+    running_line = next(line for line in lines if orders["running"] in line)
+    assert running_line.split()[1:6] == ["Import", "Started", "import", "1/2", "bob"]
     failed_line = next(line for line in lines if orders["failed"] in line)
     assert "Import Failed" in failed_line
     assert "File not found: xxx" in failed_line
@@ -154,3 +175,24 @@ def test_read_commands_never_migrate(database_url: str, tmp_path: Path, import_r
         assert result.exit_code == 2, result.output
         assert "biomero-importer migrate" in result.stderr
     assert is_at_head(database_url) == (False, None)
+
+
+async def test_show_tells_where_a_running_order_is(cli_setup: CliSetup) -> None:
+    order = await insert_order(cli_setup.url, make_tiffs(cli_setup.root, 2))
+    await append_stage(cli_setup.url, order, "Import Started")
+    await execute(cli_setup.url, PROGRESS, order, json.dumps(RUNNING_PROGRESS))
+    text = await ainvoke("show", order, "--config", cli_setup.config)
+    assert text.exit_code == 0, text.output
+    (line,) = [line for line in text.stdout.splitlines() if line.startswith("Progress")]
+    assert line.split(None, 1)[1] == (
+        "import 1/2, 1.5 kB of 2.4 MB, image1.tif (recorded 3 s ago)"
+    ), line
+    record = json.loads(
+        (await ainvoke("show", order, "--json", "--config", cli_setup.config)).stdout
+    )
+    assert record["progress"]["units_done"] == 1
+    # the order ends: the stage trigger clears the progress, and show says so
+    await append_stage(cli_setup.url, order, "Import Completed")
+    text = await ainvoke("show", order, "--config", cli_setup.config)
+    (line,) = [line for line in text.stdout.splitlines() if line.startswith("Progress")]
+    assert line.split() == ["Progress", "-"]

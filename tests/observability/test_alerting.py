@@ -89,16 +89,16 @@ def test_every_alert_is_unit_tested() -> None:
 
 
 def _scrape(port: int, timeout: float = 30) -> set[str]:
-    """Every sample name of a replica's first answered /metrics."""
+    """Every sample name of a replica's first answered /metrics, and every metric it declares:
+    an idle replica exports the per-order progress gauges (HELP and TYPE) without samples."""
     deadline = time.monotonic() + timeout
     while True:
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
                 text = reply.read().decode()
-            return {
-                sample.name
-                for family in text_string_to_metric_families(text)
-                for sample in family.samples
+            families = list(text_string_to_metric_families(text))
+            return {family.name for family in families} | {
+                sample.name for family in families for sample in family.samples
             }
         except (urllib.error.URLError, OSError):
             if time.monotonic() > deadline:

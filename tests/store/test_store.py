@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import asyncpg
 import pytest
+import structlog
 
 from biomero_importer.db.urls import asyncpg_dsn
 from biomero_importer.model import (
@@ -21,7 +22,9 @@ from biomero_importer.model import (
     STAGE_IMPORTING,
     STAGE_INGEST_FAILED,
     STAGE_NEW_ORDER,
+    STAGE_PREPROCESSING,
     NewOrder,
+    Progress,
 )
 from biomero_importer.store import (
     Finish,
@@ -288,6 +291,86 @@ async def test_listing_filters_and_orders_newest_first(harness: Harness) -> None
     assert stats is not None and stats[0] == 2
 
 
+# --- progress of running orders -------------------------------------------------------------
+
+
+async def _progress(store: OrderStore, uuid: str) -> tuple[Progress | None, Progress | None]:
+    """The order's progress as ``status`` and as ``show`` read it."""
+    (summary,) = [o for o in await store.list_orders() if o.uuid == uuid]
+    detail = await store.order_detail(uuid)
+    assert detail is not None
+    return summary.progress, detail.progress
+
+
+async def test_progress_is_recorded_by_the_owner_only(harness: Harness) -> None:
+    order = new_order()
+    await harness.a.submit(order)
+    step = Progress("import", 12, 50, "image12.tif", 1200, 5000)
+    assert not await harness.a.record_progress(order.uuid, step)  # pending: nobody runs it
+    await harness.a.claim(1)
+    assert not await harness.b.record_progress(order.uuid, step)
+    assert await _progress(harness.a, order.uuid) == (None, None)
+    assert await harness.a.record_progress(order.uuid, step)
+    status, show = await _progress(harness.b, order.uuid)
+    assert status is not None and show == status
+    assert (status.step, status.units_done, status.units_total) == ("import", 12, 50)
+    assert (status.current_file, status.bytes_done, status.bytes_total) == (
+        "image12.tif",
+        1200,
+        5000,
+    )
+    assert status.recorded_at is not None
+    # a newer record replaces it, in the preprocessing stage as well
+    assert await harness.a.append_stage(order.uuid, STAGE_PREPROCESSING)
+    assert await harness.a.record_progress(order.uuid, Progress("preprocess"))
+    status, _ = await _progress(harness.a, order.uuid)
+    assert status == Progress("preprocess", recorded_at=status.recorded_at)
+
+
+async def test_progress_is_cleared_when_the_order_finishes(harness: Harness) -> None:
+    order = new_order()
+    await harness.a.submit(order)
+    await harness.a.claim(1)
+    assert await harness.a.record_progress(order.uuid, Progress("annotate", 3, 4))
+    assert await harness.a.finish(Finish(order.uuid, STAGE_IMPORTED, None))
+    assert await _progress(harness.a, order.uuid) == (None, None)
+    # a write that arrives after the end changes nothing
+    assert not await harness.a.record_progress(order.uuid, Progress("annotate", 4, 4))
+    assert await _progress(harness.a, order.uuid) == (None, None)
+
+
+async def test_progress_is_cleared_when_the_order_is_handed_back(harness: Harness) -> None:
+    order = new_order()
+    await harness.a.submit(order)
+    await harness.a.claim(1)
+    assert await harness.a.record_progress(order.uuid, Progress("import", 1, 2, "a.tif"))
+    assert await harness.a.finish(Finish(order.uuid, STAGE_NEW_ORDER, "shut down"))
+    assert await _progress(harness.a, order.uuid) == (None, None)
+    # the next run starts without the last run's progress
+    assert [c.uuid for c in await harness.b.claim(1)] == [order.uuid]
+    assert await _progress(harness.b, order.uuid) == (None, None)
+
+
+async def test_progress_of_a_recovered_order_is_cleared(harness: Harness) -> None:
+    order = new_order()
+    await harness.a.submit(order)
+    await harness.a.claim(1)
+    assert await harness.a.record_progress(order.uuid, Progress("import", 1, 2))
+    await harness.pass_time(LEASE * 2)
+    assert dict(await harness.b.recover_expired(max_attempts=2)) == {order.uuid: STAGE_NEW_ORDER}
+    assert await _progress(harness.a, order.uuid) == (None, None)
+
+
+async def test_progress_text_is_made_safe(harness: Harness) -> None:
+    order = new_order()
+    await harness.a.submit(order)
+    await harness.a.claim(1)
+    bad_name = b"caf\xe9\x00.tif".decode("utf-8", "surrogateescape")
+    assert await harness.a.record_progress(order.uuid, Progress("import", 0, 1, bad_name))
+    status, _ = await _progress(harness.a, order.uuid)
+    assert status is not None and status.current_file == "caf\\xe9\\0.tif"
+
+
 # --- fair scheduling ------------------------------------------------------------------------
 
 
@@ -525,3 +608,72 @@ async def test_done_notifications_are_pruned_after_the_retention_in_batches(
     assert await harness.b.prune_notifications(older_than=0, batch=10) == 0
     stats = await harness.a.notification_stats()
     assert stats is not None and stats[0] == 1  # the owed one stays
+
+
+@pytest.mark.parametrize(
+    "stored",
+    [
+        '{"step": "teleport", "units_done": 1}',
+        "[1, 2, 3]",
+        '"import"',
+        '{"step": "import", "units_done": "many", "units_total": -3, "current_file": 7}',
+    ],
+)
+async def test_a_progress_value_written_by_hand_never_breaks_the_reads(
+    migrated_url: str, stored: str
+) -> None:
+    """Any SQL client may write the column; status and show read what makes sense of it."""
+    url = asyncpg_dsn(migrated_url)
+    store = PostgresStore(url, worker_id="A", lease_seconds=LEASE, pool_size=2)
+    await store.open()
+    try:
+        order = new_order()
+        await store.submit(order)
+        await store.claim(1)
+        conn = await asyncpg.connect(url)
+        try:
+            await conn.execute(
+                "UPDATE importer_orders SET progress = $2::json, progress_at = now()"
+                " WHERE uuid = $1",
+                order.uuid,
+                stored,
+            )
+        finally:
+            await conn.close()
+        status, show = await _progress(store, order.uuid)
+        assert status == show
+        if status is not None:  # a known step with unusable numbers: the numbers read as 0
+            assert (status.units_done, status.units_total, status.current_file) == (0, 0, None)
+    finally:
+        await store.close()
+
+
+async def test_a_progress_write_the_database_cannot_take_gives_up_at_once(
+    migrated_url: str,
+) -> None:
+    """One attempt with a bound, never a wait: here a SQL client holds the order's row lock
+    in an open transaction. Logged once until a write works again, not once per write."""
+    url = asyncpg_dsn(migrated_url)
+    store = PostgresStore(url, worker_id="A", lease_seconds=60, pool_size=2)
+    store.progress_timeout = 0.3
+    await store.open()
+    holder = await asyncpg.connect(url)
+    try:
+        order = new_order()
+        await store.submit(order)
+        await store.claim(1)
+        lock = holder.transaction()
+        await lock.start()
+        await holder.execute("SELECT 1 FROM importer_orders WHERE uuid = $1 FOR UPDATE", order.uuid)
+        with structlog.testing.capture_logs() as logs:
+            for done in range(3):
+                assert not await store.record_progress(order.uuid, Progress("import", done, 3))
+            await lock.rollback()
+            assert await store.record_progress(order.uuid, Progress("import", 3, 3))
+        assert [e["event"] for e in logs] == ["progress_not_recorded", "progress_recorded_again"]
+        assert logs[0]["error"].startswith("TimeoutError")
+        status, _ = await _progress(store, order.uuid)
+        assert status is not None and status.units_done == 3
+    finally:
+        await holder.close()
+        await store.close()

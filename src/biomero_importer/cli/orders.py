@@ -14,7 +14,10 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.progress import BarColumn, SpinnerColumn, TaskID, TextColumn, TimeElapsedColumn
+from rich.progress import Progress as ProgressBar
 
+from biomero_importer.cli import progress as shown
 from biomero_importer.cli.common import (
     EXIT_FAILED,
     ConfigOption,
@@ -35,6 +38,7 @@ from biomero_importer.cli.common import (
 )
 from biomero_importer.model import (
     CANCELLED,
+    RUNNING_STAGES,
     STAGE_IMPORTED,
     STAGE_NEW_ORDER,
     TERMINAL_STAGES,
@@ -43,6 +47,7 @@ from biomero_importer.model import (
     OrderEvent,
     OrderSummary,
     PreprocessingSpec,
+    Progress,
 )
 from biomero_importer.options import to_column
 from biomero_importer.pipeline.plan import Plan, claimed_from_detail, plan_order, render_text
@@ -212,42 +217,74 @@ def _write(url: str, info: dict[str, Any]) -> None:
 
 
 class _Follower:
-    """Shows an order's new rows: a spinner with the stage on a terminal, plain lines else."""
+    """Shows an order's new rows and its progress: a live bar on a terminal (rich), plain
+    lines otherwise, one per change of the progress (step or units), never one per poll."""
 
     def __init__(self, order_uuid: str) -> None:
         self.order_uuid = order_uuid
         self.console = Console(stderr=True, highlight=False)
-        self.started = time.monotonic()
         self.stage = STAGE_NEW_ORDER
-        self.status = (
-            self.console.status(self._label(), spinner="dots") if self.console.is_terminal else None
-        )
+        self.progress: Progress | None = None
+        self.bar: ProgressBar | None = None
+        self.task = TaskID(0)
+        if self.console.is_terminal:
+            self.bar = ProgressBar(
+                SpinnerColumn(),
+                TextColumn("{task.description}", markup=False),
+                BarColumn(),
+                TimeElapsedColumn(),
+                console=self.console,
+            )
+            self.task = self.bar.add_task(self._label(), total=None)
 
     def _label(self) -> str:
-        return f"{self.order_uuid}  {self.stage}  {time.monotonic() - self.started:.1f}s"
+        label = f"{self.order_uuid}  {self.stage}"
+        if self.progress is not None:
+            label += f"  {shown.line(self.progress)}"
+        return label
 
     def __enter__(self) -> _Follower:
-        if self.status is not None:
-            self.status.start()
+        if self.bar is not None:
+            self.bar.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self.status is not None:
-            self.status.stop()
+        if self.bar is not None:
+            self.bar.stop()
 
     def event(self, event: OrderEvent) -> None:
         self.stage = event.stage
+        if event.stage not in RUNNING_STAGES:
+            self.progress = None  # what the stage trigger does to the stored progress
         line = f"{local_time(event.timestamp)}  {event.stage}"
         if event.description:
             line += f"  {event.description}"
-        if self.status is None:
+        if self.bar is None:
             typer.echo(line, err=True)
         else:
             self.console.print(line, markup=False)
+            self.tick()
+
+    def update(self, progress: Progress | None) -> None:
+        """The progress last read (None once the order is not running)."""
+        before, self.progress = self.progress, progress
+        if self.bar is None:
+            if progress is not None and (
+                before is None
+                or (before.step, before.units_done, before.units_total)
+                != (progress.step, progress.units_done, progress.units_total)
+            ):
+                typer.echo(f"  progress: {shown.line(progress)}", err=True)
+            return
+        self.tick()
 
     def tick(self) -> None:
-        if self.status is not None:
-            self.status.update(self._label())
+        if self.bar is None:
+            return
+        progress = self.progress
+        total = progress.units_total if progress is not None and progress.units_total else None
+        done = progress.units_done if progress is not None else 0
+        self.bar.update(self.task, description=self._label(), total=total, completed=done)
 
 
 async def _follow(
@@ -262,16 +299,16 @@ async def _follow(
             for event in await store.order_events(order_uuid, last_id):
                 follower.event(event)
                 last_id, last = event.id, event
-            state = await store.order_state(order_uuid)
-            assert state is not None, "the order was just written"
-            done = state.stage in TERMINAL_STAGES and state.latest_id <= last_id
+            # the detail, not the state: it carries the progress of a running order
+            detail = await store.order_detail(order_uuid)
+            assert detail is not None, "the order was just written"
+            stage = detail.summary.stage
+            done = stage in TERMINAL_STAGES and detail.latest_id <= last_id
             if done and last is not None:
                 return last.stage, last.description
             if deadline is not None and time.monotonic() > deadline:
-                raise fail(
-                    f"order {order_uuid} is still {state.stage} after {timeout:g}s", EXIT_FAILED
-                )
-            follower.tick()
+                raise fail(f"order {order_uuid} is still {stage} after {timeout:g}s", EXIT_FAILED)
+            follower.update(detail.progress)
             await asyncio.sleep(FOLLOW_INTERVAL)
 
 
@@ -481,6 +518,7 @@ def _status_record(row: OrderSummary) -> dict[str, Any]:
         "updated_at": iso(row.updated_at),
         "worker_id": row.worker_id,
         "description": row.description,
+        "progress": shown.record(row.progress),
     }
 
 
@@ -531,11 +569,22 @@ def status(
         return
     typer.echo(
         table(
-            ["UUID", "STAGE", "USER", "GROUP", "DESTINATION", "FILES", "UPDATED", "DESCRIPTION"],
+            [
+                "UUID",
+                "STAGE",
+                "PROGRESS",
+                "USER",
+                "GROUP",
+                "DESTINATION",
+                "FILES",
+                "UPDATED",
+                "DESCRIPTION",
+            ],
             [
                 [
                     r["uuid"],
                     r["stage"],
+                    shown.compact(row.progress),
                     r["user"],
                     r["group"],
                     f"{r['destination_type']} {r['destination_id']}",
@@ -583,6 +632,7 @@ def _detail_record(order: OrderDetail, events: list[OrderEvent]) -> dict[str, An
         "last_worker_id": order.last_worker_id,
         "lease_expires_at": iso(order.lease_expires_at),
         "cancel_requested": order.cancel_requested,
+        "progress": shown.record(order.progress),
         "preprocessing": preprocessing,
         "import_options": parse_json(order.import_options),
         "objects": order.objects,
@@ -610,6 +660,7 @@ def _print_detail(record: dict[str, Any], order: OrderDetail, events: list[Order
     fields = [
         ("Order", record["uuid"]),
         ("Stage", record["stage"]),
+        ("Progress", shown.detail(order.progress)),
         ("Description", record["description"] or "-"),
         ("User", record["user"]),
         ("Group", record["group"]),

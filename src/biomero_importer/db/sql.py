@@ -198,6 +198,14 @@ RECORD_OBJECTS = """
 UPDATE importer_orders SET objects = $3::json WHERE uuid = $1 AND worker_id = $2
 """
 
+# $1 uuid, $2 worker id, $3 progress json. Only the owner writes it; the stage trigger
+# (importer_order_stage_changed) clears it when the order leaves the running stages. Neither
+# updated_at nor an indexed column changes, so it stays a cheap (HOT) update.
+RECORD_PROGRESS = """
+UPDATE importer_orders SET progress = $3::json, progress_at = now()
+WHERE uuid = $1 AND worker_id = $2 AND stage IN ('Import Started', 'Import Preprocessing')
+"""
+
 # $1 worker id, $2 uuids, $3 lease seconds. Never waits for a row lock (a client holding
 # one in an open transaction must not stall every lease): locked rows are skipped and come
 # back owned but not renewed; rows no longer ours do not come back at all.
@@ -319,7 +327,8 @@ VALUES ($1, $2, $3, $4, 'Import Pending', $5, $6, $7, $8)
 # their ``imports`` index and reach the queue row through latest_id.
 ORDER_STATUS = """
 SELECT o.uuid, o.stage, o.updated_at, o.worker_id, i.user_name, i.group_name,
-       i.destination_type, i.destination_id, i.files, i.description
+       i.destination_type, i.destination_id, i.files, i.description,
+       o.progress::text AS progress, o.progress_at
 FROM importer_orders o JOIN imports i ON i.id = o.latest_id
 WHERE ($1::text IS NULL OR i.user_name = $1)
   AND ($2::text IS NULL OR i.group_name = $2)
@@ -333,7 +342,7 @@ LIMIT $5
 ORDER_DETAIL = """
 SELECT o.uuid, o.stage, o.latest_id, o.queued_at, o.updated_at, o.worker_id,
        o.last_worker_id, o.lease_expires_at, o.attempts, o.runs, o.cancel_requested,
-       o.objects::text AS objects,
+       o.objects::text AS objects, o.progress::text AS progress, o.progress_at,
        i.group_name, i.user_name, i.destination_type, i.destination_id, i.files, i.file_names,
        i.description, i.preprocessing_id, i.import_options, p.container, p.input_file,
        p.output_folder, p.alt_output_folder, p.extra_params::text AS extra_params

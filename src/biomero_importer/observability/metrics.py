@@ -20,6 +20,8 @@ from prometheus_client import (
     ProcessCollector,
 )
 
+from biomero_importer.model import Progress
+
 Outcome = Literal["completed", "failed", "cancelled", "handed_back"]
 Step = Literal["validate", "preprocess", "import", "annotate"]
 LeaseOutcome = Literal["requeued", "failed"]
@@ -188,6 +190,43 @@ class Metrics:
             registry=reg,
         )
 
+        # Progress of the orders running on this replica, one series per order (and step):
+        # at most max_workers orders at a time, each removed when its order ends. Summed
+        # over replicas they give the progress of everything running.
+        self.order_units_done = Gauge(
+            "order_units_done",
+            "Import units (files, folders or converter outputs) a running order has finished"
+            " in its current step.",
+            ["order_uuid", "step"],
+            namespace=NAMESPACE,
+            registry=reg,
+        )
+        self.order_units_total = Gauge(
+            "order_units_total",
+            "Import units of a running order's current step.",
+            ["order_uuid", "step"],
+            namespace=NAMESPACE,
+            registry=reg,
+        )
+        self.order_bytes_done = Gauge(
+            "order_bytes_done",
+            "Bytes a running order has imported (while importing plain files; sizes of"
+            " folders are not known).",
+            ["order_uuid"],
+            namespace=NAMESPACE,
+            registry=reg,
+        )
+        self.order_bytes_total = Gauge(
+            "order_bytes_total",
+            "Bytes a running order imports (while importing plain files).",
+            ["order_uuid"],
+            namespace=NAMESPACE,
+            registry=reg,
+        )
+        # the series each order has, to remove them (prometheus_client lists none)
+        self._progress_steps: dict[str, str] = {}
+        self._progress_bytes: set[str] = set()
+
         for outcome in OUTCOMES:
             self.orders_finished.labels(outcome=outcome)
         for step in STEPS:
@@ -204,6 +243,27 @@ class Metrics:
 
     def observe_step(self, step: Step, seconds: float) -> None:
         self.step_duration.labels(step=step).observe(seconds)
+
+    def order_progress(self, uuid: str, progress: Progress | None) -> None:
+        """Export an order's progress; None (its end) removes its series."""
+        step = self._progress_steps.get(uuid)
+        if step is not None and (progress is None or progress.step != step):
+            for gauge in (self.order_units_done, self.order_units_total):
+                gauge.remove(uuid, step)
+            del self._progress_steps[uuid]
+        if uuid in self._progress_bytes and (progress is None or progress.bytes_total is None):
+            for gauge in (self.order_bytes_done, self.order_bytes_total):
+                gauge.remove(uuid)
+            self._progress_bytes.discard(uuid)
+        if progress is None:
+            return
+        self._progress_steps[uuid] = progress.step
+        self.order_units_done.labels(uuid, progress.step).set(progress.units_done)
+        self.order_units_total.labels(uuid, progress.step).set(progress.units_total)
+        if progress.bytes_total is not None:
+            self.order_bytes_done.labels(uuid).set(progress.bytes_done or 0)
+            self.order_bytes_total.labels(uuid).set(progress.bytes_total)
+            self._progress_bytes.add(uuid)
 
     def lease_recovered(self, outcome: LeaseOutcome, count: int = 1) -> None:
         self.recovered_leases.labels(outcome=outcome).inc(count)

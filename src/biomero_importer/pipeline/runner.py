@@ -30,6 +30,7 @@ from biomero_importer.model import (
     ClaimedOrder,
     Order,
     Outcome,
+    Progress,
 )
 from biomero_importer.observability.metrics import Step
 from biomero_importer.omero.metadata import build_annotation_pairs
@@ -42,6 +43,7 @@ from biomero_importer.omero.port import (
     OmeroGateway,
     OmeroSession,
 )
+from biomero_importer.pipeline.progress import ProgressReporter, file_sizes
 from biomero_importer.pipeline.validate import InvalidOrder, validate
 from biomero_importer.preprocessing import (
     PreprocessingError,
@@ -94,6 +96,8 @@ class StageSink(Protocol):
     async def append_stage(self, uuid: str, stage: str, description: str | None = None) -> bool: ...
 
     async def record_objects(self, uuid: str, objects: list[dict[str, Any]]) -> None: ...
+
+    async def record_progress(self, uuid: str, progress: Progress) -> bool: ...
 
 
 @dataclass(frozen=True)
@@ -217,6 +221,7 @@ class Pipeline:
         observe_step: Callable[[Step, float], None] | None = None,
         *,
         storage: Executor | None = None,
+        observe_progress: Callable[[str, Progress | None], None] | None = None,
     ) -> None:
         self.settings = settings
         self.gateway = gateway
@@ -224,15 +229,32 @@ class Pipeline:
         self.storage = storage or executor
         self.sink = sink
         self.observe_step = observe_step
+        #: hears every progress state of every order, and (uuid, None) when one ends
+        self.observe_progress = observe_progress
 
     async def run(self, claimed: ClaimedOrder) -> Outcome:
         """Run one claimed order; always returns the terminal outcome (cancellation propagates)."""
+        observe = self.observe_progress
+        progress = ProgressReporter(
+            claimed.uuid,
+            self.sink,
+            observe=None if observe is None else partial(observe, claimed.uuid),
+        )
+        # the writer is this task's child: stopped on every way out, a cancel included
+        progress.start()
+        try:
+            return await self._run(claimed, progress)
+        finally:
+            await progress.stop()
+
+    async def _run(self, claimed: ClaimedOrder, progress: ProgressReporter) -> Outcome:
         file_names: list[str] | None = None
         ledger = ObjectLedger(claimed.recorded_objects)
         # What a completed order skipped on purpose (a metadata.csv linking elsewhere).
         notes: list[str] = []
         try:
             with self._step("validate"):
+                progress.start_step("validate")
                 watch = _PathWatch(claimed.files)
                 order = await self._storage(
                     watch, partial(validate, claimed, self.settings.effective_import_roots, watch)
@@ -241,7 +263,7 @@ class Pipeline:
                 if order.preprocessing is not None:
                     validate_preprocessing(order, self.settings)
             try:
-                await self._import_order(order, claimed, ledger, notes)
+                await self._import_order(order, claimed, ledger, notes, progress)
             except asyncio.CancelledError:
                 await self._save_on_stop(claimed.uuid, ledger)
                 raise
@@ -279,6 +301,15 @@ class Pipeline:
             raise InvalidOrder(
                 f"Storage did not answer within {timeout:g} s: {short(watch.current)}"
             ) from None
+
+    async def _unit_sizes(self, units: list[ImportUnit]) -> list[int | None]:
+        """Each unit's size in bytes for its progress (None: a folder, or not known now).
+        One stat per unit in a storage thread; storage that does not answer fails the order
+        here, as the re-check before the first import would a moment later."""
+        watch = _PathWatch(str(units[0].path) if units else "")
+        return await self._storage(
+            watch, partial(file_sizes, [u.checked or u.path for u in units], watch)
+        )
 
     def _step(self, name: Step) -> _StepTimer:
         return _StepTimer(name, self.observe_step)
@@ -341,7 +372,12 @@ class Pipeline:
         return sessions.current
 
     async def _import_order(
-        self, order: Order, claimed: ClaimedOrder, ledger: ObjectLedger, notes: list[str]
+        self,
+        order: Order,
+        claimed: ClaimedOrder,
+        ledger: ObjectLedger,
+        notes: list[str],
+        progress: ProgressReporter,
     ) -> None:
         items: list[ProcessedItem] = []
         temp_dir: Path | None = None
@@ -349,6 +385,7 @@ class Pipeline:
             await self.sink.append_stage(order.uuid, STAGE_PREPROCESSING)
             structlog.contextvars.bind_contextvars(stage=STAGE_PREPROCESSING)
             with self._step("preprocess"):
+                progress.start_step("preprocess")  # one container run: no units to count
                 result = await run_preprocessing(order, self.settings, log=log)
             items, temp_dir = result.items, result.temp_dir
             units = [
@@ -364,12 +401,30 @@ class Pipeline:
             check_existing = claimed.runs > 1 or bool(ledger.records)
             imported: list[tuple[ImportUnit, list[ImportedObject]]] = []
             with self._step("import"):
-                for unit in units:
+                # bytes only when every unit is a plain file: a total that leaves out folders
+                # would make the progress wrong, not merely coarse
+                sizes = await self._unit_sizes(units)
+                known = None if None in sizes else [size or 0 for size in sizes]
+                progress.start_step(
+                    "import", len(units), bytes_total=None if known is None else sum(known)
+                )
+                bytes_done = 0
+                for done, unit in enumerate(units):
+                    progress.advance(
+                        units_done=done,
+                        current_file=unit.path.name,
+                        bytes_done=None if known is None else bytes_done,
+                    )
                     session = await self._fresh_session(sessions, order)
                     objects = await self._import_unit(session, order, unit, ledger, check_existing)
                     imported.append((unit, objects))
                     if unit.item is not None:
                         await self._finish_item(session, unit.item, objects)
+                    bytes_done += 0 if known is None else known[done]
+                progress.advance(
+                    units_done=len(units), bytes_done=None if known is None else bytes_done
+                )
+                progress.end_step()
             # The invariant before 'Import Completed': every unit brought at least one object.
             empty = [unit.path.name for unit, objects in imported if not objects]
             if empty:
@@ -379,7 +434,7 @@ class Pipeline:
                     + (", ..." if len(empty) > 10 else "")
                 )
             with self._step("annotate"):
-                await self._annotate(sessions, order, imported, ledger, notes)
+                await self._annotate(sessions, order, imported, ledger, notes, progress=progress)
         finally:
             await self._close_session(sessions.current)
         if temp_dir is not None:
@@ -498,10 +553,14 @@ class Pipeline:
         imported: list[tuple[ImportUnit, list[ImportedObject]]],
         ledger: ObjectLedger,
         notes: list[str],
+        *,
+        progress: ProgressReporter,
     ) -> None:
         now = datetime.now(timezone.utc)
         roots = paths.import_area(self.settings.effective_import_roots)
-        for unit, objects in imported:
+        progress.start_step("annotate", len(imported))
+        for done, (unit, objects) in enumerate(imported):
+            progress.advance(units_done=done, current_file=unit.path.name)
             keyvalues = unit.item.keyvalues if unit.item is not None else None
             # reads metadata.csv beside the data: storage work
             pairs = await self._storage(
@@ -531,6 +590,8 @@ class Pipeline:
                 )
                 ledger.mark_annotated(obj)
                 await ledger.save_if_due(self.sink, order.uuid)
+        progress.advance(units_done=len(imported))
+        progress.end_step()
 
 
 def _close_late_session(future: asyncio.Future[OmeroSession]) -> None:

@@ -23,6 +23,7 @@ from biomero_importer.model import (
     OrderEvent,
     OrderState,
     OrderSummary,
+    Progress,
 )
 
 
@@ -169,6 +170,12 @@ class OrderStore(abc.ABC):
 
     @abc.abstractmethod
     async def record_objects(self, uuid: str, objects: list[dict[str, Any]]) -> None: ...
+
+    @abc.abstractmethod
+    async def record_progress(self, uuid: str, progress: Progress) -> bool:
+        """Best effort, one attempt and never waiting out an outage (progress is for people
+        watching; it must not stall the order): True once written, False when the database
+        did not answer or this replica does not own the running order."""
 
     @abc.abstractmethod
     async def finish(self, item: Finish) -> bool:

@@ -33,6 +33,7 @@ from biomero_importer.model import (
     OrderEvent,
     OrderState,
     OrderSummary,
+    Progress,
 )
 from biomero_importer.store.base import (
     CancelResult,
@@ -77,6 +78,9 @@ class _Order:
     runs: int = 0
     cancel_requested: bool = False
     objects: list[dict[str, Any]] | None = None
+    # importer_orders.progress as stored (JSON text) and progress_at
+    progress: str | None = None
+    progress_at: float | None = None
 
     @property
     def stage(self) -> str:
@@ -106,6 +110,13 @@ def _check(value: str | None) -> None:
     value.encode("utf-8")  # UnicodeEncodeError for lone surrogates (undecodable file names)
     if "\x00" in value:
         raise ValueError("invalid byte sequence for encoding UTF8: 0x00")
+
+
+def _stage_changed(order: _Order) -> None:
+    """The stage trigger's part for progress (``importer_order_stage_changed``): an order out
+    of the running stages has none."""
+    if order.stage not in RUNNING_STAGES:
+        order.progress = order.progress_at = None
 
 
 def _fair_pick(orders: list[_Order], slots: int, cap: int | None) -> list[_Order]:
@@ -208,7 +219,8 @@ class MemoryStore(OrderStore):
         )
         order.rows.append(row)
         order.updated_at = self.clock()
-        if stage in TERMINAL_STAGES and previous not in TERMINAL_STAGES:
+        _stage_changed(order)
+        if stage in TERMINAL_STAGES and previous is not None and previous not in TERMINAL_STAGES:
             # the stage trigger: one outbox row per outcome, in the outcome's transaction
             # (a duplicate submission of a finished order rewrites the same stage: none)
             entry_id = max(self._outbox, default=0) + 1
@@ -266,6 +278,18 @@ class MemoryStore(OrderStore):
         order = self._owned(uuid)
         if order is not None:
             order.objects = json.loads(safe_json(objects))
+
+    async def record_progress(self, uuid: str, progress: Progress) -> bool:
+        # one attempt: an outage answers False at once, as PostgresStore's timeout would
+        if not self.available or self._closing:
+            return False
+        order = self._owned(uuid)
+        if order is None or order.stage not in RUNNING_STAGES:
+            return False
+        text = safe_json(progress.as_json())
+        _check(text)
+        order.progress, order.progress_at = text, self.clock()
+        return True
 
     async def finish(self, item: Finish) -> bool:
         await self._gate("finish", retry=not self._closing)
@@ -394,6 +418,7 @@ class MemoryStore(OrderStore):
         order.queued_at = self.clock()
         for row in order.rows:
             row.stage = STAGE_NEW_ORDER
+        _stage_changed(order)
 
     async def list_orders(
         self,
@@ -419,6 +444,12 @@ class MemoryStore(OrderStore):
 
     def _summary(self, order: _Order) -> OrderSummary:
         new = order.new
+        progress = None
+        if order.progress is not None and order.progress_at is not None:
+            progress = Progress.from_json(
+                json.loads(order.progress),
+                datetime.fromtimestamp(order.progress_at, timezone.utc),
+            )
         return OrderSummary(
             uuid=new.uuid,
             stage=order.stage,
@@ -430,6 +461,7 @@ class MemoryStore(OrderStore):
             destination_id=new.destination_id,
             files=new.files,
             description=order.rows[-1].description,
+            progress=progress,
         )
 
     async def order_detail(self, uuid: str) -> OrderDetail | None:

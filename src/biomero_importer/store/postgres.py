@@ -32,6 +32,7 @@ from biomero_importer.model import (
     OrderState,
     OrderSummary,
     PreprocessingSpec,
+    Progress,
 )
 from biomero_importer.store.base import (
     CancelResult,
@@ -54,6 +55,8 @@ log = structlog.get_logger(__name__)
 T = TypeVar("T")
 
 FINISH_BATCH = 500
+# Seconds one progress write may take: it is one attempt, made for people watching.
+PROGRESS_TIMEOUT = 2.0
 UNRECORDABLE = "The importer could not record this order's result; see its logs"
 
 
@@ -85,6 +88,9 @@ class PostgresStore(OrderStore):
         self.healthy_since = time.monotonic()
         self._last_outage_log = 0.0
         self._serving = False
+        # progress writes failing since the last one that worked: logged once per outage
+        self._progress_failing = False
+        self.progress_timeout = PROGRESS_TIMEOUT
 
     async def open(self) -> None:
         self._pool = await self._retry("connect", self._create_pool)
@@ -200,6 +206,32 @@ class PostgresStore(OrderStore):
             await self.pool.execute(sql.RECORD_OBJECTS, uuid, self.worker_id, payload)
 
         await self._retry("record_objects", attempt)
+
+    async def record_progress(self, uuid: str, progress: Progress) -> bool:
+        if self._closing.is_set():
+            return False
+        payload = safe_json(progress.as_json())
+        try:
+            status = await asyncio.wait_for(
+                self.pool.execute(sql.RECORD_PROGRESS, uuid, self.worker_id, payload),
+                timeout=self.progress_timeout,
+            )
+        except Exception as exc:
+            # Whatever went wrong, the order goes on: the next write tries again.
+            if not self._progress_failing:
+                self._progress_failing = True
+                log.warning(
+                    "progress_not_recorded",
+                    order_uuid=uuid,
+                    kind=classify(exc).value,
+                    error=f"{type(exc).__name__}: {exc}"[:200],
+                    note="logged once until a progress write works again",
+                )
+            return False
+        if self._progress_failing:
+            self._progress_failing = False
+            log.info("progress_recorded_again")
+        return bool(status == "UPDATE 1")
 
     async def finish(self, item: Finish) -> bool:
         if not self._serving:
@@ -544,6 +576,8 @@ def _summary(row: asyncpg.Record) -> OrderSummary:
         destination_id=row["destination_id"],
         files=row["files"],
         description=row["description"],
+        # any SQL client can write the column: what is not a progress record reads as none
+        progress=Progress.from_json(_json(row["progress"]), row["progress_at"]),
     )
 
 
