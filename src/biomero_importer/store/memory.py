@@ -74,6 +74,9 @@ class _Order:
     runs: int = 0
     cancel_requested: bool = False
     objects: list[dict[str, Any]] | None = None
+    not_before: float | None = None
+    waiting_since: float | None = None
+    retries: int = 0
 
     @property
     def stage(self) -> str:
@@ -89,9 +92,10 @@ def _check(value: str | None) -> None:
         raise ValueError("invalid byte sequence for encoding UTF8: 0x00")
 
 
-def _fair_pick(orders: list[_Order], slots: int, cap: int | None) -> list[_Order]:
+def _fair_pick(orders: list[_Order], slots: int, cap: int | None, now: float) -> list[_Order]:
     """The claim's policy (``db/sql.py`` ``CLAIM``): by the load an order would give its user,
-    then its group, then oldest first; never a user past ``cap`` running orders."""
+    then its group, then oldest first; never a user past ``cap`` running orders, never an
+    order whose ``not_before`` is still ahead."""
     user_running: Counter[str] = Counter()
     group_running: Counter[str] = Counter()
     for order in orders:
@@ -102,7 +106,10 @@ def _fair_pick(orders: list[_Order], slots: int, cap: int | None) -> list[_Order
         (
             o
             for o in orders
-            if o.stage == STAGE_NEW_ORDER and o.worker_id is None and not o.cancel_requested
+            if o.stage == STAGE_NEW_ORDER
+            and o.worker_id is None
+            and not o.cancel_requested
+            and (o.not_before is None or o.not_before <= now)
         ),
         key=lambda o: o.queued_at,
     )
@@ -125,6 +132,10 @@ def _fair_pick(orders: list[_Order], slots: int, cap: int | None) -> list[_Order
         by_group[group] += 1
     candidates.sort(key=lambda o: (user_load[o.new.uuid], group_load[o.new.uuid], o.queued_at))
     return candidates[:slots]
+
+
+def _when(epoch: float | None) -> datetime | None:
+    return None if epoch is None else datetime.fromtimestamp(epoch, timezone.utc)
 
 
 class MemoryStore(OrderStore):
@@ -177,6 +188,11 @@ class MemoryStore(OrderStore):
     def _append(self, order: _Order, stage: str, description: str | None) -> _Row:
         _check(description)
         _check(order.rows[-1].file_names if order.rows else None)
+        if stage in TERMINAL_STAGES and order.rows and order.stage not in TERMINAL_STAGES:
+            # the stage trigger (importer_order_stage_changed): an order that ends forgets its
+            # wait and retry state, so a later retry starts afresh
+            order.not_before = order.waiting_since = None
+            order.retries = 0
         self._ids[0] += 1
         row = _Row(
             self._ids[0],
@@ -192,7 +208,7 @@ class MemoryStore(OrderStore):
     # --- the dispatcher ------------------------------------------------------------------
     async def claim(self, slots: int) -> list[ClaimedOrder]:
         await self._gate("claim", retry=True)
-        ready = _fair_pick(list(self._db.values()), slots, self.max_running_per_user)
+        ready = _fair_pick(list(self._db.values()), slots, self.max_running_per_user, self.clock())
         claimed = []
         for order in ready:
             order.worker_id = order.last_worker_id = self.worker_id
@@ -217,6 +233,9 @@ class MemoryStore(OrderStore):
                     queued_at=order.queued_at,
                     recorded_objects=copy.deepcopy(order.objects or []),
                     import_options=new.import_options,
+                    retries=order.retries,
+                    waiting_since=order.waiting_since,
+                    not_before=order.not_before,
                 )
             )
         return claimed
@@ -257,6 +276,11 @@ class MemoryStore(OrderStore):
         if item.stage == STAGE_NEW_ORDER:
             order.attempts -= 1
             order.queued_at = self.clock()
+        order.not_before = None if item.delay is None else self.clock() + item.delay
+        if item.transient_retry:
+            order.retries += 1
+        if item.settling and order.waiting_since is None:
+            order.waiting_since = self.clock()
         row = self._append(order, item.stage, description)
         if file_names is not None:
             row.file_names = file_names
@@ -426,6 +450,9 @@ class MemoryStore(OrderStore):
             preprocessing=spec,
             raw_extra_params=None if spec is None else (spec.extra_params or None),
             import_options=order.new.import_options,
+            not_before=_when(order.not_before),
+            waiting_since=_when(order.waiting_since),
+            retries=order.retries,
         )
 
     async def order_events(self, uuid: str, after_id: int = 0) -> list[OrderEvent]:
