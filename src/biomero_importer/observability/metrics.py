@@ -23,10 +23,13 @@ from prometheus_client import (
 Outcome = Literal["completed", "failed", "cancelled", "handed_back"]
 Step = Literal["validate", "preprocess", "import", "annotate"]
 LeaseOutcome = Literal["requeued", "failed"]
+# why an order was put back to wait: its files still changing, or a transient failure
+WaitReason = Literal["settle", "omero", "storage", "container_runtime"]
 
 OUTCOMES: tuple[Outcome, ...] = ("completed", "failed", "cancelled", "handed_back")
 STEPS: tuple[Step, ...] = ("validate", "preprocess", "import", "annotate")
 LEASE_OUTCOMES: tuple[LeaseOutcome, ...] = ("requeued", "failed")
+WAIT_REASONS: tuple[WaitReason, ...] = ("settle", "omero", "storage", "container_runtime")
 # The checks behind /healthz, exported too: Prometheus scrapes /metrics, not /healthz.
 HEALTH_CHECKS = ("process", "database", "listener", "helpers")
 
@@ -148,6 +151,15 @@ class Metrics:
             registry=reg,
         )
 
+        self.order_waits = Counter(
+            "order_waits",
+            "Orders put back to wait instead of running or failing: settle (files still"
+            " changing) or the transient failure retried automatically.",
+            ["reason"],
+            namespace=NAMESPACE,
+            registry=reg,
+        )
+
         self.health_check = Gauge(
             "health_check",
             "1 while a check behind /healthz passes, 0 while it fails (/healthz is then 503).",
@@ -162,12 +174,17 @@ class Metrics:
             self.step_duration.labels(step=step)
         for lease_outcome in LEASE_OUTCOMES:
             self.recovered_leases.labels(outcome=lease_outcome)
+        for reason in WAIT_REASONS:
+            self.order_waits.labels(reason=reason)
 
     def order_finished(self, outcome: Outcome) -> None:
         self.orders_finished.labels(outcome=outcome).inc()
 
     def observe_step(self, step: Step, seconds: float) -> None:
         self.step_duration.labels(step=step).observe(seconds)
+
+    def order_waited(self, reason: WaitReason) -> None:
+        self.order_waits.labels(reason=reason).inc()
 
     def lease_recovered(self, outcome: LeaseOutcome, count: int = 1) -> None:
         self.recovered_leases.labels(outcome=outcome).inc(count)
