@@ -31,7 +31,7 @@ from biomero_importer.model import (
     Outcome,
 )
 from biomero_importer.observability.health import HealthState
-from biomero_importer.observability.metrics import Metrics
+from biomero_importer.observability.metrics import Metrics, WaitReason
 from biomero_importer.observability.metrics import Outcome as OutcomeLabel
 from biomero_importer.pipeline.runner import Pipeline
 from biomero_importer.store import Finish, OrderStore, StoreClosed, StoreUnavailable
@@ -340,7 +340,8 @@ class Dispatcher:
             log.warning("order_not_owned_any_more", stage=outcome.stage)
             return
         if item.delay is not None:
-            reason = "settle" if outcome.settling else outcome.transient or "settle"
+            # a wait is either a settle wait or the retry of a transient failure
+            reason: WaitReason = "settle" if outcome.transient is None else outcome.transient
             self.metrics.order_waited(reason)
             log.info("order_waits", reason=reason, seconds=round(item.delay, 1))
             self._wake_at(item.delay)
