@@ -9,6 +9,10 @@ second, so both sizes are measured on one database.
 
     python benchmarks/claim.py
     python benchmarks/claim.py --history 10000 1000000 --pending 10000 --users 1 50 1000 --json
+    python benchmarks/claim.py --history 10000 --users 1 50 --waiting 0 5000 9000
+
+--waiting N makes the N first-queued orders wait (``not_before`` a day ahead), as orders do
+during an OMERO outage: the claim skips them, and this shows what skipping costs.
 """
 
 from __future__ import annotations
@@ -41,6 +45,21 @@ async def queue_pending(url: str, pending: int, users: int, tag: str) -> None:
             " $3 || '-' || n, '[\"/data/x.tif\"]' FROM generate_series(0, $1 - 1) n",
             pending,
             users,
+            tag,
+        )
+        await conn.execute("ANALYZE importer_orders")
+    finally:
+        await conn.close()
+
+
+async def make_waiting(url: str, waiting: int, tag: str) -> None:
+    """The ``waiting`` first orders of ``queue_pending`` wait a day (``not_before``)."""
+    conn = await asyncpg.connect(url)
+    try:
+        await conn.execute(
+            "UPDATE importer_orders SET not_before = now() + interval '1 day'"
+            " WHERE uuid IN (SELECT $2 || '-' || n FROM generate_series(0, $1 - 1) n)",
+            waiting,
             tag,
         )
         await conn.execute("ANALYZE importer_orders")
@@ -90,19 +109,28 @@ async def run(args: argparse.Namespace) -> list[dict[str, Any]]:
             await fill_history(url, history - filled)
             filled = history
             for users in args.users:
-                await drop_pending(url)
-                await queue_pending(url, args.pending, users, f"h{history}-u{users}")
-                timing = await time_claims(url, args.rounds, args.slots)
-                result = {"history_rows": history, "pending": args.pending, "users": users}
-                results.append({**result, **timing})
-                if not args.json:  # as each case ends: the large history takes minutes
-                    print(describe(results[-1], args.slots), flush=True)
+                for waiting in args.waiting:
+                    await drop_pending(url)
+                    tag = f"h{history}-u{users}-w{waiting}"
+                    await queue_pending(url, args.pending, users, tag)
+                    await make_waiting(url, waiting, tag)
+                    timing = await time_claims(url, args.rounds, args.slots)
+                    result = {
+                        "history_rows": history,
+                        "pending": args.pending,
+                        "users": users,
+                        "waiting": waiting,
+                    }
+                    results.append({**result, **timing})
+                    if not args.json:  # as each case ends: the large history takes minutes
+                        print(describe(results[-1], args.slots), flush=True)
     return results
 
 
 def describe(r: dict[str, Any], slots: int) -> str:
     return (
-        f"history={r['history_rows']:>9,} pending={r['pending']:,} users={r['users']:>5}:"
+        f"history={r['history_rows']:>9,} pending={r['pending']:,} users={r['users']:>5}"
+        f" waiting={r['waiting']:>6,}:"
         f" claim of {slots} p50={r['claim_p50_ms']:.2f} ms"
         f" p99={r['claim_p99_ms']:.2f} ms mean={r['claim_mean_ms']:.2f} ms"
     )
@@ -113,6 +141,9 @@ def main() -> None:
     parser.add_argument("--history", type=int, nargs="+", default=[10_000, 1_000_000])
     parser.add_argument("--pending", type=int, default=10_000)
     parser.add_argument("--users", type=int, nargs="+", default=[1, 50, 1000])
+    parser.add_argument(
+        "--waiting", type=int, nargs="+", default=[0], help="of them waiting (not_before ahead)"
+    )
     parser.add_argument("--slots", type=int, default=4, help="orders per claim")
     parser.add_argument("--rounds", type=int, default=300, help="claims per case")
     parser.add_argument("--database-url", default=None)

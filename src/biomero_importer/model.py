@@ -92,6 +92,12 @@ class ClaimedOrder:
     preprocessing_problem: str | None = None
     # ``imports.import_options``: the order's ImportOptions as JSON text, NULL for none
     import_options: str | None = None
+    #: automatic retries of transient failures used so far (reset when the order ends)
+    retries: int = 0
+    #: epoch seconds the order first waited for its files to settle, None if it has not
+    waiting_since: float | None = None
+    #: epoch seconds it was not to be claimed before (None: it did not wait)
+    not_before: float | None = None
 
 
 @dataclass(frozen=True)
@@ -112,6 +118,17 @@ class Order:
     checked: dict[Path, Path] = field(default_factory=dict)
 
 
+#: Failures that pass: OMERO unreachable, shared storage not answering, the container runtime
+#: not available. Orders failing so are retried automatically (``transient_retries``).
+TransientKind = Literal["omero", "storage", "container_runtime"]
+TRANSIENT_KINDS: tuple[TransientKind, ...] = ("omero", "storage", "container_runtime")
+TRANSIENT_PHRASES: dict[TransientKind, str] = {
+    "omero": "OMERO unavailable",
+    "storage": "Storage not answering",
+    "container_runtime": "Container runtime unavailable",
+}
+
+
 @dataclass
 class Outcome:
     """How a run of an order ended: a terminal stage, or 'Import Pending' for a hand-back."""
@@ -120,6 +137,12 @@ class Outcome:
     description: str | None
     file_names: list[str] | None = None
     objects: list[dict[str, Any]] = field(default_factory=list)
+    #: set on an 'Import Failed' whose cause passes: the dispatcher may turn it into a wait
+    transient: TransientKind | None = None
+    #: a hand-back that waits: seconds before the order may be claimed again
+    wait_seconds: float | None = None
+    #: the wait is for the order's files to stop changing (bounded by ``settle_max_wait``)
+    settling: bool = False
 
 
 @dataclass(frozen=True)
@@ -250,6 +273,12 @@ class OrderDetail:
     #: extra_params exactly as stored (may be anything a SQL writer put there)
     raw_extra_params: Any = None
     import_options: str | None = None
+    #: a pending order that waits is not claimed before this
+    not_before: datetime | None = None
+    #: when it first waited for its files to settle
+    waiting_since: datetime | None = None
+    #: automatic retries of transient failures used (0 again once the order ends)
+    retries: int = 0
 
     @property
     def progress(self) -> Progress | None:

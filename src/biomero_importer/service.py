@@ -19,7 +19,7 @@ from sqlalchemy.exc import OperationalError
 from biomero_importer.db.embedded import EmbeddedPostgres
 from biomero_importer.db.migrate import is_at_head, migrate
 from biomero_importer.db.urls import asyncpg_dsn
-from biomero_importer.dispatcher.dispatcher import Dispatcher
+from biomero_importer.dispatcher.dispatcher import Dispatcher, RetryPolicy
 from biomero_importer.dispatcher.listener import Listener
 from biomero_importer.notify import Notifier
 from biomero_importer.observability.health import HealthState, start_http_server
@@ -169,6 +169,9 @@ async def assemble(
         shutdown_timeout=settings.shutdown_timeout,
         metrics=metrics,
         health=health,
+        retry_policy=RetryPolicy(
+            settings.transient_retries, settings.transient_backoff, settings.transient_backoff_max
+        ),
     )
     service = Service(settings, "", gateway, store, dispatcher, executor, metrics, health)
     dispatcher.helpers["health"] = partial(watch_health, service)

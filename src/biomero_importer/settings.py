@@ -138,6 +138,13 @@ class Settings(BaseModel):
     max_attempts: int = Field(default=1, ge=1)
     shutdown_timeout: float = Field(default=30.0, ge=0)
     worker_id: str = Field(default_factory=_default_worker_id)
+    # Waits instead of failures: files still being written, and failures that pass.
+    # 0: no settle check (the original's behaviour: an order starts the moment it is claimed)
+    settle_seconds: float = Field(default=0.0, ge=0)
+    settle_max_wait: PositiveFloat = 24 * 3600.0
+    transient_retries: int = Field(default=5, ge=0)
+    transient_backoff: PositiveFloat = 60.0
+    transient_backoff_max: PositiveFloat = 3600.0
 
     # --- files ----------------------------------------------------------------------------
     base_dir: Path = Path("/data")

@@ -21,6 +21,18 @@ def short(text: str, limit: int = 160) -> str:
     return f"{text[:half]}...{text[-half:]}"
 
 
+def duration(seconds: float) -> str:
+    """A wait as people say it: "45 s", "4 min", "2 h", "1 h 30 min" (rounded)."""
+    seconds = max(0, round(seconds))
+    if seconds < 90:
+        return f"{seconds} s"
+    minutes = round(seconds / 60)
+    if minutes < 90:
+        return f"{minutes} min"
+    hours, rest = divmod(minutes, 60)
+    return f"{hours} h" if rest == 0 else f"{hours} h {rest} min"
+
+
 def safe_text(text: str, limit: int | None = None) -> str:
     """``text`` as valid UTF-8 without NUL: undecodable bytes become ``\\xNN``, lone
     surrogates ``\\uNNNN``, NUL ``\\0``; cut in the middle to ``limit`` characters."""

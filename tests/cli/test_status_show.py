@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from biomero_importer.db.migrate import is_at_head
+from biomero_importer.db.urls import asyncpg_dsn
+from biomero_importer.store import Finish, PostgresStore
 from tests.cli.conftest import CliSetup, ainvoke, append_stage, execute, invoke
 from tests.support import insert_order, make_settings, make_tiffs, write_config
 
@@ -196,3 +199,28 @@ async def test_show_tells_where_a_running_order_is(cli_setup: CliSetup) -> None:
     text = await ainvoke("show", order, "--config", cli_setup.config)
     (line,) = [line for line in text.stdout.splitlines() if line.startswith("Progress")]
     assert line.split() == ["Progress", "-"]
+
+
+async def test_show_says_when_a_waiting_order_is_tried_again(cli_setup: CliSetup) -> None:
+    order = await insert_order(cli_setup.url, make_tiffs(cli_setup.root, 1))
+    store = PostgresStore(asyncpg_dsn(cli_setup.url), worker_id="host-1-abc", pool_size=2)
+    await store.open()
+    try:
+        [claimed] = await store.claim(1)
+        wait = "OMERO unavailable; retrying in 10 min, attempt 1 of 5"
+        retry = Finish(claimed.uuid, "Import Pending", wait, delay=600, transient_retry=True)
+        assert await store.finish(retry)
+    finally:
+        await store.close()
+    text = await ainvoke("show", order, "--config", cli_setup.config)
+    assert text.exit_code == 0, text.output
+    assert re.search(
+        r"Next try\s+\d{4}-\d\d-\d\d \d\d:\d\d:\d\d \((in 10 min|in 9 min)\)", text.stdout
+    )
+    assert re.search(r"Automatic retries\s+1 used", text.stdout)
+    assert wait in text.stdout  # the wait is a row of the history
+    record = json.loads(
+        (await ainvoke("show", order, "--json", "--config", cli_setup.config)).stdout
+    )
+    assert record["retries"] == 1 and record["not_before"] is not None
+    assert record["waiting_since"] is None

@@ -216,6 +216,7 @@ async def test_a_hung_mount_fails_its_order_without_delaying_any_other(
         storage_timeout=2.0,
         omero_simulator_import_delay=2.5,  # other orders run across several lease renewals
         poll_interval=60.0,
+        transient_retries=0,  # the failure itself is under test, not its automatic retry
     )
     with (
         slowfs.mounted(backing, import_root / "share", "stuck0.tif", 3 * lease) as share,

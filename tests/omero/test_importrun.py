@@ -11,7 +11,11 @@ from typing import Any
 
 import pytest
 
-from biomero_importer.omero.importcli import LogPaths, retryable_import_error
+from biomero_importer.omero.importcli import (
+    SERVER_UNREACHABLE,
+    LogPaths,
+    retryable_import_error,
+)
 from biomero_importer.omero.importrun import ImportRun, RunOnce, run_import
 from biomero_importer.omero.port import ImportAborted
 
@@ -31,6 +35,9 @@ counter.write_text(str(attempt))
 step = script.read_text().splitlines()[attempt - 1]
 if step == "ice":
     errs.write_text("ERROR omero.cmd: Ice.ObjectNotExistException\\n" + SUMMARY.format(1))
+    sys.exit(2)
+if step == "refused":
+    errs.write_text("ERROR omero.cmd: Ice.ConnectionRefusedException\\n" + SUMMARY.format(1))
     sys.exit(2)
 if step == "silent":
     sys.exit(1)
@@ -97,6 +104,25 @@ def test_attempts_are_bounded(tmp_path: Path) -> None:
     assert len(calls) == 3
     assert not result.verdict.ok
     assert "Ice.ObjectNotExistException" in result.verdict.reason
+
+
+def test_an_unreachable_server_after_the_last_attempt_is_named(tmp_path: Path) -> None:
+    """Issue 15: the cause tells blitz the server is down (OmeroUnavailable: the order waits
+    and retries) rather than that the import failed."""
+    result, calls = _run(tmp_path, ["refused", "refused", "ok"], import_retry_attempts=2)
+    assert len(calls) == 2 and not result.verdict.ok
+    assert result.cause == "Ice.ConnectionRefusedException"
+    assert result.cause in SERVER_UNREACHABLE
+    for name in ("race", "broken", "ok"):
+        (tmp_path / name).mkdir()
+    # a session race is retried too, but it is no sign of a server that is down
+    raced, _ = _run(tmp_path / "race", ["ice"], import_retry_attempts=1)
+    assert raced.cause == "Ice.ObjectNotExistException"
+    assert raced.cause not in SERVER_UNREACHABLE
+    broken, _ = _run(tmp_path / "broken", ["broken"])
+    assert broken.cause is None
+    done, _ = _run(tmp_path / "ok", ["refused", "ok"])
+    assert done.verdict.ok and done.cause is None
 
 
 def test_other_failures_are_not_retried(tmp_path: Path) -> None:

@@ -677,3 +677,71 @@ async def test_a_progress_write_the_database_cannot_take_gives_up_at_once(
     finally:
         await holder.close()
         await store.close()
+
+
+# --- waits: not_before, retries, settle ----------------------------------------------------
+WAIT = 0.6
+
+
+async def test_a_waiting_order_is_not_claimed_before_its_time(harness: Harness) -> None:
+    order = new_order()
+    await harness.a.submit(order)
+    await harness.a.claim(1)
+    waiting = Finish(order.uuid, STAGE_NEW_ORDER, "Waiting for files", delay=WAIT, settling=True)
+    assert await harness.a.finish(waiting)
+    detail = await harness.a.order_detail(order.uuid)
+    assert detail is not None and detail.not_before is not None
+    assert detail.waiting_since is not None and detail.retries == 0
+    # neither replica takes it early, and a later order is not held up behind it
+    other = new_order(user="bob")
+    await harness.a.submit(other)
+    assert [c.uuid for c in await harness.b.claim(5)] == [other.uuid]
+    assert await harness.a.claim(5) == []
+    await harness.pass_time(WAIT + 0.2)
+    [again] = await harness.b.claim(5)
+    assert again.uuid == order.uuid
+    # the wait used no attempt; the first settle wait is remembered
+    assert (again.attempt, again.runs, again.retries) == (1, 2, 0)
+    assert again.waiting_since is not None and again.not_before is not None
+
+
+async def test_transient_retries_count_and_keep_the_first_settle_time(harness: Harness) -> None:
+    order = new_order()
+    await harness.a.submit(order)
+    await harness.a.claim(1)
+    await harness.a.finish(Finish(order.uuid, STAGE_NEW_ORDER, "settling", delay=0, settling=True))
+    first = await harness.a.order_detail(order.uuid)
+    assert first is not None and first.waiting_since is not None
+    for n in (1, 2):
+        [claimed] = await harness.a.claim(1)
+        assert claimed.retries == n - 1
+        retry = Finish(order.uuid, STAGE_NEW_ORDER, "OMERO down", delay=0, transient_retry=True)
+        assert await harness.a.finish(retry)
+    detail = await harness.a.order_detail(order.uuid)
+    assert detail is not None
+    assert (detail.retries, detail.attempts) == (2, 0)
+    assert detail.waiting_since == first.waiting_since
+    # a hand-back that is no wait (shutdown) leaves no time to wait for
+    [claimed] = await harness.a.claim(1)
+    assert claimed.retries == 2
+    assert await harness.a.finish(Finish(order.uuid, STAGE_NEW_ORDER, "shutdown"))
+    detail = await harness.a.order_detail(order.uuid)
+    assert detail is not None and detail.not_before is None and detail.retries == 2
+
+
+@pytest.mark.parametrize("terminal", [STAGE_IMPORTED, STAGE_INGEST_FAILED])
+async def test_an_order_that_ends_forgets_its_waits(harness: Harness, terminal: str) -> None:
+    order = new_order()
+    await harness.a.submit(order)
+    await harness.a.claim(1)
+    retry = Finish(order.uuid, STAGE_NEW_ORDER, "x", delay=0, transient_retry=True, settling=True)
+    await harness.a.finish(retry)
+    await harness.a.claim(1)
+    assert await harness.a.finish(Finish(order.uuid, terminal, "done"))
+    detail = await harness.a.order_detail(order.uuid)
+    assert detail is not None
+    assert (detail.not_before, detail.waiting_since, detail.retries) == (None, None, 0)
+    # a manual retry then starts afresh
+    await harness.a.retry(order.uuid, "again")
+    [claimed] = await harness.a.claim(1)
+    assert (claimed.retries, claimed.waiting_since, claimed.attempt) == (0, None, 1)

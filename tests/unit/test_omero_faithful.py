@@ -171,8 +171,13 @@ async def test_connection_lost_mid_registration_never_replays_and_retry_complete
     tmp_path: Path, root: Path
 ) -> None:
     series = make_series_v2(root / "series.zarr", 5)
+    # automatic retries off: the admin's retry is what resumes it here
     settings = unit_settings(
-        tmp_path, root, use_register_zarr=True, omero_simulator_connection_lost_after=2
+        tmp_path,
+        root,
+        use_register_zarr=True,
+        omero_simulator_connection_lost_after=2,
+        transient_retries=0,
     )
     store = new_store(settings)
     placed = order([series])
@@ -189,6 +194,36 @@ async def test_connection_lost_mid_registration_never_replays_and_retry_complete
         str(series / str(i)) for i in range(5)
     )
     assert len(await ledger(store, placed.uuid)) == 5
+
+
+async def test_connection_lost_mid_registration_is_retried_automatically_without_replays(
+    tmp_path: Path, root: Path
+) -> None:
+    """Issue 15: the lost connection is a transient failure; the order waits, runs again by
+    itself and registers only what the first run did not (the ledger and the order's comment
+    annotation), so every image exists exactly once and no admin is needed."""
+    series = make_series_v2(root / "series.zarr", 5)
+    settings = unit_settings(
+        tmp_path,
+        root,
+        use_register_zarr=True,
+        omero_simulator_connection_lost_after=2,
+        transient_backoff=0.05,
+    )
+    store = new_store(settings)
+    placed = order([series])
+    async with memory_replica(settings, store):
+        await store.submit(placed)
+        stage, _ = await finished(store, placed.uuid)
+        events = await store.order_events(placed.uuid)
+        recorded = await ledger(store, placed.uuid)
+    assert stage == STAGE_IMPORTED
+    waits = [e.description or "" for e in events if e.stage == STAGE_NEW_ORDER]
+    assert len(waits) == 2 and waits[1].startswith("OMERO unavailable; retrying in ")
+    assert sorted(images_of(settings, placed.uuid)) == sorted(
+        str(series / str(i)) for i in range(5)
+    )
+    assert len({(r["type"], r["id"]) for r in recorded}) == len(recorded) == 5
 
 
 # --- annotations --------------------------------------------------------------------------------

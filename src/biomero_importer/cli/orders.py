@@ -9,6 +9,7 @@ import re
 import time
 import uuid as uuidlib
 from collections.abc import Sequence
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -55,6 +56,7 @@ from biomero_importer.pipeline.validate import InvalidOrder, validate
 from biomero_importer.preprocessing import PreprocessingError, validate_preprocessing
 from biomero_importer.settings import Settings
 from biomero_importer.store import OrderBusy, OrderNotFound, OrderStore
+from biomero_importer.text import duration
 from biomero_importer.utils.ingest_tracker import (
     get_ingest_tracker,
     initialize_ingest_tracker,
@@ -633,6 +635,9 @@ def _detail_record(order: OrderDetail, events: list[OrderEvent]) -> dict[str, An
         "lease_expires_at": iso(order.lease_expires_at),
         "cancel_requested": order.cancel_requested,
         "progress": shown.record(order.progress),
+        "not_before": iso(order.not_before),
+        "waiting_since": iso(order.waiting_since),
+        "retries": order.retries,
         "preprocessing": preprocessing,
         "import_options": parse_json(order.import_options),
         "objects": order.objects,
@@ -646,6 +651,21 @@ def _detail_record(order: OrderDetail, events: list[OrderEvent]) -> dict[str, An
             for e in events
         ],
     }
+
+
+def _wait_fields(order: OrderDetail) -> list[tuple[str, str]]:
+    """When a waiting order is tried again, and the automatic retries it used."""
+    fields = []
+    due = order.not_before
+    if order.summary.stage == STAGE_NEW_ORDER and due is not None:
+        left = (due - datetime.now(timezone.utc)).total_seconds()
+        when = f"in {duration(left)}" if left > 0 else "due now"
+        fields.append(("Next try", f"{local_time(due)} ({when})"))
+    if order.waiting_since is not None:
+        fields.append(("Waiting for files since", local_time(order.waiting_since)))
+    if order.retries:
+        fields.append(("Automatic retries", f"{order.retries} used"))
+    return fields
 
 
 def _print_detail(record: dict[str, Any], order: OrderDetail, events: list[OrderEvent]) -> None:
@@ -671,6 +691,7 @@ def _print_detail(record: dict[str, Any], order: OrderDetail, events: list[Order
         ("Attempts", f"{record['attempts']} (runs, including handed-back ones: {record['runs']})"),
         ("Worker", worker),
         ("Cancel requested", "yes" if record["cancel_requested"] else "no"),
+        *_wait_fields(order),
     ]
     pre = record["preprocessing"]
     if pre is None:

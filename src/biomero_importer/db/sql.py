@@ -65,6 +65,9 @@ WHERE tgname = 'importer_track_insert' AND tgrelid = 'imports'::regclass
 # user with pending orders, one index probe and at most $1 rows of
 # importer_orders_ix_pending_user (a loose index scan finds the users); neither the history
 # nor the length of one user's backlog is read.
+# A pending order whose not_before lies ahead (its files are still changing, or it waits to
+# retry a failure that passes) is skipped until then; its replica wakes itself at that time,
+# other replicas find it by their fallback poll.
 # The cap needs no lock between replicas: every claim takes a prefix of each user's pending
 # orders, so a claim that has not yet seen another's started orders finds exactly those
 # among its candidates, locked or no longer pending, and skips them.
@@ -103,6 +106,7 @@ candidates AS (
         -- The range runs on into the next users; the outer WHERE drops their rows.
         SELECT o.uuid, o.user_name, o.group_name, o.queued_at FROM importer_orders o
         WHERE o.stage = 'Import Pending' AND o.worker_id IS NULL AND NOT o.cancel_requested
+          AND (o.not_before IS NULL OR o.not_before <= now())
           AND (o.user_name, o.queued_at) >= (u.user_name, '-infinity'::timestamptz)
         ORDER BY o.user_name, o.queued_at
         LIMIT GREATEST(LEAST($1::int, COALESCE($4::int - COALESCE(ur.n, 0), $1::int)), 0)
@@ -124,7 +128,7 @@ picked AS (
     CROSS JOIN LATERAL (
         SELECT o.uuid FROM importer_orders o
         WHERE o.uuid = r.uuid AND o.stage = 'Import Pending' AND o.worker_id IS NULL
-          AND NOT o.cancel_requested
+          AND NOT o.cancel_requested AND (o.not_before IS NULL OR o.not_before <= now())
         FOR UPDATE SKIP LOCKED
     ) l
     LIMIT $1
@@ -139,7 +143,9 @@ SET worker_id = $2,
 FROM picked
 WHERE o.uuid = picked.uuid
 RETURNING o.uuid, o.latest_id, o.attempts, o.runs, o.objects::text AS objects,
-          extract(epoch FROM o.queued_at)::float8 AS queued_at
+          extract(epoch FROM o.queued_at)::float8 AS queued_at, o.retries,
+          extract(epoch FROM o.waiting_since)::float8 AS waiting_since,
+          extract(epoch FROM o.not_before)::float8 AS not_before
 """
 
 # $1 latest row ids of the claimed orders
@@ -164,19 +170,29 @@ RETURNING id
 """
 
 # Ends (or hands back) several owned orders in one statement.
-# $1 uuids, $2 stages, $3 descriptions, $4 file_names, $5 objects (json text), $6 worker id.
-# A hand-back ('Import Pending') does not count as an attempt.
+# $1 uuids, $2 stages, $3 descriptions, $4 file_names, $5 objects (json text), $6 worker id,
+# $7 delays (seconds; NULL: no wait), $8 transient retries, $9 settle waits (booleans).
+# A hand-back ('Import Pending') does not count as an attempt. A wait sets not_before (from
+# the database clock, the one the claim compares with); a transient retry counts in retries;
+# a settle wait keeps the time of the first one. The stage trigger clears all three when the
+# order reaches a terminal stage.
 FINISH_MANY = f"""
 WITH args AS (
-    SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[])
-        AS a(uuid, stage, description, file_names, objects)
+    SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
+                         $7::float8[], $8::bool[], $9::bool[])
+        AS a(uuid, stage, description, file_names, objects, delay, transient_retry, settling)
 ),
 released AS (
     UPDATE importer_orders o
     SET worker_id = NULL,
         lease_expires_at = NULL,
         objects = COALESCE(a.objects::json, o.objects),
-        attempts = o.attempts - CASE WHEN a.stage = 'Import Pending' THEN 1 ELSE 0 END
+        attempts = o.attempts - CASE WHEN a.stage = 'Import Pending' THEN 1 ELSE 0 END,
+        not_before = CASE WHEN a.delay IS NULL THEN NULL
+                          ELSE now() + make_interval(secs => a.delay) END,
+        retries = o.retries + CASE WHEN a.transient_retry THEN 1 ELSE 0 END,
+        waiting_since = CASE WHEN a.settling THEN COALESCE(o.waiting_since, now())
+                             ELSE o.waiting_since END
     FROM args a
     WHERE o.uuid = a.uuid AND o.worker_id = $6
     RETURNING o.uuid, o.latest_id
@@ -343,6 +359,7 @@ ORDER_DETAIL = """
 SELECT o.uuid, o.stage, o.latest_id, o.queued_at, o.updated_at, o.worker_id,
        o.last_worker_id, o.lease_expires_at, o.attempts, o.runs, o.cancel_requested,
        o.objects::text AS objects, o.progress::text AS progress, o.progress_at,
+       o.not_before, o.waiting_since, o.retries,
        i.group_name, i.user_name, i.destination_type, i.destination_id, i.files, i.file_names,
        i.description, i.preprocessing_id, i.import_options, p.container, p.input_file,
        p.output_folder, p.alt_output_folder, p.extra_params::text AS extra_params

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import random
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
@@ -25,14 +26,16 @@ from biomero_importer.model import (
     STAGE_IMPORTING,
     STAGE_INGEST_FAILED,
     STAGE_NEW_ORDER,
+    TRANSIENT_PHRASES,
     ClaimedOrder,
     Outcome,
 )
 from biomero_importer.observability.health import HealthState
-from biomero_importer.observability.metrics import Metrics
+from biomero_importer.observability.metrics import Metrics, WaitReason
 from biomero_importer.observability.metrics import Outcome as OutcomeLabel
 from biomero_importer.pipeline.runner import Pipeline
 from biomero_importer.store import Finish, OrderStore, StoreClosed, StoreUnavailable
+from biomero_importer.text import DESCRIPTION_LIMIT, duration, short
 
 log = structlog.get_logger(__name__)
 
@@ -57,6 +60,47 @@ FENCE_FRACTION = 2 / 3
 # Seconds to write hand-backs after the grace period, and again for tasks to end after the
 # store stops retrying: SIGTERM ends within shutdown_timeout + 10 s in every case.
 HANDBACK_GRACE = 3.0
+# Automatic retries spread over ±this fraction of their backoff: orders that failed together
+# (an OMERO restart) do not all come back in the same second.
+JITTER = 0.2
+# The wake-up for an order this replica made wait comes this much after its not_before, so
+# the claim (on the database's clock, written a moment before) finds it due.
+WAKE_MARGIN = 0.05
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Automatic retries of transient failures: ``retries`` of them, the n-th (from 0) after
+    ``backoff * 2**n`` seconds, at most ``backoff_max``, with jitter."""
+
+    retries: int = 5
+    backoff: float = 60.0
+    backoff_max: float = 3600.0
+
+    def delay(self, used: int, rng: random.Random) -> float:
+        base = min(self.backoff * 2.0 ** min(used, 64), self.backoff_max)
+        return base * rng.uniform(1 - JITTER, 1 + JITTER)
+
+    def outcome(self, order: ClaimedOrder, failed: Outcome, rng: random.Random) -> Outcome:
+        """A wait while retries remain; else the failure, saying the retries were used up."""
+        assert failed.transient is not None
+        if order.retries < self.retries:
+            delay = self.delay(order.retries, rng)
+            what = TRANSIENT_PHRASES[failed.transient]
+            return Outcome(
+                STAGE_NEW_ORDER,
+                f"{what}; retrying in {duration(delay)},"
+                f" attempt {order.retries + 1} of {self.retries}",
+                failed.file_names,
+                failed.objects,
+                transient=failed.transient,
+                wait_seconds=delay,
+            )
+        if self.retries == 0:
+            return failed
+        suffix = f" (gave up after {self.retries} automatic retries)"
+        reason = short(failed.description or "", DESCRIPTION_LIMIT - len(suffix))
+        return Outcome(STAGE_INGEST_FAILED, reason + suffix, failed.file_names, failed.objects)
 
 
 @dataclass
@@ -81,6 +125,8 @@ class Dispatcher:
     health: HealthState = field(default_factory=HealthState)
     supervisor: Supervisor = field(default_factory=Supervisor)
     handback_grace: float = HANDBACK_GRACE
+    retry_policy: RetryPolicy = field(default_factory=RetryPolicy)
+    rng: random.Random = field(default_factory=random.Random)
     #: extra helpers the service adds (health watcher, metrics server, loop-lag probe)
     helpers: dict[str, Callable[[], Awaitable[None]]] = field(default_factory=dict)
     _running: dict[str, _Running] = field(default_factory=dict)
@@ -89,6 +135,8 @@ class Dispatcher:
     _woken_by_notify: bool = False
     # strong references: the event loop keeps only weak ones to tasks
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    # wake-ups scheduled for orders this replica made wait (cancelled when it stops)
+    _wakeups: set[asyncio.TimerHandle] = field(default_factory=set)
 
     # --- signals from the listener --------------------------------------------------------
     def notify_pending(self, _uuid: str) -> None:
@@ -144,6 +192,9 @@ class Dispatcher:
                 await self.supervisor.keep_running("claim", self._claim_loop, until=self._stopping)
             finally:
                 self.health.claiming = False
+                for handle in self._wakeups:
+                    handle.cancel()
+                self._wakeups.clear()
                 with anyio.CancelScope(shield=True):
                     await self._drain()
                 group.cancel_scope.cancel()
@@ -179,7 +230,9 @@ class Dispatcher:
                 return total
             now = time.time()
             for order in orders:
-                self.metrics.pickup_latency.observe(max(0.0, now - order.queued_at))
+                # a deliberate wait is not latency: it counts from when the order was due
+                due = max(order.queued_at, order.not_before or 0.0)
+                self.metrics.pickup_latency.observe(max(0.0, now - due))
                 self._start(order)
             total += len(orders)
             if len(orders) < free:
@@ -269,19 +322,42 @@ class Dispatcher:
         return None
 
     async def _finish(self, order: ClaimedOrder, outcome: Outcome) -> None:
+        if outcome.stage == STAGE_INGEST_FAILED and outcome.transient is not None:
+            outcome = self.retry_policy.outcome(order, outcome, self.rng)
+        waits = outcome.stage == STAGE_NEW_ORDER and outcome.wait_seconds is not None
         item = Finish(
             uuid=order.uuid,
             stage=outcome.stage,
             description=outcome.description,
             file_names=outcome.file_names,
             objects=outcome.objects or None,
+            delay=outcome.wait_seconds if waits else None,
+            transient_retry=waits and outcome.transient is not None,
+            settling=waits and outcome.settling,
         )
         written = await self.store.finish(item)
-        if written:
-            self.metrics.order_finished(_outcome_label(outcome))
-            log.info("order_finished", stage=outcome.stage, description=outcome.description)
-        else:
+        if not written:
             log.warning("order_not_owned_any_more", stage=outcome.stage)
+            return
+        if item.delay is not None:
+            # a wait is either a settle wait or the retry of a transient failure
+            reason: WaitReason = "settle" if outcome.transient is None else outcome.transient
+            self.metrics.order_waited(reason)
+            log.info("order_waits", reason=reason, seconds=round(item.delay, 1))
+            self._wake_at(item.delay)
+        self.metrics.order_finished(_outcome_label(outcome))
+        log.info("order_finished", stage=outcome.stage, description=outcome.description)
+
+    def _wake_at(self, delay: float) -> None:
+        """Claim again when a waiting order is due: no polling for it (other replicas find it
+        by their fallback poll)."""
+
+        def wake() -> None:
+            self._wakeups.discard(handle)
+            self.wake()
+
+        handle = asyncio.get_running_loop().call_later(max(0.0, delay) + WAKE_MARGIN, wake)
+        self._wakeups.add(handle)
 
     def _stop(self, uuid: str, reason: StopReason) -> None:
         running = self._running.get(uuid)

@@ -25,6 +25,8 @@ from biomero_importer.model import Progress
 Outcome = Literal["completed", "failed", "cancelled", "handed_back"]
 Step = Literal["validate", "preprocess", "import", "annotate"]
 LeaseOutcome = Literal["requeued", "failed"]
+# why an order was put back to wait: its files still changing, or a transient failure
+WaitReason = Literal["settle", "omero", "storage", "container_runtime"]
 
 OUTCOMES: tuple[Outcome, ...] = ("completed", "failed", "cancelled", "handed_back")
 STEPS: tuple[Step, ...] = ("validate", "preprocess", "import", "annotate")
@@ -33,6 +35,7 @@ NotificationChannel = Literal["webhook", "email"]
 NotificationFailure = Literal["retry", "permanent"]
 NOTIFICATION_CHANNELS: tuple[NotificationChannel, ...] = ("webhook", "email")
 NOTIFICATION_FAILURES: tuple[NotificationFailure, ...] = ("retry", "permanent")
+WAIT_REASONS: tuple[WaitReason, ...] = ("settle", "omero", "storage", "container_runtime")
 # The checks behind /healthz, exported too: Prometheus scrapes /metrics, not /healthz.
 HEALTH_CHECKS = ("process", "database", "listener", "helpers")
 
@@ -181,6 +184,14 @@ class Metrics:
             namespace=NAMESPACE,
             registry=reg,
         )
+        self.order_waits = Counter(
+            "order_waits",
+            "Orders put back to wait instead of running or failing: settle (files still"
+            " changing) or the transient failure retried automatically.",
+            ["reason"],
+            namespace=NAMESPACE,
+            registry=reg,
+        )
 
         self.health_check = Gauge(
             "health_check",
@@ -237,6 +248,8 @@ class Metrics:
             self.notifications_delivered.labels(channel=channel)
             for kind in NOTIFICATION_FAILURES:
                 self.notifications_failed.labels(channel=channel, kind=kind)
+        for reason in WAIT_REASONS:
+            self.order_waits.labels(reason=reason)
 
     def order_finished(self, outcome: Outcome) -> None:
         self.orders_finished.labels(outcome=outcome).inc()
@@ -264,6 +277,9 @@ class Metrics:
             self.order_bytes_done.labels(uuid).set(progress.bytes_done or 0)
             self.order_bytes_total.labels(uuid).set(progress.bytes_total)
             self._progress_bytes.add(uuid)
+
+    def order_waited(self, reason: WaitReason) -> None:
+        self.order_waits.labels(reason=reason).inc()
 
     def lease_recovered(self, outcome: LeaseOutcome, count: int = 1) -> None:
         self.recovered_leases.labels(outcome=outcome).inc(count)

@@ -30,6 +30,7 @@ import omero.sys
 import structlog
 
 from biomero_importer.omero.importcli import (
+    SERVER_UNREACHABLE,
     LogPaths,
     fetch_jars_argv,
     import_argv,
@@ -570,18 +571,25 @@ class BlitzSession:
                 with self._keepalive():
                     return self.run_cli(argv, env, self.settings.import_timeout, path.name)
 
-        verdict = run_import(
+        run = run_import(
             self.settings,
             run_once,
             order_uuid=order_uuid,
             index=index,
             name=path.name,
             aborted=self._aborted.wait,
-        ).verdict
+        )
+        verdict = run.verdict
         if not verdict.ok:
             if verdict.nothing_imported and exclude_existing:
                 log.info("omero_import_excluded", path=str(path))
                 return []
+            if run.cause in SERVER_UNREACHABLE:
+                # the server went away under the import: a failure that passes
+                raise OmeroUnavailable(
+                    f"omero import of {path.name}: {run.cause} after {run.attempts} attempts;"
+                    f" {verdict.detail}"
+                )
             raise ImportFailed(verdict.reason, verdict.detail)
         kind: ObjectType = "Plate" if target.type == "Screen" else "Image"
         ids = verdict.plates if kind == "Plate" else verdict.images

@@ -80,6 +80,14 @@ RETRYABLE_IMPORT_ERRORS = (
     "Ice.TimeoutException",
 )
 NO_ERRS_OUTPUT = "no .errs output"
+# Of those, the ones that mean the server could not be reached (down, restarting): an import
+# that still fails so after its own attempts makes the order wait and retry (OmeroUnavailable)
+# instead of failing it. Session races (ObjectNotExist, INTERNAL_EXCEPTION) are not among them.
+SERVER_UNREACHABLE = (
+    "Ice.ConnectionLostException",
+    "Ice.ConnectionRefusedException",
+    "Ice.TimeoutException",
+)
 
 
 def retryable_import_error(exit_code: int, errs_file_text: str, stderr: str) -> str | None:

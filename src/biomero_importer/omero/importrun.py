@@ -34,6 +34,8 @@ class ImportRun:
     verdict: ImportVerdict
     attempts: int
     logs: LogPaths
+    #: the transient Ice error the last failed attempt met (None: none, or it succeeded)
+    cause: str | None = None
 
 
 def _fresh_log_files(logs: LogPaths) -> None:
@@ -77,11 +79,11 @@ def run_import(
         verdict = parse_import_result(
             code, read_text(logs.stdout) + out, errs_text + err, name=name
         )
-        if verdict.ok or verdict.nothing_imported or attempt >= settings.import_retry_attempts:
+        if verdict.ok or verdict.nothing_imported:
             return ImportRun(verdict, attempt, logs)
         cause = retryable_import_error(code, errs_text, err)
-        if cause is None:
-            return ImportRun(verdict, attempt, logs)
+        if cause is None or attempt >= settings.import_retry_attempts:
+            return ImportRun(verdict, attempt, logs, cause)
         delay = settings.import_retry_delay * attempt
         log.warning(
             "omero_import_retry",

@@ -18,7 +18,10 @@ is cited next to its code ("OMERO rule: ..."). Rules that tests need to switch a
 - a session's time-to-live is a hard lifetime (``omero_simulator_session_ttl``), on a simulated
   clock that imports advance by ``omero_simulator_import_seconds`` without waiting;
 - a connection lost in the middle of a multi-step operation
-  (``omero_simulator_connection_lost_after``).
+  (``omero_simulator_connection_lost_after``);
+- a server that is down: while a file named ``offline`` exists in the simulator folder, opening
+  a session and every call of an open session fail as Ice's ConnectionRefusedException does
+  (``OmeroUnavailable``); removing the file brings the server back.
 """
 
 from __future__ import annotations
@@ -60,6 +63,8 @@ log = structlog.get_logger(__name__)
 
 DB_NAME = "omero.sqlite"
 MANAGED_REPOSITORY = "ManagedRepository"
+# While this file exists in the simulator folder the server is down (any process can switch it).
+OFFLINE_FILE = "offline"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS objects (
@@ -264,6 +269,15 @@ class SimulatorGateway:
         if lost:
             raise OmeroUnavailable("Ice.ConnectionLostException (simulated)")
 
+    def reachable(self) -> None:
+        """OMERO rule: a server that is down refuses the connection (Ice
+        ConnectionRefusedException) for a new session and for every call of an open one;
+        omero-py reports both the same way, and nothing the call would have done happens."""
+        if (self.root / OFFLINE_FILE).exists():
+            raise OmeroUnavailable(
+                f"Ice.ConnectionRefusedException (simulated: {self.root / OFFLINE_FILE} exists)"
+            )
+
     def user_id(self, user: str) -> int:
         known = self._user_ids.get(user)
         if known is not None:
@@ -278,6 +292,7 @@ class SimulatorGateway:
         return f"OMERO simulator ({self.db_path})"
 
     def check(self) -> None:
+        self.reachable()
         try:
             self.connection().execute("SELECT count(*) FROM objects").fetchone()
             probe = self.repository / f".probe-{os.getpid()}-{threading.get_ident()}"
@@ -289,6 +304,7 @@ class SimulatorGateway:
     def open_session(self, user: str, group: str, *, order_uuid: str) -> SimulatorSession:
         if self.open_delay > 0:
             time.sleep(self.open_delay)
+        self.reachable()
         users = self.settings.omero_simulator_users
         if users is not None and group not in _groups(users.get(user)):
             raise UnknownUserOrGroup(user, group, "not in omero_simulator_users")
@@ -332,7 +348,9 @@ class SimulatorSession:
     def _alive(self, what: str) -> None:
         """OMERO rule: ``suConn(ttl)`` sets timeToLive with timeToIdle 0, and the SessionCache
         ends the session once ``now - started > timeToLive``; keep-alives do not extend it.
-        (omero-server SessionCache; ``omero_simulator_session_ttl: false`` switches it off.)"""
+        (omero-server SessionCache; ``omero_simulator_session_ttl: false`` switches it off.)
+        A server that is down fails the call first (``reachable``)."""
+        self.gateway.reachable()
         if self.gateway.settings.omero_simulator_session_ttl and self.remaining() < 0:
             raise ImportFailed(
                 f"OMERO session expired during {what}",
@@ -568,6 +586,7 @@ class SimulatorSession:
     def find_imported(
         self, client_path: Path, target: Target, *, order_uuid: str
     ) -> list[ImportedObject]:
+        self.gateway.reachable()
         text = str(client_path)
         rows = (
             self.gateway.connection()
@@ -629,11 +648,13 @@ class SimulatorSession:
             raise OmeroError(f"{obj.type} {obj.id} not found in OMERO")
 
     def rename(self, obj: ImportedObject, name: str) -> None:
+        self.gateway.reachable()
         with self.gateway.transaction() as db:
             self._require(db, obj)
             db.execute("UPDATE objects SET name = ? WHERE id = ?", (name, obj.id))
 
     def managed_files(self, obj: ImportedObject) -> list[Path]:
+        self.gateway.reachable()
         rows = (
             self.gateway.connection()
             .execute(

@@ -26,11 +26,13 @@ from biomero_importer import paths
 from biomero_importer.model import (
     STAGE_IMPORTED,
     STAGE_INGEST_FAILED,
+    STAGE_NEW_ORDER,
     STAGE_PREPROCESSING,
     ClaimedOrder,
     Order,
     Outcome,
     Progress,
+    TransientKind,
 )
 from biomero_importer.observability.metrics import Step
 from biomero_importer.omero.metadata import build_annotation_pairs
@@ -42,8 +44,10 @@ from biomero_importer.omero.port import (
     OmeroError,
     OmeroGateway,
     OmeroSession,
+    OmeroUnavailable,
 )
 from biomero_importer.pipeline.progress import ProgressReporter, file_sizes
+from biomero_importer.pipeline.settle import last_change
 from biomero_importer.pipeline.validate import InvalidOrder, validate
 from biomero_importer.preprocessing import (
     PreprocessingError,
@@ -52,7 +56,7 @@ from biomero_importer.preprocessing import (
     validate_preprocessing,
 )
 from biomero_importer.settings import Settings
-from biomero_importer.text import safe_text, short
+from biomero_importer.text import duration, safe_text, short
 
 log = structlog.get_logger(__name__)
 
@@ -78,6 +82,31 @@ def _in_thread(executor: Executor, call: Callable[[], T]) -> asyncio.Future[T]:
     # expected (usually ImportAborted or the order's own error), not an unhandled fault.
     future.add_done_callback(_retrieve)
     return future
+
+
+class StorageTimeout(Exception):
+    """Shared storage did not answer within ``storage_timeout`` (a hung NFS/SMB mount): a
+    failure that passes, so the order is retried automatically."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+Failure = InvalidOrder | PreprocessingError | OmeroError | paths.PathRefused | StorageTimeout
+
+
+def transient_kind(exc: Failure) -> TransientKind | None:
+    """Which failures pass: OMERO unreachable, storage not answering, the container runtime
+    not available. Everything else (bad input, not allowed, a converter or an import that
+    failed) is permanent and never retried automatically."""
+    if isinstance(exc, OmeroUnavailable):
+        return "omero"
+    if isinstance(exc, StorageTimeout):
+        return "storage"
+    if isinstance(exc, PreprocessingError) and exc.transient:
+        return "container_runtime"
+    return None
 
 
 class _PathWatch:
@@ -262,17 +291,62 @@ class Pipeline:
                 file_names = order.file_names
                 if order.preprocessing is not None:
                     validate_preprocessing(order, self.settings)
+            # before anything reads the data (preprocessing included)
+            unsettled = await self._settle(order, claimed)
+            if unsettled is not None:
+                unsettled.file_names = file_names
+                return unsettled
             try:
                 await self._import_order(order, claimed, ledger, notes, progress)
             except asyncio.CancelledError:
                 await self._save_on_stop(claimed.uuid, ledger)
                 raise
-        except (InvalidOrder, PreprocessingError, OmeroError, paths.PathRefused) as exc:
+        except (
+            InvalidOrder,
+            PreprocessingError,
+            OmeroError,
+            paths.PathRefused,
+            StorageTimeout,
+        ) as exc:
             detail = getattr(exc, "detail", "")
-            log.warning("order_failed", reason=exc.reason, detail=detail or None)
-            return Outcome(STAGE_INGEST_FAILED, exc.reason, file_names, ledger.records)
+            transient = transient_kind(exc)
+            log.warning(
+                "order_failed", reason=exc.reason, detail=detail or None, transient=transient
+            )
+            return Outcome(
+                STAGE_INGEST_FAILED, exc.reason, file_names, ledger.records, transient=transient
+            )
         description = "; ".join(dict.fromkeys(notes)) or None
         return Outcome(STAGE_IMPORTED, description, file_names, ledger.records)
+
+    async def _settle(self, order: Order, claimed: ClaimedOrder) -> Outcome | None:
+        """A wait while the order's data changed less than ``settle_seconds`` ago; 'Import
+        Failed' once it has waited ``settle_max_wait``; None when it may go ahead."""
+        settle = self.settings.settle_seconds
+        if settle <= 0:
+            return None
+        watch = _PathWatch(claimed.files)
+        now = time.time()
+        change = await self._storage(watch, partial(last_change, order.files, now, watch))
+        if change is None:
+            return None
+        quiet = now - change.at
+        if quiet >= settle:
+            return None
+        limit = self.settings.settle_max_wait
+        if claimed.waiting_since is not None and now - claimed.waiting_since >= limit:
+            log.warning("order_files_never_settled", path=str(change.path))
+            return Outcome(
+                STAGE_INGEST_FAILED,
+                f"Files still changing after waiting {duration(limit)}: {short(str(change.path))}",
+            )
+        log.info("order_waits_for_files", path=str(change.path), quiet=round(quiet, 1))
+        return Outcome(
+            STAGE_NEW_ORDER,
+            f"Waiting for files to stop changing (last change {int(quiet)} s ago)",
+            wait_seconds=settle - quiet,
+            settling=True,
+        )
 
     async def _save_on_stop(self, uuid: str, ledger: ObjectLedger) -> None:
         """A cancel, shutdown or lease loss ends the run: what it created and annotated is
@@ -298,7 +372,7 @@ class Pipeline:
             return await asyncio.wait_for(asyncio.shield(future), timeout=timeout)
         except asyncio.TimeoutError:
             # the thread stays blocked in the kernel; only this order gives up on it
-            raise InvalidOrder(
+            raise StorageTimeout(
                 f"Storage did not answer within {timeout:g} s: {short(watch.current)}"
             ) from None
 

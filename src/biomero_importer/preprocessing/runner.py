@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
 import re
 import shlex
@@ -58,6 +59,17 @@ RUNTIME_EXIT_CODES = (125, 126, 127)
 DESCRIPTION_LIMIT = 300
 # podman's last line when statfs on a bind-mount source fails with EBUSY
 BUSY_BIND_SOURCE = re.compile(r"^Error: statfs .*: device or resource busy$", re.IGNORECASE)
+# What the runtime itself prints (exit 125, the converter never ran) when it is not available
+# for a while: its daemon or socket not answering (docker, podman --remote), its state
+# database locked by another podman process. Only these are retried automatically; a missing
+# image, a refused mount or a converter that failed are permanent.
+RUNTIME_UNAVAILABLE = re.compile(
+    r"cannot connect to (the )?(docker daemon|podman)|is the docker daemon running"
+    r"|connection refused|database is locked|resource temporarily unavailable",
+    re.IGNORECASE,
+)
+# Errors of starting the runtime client that pass (the host short of processes or memory).
+TRANSIENT_SPAWN_ERRNOS = frozenset({errno.EAGAIN, errno.ENOMEM, errno.EMFILE, errno.ENFILE})
 
 
 @dataclass(frozen=True)
@@ -165,6 +177,7 @@ async def _run_container(
         raise PreprocessingError(
             f"Container runtime '{settings.container_runtime}' cannot be started",
             detail=str(exc),
+            transient=exc.errno in TRANSIENT_SPAWN_ERRNOS,
         ) from None
     if proc.stdout is None or proc.stderr is None:
         raise RuntimeError("subprocess pipes missing")
@@ -231,7 +244,8 @@ def _failure(job: ContainerJob, run: _Run) -> PreprocessingError:
     how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
     last = run.stderr.text() or run.stdout.text()
     reason = f"{what} {how} for {short(job.source.name, 80)}" + (f": {last}" if last else "")
-    return PreprocessingError(short(reason, DESCRIPTION_LIMIT), detail=last)
+    unavailable = code in RUNTIME_EXIT_CODES and bool(RUNTIME_UNAVAILABLE.search(last))
+    return PreprocessingError(short(reason, DESCRIPTION_LIMIT), detail=last, transient=unavailable)
 
 
 def check_mounts(job: ContainerJob, roots: paths.Area) -> None:

@@ -59,6 +59,12 @@ class Finish:
     description: str | None
     file_names: list[str] | None = None
     objects: list[dict[str, Any]] | None = None
+    #: a hand-back that waits: not claimed again for this many seconds (database clock)
+    delay: float | None = None
+    #: the wait is an automatic retry of a transient failure: ``retries`` goes up by one
+    transient_retry: bool = False
+    #: the wait is for files to settle: ``waiting_since`` is set unless it already is
+    settling: bool = False
 
 
 @dataclass(frozen=True)

@@ -81,6 +81,9 @@ class _Order:
     # importer_orders.progress as stored (JSON text) and progress_at
     progress: str | None = None
     progress_at: float | None = None
+    not_before: float | None = None
+    waiting_since: float | None = None
+    retries: int = 0
 
     @property
     def stage(self) -> str:
@@ -112,16 +115,24 @@ def _check(value: str | None) -> None:
         raise ValueError("invalid byte sequence for encoding UTF8: 0x00")
 
 
-def _stage_changed(order: _Order) -> None:
-    """The stage trigger's part for progress (``importer_order_stage_changed``): an order out
-    of the running stages has none."""
+def _stage_changed(order: _Order, previous: str | None) -> bool:
+    """What the stage trigger (``importer_order_stage_changed``) does to the queue row: an
+    order out of the running stages has no progress; an order that ends forgets its wait and
+    retry state (a later retry starts afresh). True when this change is an outcome to notify
+    (a duplicate submission of a finished order rewrites the same stage: not one)."""
     if order.stage not in RUNNING_STAGES:
         order.progress = order.progress_at = None
+    if order.stage not in TERMINAL_STAGES or previous is None or previous in TERMINAL_STAGES:
+        return False
+    order.not_before = order.waiting_since = None
+    order.retries = 0
+    return True
 
 
-def _fair_pick(orders: list[_Order], slots: int, cap: int | None) -> list[_Order]:
+def _fair_pick(orders: list[_Order], slots: int, cap: int | None, now: float) -> list[_Order]:
     """The claim's policy (``db/sql.py`` ``CLAIM``): by the load an order would give its user,
-    then its group, then oldest first; never a user past ``cap`` running orders."""
+    then its group, then oldest first; never a user past ``cap`` running orders, never an
+    order whose ``not_before`` is still ahead."""
     user_running: Counter[str] = Counter()
     group_running: Counter[str] = Counter()
     for order in orders:
@@ -132,7 +143,10 @@ def _fair_pick(orders: list[_Order], slots: int, cap: int | None) -> list[_Order
         (
             o
             for o in orders
-            if o.stage == STAGE_NEW_ORDER and o.worker_id is None and not o.cancel_requested
+            if o.stage == STAGE_NEW_ORDER
+            and o.worker_id is None
+            and not o.cancel_requested
+            and (o.not_before is None or o.not_before <= now)
         ),
         key=lambda o: o.queued_at,
     )
@@ -155,6 +169,10 @@ def _fair_pick(orders: list[_Order], slots: int, cap: int | None) -> list[_Order
         by_group[group] += 1
     candidates.sort(key=lambda o: (user_load[o.new.uuid], group_load[o.new.uuid], o.queued_at))
     return candidates[:slots]
+
+
+def _when(epoch: float | None) -> datetime | None:
+    return None if epoch is None else datetime.fromtimestamp(epoch, timezone.utc)
 
 
 class MemoryStore(OrderStore):
@@ -219,10 +237,8 @@ class MemoryStore(OrderStore):
         )
         order.rows.append(row)
         order.updated_at = self.clock()
-        _stage_changed(order)
-        if stage in TERMINAL_STAGES and previous is not None and previous not in TERMINAL_STAGES:
-            # the stage trigger: one outbox row per outcome, in the outcome's transaction
-            # (a duplicate submission of a finished order rewrites the same stage: none)
+        if _stage_changed(order, previous):
+            # one outbox row per outcome, in the outcome's transaction
             entry_id = max(self._outbox, default=0) + 1
             now = self.clock()
             self._outbox[entry_id] = _OutboxEntry(entry_id, order.new.uuid, row.id, stage, now, now)
@@ -231,7 +247,7 @@ class MemoryStore(OrderStore):
     # --- the dispatcher ------------------------------------------------------------------
     async def claim(self, slots: int) -> list[ClaimedOrder]:
         await self._gate("claim", retry=True)
-        ready = _fair_pick(list(self._db.values()), slots, self.max_running_per_user)
+        ready = _fair_pick(list(self._db.values()), slots, self.max_running_per_user, self.clock())
         claimed = []
         for order in ready:
             order.worker_id = order.last_worker_id = self.worker_id
@@ -256,6 +272,9 @@ class MemoryStore(OrderStore):
                     queued_at=order.queued_at,
                     recorded_objects=copy.deepcopy(order.objects or []),
                     import_options=new.import_options,
+                    retries=order.retries,
+                    waiting_since=order.waiting_since,
+                    not_before=order.not_before,
                 )
             )
         return claimed
@@ -308,6 +327,11 @@ class MemoryStore(OrderStore):
         if item.stage == STAGE_NEW_ORDER:
             order.attempts -= 1
             order.queued_at = self.clock()
+        order.not_before = None if item.delay is None else self.clock() + item.delay
+        if item.transient_retry:
+            order.retries += 1
+        if item.settling and order.waiting_since is None:
+            order.waiting_since = self.clock()
         row = self._append(order, item.stage, description)
         if file_names is not None:
             row.file_names = file_names
@@ -412,13 +436,14 @@ class MemoryStore(OrderStore):
         if order.worker_id is not None and order.stage in RUNNING_STAGES:
             self._append(order, order.stage, RETRY_REFUSED)
             return
+        previous = order.stage
         if order.stage in TERMINAL_STAGES:
             order.attempts = 0
         order.cancel_requested = False
         order.queued_at = self.clock()
         for row in order.rows:
             row.stage = STAGE_NEW_ORDER
-        _stage_changed(order)
+        _stage_changed(order, previous)
 
     async def list_orders(
         self,
@@ -485,6 +510,9 @@ class MemoryStore(OrderStore):
             preprocessing=spec,
             raw_extra_params=None if spec is None else (spec.extra_params or None),
             import_options=order.new.import_options,
+            not_before=_when(order.not_before),
+            waiting_since=_when(order.waiting_since),
+            retries=order.retries,
         )
 
     async def order_events(self, uuid: str, after_id: int = 0) -> list[OrderEvent]:

@@ -304,6 +304,9 @@ class PostgresStore(OrderStore):
             [None if i.file_names is None else safe_json(i.file_names) for i in items],
             [None if i.objects is None else safe_json(i.objects) for i in items],
             self.worker_id,
+            [i.delay for i in items],
+            [i.transient_retry for i in items],
+            [i.settling for i in items],
         )
         return {row["uuid"] for row in rows}
 
@@ -561,6 +564,9 @@ def _claimed_order(started: asyncpg.Record, claim: asyncpg.Record) -> ClaimedOrd
         recorded_objects=recorded if isinstance(recorded, list) else [],
         preprocessing_problem=problem,
         import_options=started["import_options"],
+        retries=claim["retries"],
+        waiting_since=claim["waiting_since"],
+        not_before=claim["not_before"],
     )
 
 
@@ -599,6 +605,9 @@ def _detail(row: asyncpg.Record) -> OrderDetail:
         preprocessing=preprocessing,
         raw_extra_params=None if extra is _UNREADABLE else extra,
         import_options=row["import_options"],
+        not_before=row["not_before"],
+        waiting_since=row["waiting_since"],
+        retries=row["retries"],
     )
 
 
