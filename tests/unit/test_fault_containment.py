@@ -101,9 +101,7 @@ async def test_failing_helpers_are_logged_restarted_and_the_replica_recovers(
             done = order(make_tiffs(root / "after", 1))
             await store.submit(done)
             assert (await finished(store, done.uuid))[0] == STAGE_IMPORTED
-            assert {h: supervisor.helpers[h].restarts for h in HELPERS} == dict.fromkeys(
-                HELPERS, 2
-            )
+            assert {h: supervisor.helpers[h].restarts for h in HELPERS} == dict.fromkeys(HELPERS, 2)
             assert service.health.failing_helpers == []
     for helper in HELPERS:
         failures = [e for e in logs if e["event"] == "helper_failed" and e["helper"] == helper]
