@@ -344,10 +344,13 @@ class PostgresStore(OrderStore):
         return await self._retry("cancel_pending", attempt)
 
     async def queue_stats(self) -> tuple[int, float] | None:
+        return await self._backlog(sql.QUEUE_STATS)
+
+    async def _backlog(self, query: str) -> tuple[int, float] | None:
+        """(rows waiting, counted up to QUEUE_STATS_CAP; age of the oldest), or None when
+        the database did not answer: gauges skip a beat rather than wait out an outage."""
         try:
-            row = await asyncio.wait_for(
-                self.pool.fetchrow(sql.QUEUE_STATS, sql.QUEUE_STATS_CAP), timeout=5
-            )
+            row = await asyncio.wait_for(self.pool.fetchrow(query, sql.QUEUE_STATS_CAP), timeout=5)
         except Exception as exc:
             if not is_transient(exc):
                 raise
@@ -495,17 +498,7 @@ class PostgresStore(OrderStore):
         return await self._retry("prune_notifications", attempt)
 
     async def notification_stats(self) -> tuple[int, float] | None:
-        try:
-            row = await asyncio.wait_for(
-                self.pool.fetchrow(sql.NOTIFICATION_STATS, sql.QUEUE_STATS_CAP), timeout=5
-            )
-        except Exception as exc:
-            if not is_transient(exc):
-                raise
-            self._set_health(False)
-            return None
-        assert row is not None
-        return int(row["pending"]), float(row["oldest_age"])
+        return await self._backlog(sql.NOTIFICATION_STATS)
 
 
 _UNREADABLE = object()
