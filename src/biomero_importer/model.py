@@ -94,7 +94,7 @@ class ClaimedOrder:
     import_options: str | None = None
     #: automatic retries of transient failures used so far (reset when the order ends)
     retries: int = 0
-    #: epoch seconds the order first waited for its files to settle, None if it has not
+    #: epoch seconds its current stretch of settle waits began, None if it is not in one
     waiting_since: float | None = None
     #: epoch seconds it was not to be claimed before (None: it did not wait)
     not_before: float | None = None
@@ -275,7 +275,7 @@ class OrderDetail:
     import_options: str | None = None
     #: a pending order that waits is not claimed before this
     not_before: datetime | None = None
-    #: when it first waited for its files to settle
+    #: when its current stretch of waits for its files to settle began
     waiting_since: datetime | None = None
     #: automatic retries of transient failures used (0 again once the order ends)
     retries: int = 0

@@ -705,11 +705,18 @@ async def test_a_waiting_order_is_not_claimed_before_its_time(harness: Harness) 
     assert again.waiting_since is not None and again.not_before is not None
 
 
-async def test_transient_retries_count_and_keep_the_first_settle_time(harness: Harness) -> None:
+async def test_transient_retries_count_and_settle_waits_are_timed_from_their_first(
+    harness: Harness,
+) -> None:
+    """``settle_max_wait`` bounds one stretch of settle waits: repeated waits keep the time of
+    the first; a run that got past them (and was handed back for another reason) ends it."""
     order = new_order()
     await harness.a.submit(order)
-    await harness.a.claim(1)
-    await harness.a.finish(Finish(order.uuid, STAGE_NEW_ORDER, "settling", delay=0, settling=True))
+    for _ in range(2):
+        await harness.a.claim(1)
+        settling = Finish(order.uuid, STAGE_NEW_ORDER, "settling", delay=0, settling=True)
+        assert await harness.a.finish(settling)
+        await harness.pass_time(0.05)
     first = await harness.a.order_detail(order.uuid)
     assert first is not None and first.waiting_since is not None
     for n in (1, 2):
@@ -720,7 +727,15 @@ async def test_transient_retries_count_and_keep_the_first_settle_time(harness: H
     detail = await harness.a.order_detail(order.uuid)
     assert detail is not None
     assert (detail.retries, detail.attempts) == (2, 0)
-    assert detail.waiting_since == first.waiting_since
+    assert detail.waiting_since is None
+    # a later settle wait starts a stretch of its own
+    await harness.pass_time(0.05)
+    await harness.a.claim(1)
+    settling = Finish(order.uuid, STAGE_NEW_ORDER, "settling", delay=0, settling=True)
+    assert await harness.a.finish(settling)
+    again = await harness.a.order_detail(order.uuid)
+    assert again is not None and again.waiting_since is not None
+    assert again.waiting_since > first.waiting_since
     # a hand-back that is no wait (shutdown) leaves no time to wait for
     [claimed] = await harness.a.claim(1)
     assert claimed.retries == 2

@@ -174,8 +174,9 @@ RETURNING id
 # $7 delays (seconds; NULL: no wait), $8 transient retries, $9 settle waits (booleans).
 # A hand-back ('Import Pending') does not count as an attempt. A wait sets not_before (from
 # the database clock, the one the claim compares with); a transient retry counts in retries;
-# a settle wait keeps the time of the first one. The stage trigger clears all three when the
-# order reaches a terminal stage.
+# a settle wait keeps the time of the first of a stretch of them (settle_max_wait bounds the
+# stretch), and any other finish ends the stretch: that run got past them. The stage trigger
+# clears all three when the order reaches a terminal stage.
 FINISH_MANY = f"""
 WITH args AS (
     SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
@@ -191,8 +192,7 @@ released AS (
         not_before = CASE WHEN a.delay IS NULL THEN NULL
                           ELSE now() + make_interval(secs => a.delay) END,
         retries = o.retries + CASE WHEN a.transient_retry THEN 1 ELSE 0 END,
-        waiting_since = CASE WHEN a.settling THEN COALESCE(o.waiting_since, now())
-                             ELSE o.waiting_since END
+        waiting_since = CASE WHEN a.settling THEN COALESCE(o.waiting_since, now()) END
     FROM args a
     WHERE o.uuid = a.uuid AND o.worker_id = $6
     RETURNING o.uuid, o.latest_id

@@ -63,7 +63,8 @@ class Finish:
     delay: float | None = None
     #: the wait is an automatic retry of a transient failure: ``retries`` goes up by one
     transient_retry: bool = False
-    #: the wait is for files to settle: ``waiting_since`` is set unless it already is
+    #: the wait is for files to settle: ``waiting_since`` is set unless it already is (any
+    #: other finish clears it: that run got past the settle check)
     settling: bool = False
 
 

@@ -330,7 +330,9 @@ class MemoryStore(OrderStore):
         order.not_before = None if item.delay is None else self.clock() + item.delay
         if item.transient_retry:
             order.retries += 1
-        if item.settling and order.waiting_since is None:
+        if not item.settling:
+            order.waiting_since = None
+        elif order.waiting_since is None:
             order.waiting_since = self.clock()
         row = self._append(order, item.stage, description)
         if file_names is not None:
