@@ -14,6 +14,7 @@ import base64
 import contextlib
 import smtplib
 import ssl
+from collections.abc import Iterator
 from dataclasses import dataclass
 from email.message import EmailMessage
 from urllib.parse import unquote, urlsplit
@@ -137,16 +138,22 @@ class Mailer:
     def describe(self) -> str:
         return f"smtp://{self.host}:{self.port}" + (" (STARTTLS)" if self.starttls else "")
 
+    @contextlib.contextmanager
+    def _session(self) -> Iterator[smtplib.SMTP]:
+        """A connection ready to send: greeted, upgraded with STARTTLS, logged in."""
+        with smtplib.SMTP(self.host, self.port, timeout=self.timeout) as smtp:
+            smtp.ehlo()
+            if self.starttls:
+                smtp.starttls(context=ssl.create_default_context())
+                smtp.ehlo()
+            if self.user:
+                smtp.login(self.user, self.password or "")
+            yield smtp
+
     def send(self, message: EmailMessage) -> None:
         """Blocking: run it in a thread."""
         try:
-            with smtplib.SMTP(self.host, self.port, timeout=self.timeout) as smtp:
-                smtp.ehlo()
-                if self.starttls:
-                    smtp.starttls(context=ssl.create_default_context())
-                    smtp.ehlo()
-                if self.user:
-                    smtp.login(self.user, self.password or "")
+            with self._session() as smtp:
                 smtp.send_message(message)
         except _MESSAGE_REFUSED as exc:
             code = getattr(exc, "smtp_code", None)
@@ -164,10 +171,5 @@ class Mailer:
 
     def probe(self) -> None:
         """Connect (and log in) without sending: for ``check``."""
-        with smtplib.SMTP(self.host, self.port, timeout=self.timeout) as smtp:
-            smtp.ehlo()
-            if self.starttls:
-                smtp.starttls(context=ssl.create_default_context())
-                smtp.ehlo()
-            if self.user:
-                smtp.login(self.user, self.password or "")
+        with self._session():
+            pass
