@@ -116,6 +116,8 @@ class Order:
     # Each file as validated, symlinks resolved: imports and mounts use these, after checking
     # again that the file still resolves there (a file swapped meanwhile fails the order).
     checked: dict[Path, Path] = field(default_factory=dict)
+    # Each plain file's size when it was validated (None: a folder): import progress in bytes.
+    sizes: dict[Path, int | None] = field(default_factory=dict)
 
 
 #: Failures that pass: OMERO unreachable, shared storage not answering, the container runtime

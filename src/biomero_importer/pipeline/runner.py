@@ -134,7 +134,8 @@ class ImportUnit:
     """One thing to import: an order file, or one item a preprocessing container produced.
 
     ``checked`` is ``path`` as validated (symlinks resolved) and ``area`` where it must
-    still lie when it is imported.
+    still lie when it is imported; ``size`` its bytes for the progress (None: a folder, or
+    not known).
     """
 
     path: Path
@@ -142,6 +143,7 @@ class ImportUnit:
     checked: Path | None
     area: paths.Area
     item: ProcessedItem | None = None
+    size: int | None = None
 
 
 class ObjectLedger:
@@ -376,13 +378,13 @@ class Pipeline:
                 f"Storage did not answer within {timeout:g} s: {short(watch.current)}"
             ) from None
 
-    async def _unit_sizes(self, units: list[ImportUnit]) -> list[int | None]:
-        """Each unit's size in bytes for its progress (None: a folder, or not known now).
-        One stat per unit in a storage thread; storage that does not answer fails the order
-        here, as the re-check before the first import would a moment later."""
-        watch = _PathWatch(str(units[0].path) if units else "")
+    async def _item_sizes(self, items: list[ProcessedItem]) -> list[int | None]:
+        """Each converter output's size in bytes for its progress (None: a folder, or not
+        known now). One stat per item in a storage thread; storage that does not answer fails
+        the order here, as the re-check before the first import would a moment later."""
+        watch = _PathWatch(str(items[0].import_path) if items else "")
         return await self._storage(
-            watch, partial(file_sizes, [u.checked or u.path for u in units], watch)
+            watch, partial(file_sizes, [i.import_path for i in items], watch)
         )
 
     def _step(self, name: Step) -> _StepTimer:
@@ -462,12 +464,18 @@ class Pipeline:
                 progress.start_step("preprocess")  # one container run: no units to count
                 result = await run_preprocessing(order, self.settings, log=log)
             items, temp_dir = result.items, result.temp_dir
+            sizes = await self._item_sizes(items)
             units = [
-                ImportUnit(i.import_path, i.final_path, i.import_path, i.area, i) for i in items
+                ImportUnit(i.import_path, i.final_path, i.import_path, i.area, i, size)
+                for i, size in zip(items, sizes, strict=True)
             ]
         else:
+            # the order's own files were sized by validation's stat
             roots = paths.import_area(self.settings.effective_import_roots)
-            units = [ImportUnit(p, p, order.checked.get(p), roots) for p in order.files]
+            units = [
+                ImportUnit(p, p, order.checked.get(p), roots, size=order.sizes.get(p))
+                for p in order.files
+            ]
 
         sessions = _Sessions(await self._open_session(order))
         try:
@@ -477,7 +485,7 @@ class Pipeline:
             with self._step("import"):
                 # bytes only when every unit is a plain file: a total that leaves out folders
                 # would make the progress wrong, not merely coarse
-                sizes = await self._unit_sizes(units)
+                sizes = [unit.size for unit in units]
                 known = None if None in sizes else [size or 0 for size in sizes]
                 progress.start_step(
                     "import", len(units), bytes_total=None if known is None else sum(known)

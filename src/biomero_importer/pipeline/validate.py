@@ -75,9 +75,10 @@ def _file_list(raw: str) -> list[str]:
     return files
 
 
-def check_file(raw: str, roots: paths.Area) -> Path:
+def check_file(raw: str, roots: paths.Area) -> tuple[Path, int | None]:
     """One file of an order: absolute, readable, and contained in the import roots
-    (:func:`biomero_importer.paths.contained`); returns its resolved path."""
+    (:func:`biomero_importer.paths.contained`); returns its resolved path and, for a plain
+    file, its size (the progress of its import counts it)."""
     if "\x00" in raw:
         printable = raw.replace("\x00", "\\0")
         raise InvalidOrder(f"Path contains a NUL byte: {short(printable)}")
@@ -89,12 +90,13 @@ def check_file(raw: str, roots: paths.Area) -> Path:
         raise InvalidOrder(exc.reason) from None
     wanted = os.R_OK | (os.X_OK if resolved.is_dir() else 0)
     # OMERO reads the file in place too: a file nobody may read fails even for a root importer.
-    mode = resolved.stat().st_mode
+    info = resolved.stat()
+    mode = info.st_mode
     if not os.access(resolved, wanted) or not stat.S_IMODE(mode) & 0o444:
         raise InvalidOrder(f"File is not readable: {short(raw)}")
     if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
         raise InvalidOrder(f"Not a regular file or folder: {short(raw)}")
-    return resolved
+    return resolved, info.st_size if stat.S_ISREG(mode) else None
 
 
 def validate(
@@ -111,11 +113,12 @@ def validate(
     raws = _file_list(claimed.files)
     # Checked before Path() sees them: it would hide a trailing '/' or a NUL's position.
     checked = {}
+    sizes = {}
     for raw in raws:
         if watch is not None:
             watch(raw)
         try:
-            checked[Path(raw)] = check_file(raw, area)
+            checked[Path(raw)], sizes[Path(raw)] = check_file(raw, area)
         except UnicodeEncodeError:
             # a lone surrogate that did not come from a file name: no file can have it
             raise InvalidOrder(f"Path is not a valid file name: {safe_text(raw, 160)}") from None
@@ -139,4 +142,5 @@ def validate(
         attempt=claimed.attempt,
         registration=registration,
         checked=checked,
+        sizes=sizes,
     )
