@@ -289,3 +289,25 @@ async def test_settle_off_starts_at_once(tmp_path: Path, root: Path) -> None:
         "Import Started",
         STAGE_IMPORTED,
     ]
+
+
+async def test_a_symlink_loop_in_a_folder_does_not_break_the_settle_check(
+    tmp_path: Path, root: Path
+) -> None:
+    """Before: the loop's ELOOP escaped the walk and the order ended 'Internal error in the
+    importer'. A link that cannot be followed is judged by its own times, as a dangling one."""
+    folder = root / "looped"
+    (file,) = make_tiffs(folder, 1)
+    (folder / "a").symlink_to("b")
+    (folder / "b").symlink_to("a")
+    settings = unit_settings(tmp_path, root, settle_seconds=0.3, poll_interval=60.0)
+    store = MemoryStore(worker_id=settings.worker_id, lease_seconds=settings.lease_seconds)
+    placed = order([folder])
+    async with memory_replica(settings, store):
+        await store.submit(placed)
+        stage, description = await finished(store, placed.uuid)
+        rows = await descriptions(store, placed.uuid)
+    assert description != "Internal error in the importer; see its logs"
+    assert any(s == STAGE_NEW_ORDER and d and d.startswith("Waiting for files") for s, d in rows)
+    assert stage == STAGE_IMPORTED
+    assert str(file) in objects_of(settings, placed.uuid)

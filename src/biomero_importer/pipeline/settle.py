@@ -68,8 +68,9 @@ def last_change(
                 is_dir = entry.is_dir(follow_symlinks=False)
                 try:
                     info = entry.stat(follow_symlinks=True)
-                except FileNotFoundError:
-                    info = entry.stat(follow_symlinks=False)  # a dangling link: its own times
+                except OSError:
+                    # a link that cannot be followed (dangling, a loop): its own times
+                    info = entry.stat(follow_symlinks=False)
             except FileNotFoundError:
                 return LastChange(now, path)
             seen(path, info)
