@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from biomero_importer.omero.importcli import (
+    ImportVerdict,
     fetch_jars_argv,
     import_argv,
     import_env,
@@ -17,18 +18,10 @@ from biomero_importer.omero.importcli import (
 )
 from biomero_importer.omero.port import Target
 
+from . import omero_output as out
 from .conftest import make_settings
 
 UUID = "6f1c1d7e-1111-4222-8333-444455556666"
-
-
-def _summary(filesets: int, plates: int, images: int, errors: int) -> str:
-    return (
-        "2025-01-01 10:00:00,000 1234 [main] INFO ome.formats.importer.cli.CommandLineImporter\n"
-        "==> Summary\n"
-        f"{filesets} files uploaded, {filesets} filesets, {plates} plates created,"
-        f" {images} images imported, {errors} errors in 0:00:03.210\n"
-    )
 
 
 def test_argv_for_a_dataset_with_every_option(tmp_path: Path) -> None:
@@ -172,96 +165,108 @@ def test_environment_has_its_own_session_dir_and_java_opts(tmp_path: Path) -> No
     assert env["JAVA_OPTS"] == "-Xmx8g"
 
 
-def test_one_fileset_with_images() -> None:
-    verdict = parse_import_result(
-        0, "---\n- Fileset: 301\n  Image: [351, 352]\n", _summary(1, 0, 2, 0), name="a.lif"
-    )
-    assert verdict.ok
+def _judge(run: out.Run, name: str = "a.tif") -> ImportVerdict:
+    return parse_import_result(run.exit_code, run.stdout, run.stderr, name=name)
+
+
+@pytest.mark.unit
+def test_an_image_import_without_plates_is_a_success() -> None:
+    """Issue 19: the real summary of an image import has no ``, N plates`` part
+    (``LoggingImportMonitor.report()`` prints it only when plates were created); before, the
+    verdict said "no import summary found" and every Dataset order failed."""
+    run = out.imported([{"Image": [351, 352]}], first_fileset=301)
+    assert "1 fileset created, 2 images imported, 0 errors in 00:00:03.210" in run.stderr
+    verdict = _judge(run, "a.lif")
+    assert verdict.ok, verdict.reason
     assert (verdict.images, verdict.filesets, verdict.errors) == ([351, 352], [301], 0)
     assert verdict.fileset_of == {351: 301, 352: 301}
 
 
-def test_several_filesets_are_all_read() -> None:
-    stdout = (
-        "---\n- Fileset: 1\n  Image: [10]\n"
-        "---\n- Fileset: 2\n  Image: [11, 12]\n"
-        "---\n- Fileset: 3\n  Plate: [5]\n  Image: [13]\n"
-    )
-    verdict = parse_import_result(0, stdout, _summary(3, 1, 4, 0), name="folder")
-    assert verdict.ok
+@pytest.mark.unit
+def test_several_filesets_and_a_plate_are_all_read() -> None:
+    run = out.imported([{"Image": [10]}, {"Image": [11, 12]}, {"Plate": [5], "Image": [13]}])
+    assert "3 filesets, 1 plate created, 4 images imported" in run.stderr
+    verdict = _judge(run, "folder")
+    assert verdict.ok, verdict.reason
     assert verdict.images == [10, 11, 12, 13]
     assert verdict.plates == [5]
     assert verdict.filesets == [1, 2, 3]
     assert verdict.fileset_of[12] == 2 and verdict.fileset_of[5] == 3
 
 
-def test_zero_ids_with_exit_zero_is_not_success() -> None:
-    verdict = parse_import_result(0, "", _summary(0, 0, 0, 0), name="a.tif")
+@pytest.mark.unit
+def test_everything_excluded_is_nothing_imported_not_success() -> None:
+    verdict = _judge(out.excluded())
     assert not verdict.ok
     assert verdict.nothing_imported
     assert verdict.reason == "OMERO import of a.tif created nothing"
 
 
-def test_fileset_without_ids_is_not_success() -> None:
-    verdict = parse_import_result(
-        0, "---\n- Fileset: 1\n  Image: [3]\n---\n- Fileset: 2\n", _summary(2, 0, 1, 0), name="f"
-    )
+@pytest.mark.unit
+def test_a_fileset_without_ids_is_not_success() -> None:
+    run = out.imported([{"Image": [3]}, {}])
+    verdict = _judge(run, "f")
     assert not verdict.ok
     assert "fileset 2 reported no Image or Plate ids" in verdict.reason
 
 
-def test_errors_with_exit_zero_are_failures() -> None:
-    stderr = (
-        "2025-01-01 10:00:00,000 ERROR [l.importer.ImportLibrary] Error on import:"
-        " FormatException for a.tif\n" + _summary(1, 0, 0, 1)
-    )
-    verdict = parse_import_result(0, "", stderr, name="a.tif")
+@pytest.mark.unit
+def test_a_partial_import_fails_naming_the_file_but_reports_what_was_committed() -> None:
+    """Without -c the importer stops after the first failed fileset (exit 2); the filesets
+    before it are committed and printed."""
+    run = out.partial([{"Image": [3]}, {"Image": [4]}], failed="/data/run/bad.tif")
+    verdict = _judge(run, "run")
     assert not verdict.ok
-    assert verdict.reason.startswith("OMERO import of a.tif failed with 1 error: ")
-    assert "FormatException" in verdict.reason
-    assert not verdict.nothing_imported
+    assert verdict.reason.startswith("OMERO import of run failed (exit 2): ")
+    assert "FILE_EXCEPTION: /data/run/bad.tif" in verdict.reason
+    assert verdict.errors == 1
 
 
-def test_no_imports_due_to_errors_exit_zero() -> None:
-    verdict = parse_import_result(
-        0, "---\n- Fileset: 1\n  Image: [3]\n", "No imports due to errors!\n", name="b.czi"
-    )
-    assert not verdict.ok
-    assert "b.czi" in verdict.reason and "failed" in verdict.reason
+@pytest.mark.unit
+def test_no_imports_due_to_errors_exits_zero_and_fails() -> None:
+    verdict = _judge(out.no_imports_due_to_errors("/data/b.czi"), "b.czi")
+    assert not verdict.ok and not verdict.nothing_imported
+    assert verdict.reason.startswith("OMERO import of b.czi failed with errors: ")
+    assert verdict.reason.endswith("FILE_EXCEPTION: /data/b.czi")
 
 
+@pytest.mark.unit
 def test_ids_without_summary_are_not_trusted() -> None:
-    verdict = parse_import_result(0, "---\n- Fileset: 1\n  Image: [3]\n", "", name="c.tif")
+    run = out.imported([{"Image": [3]}])
+    verdict = parse_import_result(0, run.stdout, "", name="c.tif")
     assert not verdict.ok and "no import summary" in verdict.reason
 
 
+@pytest.mark.unit
 def test_unreadable_yaml() -> None:
-    verdict = parse_import_result(0, "- Fileset: [1\n", _summary(1, 0, 2, 0), name="d.tif")
+    run = out.imported([{"Image": [1, 2]}])
+    verdict = parse_import_result(0, "- Fileset: [1\n", run.stderr, name="d.tif")
     assert not verdict.ok and "unreadable YAML" in verdict.reason
 
 
+@pytest.mark.unit
 def test_ids_output_instead_of_yaml_is_refused() -> None:
-    verdict = parse_import_result(0, "Image:1,2\n", _summary(1, 0, 2, 0), name="d.tif")
+    # ``outputImageIds``, the default ``--output``: "Image:1,2"
+    run = out.imported([{"Image": [1, 2]}])
+    verdict = parse_import_result(0, "Image:1,2\n", run.stderr, name="d.tif")
     assert not verdict.ok and "unexpected YAML item" in verdict.reason
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
-    ("code", "stderr", "expected"),
+    ("run", "expected"),
     [
-        (
-            2,
-            "java.lang.RuntimeException: Check failed\n",
-            "OMERO import of x.tif failed (exit 2): java.lang.RuntimeException: Check failed",
-        ),
-        (1, "No imports found\n", "OMERO import of x.tif failed: no importable files found"),
-        (1, "usage: omero import\n", "refused (exit 1)"),
-        (103, "No JAR files found under '/opt/omero/lib/client'\n", "no OMERO.java jars"),
-        (3, "", "cleanup of the transferred files failed"),
-        (-9, "", "was killed (signal 9)"),
+        (out.no_imports_found(), "OMERO import of x.tif failed: no importable files found"),
+        (out.Run(1, "", "usage: omero import\n"), "refused (exit 1)"),
+        (out.wrapper_exit(103), "no OMERO.java jars"),
+        (out.wrapper_exit(105), "PyYAML missing"),
+        (out.wrapper_exit(108), "OMERO.java.zip was malformed"),
+        (out.cleanup_failed(), "cleanup of the transferred files failed"),
+        (out.Run(-9), "was killed (signal 9)"),
     ],
 )
-def test_nonzero_exit_codes(code: int, stderr: str, expected: str) -> None:
-    verdict = parse_import_result(code, "---\n- Fileset: 1\n  Image: [3]\n", stderr, name="x.tif")
+def test_nonzero_exit_codes(run: out.Run, expected: str) -> None:
+    verdict = _judge(run, "x.tif")
     assert not verdict.ok
     assert expected in verdict.reason
     assert "x.tif" in verdict.reason

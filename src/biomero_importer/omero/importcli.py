@@ -29,9 +29,11 @@ import yaml
 from biomero_importer.omero.port import Target
 from biomero_importer.settings import Settings
 
+# omero-blitz LoggingImportMonitor.ImportSummary.report(): ", N plate(s)" is printed only when
+# plates were created, so a plain image import has no plate count at all.
 _SUMMARY = re.compile(
-    r"(?P<files>\d+) files? uploaded, (?P<filesets>\d+) filesets?,"
-    r" (?P<plates>\d+) plates? created, (?P<images>\d+) images? imported,"
+    r"(?P<files>\d+) files? uploaded, (?P<filesets>\d+) filesets?"
+    r"(?:, (?P<plates>\d+) plates?)? created, (?P<images>\d+) images? imported,"
     r" (?P<errors>\d+) errors?"
 )
 _NO_IMPORTS_DUE_TO_ERRORS = "No imports due to errors!"
