@@ -175,6 +175,13 @@ class Settings(BaseModel):
     import_depth: int = Field(default=4, ge=1)
     java_opts: str | None = None
     fetch_jars: str | None = None
+    # never let `omero import` download OMERO.java (air-gapped sites): the jars must be there
+    omero_jars_offline: bool = False
+    # `omero import --encrypted=true`: the Java importer otherwise uses the unencrypted port
+    omero_import_encrypted: bool = False
+    # after a timed-out `omero import` is killed, wait this long before looking for what its
+    # server-side import made (it may still finish)
+    import_timeout_grace: float = Field(default=120.0, ge=0)
     parallel_upload_per_worker: int = Field(default=2, ge=1)
     parallel_filesets_per_worker: int = Field(default=2, ge=1)
     skip_all: bool = False
@@ -258,6 +265,12 @@ class Settings(BaseModel):
     def _email_has_a_sender(self) -> Settings:
         if self.notify_email_host is not None and self.notify_email_sender is None:
             raise ValueError("notify_email_sender must be set when notify_email_host is")
+        return self
+
+    @model_validator(mode="after")
+    def _offline_jars_are_never_fetched(self) -> Settings:
+        if self.omero_jars_offline and self.fetch_jars:
+            raise ValueError("fetch_jars downloads OMERO.java: unset it with omero_jars_offline")
         return self
 
     @field_validator("processed_folder_name")

@@ -118,6 +118,18 @@ def partial(
     return Run(0 if failed is None else 2, out, err)
 
 
+def ice_failure(exception: str, path: str = "/data/a.tif") -> Run:
+    """An import that met an Ice error: the library logs it at ERROR with the exception's
+    class name (logback-cli.xml pattern, logger ``ome.formats.importer.ImportLibrary``), the
+    ErrorHandler counts one error, and ``start()`` returns 2."""
+    err = (
+        "2026-08-11 15:33:01,127 2570       [      main] ERROR"
+        f"     ome.formats.importer.ImportLibrary - Error on import of {path}\n"
+        f"{exception}\n"
+    )
+    return Run(2, "", err + summary(files=0, filesets=0, images=0, errors=1))
+
+
 def no_imports_due_to_errors(path: str) -> Run:
     """Every candidate failed before import: no monitor is attached, so no summary; exit 0."""
     return Run(0, "", error_line(path) + NO_IMPORTS_DUE_TO_ERRORS)

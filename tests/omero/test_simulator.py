@@ -103,17 +103,19 @@ def test_file_import_creates_an_image_and_a_symlink_to_the_source(
     assert row == (image.id, "Image", "cells.tif", str(source), "Dataset", 7, "alice", "lab", "u1")
 
 
-def test_folder_import_links_every_file_and_makes_one_image_per_file(
+def test_folder_import_links_every_file_and_makes_one_fileset_and_image_per_file(
     gateway: SimulatorGateway, data_dir: Path
 ) -> None:
+    """OMERO rule: each single-file image of a folder is its own import candidate (fileset)."""
     write_files(data_dir, "run/a.tif", "run/sub/b.tif", "run/.processed/hidden.tif")
     session = gateway.open_session("alice", "lab", order_uuid="u1")
     images = session.import_path(data_dir / "run", DATASET, order_uuid="u1", exclude_existing=False)
     assert [i.name for i in images] == ["a.tif", "b.tif"]
-    links = session.managed_files(images[0])
-    assert [link.name for link in links] == ["a.tif", "b.tif"]
-    assert links[1].parent.name == "sub"
-    assert os.readlink(links[1]) == str(data_dir / "run/sub/b.tif")
+    assert len({i.fileset_id for i in images}) == 2
+    assert [link.name for link in session.managed_files(images[0])] == ["a.tif"]
+    (link,) = session.managed_files(images[1])
+    assert link.parent.name == "sub"
+    assert os.readlink(link) == str(data_dir / "run/sub/b.tif")
 
 
 def test_screen_import_creates_a_plate(gateway: SimulatorGateway, data_dir: Path) -> None:
@@ -193,9 +195,11 @@ def test_a_server_side_failure_leaves_an_orphan_fileset_that_exclusion_then_skip
     assert len(again.import_path(bad, DATASET, order_uuid="u1", exclude_existing=False)) == 1
 
 
-def test_a_multi_file_import_where_some_files_fail_keeps_the_others(
+def test_a_folder_import_stops_at_its_first_failed_fileset_keeping_those_before(
     tmp_path: Path, data_dir: Path
 ) -> None:
+    """OMERO rule (no -c): the importer stops after the first failed fileset and exits 2;
+    the filesets before it are committed, the files after it never tried."""
     gateway = SimulatorGateway(
         make_settings(
             tmp_path, omero_simulator_fail_pattern="bad", omero_simulator_failure="partial"
@@ -206,7 +210,43 @@ def test_a_multi_file_import_where_some_files_fail_keeps_the_others(
     with pytest.raises(ImportFailed, match=r"1 error: bad\.tif"):
         session.import_path(data_dir / "run", DATASET, order_uuid="u1", exclude_existing=False)
     found = session.find_imported(data_dir / "run", DATASET, order_uuid="u1")
-    assert sorted(Path(o.client_path).name for o in found) == ["a.tif", "c.tif"]
+    assert [Path(o.client_path).name for o in found] == ["a.tif"]
+    # a.tif's fileset, and the orphan bad.tif left: c.tif was never reached
+    assert _count(gateway, "SELECT count(*) FROM filesets") == 2
+    assert (
+        _count(gateway, "SELECT count(*) FROM fileset_files WHERE client_path LIKE '%c.tif'") == 0
+    )
+
+
+def test_a_re_run_with_what_the_order_already_has_imports_only_the_missing_files(
+    tmp_path: Path, data_dir: Path
+) -> None:
+    failing = SimulatorGateway(
+        make_settings(
+            tmp_path, omero_simulator_fail_pattern="bad", omero_simulator_failure="partial"
+        )
+    )
+    write_files(data_dir, "run/a.tif", "run/bad.tif", "run/c.tif")
+    run = data_dir / "run"
+    with pytest.raises(ImportFailed):
+        failing.open_session("alice", "lab", order_uuid="u1").import_path(
+            run, DATASET, order_uuid="u1", exclude_existing=False
+        )
+    fixed = SimulatorGateway(make_settings(tmp_path))
+    session = fixed.open_session("alice", "lab", order_uuid="u1")
+    already = session.find_imported(run, DATASET, order_uuid="u1")
+    new = session.import_path(
+        run, DATASET, order_uuid="u1", exclude_existing=False, already=already
+    )
+    assert [o.name for o in new] == ["bad.tif", "c.tif"]
+    every = session.find_imported(run, DATASET, order_uuid="u1")
+    assert sorted(o.name for o in every) == ["a.tif", "bad.tif", "c.tif"]
+    # nothing missing any more: no import at all
+    assert (
+        session.import_path(run, DATASET, order_uuid="u1", exclude_existing=False, already=every)
+        == []
+    )
+    assert _count(fixed, "SELECT count(*) FROM objects") == 3
 
 
 def test_session_time_to_live_is_a_hard_lifetime_on_a_simulated_clock(

@@ -32,13 +32,23 @@ import structlog
 from biomero_importer.omero.importcli import (
     SERVER_UNREACHABLE,
     LogPaths,
+    cli_prefix,
     fetch_jars_argv,
     import_argv,
     import_env,
+    omero_java_jars,
     order_namespace,
     write_session_store,
 )
-from biomero_importer.omero.importrun import run_import
+from biomero_importer.omero.importrun import (
+    SESSION_SERVER_UNREACHABLE,
+    ImportTimedOut,
+    SessionState,
+    host_lock,
+    missing_files,
+    run_import,
+    settle_timeout,
+)
 from biomero_importer.omero.port import (
     ImportAborted,
     ImportedObject,
@@ -171,6 +181,12 @@ def managed_files_hql(kind: ObjectType) -> str:
     return f"select distinct f.path, f.name {source}"
 
 
+def fileset_files_hql() -> str:
+    """Client paths of every file of the filesets ``:ids`` (what a re-run must not import
+    again)."""
+    return "select u.clientPath from Fileset fs join fs.usedFiles u where fs.id in (:ids)"
+
+
 def pixels_hql(kind: ObjectType) -> str:
     if kind == "Image":
         return "select pix.id from Pixels pix join pix.image i where i.id = :id"
@@ -207,7 +223,7 @@ def registered_hql(kind: ObjectType) -> str:
 def every_hql() -> list[str]:
     """Every HQL string the backend can send (for the contract tests)."""
     kinds: list[ObjectType] = ["Image", "Plate"]
-    return [PIXELS_TYPE_HQL] + [
+    return [PIXELS_TYPE_HQL, fileset_files_hql()] + [
         build(kind)
         for kind in kinds
         for build in (
@@ -312,7 +328,7 @@ class BlitzBackend:
         self._root: omero.gateway.BlitzGateway | None = None
         self._lock = threading.Lock()
         self._jars_lock = threading.Lock()
-        self._jars_ready = fetch_jars_argv(settings) is None
+        self._jars_ready = False
 
     def describe(self) -> str:
         settings = self.settings
@@ -397,6 +413,13 @@ class BlitzBackend:
         self.retry("check", attempt)
 
     def open_session(self, user: str, group: str, *, order_uuid: str) -> BlitzSession:
+        conn = self.user_connection(user, group)
+        log.debug("omero_session_opened", user=user, group=group, order=order_uuid)
+        return BlitzSession(self, conn, order_uuid, user, group)
+
+    def user_connection(self, user: str, group: str) -> omero.gateway.BlitzGateway:
+        """A new session as ``user`` in ``group`` (``suConn`` on the admin connection)."""
+
         def attempt() -> omero.gateway.BlitzGateway:
             with self._lock:
                 root = self.root()
@@ -409,9 +432,7 @@ class BlitzBackend:
                 raise UnknownUserOrGroup(user, group, "suConn returned no connection")
             return conn
 
-        conn = self.retry("open_session", attempt)
-        log.debug("omero_session_opened", user=user, group=group, order=order_uuid)
-        return BlitzSession(self, conn, order_uuid, user)
+        return self.retry("open_session", attempt)
 
     def experimenter_email(self, user: str) -> str | None:
         def attempt() -> str | None:
@@ -426,19 +447,39 @@ class BlitzBackend:
         return self.retry("experimenter_email", attempt)
 
     def ensure_jars(self, session: BlitzSession) -> None:
-        """``--fetch-jars`` downloads and exits, so it runs once before the first import."""
-        argv = fetch_jars_argv(self.settings)
-        if self._jars_ready or argv is None:
+        """OMERO.java jars before the first import: ``--fetch-jars`` downloads and exits.
+
+        Without ``fetch_jars`` and without jars, omero-py would download the latest jars at
+        each worker's first import, unlocked; here that download runs once per host under a
+        file lock, and never with ``omero_jars_offline``."""
+        if self._jars_ready:
             return
         with self._jars_lock:
             if self._jars_ready:
                 return
-            code, _, err = session.run_cli(argv, dict(os.environ), _FETCH_JARS_TIMEOUT, "jars")
-            if code != 0:
+            settings = self.settings
+            argv = fetch_jars_argv(settings)
+            if argv is None and omero_java_jars(os.environ) is not None:
+                self._jars_ready = True
+                return
+            if settings.omero_jars_offline:
                 raise ImportFailed(
-                    f"Fetching OMERO.java jars {self.settings.fetch_jars} failed (exit {code})",
-                    err[-2000:],
+                    "OMERO.java jars not found and omero_jars_offline forbids downloading them:"
+                    " install them in $OMERODIR/lib/client (the image ships them there)"
                 )
+            with host_lock(Path(tempfile.gettempdir()) / f"biomero-omero-jars-{os.getuid()}"):
+                if argv is None and omero_java_jars(os.environ) is None:
+                    # what omero-py itself would fetch: its 'latest', but once per host
+                    argv = [*cli_prefix(settings), "import", "--fetch-jars", "latest"]
+                if argv is not None:
+                    code, _, err = session.run_cli(
+                        argv, dict(os.environ), _FETCH_JARS_TIMEOUT, "jars"
+                    )
+                    if code != 0:
+                        raise ImportFailed(
+                            f"Fetching OMERO.java jars {argv[-1]} failed (exit {code})",
+                            err[-2000:],
+                        )
             self._jars_ready = True
 
     def close(self) -> None:
@@ -452,9 +493,11 @@ class BlitzSession:
         conn: omero.gateway.BlitzGateway,
         order_uuid: str,
         user: str,
+        group: str,
     ) -> None:
         self.backend = backend
         self.user = user
+        self.group = group
         self.settings = backend.settings
         self.conn = conn
         self.order_uuid = order_uuid
@@ -521,7 +564,7 @@ class BlitzSession:
         except subprocess.TimeoutExpired:
             kill_process_tree(proc)
             proc.communicate()
-            raise ImportFailed(
+            raise ImportTimedOut(
                 f"OMERO import of {name} timed out after {timeout:g} s (import_timeout)"
             ) from None
         finally:
@@ -544,10 +587,23 @@ class BlitzSession:
 
     # --- import -----------------------------------------------------------------------------
     def import_path(
-        self, path: Path, target: Target, *, order_uuid: str, exclude_existing: bool
+        self,
+        path: Path,
+        target: Target,
+        *,
+        order_uuid: str,
+        exclude_existing: bool,
+        already: Sequence[ImportedObject] = (),
     ) -> list[ImportedObject]:
         if self._aborted.is_set():
             raise ImportAborted(f"aborted before importing {path.name}")
+        paths: list[Path] = [path]
+        if already:
+            # a re-run of a partly imported unit: only the files no fileset of it holds
+            paths = missing_files(path, self._covered(already), self.settings.import_depth)
+            if not paths:
+                log.info("omero_import_nothing_missing", path=str(path), objects=len(already))
+                return []
         self.backend.ensure_jars(self)
         index = self._imports
         self._imports += 1
@@ -555,7 +611,7 @@ class BlitzSession:
         def run_once(logs: LogPaths) -> tuple[int, str, str]:
             argv = import_argv(
                 self.settings,
-                path,
+                paths,
                 target,
                 logs=logs,
                 exclude_existing=exclude_existing,
@@ -566,25 +622,37 @@ class BlitzSession:
                 write_session_store(Path(session_dir), self.settings, self.user, self.session_key)
                 env = import_env(self.settings, Path(session_dir))
                 log.info(
-                    "omero_import_started", path=str(path), target=f"{target.type}:{target.id}"
+                    "omero_import_started",
+                    path=str(path),
+                    files=len(paths) if already else None,
+                    target=f"{target.type}:{target.id}",
                 )
                 with self._keepalive():
                     return self.run_cli(argv, env, self.settings.import_timeout, path.name)
 
-        run = run_import(
-            self.settings,
-            run_once,
-            order_uuid=order_uuid,
-            index=index,
-            name=path.name,
-            aborted=self._aborted.wait,
-        )
+        try:
+            run = run_import(
+                self.settings,
+                run_once,
+                order_uuid=order_uuid,
+                index=index,
+                name=path.name,
+                aborted=self._aborted.wait,
+                rejoin=self._rejoin,
+            )
+        except ImportTimedOut as timed_out:
+            return settle_timeout(
+                self.settings,
+                timed_out,
+                look=partial(self._look_after_timeout, path, target, order_uuid, already),
+                aborted=self._aborted.wait,
+            )
         verdict = run.verdict
         if not verdict.ok:
             if verdict.nothing_imported and exclude_existing:
                 log.info("omero_import_excluded", path=str(path))
                 return []
-            if run.cause in SERVER_UNREACHABLE:
+            if run.cause in SERVER_UNREACHABLE or run.cause == SESSION_SERVER_UNREACHABLE:
                 # the server went away under the import: a failure that passes
                 raise OmeroUnavailable(
                     f"omero import of {path.name}: {run.cause} after {run.attempts} attempts;"
@@ -600,6 +668,53 @@ class BlitzSession:
             ImportedObject(kind, i, names.get(i, path.name), str(path), verdict.fileset_of.get(i))
             for i in ids
         ]
+
+    def _covered(self, objects: Sequence[ImportedObject]) -> set[str]:
+        """Client paths of every file of the objects' filesets (a fileset-less object: its
+        own client path)."""
+        covered = {obj.client_path for obj in objects if obj.fileset_id is None}
+        filesets = sorted({obj.fileset_id for obj in objects if obj.fileset_id is not None})
+        if filesets:
+            params = omero.sys.ParametersI()
+            params.addIds(filesets)
+            rows = self._call(
+                "fileset_files",
+                lambda: self.conn.getQueryService().projection(
+                    fileset_files_hql(), params, self.conn.SERVICE_OPTS
+                ),
+            )
+            covered |= {_absolute_client_path(str(row[0])) for row in _unwrap_rows(rows)}
+        return covered
+
+    def _look_after_timeout(
+        self, path: Path, target: Target, order_uuid: str, already: Sequence[ImportedObject]
+    ) -> tuple[list[ImportedObject], list[Path]]:
+        """What a killed import made (this order's objects from ``path`` not in ``already``)
+        and the files still missing."""
+        before = {(obj.type, obj.id) for obj in already}
+        found = self.find_imported(path, target, order_uuid=order_uuid)
+        made = [obj for obj in found if (obj.type, obj.id) not in before]
+        covered = self._covered([*already, *made])
+        return made, missing_files(path, covered, self.settings.import_depth)
+
+    def _rejoin(self) -> SessionState:
+        """The CLI could not join this session: ask the server ourselves why (see importrun)."""
+        try:
+            self.backend.check()
+        except OmeroUnavailable:
+            return SessionState.UNREACHABLE
+        try:
+            self.conn.c.getSession().keepAlive(None)
+            return SessionState.ALIVE
+        except Exception as exc:  # the session is gone (ObjectNotExist, SessionException...)
+            log.info("omero_session_renewed", user=self.user, error=type(exc).__name__)
+        old, self.conn = self.conn, self.backend.user_connection(self.user, self.group)
+        self._opened = time.monotonic()
+        try:
+            old.close()
+        except Exception as exc:
+            log.debug("omero_close_failed", error=type(exc).__name__)
+        return SessionState.RENEWED
 
     def _names(self, kind: ObjectType, ids: list[int]) -> dict[int, str]:
         params = omero.sys.ParametersI()

@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 import re
 import shlex
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -92,6 +92,22 @@ SERVER_UNREACHABLE = (
 )
 
 
+# omero-py sessions.py login(): a recorded session that cannot be joined (expired, killed, the
+# server refused or the host is unknown: one ``except Exception`` for all) is reported on stdout,
+# and without a user name and a terminal the CLI then dies with 564 (exit status 564 % 256).
+SESSION_NOT_JOINED = "Previous session expired"
+_STDIN_NOT_A_TERMINAL = "stdin is not a terminal"
+_STDIN_NOT_A_TERMINAL_EXIT = 564 % 256
+
+
+def session_not_joined(exit_code: int, stdout: str, stderr: str) -> bool:
+    """The CLI could not join the session recorded for it: the Java importer never started.
+    Which of its causes it was only the service's own connection can tell."""
+    if SESSION_NOT_JOINED in stdout:
+        return True
+    return exit_code == _STDIN_NOT_A_TERMINAL_EXIT and _STDIN_NOT_A_TERMINAL in stderr
+
+
 def retryable_import_error(exit_code: int, errs_file_text: str, stderr: str) -> str | None:
     """What makes a failed import worth another attempt: a transient Ice error, or an
     importer that wrote nothing to its ``.errs`` file (it died before it could). Never a
@@ -118,17 +134,22 @@ def cli_prefix(settings: Settings) -> list[str]:
 
 def import_argv(
     settings: Settings,
-    path: Path,
+    path: Path | Sequence[Path],
     target: Target,
     *,
     logs: LogPaths,
     exclude_existing: bool,
     order_uuid: str,
 ) -> list[str]:
-    """The full ``omero import`` command for one file or folder; it joins the session that
-    :func:`write_session_store` recorded (no key on the command line)."""
-    if not path.is_absolute():
-        raise ValueError(f"import paths must be absolute: {path}")
+    """The full ``omero import`` command for one file or folder (or the files a re-run still
+    imports); it joins the session that :func:`write_session_store` recorded (no key on the
+    command line)."""
+    paths = [path] if isinstance(path, Path) else list(path)
+    if not paths:
+        raise ValueError("an import needs at least one path")
+    for each in paths:
+        if not each.is_absolute():
+            raise ValueError(f"import paths must be absolute: {each}")
     if settings.omero_host is None:
         raise ValueError("omero_host is not set")
     argv = [
@@ -163,9 +184,13 @@ def import_argv(
         "--annotation-text",
         order_uuid,
     ]
+    if settings.omero_import_encrypted:
+        # CommandLineImporter defaults encryptedConnection to false: it would leave the SSL
+        # port for the unencrypted one once logged in.
+        argv.append("--encrypted=true")
     if exclude_existing:
         argv.append("--exclude=clientpath")
-    argv.append(str(path))
+    argv += [str(each) for each in paths]
     return argv
 
 
@@ -203,6 +228,30 @@ def fetch_jars_argv(settings: Settings) -> list[str] | None:
     if not settings.fetch_jars:
         return None
     return [*cli_prefix(settings), "import", "--fetch-jars", settings.fetch_jars]
+
+
+def omero_java_jars(env: Mapping[str, str]) -> Path | None:
+    """The folder of OMERO.java jars ``omero import`` would use, or None when it would have to
+    download them first (omero-py 5.23.0 ``plugins/import.py`` ``_get_classpath_logback``):
+    ``$OMERODIR/lib/client``, else what ``--fetch-jars`` left in omero-py's user cache
+    (``util.get_omero_user_cache_dir``: ``$OMERO_USERDIR/cache``, or appdirs'
+    ``~/.cache/OMERO.py/5``) under ``jars/``, named by ``jars/OMERO.java.txt``."""
+    if env.get("OMERODIR"):
+        client = Path(env["OMERODIR"]) / "lib" / "client"
+        if client.exists():
+            # omero-py uses lib/client whenever it exists, and dies (103) when it holds none
+            return client if any(client.glob("*.jar")) else None
+    if env.get("OMERO_USERDIR"):
+        cache = Path(env["OMERO_USERDIR"]) / "cache"
+    else:
+        base = env.get("XDG_CACHE_HOME") or str(Path(env.get("HOME", "~")).expanduser() / ".cache")
+        cache = Path(base) / "OMERO.py" / "5"
+    named = cache / "jars" / "OMERO.java.txt"
+    try:
+        folder = cache / "jars" / named.read_text(encoding="utf-8").strip() / "libs"
+    except OSError:
+        return None
+    return folder if any(folder.glob("*.jar")) else None
 
 
 def import_env(

@@ -69,8 +69,15 @@ class NullSession:
         return [ImportedObject(kind, self.gateway.next_id(), path.name, str(path))]
 
     def import_path(
-        self, path: Path, target: Target, *, order_uuid: str, exclude_existing: bool
+        self,
+        path: Path,
+        target: Target,
+        *,
+        order_uuid: str,
+        exclude_existing: bool,
+        already: Sequence[ImportedObject] = (),
     ) -> list[ImportedObject]:
+        # it never finds anything, so ``already`` is always empty here
         return self._made(path, target)
 
     def register_zarr(

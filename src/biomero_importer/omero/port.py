@@ -90,14 +90,23 @@ class OmeroSession(Protocol):
     """Work done as one user in one group, for one order."""
 
     def import_path(
-        self, path: Path, target: Target, *, order_uuid: str, exclude_existing: bool
+        self,
+        path: Path,
+        target: Target,
+        *,
+        order_uuid: str,
+        exclude_existing: bool,
+        already: Sequence[ImportedObject] = (),
     ) -> list[ImportedObject]:
         """Import one file or folder in place (``ln_s``) into the target.
 
         ``exclude_existing`` is ``omero import --exclude=clientpath``: OMERO then skips every
         file that *any* fileset visible to the user holds (any order, orphans included), so
         the pipeline never asks for it: re-runs are made idempotent by the order's ledger and
-        comment annotation instead. Raises ImportFailed naming the file.
+        comment annotation instead. ``already``: what this order made from ``path`` in an
+        earlier, unfinished run (found by ``find_imported``); the files of their filesets are
+        not imported again, only the rest (nothing left: returns ``[]`` without importing).
+        Returns the new objects only. Raises ImportFailed naming the file.
         """
         ...
 

@@ -12,8 +12,10 @@ is cited next to its code ("OMERO rule: ..."). Rules that tests need to switch a
 
 - client-path exclusion across everything the user can see (``omero_simulator_exclusion``);
 - a server-side failure after the fileset was created: an orphan fileset
-  (``omero_simulator_failure: orphan_fileset``), or a multi-file import where only some files
-  fail (``partial``);
+  (``omero_simulator_failure: orphan_fileset``), or a folder import that stops at its first
+  failed fileset, the filesets before it committed (``partial``, exit 2 without ``-c``);
+- each single-file image of a folder import is its own fileset; a re-run of a partly
+  imported unit (``already``) imports only the files no fileset of it holds;
 - registered OME-Zarr objects have no fileset, only the order's comment annotation;
 - a session's time-to-live is a hard lifetime (``omero_simulator_session_ttl``), on a simulated
   clock that imports advance by ``omero_simulator_import_seconds`` without waiting;
@@ -412,7 +414,13 @@ class SimulatorSession:
         return {row[0] for row in rows}
 
     def import_path(
-        self, path: Path, target: Target, *, order_uuid: str, exclude_existing: bool
+        self,
+        path: Path,
+        target: Target,
+        *,
+        order_uuid: str,
+        exclude_existing: bool,
+        already: Sequence[ImportedObject] = (),
     ) -> list[ImportedObject]:
         self._pause(f"the import of {path.name}")
         if not path.exists():
@@ -420,6 +428,12 @@ class SimulatorSession:
         files = _importable_files(path)
         if not files:
             raise ImportFailed(f"OMERO import of {path.name} failed: no importable files found")
+        if already:
+            # As the blitz backend: a re-run imports the files no fileset of ``already`` holds.
+            covered = self._covered(already)
+            files = [f for f in files if str(f) not in covered]
+            if not files:
+                return []
         failing = self._failing(files)
         mode = self.gateway.settings.omero_simulator_failure
         if failing and mode == "clean":
@@ -432,6 +446,53 @@ class SimulatorSession:
             if not files:
                 # OMERO rule: excluded files print nothing and the import exits 0.
                 return []
+        if target.type == "Screen" or mode == "orphan_fileset":
+            # a plate is one fileset of all its files; so is the orphan of a failed upload
+            groups = [files]
+        else:
+            # OMERO rule (ImportCandidates): each single-file image of a folder is its own
+            # fileset (import candidate).
+            groups = [[f] for f in files]
+        objects: list[ImportedObject] = []
+        for group in groups:
+            broken = [f for f in group if f in failing]
+            objects += self._import_fileset(
+                path, group, broken, target=target, order_uuid=order_uuid, user_id=user_id
+            )
+            if broken:
+                # OMERO rule (CommandLineImporter without -c): the import stops after the
+                # first failed fileset and exits 2; the filesets before it stay committed.
+                raise self._failure(path.name, broken)
+        log.debug("simulated_import", path=str(path), objects=len(objects))
+        return objects
+
+    def _covered(self, objects: Sequence[ImportedObject]) -> set[str]:
+        """Client paths of every file of the objects' filesets."""
+        covered = {obj.client_path for obj in objects if obj.fileset_id is None}
+        ids = [obj.fileset_id for obj in objects if obj.fileset_id is not None]
+        if ids:
+            marks = ",".join("?" * len(ids))
+            rows = (
+                self.gateway.connection()
+                .execute(
+                    f"SELECT client_path FROM fileset_files WHERE fileset_id IN ({marks})", ids
+                )
+                .fetchall()
+            )
+            covered |= {row[0] for row in rows}
+        return covered
+
+    def _import_fileset(
+        self,
+        path: Path,
+        files: list[Path],
+        broken: list[Path],
+        *,
+        target: Target,
+        order_uuid: str,
+        user_id: int,
+    ) -> list[ImportedObject]:
+        """One fileset: its links, its rows and its objects, or (``broken``) an orphan."""
         # The fileset folder is unique (time and a random token): its links are made before
         # the write transaction, which then holds the lock for the rows alone.
         folder = self._fileset_folder(user_id)
@@ -454,28 +515,19 @@ class SimulatorSession:
                 " VALUES (?, ?, ?)",
                 [(fileset_id, str(link), str(source)) for link, source in managed],
             )
-            if failing and (mode == "orphan_fileset" or target.type == "Screen"):
+            made: list[tuple[ObjectType, str, Path]]
+            if broken:
                 # OMERO rule: a server-side failure (Bio-Formats parsing, pixel processing)
                 # after the upload leaves the Fileset and its entries, with no Image/Plate.
-                orphan: ImportFailed | None = self._failure(path.name, failing)
-                made: list[tuple[ObjectType, str, Path]] = []
+                made = []
             elif target.type == "Screen":
-                orphan = None
                 made = [("Plate", path.name, path)]
             else:
-                # OMERO rule: in a multi-file import each file is its own fileset job; the
-                # files that fail create nothing, the others their images, and the import
-                # reports errors (exit 2) ("partial").
-                orphan = self._failure(path.name, failing) if failing else None
-                made = [("Image", f.name, f) for f in files if f not in failing]
-            objects = [
+                made = [("Image", f.name, f) for f in files]
+            return [
                 self._insert(db, item, target=target, order_uuid=order_uuid, fileset_id=fileset_id)
                 for item in made
             ]
-        if orphan is not None:
-            raise orphan
-        log.debug("simulated_import", path=str(path), objects=len(objects))
-        return objects
 
     def _fileset_folder(self, user_id: int) -> Path:
         """``<user>_<id>/<YYYY-MM>/<DD>/<HH-MM-SS.mmm>-<token>``, as OMERO's template lays out."""

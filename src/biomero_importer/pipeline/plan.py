@@ -117,6 +117,8 @@ def _recorded(records: list[dict[str, Any]]) -> dict[str, list[str]]:
     """Objects an earlier run recorded, by the unit (order path) that made them."""
     by_key: dict[str, list[str]] = {}
     for record in records:
+        if not record.get("unit_complete", True):
+            continue  # found after an unfinished run: a re-run imports what is missing
         by_key.setdefault(str(record.get("key")), []).append(f"{record['type']}:{record['id']}")
     return by_key
 

@@ -196,10 +196,25 @@ class ObjectLedger:
                 "fileset_id": obj.fileset_id,
                 "key": key,
                 "annotated": False,
+                # set by complete() once an import run of the unit succeeded
+                "unit_complete": False,
             }
             self.records.append(record)
             self._index(record)
         self._dirty = True
+
+    def complete(self, key: str) -> bool:
+        """An import run of the unit succeeded: what it recorded is all of it. Objects found
+        in OMERO after an interrupted or partly failed run are recorded, but not complete.
+        Records written before this marker existed count as complete."""
+        records = self._by_key.get(key, [])
+        return bool(records) and all(r.get("unit_complete", True) for r in records)
+
+    def mark_complete(self, key: str) -> None:
+        for record in self._by_key.get(key, []):
+            if not record.get("unit_complete", True):
+                record["unit_complete"] = True
+                self._dirty = True
 
     def annotated(self, obj: ImportedObject) -> bool:
         record = self._by_object.get((obj.type, obj.id))
@@ -535,7 +550,7 @@ class Pipeline:
         key = str(unit.path)
         known = ledger.known(key)
         register = self.settings.use_register_zarr and unit.path.suffix.lower() == ".zarr"
-        if known and not register:
+        if known and not register and ledger.complete(key):
             log.info("import_skipped_already_done", path=key, objects=len(known))
             return known
         # What is imported is what was checked, checked once more now: a file swapped for a
@@ -560,11 +575,14 @@ class Pipeline:
                 session,
                 partial(session.find_imported, client, order.target, order_uuid=order.uuid),
             )
+            seen = {(o.type, o.id) for o in known}
+            known = [*known, *(o for o in found if (o.type, o.id) not in seen)]
             if found and not register:
-                log.info("import_skipped_found_in_omero", path=key, objects=len(found))
+                # Found is not done: the run that made them may have stopped half way (no -c:
+                # the importer stops at the first failed fileset). The import below brings in
+                # only the files none of their filesets holds.
+                log.info("import_resumed_found_in_omero", path=key, objects=len(found))
                 ledger.add(key, found)
-                return found
-            known = [*known, *found]
         if register:
             # A registration may have stopped half way: what exists is passed on and only
             # the rest is registered; each new object is recorded as soon as it exists.
@@ -585,10 +603,15 @@ class Pipeline:
                 order.target,
                 order_uuid=order.uuid,
                 exclude_existing=False,
+                already=known,
             )
         objects = await self._blocking(session, call)
         log.info("imported", path=key, objects=[f"{o.type}:{o.id}" for o in objects])
+        if not register:
+            # what an earlier run left, and what this one added
+            objects = [*known, *objects]
         ledger.add(key, objects)
+        ledger.mark_complete(key)
         await ledger.save_if_due(self.sink, order.uuid)
         return objects
 
