@@ -13,7 +13,9 @@ from biomero_importer.omero.importcli import (
     import_argv,
     import_env,
     log_paths,
+    omero_java_jars,
     parse_import_result,
+    session_not_joined,
     write_session_store,
 )
 from biomero_importer.omero.port import Target
@@ -271,3 +273,78 @@ def test_nonzero_exit_codes(run: out.Run, expected: str) -> None:
     assert expected in verdict.reason
     assert "x.tif" in verdict.reason
     assert verdict.images == []
+
+
+@pytest.mark.unit
+def test_encrypted_imports_and_the_files_a_re_run_still_imports(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path, omero_host="h", omero_import_encrypted=True)
+    files = [Path("/data/run/b.tif"), Path("/data/run/sub/c.tif")]
+    argv = import_argv(
+        settings,
+        files,
+        Target("Dataset", 3),
+        logs=log_paths(settings, UUID),
+        exclude_existing=False,
+        order_uuid=UUID,
+    )
+    assert argv[-3:] == ["--encrypted=true", "/data/run/b.tif", "/data/run/sub/c.tif"]
+    plain = import_argv(
+        make_settings(tmp_path, omero_host="h"),
+        Path("/data/a.tif"),
+        Target("Dataset", 3),
+        logs=log_paths(settings, UUID),
+        exclude_existing=False,
+        order_uuid=UUID,
+    )
+    assert not any(a.startswith("--encrypted") for a in plain)
+    with pytest.raises(ValueError, match="at least one path"):
+        import_argv(
+            settings,
+            [],
+            Target("Dataset", 3),
+            logs=log_paths(settings, UUID),
+            exclude_existing=False,
+            order_uuid=UUID,
+        )
+
+
+@pytest.mark.unit
+def test_where_omero_import_would_find_its_jars(tmp_path: Path) -> None:
+    """omero-py import.py: $OMERODIR/lib/client when it exists, else what --fetch-jars left
+    in the user cache (OMERO.java.txt names the folder), else nothing: it would download."""
+    home = tmp_path / "home"
+    assert omero_java_jars({"HOME": str(home)}) is None
+    cache = home / ".cache" / "OMERO.py" / "5" / "jars"
+    (cache / "OMERO.java-5.9.2-ice36" / "libs").mkdir(parents=True)
+    (cache / "OMERO.java.txt").write_text("OMERO.java-5.9.2-ice36\n")
+    assert omero_java_jars({"HOME": str(home)}) is None  # named, but no jar in it
+    (cache / "OMERO.java-5.9.2-ice36" / "libs" / "omero-blitz.jar").write_bytes(b"")
+    assert omero_java_jars({"HOME": str(home)}) == cache / "OMERO.java-5.9.2-ice36" / "libs"
+    userdir = tmp_path / "userdir"
+    assert omero_java_jars({"HOME": str(home), "OMERO_USERDIR": str(userdir)}) is None
+    omerodir = tmp_path / "omero"
+    (omerodir / "lib" / "client").mkdir(parents=True)
+    # an empty lib/client is what omero-py uses, and dies on (exit 103): no jars
+    assert omero_java_jars({"HOME": str(home), "OMERODIR": str(omerodir)}) is None
+    (omerodir / "lib" / "client" / "omero-blitz.jar").write_bytes(b"")
+    assert omero_java_jars({"OMERODIR": str(omerodir)}) == omerodir / "lib" / "client"
+
+
+@pytest.mark.unit
+def test_offline_jars_and_fetch_jars_exclude_each_other(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="omero_jars_offline"):
+        make_settings(tmp_path, omero_jars_offline=True, fetch_jars="5.9.2")
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(
+    ("run", "expected"),
+    [
+        (out.session_not_joined("alice", "h", 4064), True),
+        (out.Run(52, "", "stdin is not a terminal: cannot request username\n"), True),
+        (out.imported([{"Image": [1]}]), False),
+        (out.Run(1), False),
+    ],
+)
+def test_a_session_the_cli_could_not_join_is_recognised(run: out.Run, expected: bool) -> None:
+    assert session_not_joined(run.exit_code, run.stdout, run.stderr) is expected
