@@ -4,6 +4,7 @@ jars a worker needs before its first import (a stand-in ``omero`` plays the CLI)
 
 from __future__ import annotations
 
+import socket
 import sys
 import threading
 from pathlib import Path
@@ -17,6 +18,7 @@ import omero.cli
 
 from biomero_importer.omero.blitz import BlitzBackend, BlitzSession
 from biomero_importer.omero.importcli import import_argv, log_paths
+from biomero_importer.omero.importrun import SessionState
 from biomero_importer.omero.port import ImportedObject, ImportFailed, Target
 from biomero_importer.settings import Settings
 from tests.omero import omero_output as out
@@ -127,3 +129,18 @@ def test_a_re_run_with_nothing_missing_runs_no_import(no_jars: Path) -> None:
         already=[done],
     )
     assert made == [] and not calls.exists()
+
+
+def test_a_session_the_cli_could_not_join_on_a_server_that_is_down_is_a_wait(
+    tmp_path: Path,
+) -> None:
+    """The CLI reports every failed join alike ("Previous session expired", exit 564): the
+    backend asks the server itself, and a closed port means the server is down."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = int(sock.getsockname()[1])
+    backend = BlitzBackend(_settings(tmp_path, omero_port=port, omero_retries=0))
+    try:
+        assert _session(backend)._rejoin() is SessionState.UNREACHABLE
+    finally:
+        backend.close()
