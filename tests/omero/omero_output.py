@@ -14,10 +14,15 @@ Sources read (stored copies of the upstream repositories):
   ``start()`` ("No imports due to errors!", "No imports found" then ``usage()`` and exit 1;
   ``successful ? 0 : 2``; 3 on a failed cleanup), ``main()`` (``encryptedConnection`` false by
   default);
-- omero-py 5.23.0 ``src/omero/plugins/import.py``: ``ctx.die`` codes 103, 104, 105, 106, 107, 108;
-- omero-py 5.23.0 ``src/omero/plugins/sessions.py``: ``login()``, ``_get_username()``,
-  ``_require_tty()``; ``src/omero/cli.py``: ``die()`` writes its text to stderr and the return
-  code becomes the process's exit status (``sys.exit``, so 564 is seen as ``564 % 256``).
+- omero-py 5.23.0 ``src/omero/plugins/import.py`` (read at ome/omero-py 0245d330):
+  ``ctx.die`` codes 103, 104, 105, 106, 107, 108;
+- omero-py 5.23.0 ``src/omero/plugins/sessions.py`` (read at ome/omero-py 1281f16a):
+  ``login()``, ``_get_username()``, ``_require_tty()``; ``src/omero/cli.py``: ``die()`` writes
+  its text to stderr and the return code becomes the process's exit status (``sys.exit``, so
+  564 is seen as ``564 % 256``).
+
+The omero-blitz files were read in the stored copies the notes in
+/work/shared/notes/omero-semantics.md were checked against (omero-blitz master, 2026-08).
 """
 
 from __future__ import annotations
