@@ -757,6 +757,23 @@ class BlitzSession:
         root = self.settings.omero_managed_repository
         return sorted({root / str(path) / str(name) for path, name in _unwrap_rows(rows)})
 
+    def delete(self, objects: Sequence[ImportedObject]) -> None:
+        for obj in objects:
+
+            def attempt(obj: ImportedObject = obj) -> None:
+                # the self-test's own objects: their annotations go with them
+                self.conn.deleteObjects(
+                    obj.type, [obj.id], deleteAnns=True, deleteChildren=True, wait=True
+                )
+
+            try:
+                self._call("delete", attempt)
+            except omero.ServerError as exc:
+                raise OmeroError(
+                    f"OMERO refused deleting {obj.type} {obj.id}",
+                    f"{type(exc).__name__}: {getattr(exc, 'message', '')}",
+                ) from exc
+
     # --- OME-Zarr ---------------------------------------------------------------------------
     def register_zarr(
         self,

@@ -720,6 +720,44 @@ class SimulatorSession:
         )
         return [Path(row[0]) for row in rows]
 
+    def delete(self, objects: Sequence[ImportedObject]) -> None:
+        """OMERO rule (Delete2 of an Image or Plate with its annotations): a fileset goes once
+        none of its objects is left, and with it its ManagedRepository entries."""
+        self._alive("deleting")
+        ids = [obj.id for obj in objects]
+        marks = ",".join("?" * len(ids))
+        with self.gateway.transaction() as db:
+            filesets = [
+                row[0]
+                for row in db.execute(
+                    f"SELECT DISTINCT fileset_id FROM fileset_objects WHERE object_id IN ({marks})",
+                    ids,
+                )
+            ]
+            for table, column in (
+                ("annotations", "object_id"),
+                ("registrations", "object_id"),
+                ("fileset_objects", "object_id"),
+                ("objects", "id"),
+            ):
+                db.execute(f"DELETE FROM {table} WHERE {column} IN ({marks})", ids)
+            links: list[str] = []
+            for fileset in filesets:
+                if db.execute(
+                    "SELECT 1 FROM fileset_objects WHERE fileset_id = ?", (fileset,)
+                ).fetchone():
+                    continue
+                links.extend(
+                    row[0]
+                    for row in db.execute(
+                        "SELECT managed_path FROM fileset_files WHERE fileset_id = ?", (fileset,)
+                    )
+                )
+                db.execute("DELETE FROM fileset_files WHERE fileset_id = ?", (fileset,))
+                db.execute("DELETE FROM filesets WHERE id = ?", (fileset,))
+        for link in links:
+            Path(link).unlink(missing_ok=True)
+
     def abort(self) -> None:
         self._aborted.set()
 
