@@ -73,6 +73,7 @@ class StubServerAnswers:
         self.dataset_links: list[tuple[int, int]] = []  # (dataset, image)
         self.plates: dict[int, Any] = {}
         self.deleted: list[tuple[str, int]] = []
+        self.deleted_with_annotations: list[tuple[str, int]] = []
         self.calls: list[str] = []
         # test hooks: raise this from the next call of that name (e.g. "setPixelsId"), or
         # from the save that holds a DatasetImageLink
@@ -99,11 +100,20 @@ class StubServerAnswers:
         return SimpleNamespace(createImage=self._answer("createImage", self._create_image))
 
     def deleteObjects(
-        self, kind: str, ids: list[int], deleteChildren: bool = False, wait: bool = False
+        self,
+        kind: str,
+        ids: list[int],
+        deleteAnns: bool = False,
+        deleteChildren: bool = False,
+        wait: bool = False,
     ) -> None:
+        """BlitzGateway.deleteObjects (Delete2); ``wait`` raises what the server refused."""
         self._refused("deleteObjects")
+        assert wait, "a delete not waited for can fail unseen"
         for object_id in ids:
             self.deleted.append((kind, object_id))
+            if deleteAnns:
+                self.deleted_with_annotations.append((kind, object_id))
             if kind == "Image":
                 self.images.pop(object_id, None)
                 self.annotation_links = [

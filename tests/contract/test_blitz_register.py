@@ -23,7 +23,7 @@ from biomero_importer.omero.blitz import (
     managed_files_hql,
     registered_image,
 )
-from biomero_importer.omero.port import ImportedObject, ImportFailed, Target
+from biomero_importer.omero.port import ImportedObject, ImportFailed, OmeroError, Target
 from biomero_importer.omero.zarr import (
     PhysicalSize,
     ZarrContent,
@@ -240,3 +240,35 @@ def test_plate_queries_read_used_files_per_fileset(build: Any) -> None:
     assert "usedFiles" in outer
     assert "wellSamples" not in outer and "WellSample" not in outer
     assert "WellSample ws join ws.image i" in inner and "usedFiles" not in inner
+
+
+def test_a_series_half_registered_before_checks_the_first_new_image(tmp_path: Path) -> None:
+    """A re-run after a stop half way: the image that exists is passed on, the first image
+    this run creates is the one pixel-checked (a ROMIO buffer fails it) and removed."""
+    content = _series(tmp_path)
+    server = StubServerAnswers()
+    _serve(server, content)
+    (first,) = _session(tmp_path, server).register_content(
+        ZarrContent("series", content.path, 2, "0.4", "s", content.images[:1]),
+        DATASET,
+        order_uuid=UUID,
+    )
+    server.buffer = "romio"
+    with pytest.raises(ImportFailed, match="resolution level"):
+        _session(tmp_path, server).register_content(
+            content, DATASET, order_uuid=UUID, existing=[first]
+        )
+    assert list(server.images) == [first.id]
+
+
+def test_the_self_tests_delete_takes_the_annotations_and_names_a_refusal(tmp_path: Path) -> None:
+    content = _series(tmp_path, 1)
+    server = StubServerAnswers()
+    _serve(server, content)
+    session = _session(tmp_path, server)
+    (obj,) = session.register_content(content, DATASET, order_uuid=UUID)
+    session.delete([obj])
+    assert server.deleted_with_annotations == [("Image", obj.id)] and server.images == {}
+    server.refuse["deleteObjects"] = omero.SecurityViolation(None, None, "not yours")
+    with pytest.raises(OmeroError, match=f"OMERO refused deleting Image {obj.id}"):
+        session.delete([obj])

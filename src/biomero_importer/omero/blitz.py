@@ -830,12 +830,15 @@ class BlitzSession:
             # Each step goes through _call on its own: a lost connection retries only that
             # step, never the steps before it, and abort() is honoured between steps.
             if content.plate is None:
+                checked = False
                 for image in content.images:
                     old = done.get(("Image", str(image.path)))
                     if old is None:
+                        # the first image this call creates is pixel-checked
                         old = self._register_image(
-                            content, image, comment, target.id, check=not objects
+                            content, image, comment, target.id, check=not checked
                         )
+                        checked = True
                         if on_created is not None:
                             on_created(old)
                     objects.append(old)
@@ -847,7 +850,7 @@ class BlitzSession:
                         on_created(old)
                 objects.append(old)
         except BaseException:
-            if saved_comment and not objects:
+            if saved_comment and not [o for o in objects if o not in existing]:
                 # nothing of this call carries the comment: it would be an orphan
                 self._delete([("Annotation", saved_comment[0])])
             raise
