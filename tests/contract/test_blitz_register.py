@@ -230,13 +230,16 @@ def test_a_lost_registration_reply_is_not_saved_twice(tmp_path: Path) -> None:
     assert len(server.annotation_links) == links
 
 
-@pytest.mark.parametrize("build", [imported_hql, managed_files_hql])
-def test_plate_queries_read_used_files_per_fileset(build: Any) -> None:
+@pytest.mark.parametrize(
+    ("build", "subquery"), [(imported_hql, " exists (select "), (managed_files_hql, " in (select ")]
+)
+def test_plate_queries_read_used_files_per_fileset(build: Any, subquery: str) -> None:
     """Joining each field image with each used file of its fileset is images x files rows
-    (12 M for a 3,456-image screen): the used files are joined per fileset only, the field
-    images only in the subquery that picks the filesets."""
+    (12 M for a 3,456-image screen, benchmarks/plate_hql.py): the used files are joined per
+    fileset only, the field images only in the subquery that ties filesets to the plate."""
     hql = build("Plate")
-    outer, _, inner = hql.partition(" in (select ")
+    outer, _, inner = hql.partition(subquery)
+    assert inner, hql
     assert "usedFiles" in outer
     assert "wellSamples" not in outer and "WellSample" not in outer
     assert "WellSample ws join ws.image i" in inner and "usedFiles" not in inner

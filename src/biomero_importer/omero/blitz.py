@@ -149,26 +149,20 @@ def _order_marked(alias: str, kind: ObjectType) -> str:
     )
 
 
-def _plate_filesets(plate: str, marked: bool) -> str:
-    """The ids of the filesets whose images are fields of Plate ``plate`` (an alias or a
-    parameter), optionally only images carrying the order's comment."""
-    where = f"ws.well.plate = {plate}" if plate.isidentifier() else f"ws.well.plate.id = {plate}"
-    if marked:
-        where += f" and {_order_marked('i', 'Image')}"
-    return f"select i.fileset.id from WellSample ws join ws.image i where {where}"
-
-
 def imported_hql(kind: ObjectType) -> str:
     """Imported objects in target ``:target`` and their client paths, for the order: every
     import links the order comment to the Images it creates (``--annotation-ns/-text``).
 
     A plate's used files are read per fileset, never per field image: joining each of a
-    screen's 3,456 images with each of its fileset's 3,456 files would be 12 M rows."""
+    screen's 3,456 images with each of its fileset's 3,456 files is 12 M rows. An ``exists``
+    on the field images ties each fileset to its plate; the database makes it a semi-join that
+    stops at the first image (benchmarks/plate_hql.py)."""
     if kind == "Plate":
         return (
             "select p.id, p.name, fs.id, u.clientPath from Plate p join p.screenLinks sl,"
-            " Fileset fs join fs.usedFiles u"
-            f" where sl.parent.id = :target and fs.id in ({_plate_filesets('p', True)})"
+            " Fileset fs join fs.usedFiles u where sl.parent.id = :target and exists"
+            " (select 1 from WellSample ws join ws.image i where ws.well.plate = p"
+            f" and i.fileset = fs and {_order_marked('i', 'Image')})"
         )
     return (
         "select distinct i.id, i.name, fs.id, u.clientPath from Image i"
@@ -179,10 +173,12 @@ def imported_hql(kind: ObjectType) -> str:
 
 def managed_files_hql(kind: ObjectType) -> str:
     if kind == "Plate":
-        # per fileset, as in imported_hql: one row per used file
+        # per fileset, as in imported_hql: one row per used file (the subquery depends on
+        # :id only, so it runs once)
         return (
             "select f.path, f.name from Fileset fs join fs.usedFiles u join u.originalFile f"
-            f" where fs.id in ({_plate_filesets(':id', False)})"
+            " where fs.id in (select i.fileset.id from WellSample ws join ws.image i"
+            " where ws.well.plate.id = :id)"
         )
     return (
         "select distinct f.path, f.name from Image i join i.fileset fs join fs.usedFiles u"
