@@ -58,6 +58,17 @@ NEW = (
     f" join image i on i.id = ws.image where w.plate = p.id and i.fileset = fs.id and {MARKED})"
 )
 
+# managed_files_hql("Plate"), before and now
+OLD_FILES = (
+    "select {what} from plate p join well w on w.plate = p.id join wellsample ws on ws.well = w.id"
+    " join image i on i.id = ws.image join filesetentry u on u.fileset = i.fileset where p.id = 1"
+)
+NEW_FILES = (
+    "select {what} from fileset fs join filesetentry u on u.fileset = fs.id where fs.id in"
+    " (select i.fileset from wellsample ws join well w on w.id = ws.well"
+    " join image i on i.id = ws.image where w.plate = 1)"
+)
+
 
 def build(images: int) -> sqlite3.Connection:
     db = sqlite3.connect(":memory:")
@@ -77,11 +88,11 @@ def build(images: int) -> sqlite3.Connection:
     return db
 
 
-def measure(db: sqlite3.Connection, shape: str) -> tuple[int, int, float]:
+def measure(db: sqlite3.Connection, shape: str, columns: str) -> tuple[int, int, float]:
     """(rows the join makes, distinct rows returned, seconds for the returned rows)."""
     (joined,) = db.execute(shape.format(what="count(*)")).fetchone()
     started = time.perf_counter()
-    rows = db.execute(shape.format(what="distinct p.id, p.name, fs.id, u.clientpath")).fetchall()
+    rows = db.execute(shape.format(what=f"distinct {columns}")).fetchall()
     return int(joined), len(rows), time.perf_counter() - started
 
 
@@ -90,11 +101,20 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=3456)
     args = parser.parse_args()
     db = build(args.images)
-    old = measure(db, OLD)
-    new = measure(db, NEW)
-    for label, (joined, returned, seconds) in (("images x files", old), ("per fileset", new)):
-        print(f"{label:15} {joined:>12,} rows joined  {returned:>6,} returned  {seconds:8.3f} s")
-    print(f"ratio: {old[0] / new[0]:,.0f}x rows, {old[2] / max(new[2], 1e-9):,.1f}x time")
+    queries = (
+        ("imported", OLD, NEW, "p.id, p.name, fs.id, u.clientpath"),
+        ("managed files", OLD_FILES, NEW_FILES, "u.clientpath"),
+    )
+    for name, before, now, columns in queries:
+        old = measure(db, before, columns)
+        new = measure(db, now, columns)
+        for label, (joined, returned, seconds) in (("images x files", old), ("per fileset", new)):
+            print(
+                f"{name:13} {label:15} {joined:>12,} rows joined  {returned:>6,} returned"
+                f"  {seconds:8.3f} s"
+            )
+        rows, took = old[0] / new[0], old[2] / max(new[2], 1e-9)
+        print(f"{name:13} ratio: {rows:,.0f}x rows, {took:,.1f}x time")
 
 
 if __name__ == "__main__":
