@@ -190,6 +190,9 @@ class Settings(BaseModel):
     skip_thumbnails: bool = False
     skip_upgrade: bool = False
     use_register_zarr: bool = False
+    # omero-zarr-pixel-buffer 0.6.1 (newest release) reads NGFF 0.4 on zarr v2 only: zarr v3
+    # (NGFF 0.5) stores are refused unless the server's extension is known to read them.
+    omero_zarr_reads_v3: bool = False
     annotation_namespace: str = "biomero.import"
     omero_simulator_dir: Path | None = None
     omero_simulator_import_delay: float = Field(default=0.0, ge=0)

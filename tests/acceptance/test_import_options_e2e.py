@@ -46,7 +46,12 @@ async def test_stamped_92e8_database_keeps_rows_and_runs_orders_with_options(
 
     store = add_plate_labels(make_plate_v3(import_root / "plate.ome.zarr"), "nuclei")
     settings = make_settings(
-        tmp_path, database_url, [import_root], poll_interval=0.5, use_register_zarr=True
+        tmp_path,
+        database_url,
+        [import_root],
+        poll_interval=0.5,
+        use_register_zarr=True,
+        omero_zarr_reads_v3=True,  # the plate is zarr v3
     )
     async with running_service(settings, database_url):
         label = await insert_order(

@@ -105,3 +105,86 @@ async def test_check_reports_each_notification_channel(cli_setup: CliSetup) -> N
     assert "✗ notifications: webhook reachable" in down.stdout
     assert "✗ notifications: email reachable" in down.stdout
     assert "pw-in-url" not in down.stdout and "t0k3n" not in down.stdout
+
+
+# --- check --omero-import-test (against the simulator; the blitz steps through a stub of the
+# server's answers in tests/omero/test_selftest.py) ------------------------------------------
+
+
+def _import_test(setup: CliSetup, *extra: str) -> tuple[int, list[dict[str, object]]]:
+    args = ["check", "--json", "--config", str(setup.config), "--omero-import-test"]
+    result = invoke(*args, "--scratch-dataset", "5", "--group", "lab", *extra)
+    lines = [line for line in _lines(result.stdout) if str(line["check"]).startswith("import test")]
+    return result.exit_code, lines
+
+
+def _simulated_objects(setup: CliSetup) -> int:
+    import sqlite3
+
+    assert setup.settings.omero_simulator_dir is not None
+    with sqlite3.connect(setup.settings.omero_simulator_dir / "omero.sqlite") as db:
+        (count,) = db.execute("SELECT count(*) FROM objects").fetchone()
+    return int(count)
+
+
+def test_the_import_test_runs_every_step_with_its_time_and_leaves_nothing(
+    cli_setup: CliSetup,
+) -> None:
+    _, lines = _import_test(cli_setup)
+    assert [line["check"] for line in lines] == [
+        "import test: OMERO admin login",
+        "import test: session as root in lab",
+        "import test: import a tiny image in place into Dataset 5",
+        "import test: find it by the order comment",
+        "import test: annotate it",
+        "import test: register a tiny OME-Zarr and read a tile back",
+        "import test: delete what the test created",
+    ]
+    assert all(line["ok"] for line in lines), lines
+    assert all(isinstance(line["seconds"], float) for line in lines)
+    assert "2 resolution levels" in str(lines[5]["detail"])
+    # everything it created is gone: objects and files
+    assert _simulated_objects(cli_setup) == 0
+    assert not [p for p in cli_setup.root.iterdir() if "selftest" in p.name]
+
+    table = invoke(
+        "check",
+        "--config",
+        cli_setup.config,
+        "--omero-import-test",
+        "--scratch-dataset",
+        "5",
+        "--group",
+        "lab",
+    )
+    assert "✓ import test: annotate it" in table.stdout
+    assert " s)" in table.stdout
+
+
+def test_a_failing_import_step_says_how_to_fix_it_and_still_cleans_up(
+    cli_setup: CliSetup,
+) -> None:
+    failing = cli_setup.with_config(omero_simulator_fail_pattern=r"\.zarr$")
+    code, lines = _import_test(failing)
+    assert code == 1
+    by_name = {str(line["check"]): line for line in lines}
+    register = by_name["import test: register a tiny OME-Zarr and read a tile back"]
+    assert not register["ok"]
+    assert "omero-zarr-pixel-buffer" in str(register["hint"])
+    # the image imported before is deleted all the same
+    assert by_name["import test: delete what the test created"]["ok"]
+    assert _simulated_objects(failing) == 0
+
+
+def test_an_unknown_user_stops_the_import_test_at_the_session(cli_setup: CliSetup) -> None:
+    strict = cli_setup.with_config(omero_simulator_users={"alice": ["lab"]})
+    code, lines = _import_test(strict, "--user", "bob")
+    assert code == 1
+    assert [line["check"] for line in lines][-1] == "import test: session as bob in lab"
+    assert "must exist and be a member of group 'lab'" in str(lines[-1]["hint"])
+
+
+def test_the_import_test_needs_a_scratch_dataset(cli_setup: CliSetup) -> None:
+    result = invoke("check", "--config", cli_setup.config, "--omero-import-test")
+    assert result.exit_code == 2
+    assert "--scratch-dataset" in result.output

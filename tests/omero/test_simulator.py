@@ -514,9 +514,18 @@ def test_several_processes_share_one_simulator(tmp_path: Path, data_dir: Path) -
     assert len(links) == 160 and all(p.is_symlink() and p.exists() for p in links)
 
 
-def test_register_zarr_records_the_zarr_path(gateway: SimulatorGateway, tmp_path: Path) -> None:
+@pytest.fixture
+def gateway_v3(tmp_path: Path) -> Iterator[SimulatorGateway]:
+    """A simulated server whose pixel buffer reads zarr v3 (the v3 plates below)."""
+    gw = SimulatorGateway(make_settings(tmp_path, omero_zarr_reads_v3=True))
+    yield gw
+    gw.close()
+
+
+def test_register_zarr_records_the_zarr_path(gateway_v3: SimulatorGateway, tmp_path: Path) -> None:
     from .test_zarr import make_image_v2, make_plate_v3
 
+    gateway = gateway_v3
     image_store = make_image_v2(tmp_path / "img.zarr")
     plate_store = make_plate_v3(tmp_path / "plate.zarr")
     session = gateway.open_session("alice", "lab", order_uuid="z")
@@ -542,11 +551,14 @@ def _registration(gateway: SimulatorGateway, object_id: int) -> tuple[str, str |
     return source, label, json.loads(paths)
 
 
-def test_register_zarr_plate_with_label_pixels(gateway: SimulatorGateway, tmp_path: Path) -> None:
+def test_register_zarr_plate_with_label_pixels(
+    gateway_v3: SimulatorGateway, tmp_path: Path
+) -> None:
     """ImportOptions {"platePixelSource": "label", "plateLabelName": "nuclei"}: a label-backed
     Plate preview, its fields read from labels/nuclei."""
     from .test_zarr import add_plate_labels, make_plate_v3
 
+    gateway = gateway_v3
     store = add_plate_labels(make_plate_v3(tmp_path / "plate.ome.zarr"), "nuclei")
     session = gateway.open_session("alice", "lab", order_uuid="z")
     (source,) = session.register_zarr(store, SCREEN, order_uuid="z")

@@ -313,3 +313,173 @@ def test_titles_drop_the_zarr_suffix(tmp_path: Path, folder: str, title: str) ->
     """As the original importer names OME-Zarr objects (no .zarr / .ome.zarr)."""
     content = read_zarr(make_image_v2(tmp_path / folder))
     assert content.name == title and content.images[0].name == title
+
+
+# --- what registration takes from the NGFF metadata, and the pixel-buffer check -------------
+
+
+_WINDOW = {"start": 0, "end": 4000, "min": 0, "max": 65535}
+
+
+def make_pyramid_v2(path: Path, compressor: Any = None, levels: int = 2) -> Path:
+    """A zarr v2 NGFF 0.4 image of ``levels`` resolution levels (uint16, c/y/x), with channel
+    labels and micrometer scales, as a facility's converter writes one."""
+    root = zarr.open_group(str(path), mode="w", zarr_format=2)
+    data = np.arange(2 * 40 * 48, dtype="<u2").reshape(2, 40, 48)
+    datasets = []
+    for level in range(levels):
+        shrunk = data[:, :: 2**level, :: 2**level]
+        root.create_array(
+            str(level), shape=shrunk.shape, dtype="<u2", chunks=(1, 40, 48), compressors=compressor
+        )[...] = shrunk
+        datasets.append(
+            {
+                "path": str(level),
+                "coordinateTransformations": [
+                    {"type": "scale", "scale": [1.0, 0.5 * 2**level, 0.25 * 2**level]}
+                ],
+            }
+        )
+    root.attrs.update(
+        {
+            "multiscales": [
+                {
+                    "version": "0.4",
+                    "axes": [
+                        {"name": "c", "type": "channel"},
+                        {"name": "y", "type": "space", "unit": "micrometer"},
+                        {"name": "x", "type": "space", "unit": "micrometer"},
+                    ],
+                    "datasets": datasets,
+                }
+            ],
+            "omero": {
+                "channels": [
+                    {"label": "DAPI", "color": "0000FF", "window": _WINDOW},
+                    {"label": "GFP", "color": "00FF00", "window": _WINDOW},
+                ]
+            },
+        }
+    )
+    return path
+
+
+def test_levels_channel_names_and_physical_sizes_are_read(tmp_path: Path) -> None:
+    from biomero_importer.omero.zarr import PhysicalSize
+
+    (image,) = read_zarr(make_pyramid_v2(tmp_path / "p.zarr", levels=3)).images
+    assert image.levels == ("0", "1", "2")
+    assert image.zarr_format == 2
+    assert image.channel_names == ("DAPI", "GFP")
+    assert image.physical_sizes == (
+        PhysicalSize("y", 0.5, "micrometer"),
+        PhysicalSize("x", 0.25, "micrometer"),
+    )
+    # without labels for every channel, no names (a partial list names the wrong channels)
+    store = make_image_v2(tmp_path / "plain.zarr")
+    (plain,) = read_zarr(store).images
+    assert plain.channel_names == () and plain.levels == ("0",)
+    assert [p.axis for p in plain.physical_sizes] == ["y", "x"]
+
+
+@pytest.mark.parametrize("codec", ["none", "zlib", "gzip"])
+def test_the_expected_tile_is_the_stores_pixels_big_endian(tmp_path: Path, codec: str) -> None:
+    """What omero-zarr-pixel-buffer's getTile returns (big-endian rows, ZarrPixelBuffer
+    ``toPixelData``), computed from the store's own chunk."""
+    import numcodecs
+
+    from biomero_importer.omero.zarr import check_tile_size, expected_tile
+
+    compressor = {"none": None, "zlib": numcodecs.Zlib(), "gzip": numcodecs.GZip()}[codec]
+    (image,) = read_zarr(make_pyramid_v2(tmp_path / "p.zarr", compressor)).images
+    width, height = check_tile_size(image)
+    assert (width, height) == (32, 32)
+    wanted = zarr.open_array(str(tmp_path / "p.zarr" / "0"), mode="r")[0, :height, :width]
+    assert expected_tile(image) == wanted.astype(">u2").tobytes()
+
+
+def test_no_expected_tile_when_the_chunk_cannot_be_decoded_here(tmp_path: Path) -> None:
+    import numcodecs
+
+    from biomero_importer.omero.zarr import expected_tile
+
+    (image,) = read_zarr(make_pyramid_v2(tmp_path / "p.zarr", numcodecs.Blosc())).images
+    assert expected_tile(image) is None
+    (v3,) = read_zarr(make_image_v3(tmp_path / "v3.zarr")).images
+    assert expected_tile(v3) is None
+
+
+def test_the_pixel_verdict_fails_on_a_romio_buffer_and_on_other_pixels(tmp_path: Path) -> None:
+    from biomero_importer.omero.zarr import expected_tile, pixel_buffer_problem
+
+    (image,) = read_zarr(make_pyramid_v2(tmp_path / "p.zarr")).images
+    tile = expected_tile(image)
+    assert tile is not None
+    assert pixel_buffer_problem(image, 2, tile) is None
+    # a ROMIO buffer opened in place of the Zarr one: one level
+    problem = pixel_buffer_problem(image, 1, bytes(len(tile)))
+    assert problem is not None and "1 resolution level where the NGFF image has 2" in problem
+    problem = pixel_buffer_problem(image, 2, bytes(len(tile)))
+    assert problem is not None and "pixels differ" in problem
+
+
+def _sim_session(tmp_path: Path, **overrides: Any) -> Any:
+    from biomero_importer.omero.simulator import SimulatorGateway
+
+    from .conftest import make_settings
+
+    gateway = SimulatorGateway(make_settings(tmp_path, **overrides))
+    return gateway, gateway.open_session("alice", "lab", order_uuid="z")
+
+
+def test_the_simulator_refuses_zarr_v3_unless_the_server_reads_it(tmp_path: Path) -> None:
+    from biomero_importer.model import Target
+    from biomero_importer.omero.port import ImportFailed
+
+    store = make_image_v3(tmp_path / "v3.ome.zarr")
+    gateway, session = _sim_session(tmp_path)
+    try:
+        with pytest.raises(ImportFailed) as caught:
+            session.register_zarr(store, Target("Dataset", 1), order_uuid="z")
+        assert "the OMERO pixel buffer reads NGFF 0.4 on zarr v2 only" in caught.value.reason
+        assert session.find_imported(store, Target("Dataset", 1), order_uuid="z") == []
+    finally:
+        gateway.close()
+    gateway, session = _sim_session(tmp_path, omero_zarr_reads_v3=True)
+    try:
+        (image,) = session.register_zarr(store, Target("Dataset", 1), order_uuid="z")
+        assert image.type == "Image"
+    finally:
+        gateway.close()
+
+
+def test_the_simulator_fails_a_store_its_pixel_buffer_cannot_read_and_keeps_nothing(
+    tmp_path: Path,
+) -> None:
+    """A level whose array metadata is gone: the server's Zarr buffer fails, a one-level
+    ROMIO buffer opens instead; the check sees it, the order fails, nothing stays."""
+    import sqlite3
+
+    from biomero_importer.model import Target
+    from biomero_importer.omero.port import ImportFailed
+
+    store = make_pyramid_v2(tmp_path / "p.zarr")
+    (store / "1" / ".zarray").unlink()
+    created: list[Any] = []
+    gateway, session = _sim_session(tmp_path)
+    try:
+        with pytest.raises(ImportFailed) as caught:
+            session.register_zarr(
+                store, Target("Dataset", 1), order_uuid="z", on_created=created.append
+            )
+        assert "1 resolution level where the NGFF image has 2" in caught.value.reason
+        assert created == []
+        with sqlite3.connect(gateway.db_path) as db:
+            assert db.execute("SELECT count(*) FROM objects").fetchone() == (0,)
+            assert db.execute("SELECT count(*) FROM registrations").fetchone() == (0,)
+        # the whole store is readable again: registered, with the same checks
+        make_pyramid_v2(store)
+        (image,) = session.register_zarr(store, Target("Dataset", 1), order_uuid="z")
+        assert image.type == "Image"
+    finally:
+        gateway.close()

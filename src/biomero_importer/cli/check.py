@@ -8,6 +8,7 @@ import shutil
 import subprocess
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Annotated
 
 import typer
 
@@ -26,6 +27,7 @@ from biomero_importer.db.urls import asyncpg_dsn
 from biomero_importer.notify import check_channels
 from biomero_importer.omero import OmeroConfigError, create_gateway
 from biomero_importer.omero.port import OmeroError
+from biomero_importer.omero.selftest import run_import_test
 from biomero_importer.service import database
 from biomero_importer.settings import Settings
 from biomero_importer.store import PostgresStore, StoreUnavailable
@@ -42,6 +44,8 @@ class Line:
     ok: bool
     detail: str
     hint: str = ""
+    # how long the step took (the OMERO import test's steps)
+    seconds: float | None = None
 
 
 def _database_lines(settings: Settings) -> list[Line]:
@@ -236,10 +240,74 @@ def run_checks(settings: Settings) -> list[Line]:
     ]
 
 
-def check(as_json: JsonOption = False, config: ConfigOption = None) -> None:
+def _import_test_lines(
+    settings: Settings, dataset: int, user: str, group: str, folder: Path | None
+) -> list[Line]:
+    try:
+        gateway = create_gateway(settings)
+    except (OmeroConfigError, OmeroError) as exc:
+        return [Line("OMERO import test", False, str(exc), "fix the OMERO settings above")]
+    try:
+        steps = run_import_test(
+            gateway, settings, dataset=dataset, user=user, group=group, folder=folder
+        )
+    finally:
+        gateway.close()
+    return [
+        Line(f"import test: {step.name}", step.ok, step.detail, step.hint, round(step.seconds, 3))
+        for step in steps
+    ]
+
+
+ImportTestOption = Annotated[
+    bool,
+    typer.Option(
+        "--omero-import-test",
+        help="Also import a tiny image into --scratch-dataset, register a tiny OME-Zarr and"
+        " read a tile back, then delete both: the production path on this server.",
+        show_default=False,
+    ),
+]
+ScratchDatasetOption = Annotated[
+    int | None,
+    typer.Option("--scratch-dataset", help="The Dataset id the import test may use.", min=1),
+]
+TestUserOption = Annotated[
+    str | None,
+    typer.Option("--user", help="The import test's OMERO user (default: omero_user)."),
+]
+TestGroupOption = Annotated[
+    str | None, typer.Option("--group", help="The group of the scratch Dataset.")
+]
+ScratchFolderOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--scratch-folder",
+        help="Where the test files are written (default: the first import root); the OMERO"
+        " server must see it at the same path.",
+    ),
+]
+
+
+def check(
+    *,
+    as_json: JsonOption = False,
+    config: ConfigOption = None,
+    omero_import_test: ImportTestOption = False,
+    scratch_dataset: ScratchDatasetOption = None,
+    user: TestUserOption = None,
+    group: TestGroupOption = None,
+    scratch_folder: ScratchFolderOption = None,
+) -> None:
     """Preflight: database, OMERO, container runtime and folders, each with a fix if it fails."""
+    if omero_import_test and (scratch_dataset is None or group is None):
+        raise typer.BadParameter("--omero-import-test needs --scratch-dataset and --group")
     settings = load_quietly(config)
     lines = run_checks(settings)
+    if omero_import_test:
+        assert scratch_dataset is not None and group is not None
+        test_user = user or settings.omero_user or "root"
+        lines += _import_test_lines(settings, scratch_dataset, test_user, group, scratch_folder)
     failed = [line for line in lines if not line.ok]
     if as_json:
         echo_json([asdict(line) for line in lines])
@@ -247,7 +315,8 @@ def check(as_json: JsonOption = False, config: ConfigOption = None) -> None:
         width = max(len(line.check) for line in lines)
         for line in lines:
             mark = "✓" if line.ok else "✗"
-            typer.echo(f"{mark} {line.check.ljust(width)}  {line.detail}")
+            took = "" if line.seconds is None else f"  ({line.seconds:.1f} s)"
+            typer.echo(f"{mark} {line.check.ljust(width)}  {line.detail}{took}")
             if line.hint:
                 typer.echo(f"  {' ' * width}  fix: {line.hint}")
         typer.echo(

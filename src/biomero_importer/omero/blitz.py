@@ -28,6 +28,7 @@ import omero.model
 import omero.rtypes
 import omero.sys
 import structlog
+from omero.model.enums import UnitsLength
 
 from biomero_importer.omero.importcli import (
     SERVER_UNREACHABLE,
@@ -61,7 +62,15 @@ from biomero_importer.omero.port import (
     UnknownUserOrGroup,
     session_ttl_ms,
 )
-from biomero_importer.omero.zarr import ZarrContent, ZarrError, ZarrImage, read_zarr
+from biomero_importer.omero.zarr import (
+    ZarrContent,
+    ZarrError,
+    ZarrImage,
+    check_tile_size,
+    pixel_buffer_problem,
+    read_zarr,
+    require_servable_format,
+)
 from biomero_importer.omero.zarr_labels import for_registration
 from biomero_importer.settings import Settings
 
@@ -152,13 +161,18 @@ def _order_marked(alias: str, kind: ObjectType) -> str:
 
 def imported_hql(kind: ObjectType) -> str:
     """Imported objects in target ``:target`` and their client paths, for the order: every
-    import links the order comment to the Images it creates (``--annotation-ns/-text``)."""
+    import links the order comment to the Images it creates (``--annotation-ns/-text``).
+
+    A plate's used files are read per fileset, never per field image: joining each of a
+    screen's 3,456 images with each of its fileset's 3,456 files is 12 M rows. An ``exists``
+    on the field images ties each fileset to its plate; the database makes it a semi-join that
+    stops at the first image (benchmarks/plate_hql.py)."""
     if kind == "Plate":
         return (
-            "select distinct p.id, p.name, fs.id, u.clientPath from Plate p"
-            " join p.screenLinks sl join p.wells w join w.wellSamples ws join ws.image i"
-            " join i.fileset fs join fs.usedFiles u"
-            f" where sl.parent.id = :target and {_order_marked('i', 'Image')}"
+            "select p.id, p.name, fs.id, u.clientPath from Plate p join p.screenLinks sl,"
+            " Fileset fs join fs.usedFiles u where sl.parent.id = :target and exists"
+            " (select 1 from WellSample ws join ws.image i where ws.well.plate = p"
+            f" and i.fileset = fs and {_order_marked('i', 'Image')})"
         )
     return (
         "select distinct i.id, i.name, fs.id, u.clientPath from Image i"
@@ -169,16 +183,17 @@ def imported_hql(kind: ObjectType) -> str:
 
 def managed_files_hql(kind: ObjectType) -> str:
     if kind == "Plate":
-        source = (
-            "from Plate p join p.wells w join w.wellSamples ws join ws.image i"
-            " join i.fileset fs join fs.usedFiles u join u.originalFile f where p.id = :id"
+        # per fileset, as in imported_hql: one row per used file (the subquery depends on
+        # :id only, so it runs once)
+        return (
+            "select f.path, f.name from Fileset fs join fs.usedFiles u join u.originalFile f"
+            " where fs.id in (select i.fileset.id from WellSample ws join ws.image i"
+            " where ws.well.plate.id = :id)"
         )
-    else:
-        source = (
-            "from Image i join i.fileset fs join fs.usedFiles u join u.originalFile f"
-            " where i.id = :id"
-        )
-    return f"select distinct f.path, f.name {source}"
+    return (
+        "select distinct f.path, f.name from Image i join i.fileset fs join fs.usedFiles u"
+        " join u.originalFile f where i.id = :id"
+    )
 
 
 def fileset_files_hql() -> str:
@@ -194,6 +209,13 @@ def pixels_hql(kind: ObjectType) -> str:
         "select pix.id from Plate p join p.wells w join w.wellSamples ws"
         " join ws.image i join i.pixels pix where p.id = :id"
     )
+
+
+# A registered image's Pixels with its channels, as BlitzGateway.setChannelNames loads them.
+CHANNELS_HQL = (
+    "select p from Pixels p join fetch p.channels c join fetch c.logicalChannel lc"
+    " where p.image.id = :id"
+)
 
 
 def existing_map_annotation_hql(kind: ObjectType) -> str:
@@ -223,7 +245,7 @@ def registered_hql(kind: ObjectType) -> str:
 def every_hql() -> list[str]:
     """Every HQL string the backend can send (for the contract tests)."""
     kinds: list[ObjectType] = ["Image", "Plate"]
-    return [PIXELS_TYPE_HQL, fileset_files_hql()] + [
+    return [PIXELS_TYPE_HQL, CHANNELS_HQL, fileset_files_hql()] + [
         build(kind)
         for kind in kinds
         for build in (
@@ -256,14 +278,49 @@ def order_comment(namespace: str, order_uuid: str) -> omero.model.CommentAnnotat
 
 def registered_image(
     image: omero.model.ImageI, lsid: str, *, comment: int | None, dataset: int | None
-) -> None:
-    """Make a created Image a registered OME-Zarr image: ExternalInfo, the order comment and
-    the Dataset link, all saved with it in one step."""
+) -> list[omero.model.IObject]:
+    """What makes a created Image a registered OME-Zarr image, to be saved in one call: the
+    Image (as the server returned it) with its ExternalInfo, and new link objects to the order
+    comment and the Dataset with proxies of both ends, as omero-cli-zarr links
+    (``zarr_import.link_to_target``). The server returns collections unloaded
+    (``ProxyCleanupFilter``): ``linkAnnotation``/``linkDataset`` on them would raise
+    ``UnloadedEntityException``."""
     image.getDetails().setExternalInfo(ngff_external_info(lsid))
+    image_id = image.getId().getValue()
+    saved: list[omero.model.IObject] = [image]
     if comment is not None:
-        image.linkAnnotation(omero.model.CommentAnnotationI(comment, False))
+        annotation_link = omero.model.ImageAnnotationLinkI()
+        annotation_link.setParent(omero.model.ImageI(image_id, False))
+        annotation_link.setChild(omero.model.CommentAnnotationI(comment, False))
+        saved.append(annotation_link)
     if dataset is not None:
-        image.linkDataset(omero.model.DatasetI(dataset, False))
+        dataset_link = omero.model.DatasetImageLinkI()
+        dataset_link.setParent(omero.model.DatasetI(dataset, False))
+        dataset_link.setChild(omero.model.ImageI(image_id, False))
+        saved.append(dataset_link)
+    return saved
+
+
+def describe_pixels(pixels: omero.model.PixelsI, image: ZarrImage) -> list[omero.model.IObject]:
+    """Physical sizes and channel names from the NGFF metadata, as omero-cli-zarr sets them
+    (``set_channel_names``: ``omero.channels[].label``), on Pixels loaded with its channels
+    (CHANNELS_HQL); returns what to save (nothing when the metadata says nothing)."""
+    changed: list[omero.model.IObject] = []
+    for size in image.physical_sizes:
+        unit = (size.unit or "").upper()
+        if not unit or getattr(UnitsLength, unit, None) is None:
+            continue  # no unit, or one OMERO has no name for: better none than a wrong one
+        setter = getattr(pixels, f"setPhysicalSize{size.axis.upper()}")
+        setter(omero.model.LengthI(size.value, unit))
+        changed = [pixels]
+    if image.channel_names:
+        channels = list(pixels.iterateChannels())
+        if len(channels) == len(image.channel_names):
+            for channel, name in zip(channels, image.channel_names, strict=True):
+                logical = channel.getLogicalChannel()
+                logical.setName(omero.rtypes.rstring(name))
+                changed.append(logical)
+    return changed
 
 
 def registered_plate(
@@ -811,6 +868,23 @@ class BlitzSession:
         root = self.settings.omero_managed_repository
         return sorted({root / str(path) / str(name) for path, name in _unwrap_rows(rows)})
 
+    def delete(self, objects: Sequence[ImportedObject]) -> None:
+        for obj in objects:
+
+            def attempt(obj: ImportedObject = obj) -> None:
+                # the self-test's own objects: their annotations go with them
+                self.conn.deleteObjects(
+                    obj.type, [obj.id], deleteAnns=True, deleteChildren=True, wait=True
+                )
+
+            try:
+                self._call("delete", attempt)
+            except omero.ServerError as exc:
+                raise OmeroError(
+                    f"OMERO refused deleting {obj.type} {obj.id}",
+                    f"{type(exc).__name__}: {getattr(exc, 'message', '')}",
+                ) from exc
+
     # --- OME-Zarr ---------------------------------------------------------------------------
     def register_zarr(
         self,
@@ -827,20 +901,31 @@ class BlitzSession:
         try:
             # label pixels: every field image is created from its label image's multiscales
             content = for_registration(read_zarr(path), options)
+            require_servable_format(content, self.settings.omero_zarr_reads_v3)
         except ZarrError as exc:
             raise ImportFailed(f"OME-Zarr registration of {path.name} failed: {exc}") from exc
+        return self.register_content(
+            content, target, order_uuid=order_uuid, existing=existing, on_created=on_created
+        )
+
+    def register_content(
+        self,
+        content: ZarrContent,
+        target: Target,
+        *,
+        order_uuid: str,
+        existing: Sequence[ImportedObject] = (),
+        on_created: Callable[[ImportedObject], None] | None = None,
+    ) -> list[ImportedObject]:
+        """Register what ``read_zarr`` found. Each object is created, described, registered
+        and (the first of the call) pixel-checked before it is reported to ``on_created``;
+        when a step fails, what the failed object left is deleted before the error goes on."""
+        name = content.path.name
         if content.kind == "plate" and target.type != "Screen":
-            raise ImportFailed(f"{path.name} is a plate: send it to a Screen, not a Dataset")
+            raise ImportFailed(f"{name} is a plate: send it to a Screen, not a Dataset")
         if content.kind != "plate" and target.type != "Dataset":
-            raise ImportFailed(f"{path.name} holds images: send it to a Dataset, not a Screen")
+            raise ImportFailed(f"{name} holds images: send it to a Dataset, not a Screen")
         done: dict[tuple[str, str], ImportedObject] = {(o.type, o.client_path): o for o in existing}
-        created: list[ImportedObject] = []
-
-        def made(obj: ImportedObject) -> None:
-            created.append(obj)
-            if on_created is not None:
-                on_created(obj)
-
         saved_comment: list[int] = []
 
         def comment() -> int:
@@ -851,11 +936,36 @@ class BlitzSession:
                 )
             return saved_comment[0]
 
-        # Each step goes through _call on its own: a lost connection retries only that step,
-        # never the steps before it, and abort() is honoured between steps.
-        objects = self._register(content, target, comment, done, made)
-        self._require_pixel_buffer(path, created)
-        log.info("omero_zarr_registered", path=str(path), objects=len(created))
+        objects: list[ImportedObject] = []
+        try:
+            # Each step goes through _call on its own: a lost connection retries only that
+            # step, never the steps before it, and abort() is honoured between steps.
+            if content.plate is None:
+                checked = False
+                for image in content.images:
+                    old = done.get(("Image", str(image.path)))
+                    if old is None:
+                        # the first image this call creates is pixel-checked
+                        old = self._register_image(
+                            content, image, comment, target.id, check=not checked
+                        )
+                        checked = True
+                        if on_created is not None:
+                            on_created(old)
+                    objects.append(old)
+            else:
+                old = done.get(("Plate", str(content.path)))
+                if old is None:
+                    old = self._register_plate(content, comment(), target.id)
+                    if on_created is not None:
+                        on_created(old)
+                objects.append(old)
+        except BaseException:
+            if saved_comment and not [o for o in objects if o not in existing]:
+                # nothing of this call carries the comment: it would be an orphan
+                self._delete([("Annotation", saved_comment[0])])
+            raise
+        log.info("omero_zarr_registered", path=str(content.path), objects=len(objects))
         return objects
 
     def _order_comment(self, order_uuid: str) -> int:
@@ -864,112 +974,181 @@ class BlitzSession:
         saved = self.conn.getUpdateService().saveAndReturnObject(comment, self.conn.SERVICE_OPTS)
         return int(saved.getId().getValue())
 
-    def _register(
+    def _register_image(
         self,
         content: ZarrContent,
-        target: Target,
+        image: ZarrImage,
         comment: Callable[[], int],
-        done: dict[tuple[str, str], ImportedObject],
-        made: Callable[[ImportedObject], None],
-    ) -> list[ImportedObject]:
-        update = self.conn.getUpdateService()
-        if content.plate is None:
-            objects = []
-            for image in content.images:
-                old = done.get(("Image", str(image.path)))
-                if old is not None:
-                    objects.append(old)
-                    continue
-                image_id = self._create_image(image, comment=comment(), dataset=target.id)
-                obj = ImportedObject("Image", image_id, image.name, str(image.path))
-                made(obj)
-                objects.append(obj)
-            return objects
-        old = done.get(("Plate", str(content.path)))
-        if old is not None:
-            return [old]
-        fields = [
-            [self._create_image(field_image) for field_image in zarr_well.fields]
-            for zarr_well in content.plate.wells
-        ]
-        # plate, ExternalInfo, order comment and screen link in one save: one step
-        plate = registered_plate(content, fields, comment=comment(), screen=target.id)
-        saved = self._call(
-            "register_plate", lambda: update.saveAndReturnObject(plate, self.conn.SERVICE_OPTS)
-        )
-        obj = ImportedObject(
-            "Plate", int(saved.getId().getValue()), content.plate.name, str(content.path)
-        )
-        made(obj)
-        return [obj]
-
-    def _create_image(
-        self, image: ZarrImage, *, comment: int | None = None, dataset: int | None = None
-    ) -> int:
-        """Two steps, each retried on its own after a lost connection: createImage, then the
-        save that makes it a registered image (skipped when an earlier try committed it)."""
-
-        def create() -> int:
-            query = self.conn.getQueryService()
-            params = omero.sys.ParametersI()
-            params.addString("value", pixel_type(image.dtype))
-            ptype = query.findByQuery(PIXELS_TYPE_HQL, params, self.conn.SERVICE_OPTS)
-            image_id = self.conn.getPixelsService().createImage(
-                image.size("x"),
-                image.size("y"),
-                image.size("z"),
-                image.size("t"),
-                list(range(image.size("c"))),
-                ptype,
-                image.name,
-                "",
-                self.conn.SERVICE_OPTS,
-            )
-            return int(image_id.getValue())
-
-        def register(image_id: int) -> None:
-            loaded = self.conn.getQueryService().get("Image", image_id, self.conn.SERVICE_OPTS)
-            if loaded.getDetails().getExternalInfo() is not None:
-                return  # the reply to an earlier try was lost, not its save
-            # ExternalInfo, the order comment and the dataset link in one save: an image in
-            # the target always carries the comment that finds it again.
-            registered_image(loaded, str(image.path), comment=comment, dataset=dataset)
-            self.conn.getUpdateService().saveObject(loaded, self.conn.SERVICE_OPTS)
-
-        image_id = self._call("create_image", create)
-        self._call("register_image", partial(register, image_id))
-        return image_id
-
-    def _require_pixel_buffer(self, path: Path, objects: list[ImportedObject]) -> None:
-        """Read one plane's worth of metadata back; without the extension the server cannot."""
-        if not objects:
-            return
-        first = objects[0]
-        params = omero.sys.ParametersI()
-        params.addId(first.id)
-        hql = pixels_hql(first.type)
-        rows = _unwrap_rows(
-            self.conn.getQueryService().projection(hql, params, self.conn.SERVICE_OPTS)
-        )
-        store = self.conn.c.sf.createRawPixelsStore()
+        dataset: int,
+        *,
+        check: bool,
+    ) -> ImportedObject:
+        """One Image of a Dataset registration; deleted again when a step after its
+        creation fails (it would be an orphan no search finds)."""
+        image_id = self._call("create_image", partial(self._create_image, image))
+        obj = ImportedObject("Image", image_id, image.name, str(image.path))
         try:
-            store.setPixelsId(int(rows[0][0]), True, self.conn.SERVICE_OPTS)
-        except omero.ServerError as exc:
-            self._delete(objects)
+            self._call("describe_image", partial(self._describe_image, image_id, image))
+            self._call(
+                "register_image",
+                partial(self._save_registration, image_id, image, comment(), dataset),
+            )
+            if check:
+                self._require_pixel_buffer(content, image_id, image)
+        except (omero.ServerError, omero.ClientError) as exc:
+            self._delete([(obj.type, obj.id)])
             raise ImportFailed(
-                f"OME-Zarr registration of {path.name} failed: the OMERO server cannot read"
-                " OME-Zarr (omero-zarr-pixel-buffer extension missing?)",
+                f"OME-Zarr registration of {content.path.name} failed: OMERO refused"
+                f" registering {image.name} ({type(exc).__name__})",
+                str(getattr(exc, "message", "") or exc),
+            ) from exc
+        except BaseException:
+            self._delete([(obj.type, obj.id)])
+            raise
+        return obj
+
+    def _register_plate(self, content: ZarrContent, comment: int, screen: int) -> ImportedObject:
+        """A Plate: its field images, then the Plate with wells, ExternalInfo, the order
+        comment and the Screen link in one save; everything deleted when a step fails."""
+        assert content.plate is not None
+        created: list[tuple[str, int]] = []
+        try:
+            fields: list[list[int]] = []
+            for zarr_well in content.plate.wells:
+                ids = []
+                for field_image in zarr_well.fields:
+                    image_id = self._call("create_image", partial(self._create_image, field_image))
+                    created.append(("Image", image_id))
+                    self._call(
+                        "describe_image", partial(self._describe_image, image_id, field_image)
+                    )
+                    self._call(
+                        "register_image",
+                        partial(self._save_registration, image_id, field_image, None, None),
+                    )
+                    ids.append(image_id)
+                fields.append(ids)
+            plate = registered_plate(content, fields, comment=comment, screen=screen)
+            update = self.conn.getUpdateService()
+            saved = self._call(
+                "register_plate",
+                lambda: update.saveAndReturnObject(plate, self.conn.SERVICE_OPTS),
+            )
+            obj = ImportedObject(
+                "Plate", int(saved.getId().getValue()), content.plate.name, str(content.path)
+            )
+            created.insert(0, (obj.type, obj.id))
+            first = next(
+                (
+                    (ids[0], well.fields[0])
+                    for ids, well in zip(fields, content.plate.wells, strict=True)
+                    if ids
+                ),
+                None,
+            )
+            if first is not None:
+                self._require_pixel_buffer(content, *first)
+        except (omero.ServerError, omero.ClientError) as exc:
+            self._delete(created)
+            raise ImportFailed(
+                f"OME-Zarr registration of {content.path.name} failed: OMERO refused the"
+                f" plate ({type(exc).__name__})",
+                str(getattr(exc, "message", "") or exc),
+            ) from exc
+        except BaseException:
+            self._delete(created)
+            raise
+        return obj
+
+    def _create_image(self, image: ZarrImage) -> int:
+        query = self.conn.getQueryService()
+        params = omero.sys.ParametersI()
+        params.addString("value", pixel_type(image.dtype))
+        ptype = query.findByQuery(PIXELS_TYPE_HQL, params, self.conn.SERVICE_OPTS)
+        image_id = self.conn.getPixelsService().createImage(
+            image.size("x"),
+            image.size("y"),
+            image.size("z"),
+            image.size("t"),
+            list(range(image.size("c"))),
+            ptype,
+            image.name,
+            "",
+            self.conn.SERVICE_OPTS,
+        )
+        return int(image_id.getValue())
+
+    def _describe_image(self, image_id: int, image: ZarrImage) -> None:
+        """Physical sizes and channel names (a repeat after a lost reply sets them again)."""
+        if not (image.physical_sizes or image.channel_names):
+            return
+        params = omero.sys.ParametersI()
+        params.addId(image_id)
+        found = self.conn.getQueryService().findAllByQuery(
+            CHANNELS_HQL, params, self.conn.SERVICE_OPTS
+        )
+        if not found:
+            return
+        changed = describe_pixels(found[0], image)
+        if changed:
+            self.conn.getUpdateService().saveArray(changed, self.conn.SERVICE_OPTS)
+
+    def _save_registration(
+        self, image_id: int, image: ZarrImage, comment: int | None, dataset: int | None
+    ) -> None:
+        loaded = self.conn.getQueryService().get("Image", image_id, self.conn.SERVICE_OPTS)
+        if loaded.getDetails().getExternalInfo() is not None:
+            return  # the reply to an earlier try was lost, not its save
+        # ExternalInfo, the order comment and the dataset link in one call (one transaction):
+        # an image in the target always carries the comment that finds it again.
+        saved = registered_image(loaded, str(image.path), comment=comment, dataset=dataset)
+        self.conn.getUpdateService().saveArray(saved, self.conn.SERVICE_OPTS)
+
+    def _require_pixel_buffer(self, content: ZarrContent, image_id: int, image: ZarrImage) -> None:
+        """Ask the server what only an OME-Zarr pixel buffer answers: its resolution levels
+        and the top-left tile (``pixel_buffer_problem``). ``setPixelsId`` alone proves
+        nothing: on a Zarr failure the server opens a ROMIO buffer instead."""
+        params = omero.sys.ParametersI()
+        params.addId(image_id)
+
+        def ask() -> tuple[int, bytes]:
+            rows = _unwrap_rows(
+                self.conn.getQueryService().projection(
+                    pixels_hql("Image"), params, self.conn.SERVICE_OPTS
+                )
+            )
+            store = self.conn.c.sf.createRawPixelsStore()
+            try:
+                store.setPixelsId(int(rows[0][0]), True, self.conn.SERVICE_OPTS)
+                levels = int(store.getResolutionLevels())
+                if levels > 1:
+                    # OMERO counts resolution levels from the smallest: the last is full size
+                    store.setResolutionLevel(levels - 1)
+                width, height = check_tile_size(image)
+                return levels, bytes(store.getTile(0, 0, 0, 0, 0, width, height))
+            finally:
+                store.close()
+
+        try:
+            levels, tile = self._call("check_pixels", ask)
+        except omero.ServerError as exc:
+            raise ImportFailed(
+                f"OME-Zarr registration of {content.path.name} failed: the OMERO server cannot"
+                " read its pixels (omero-zarr-pixel-buffer missing, or the store not visible to"
+                " the server at this path)",
                 f"{type(exc).__name__}: {getattr(exc, 'message', '')}",
             ) from exc
-        finally:
-            store.close()
+        problem = pixel_buffer_problem(image, levels, tile)
+        if problem is not None:
+            raise ImportFailed(f"OME-Zarr registration of {content.path.name} failed: {problem}")
 
-    def _delete(self, objects: list[ImportedObject]) -> None:
-        for obj in objects:
+    def _delete(self, objects: Sequence[tuple[str, int]]) -> None:
+        """Best effort: a cleanup that fails is logged, never hides the error that caused it."""
+        for kind, object_id in objects:
             try:
-                self.conn.deleteObjects(obj.type, [obj.id], deleteChildren=True, wait=True)
+                self.conn.deleteObjects(kind, [object_id], deleteChildren=True, wait=True)
             except Exception as exc:
-                log.warning("omero_cleanup_failed", object=f"{obj.type}:{obj.id}", error=str(exc))
+                log.warning("omero_cleanup_failed", object=f"{kind}:{object_id}", error=str(exc))
 
     def close(self) -> None:
         try:

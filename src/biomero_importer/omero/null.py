@@ -116,6 +116,9 @@ class NullSession:
     def managed_files(self, obj: ImportedObject) -> list[Path]:
         return []
 
+    def delete(self, objects: Sequence[ImportedObject]) -> None:
+        return None
+
     def remaining(self) -> float:
         return math.inf
 

@@ -149,6 +149,12 @@ class OmeroSession(Protocol):
         """Absolute ManagedRepository paths of the object's fileset files (symlinks for ln_s)."""
         ...
 
+    def delete(self, objects: Sequence[ImportedObject]) -> None:
+        """Delete the objects with their annotations and, once none of its objects is left,
+        their fileset: only for objects that share no annotation with others (the OMERO
+        self-test's own). Raises OmeroError naming the object it could not delete."""
+        ...
+
     def remaining(self) -> float:
         """Seconds this session has left to live (its time-to-live is a hard lifetime)."""
         ...

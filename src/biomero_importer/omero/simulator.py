@@ -17,6 +17,8 @@ is cited next to its code ("OMERO rule: ..."). Rules that tests need to switch a
 - each single-file image of a folder import is its own fileset; a re-run of a partly
   imported unit (``already``) imports only the files no fileset of it holds;
 - registered OME-Zarr objects have no fileset, only the order's comment annotation;
+- the server's OME-Zarr pixel buffer reads zarr v2 only (``omero_zarr_reads_v3`` says it
+  reads v3) and falls back to an empty one-level ROMIO buffer when it cannot read a store;
 - a session's time-to-live is a hard lifetime (``omero_simulator_session_ttl``), on a simulated
   clock that imports advance by ``omero_simulator_import_seconds`` without waiting;
 - a connection lost in the middle of a multi-step operation
@@ -56,7 +58,15 @@ from biomero_importer.omero.port import (
     UnknownUserOrGroup,
     session_ttl_ms,
 )
-from biomero_importer.omero.zarr import ZarrError, read_zarr
+from biomero_importer.omero.zarr import (
+    ZarrError,
+    ZarrImage,
+    check_tile_size,
+    expected_tile,
+    pixel_buffer_problem,
+    read_zarr,
+    require_servable_format,
+)
 from biomero_importer.omero.zarr_labels import for_registration
 from biomero_importer.settings import Settings, SimulatorUser
 from biomero_importer.text import safe_text
@@ -594,6 +604,7 @@ class SimulatorSession:
         self._alive(f"the registration of {path.name}")
         try:
             content = for_registration(read_zarr(path), options)
+            require_servable_format(content, self.gateway.settings.omero_zarr_reads_v3)
         except ZarrError as exc:
             raise ImportFailed(f"OME-Zarr registration of {path.name} failed: {exc}") from exc
         self._check_fail_pattern([path], path.name)
@@ -611,9 +622,15 @@ class SimulatorSession:
                 raise ImportFailed(f"{path.name} holds images: send it to a Dataset, not a Screen")
             made = [("Image", image.name, image.path) for image in content.images]
             images = [[image.path] for image in content.images]
+        firsts = (
+            [next((f for w in content.plate.wells for f in w.fields), None)]
+            if content.plate is not None
+            else list(content.images)
+        )
         done = {(o.type, o.client_path): o for o in existing}
         objects: list[ImportedObject] = []
-        for item, image_paths in zip(made, images, strict=True):
+        checked = False
+        for item, image_paths, first in zip(made, images, firsts, strict=True):
             old = done.get((item[0], str(item[2])))
             if old is not None:
                 objects.append(old)
@@ -629,11 +646,47 @@ class SimulatorSession:
                     " VALUES (?, ?, ?, ?)",
                     (obj.id, pixel_source, label_name, json.dumps([str(p) for p in image_paths])),
                 )
+            if not checked and first is not None:
+                # the first object of the call is checked before it is reported: a server that
+                # cannot serve it leaves nothing behind
+                checked = True
+                self._require_pixel_buffer(path, obj, first)
             objects.append(obj)
             if on_created is not None:
                 on_created(obj)
             self.gateway.step()
         return objects
+
+    def _served(self, image: ZarrImage) -> tuple[int, bytes]:
+        """What the server's RawPixelsStore answers for a registered image: its resolution
+        levels and the top-left tile.
+
+        OMERO rule: omero-server's ``ZarrPixelsService`` returns null when omero-zarr-pixel-
+        buffer cannot open the multiscales (0.6.1 reads zarr v2 only, every level's array
+        metadata must be readable), and omero-romio then opens an empty ROMIO buffer: one
+        resolution level, zeros. ``setPixelsId`` succeeds either way."""
+        width, height = check_tile_size(image)
+        reads_v3 = self.gateway.settings.omero_zarr_reads_v3
+        meta = ".zarray" if image.zarr_format == 2 else "zarr.json"
+        readable = (image.zarr_format == 2 or reads_v3) and all(
+            (image.path / level / meta).is_file() for level in image.levels
+        )
+        if readable:
+            tile = expected_tile(image)
+            if tile is not None:
+                return len(image.levels), tile
+        item = int(image.dtype[2:]) if image.dtype[2:].isdigit() else 1
+        return (len(image.levels) if readable else 1), bytes(width * height * item)
+
+    def _require_pixel_buffer(self, path: Path, obj: ImportedObject, image: ZarrImage) -> None:
+        levels, tile = self._served(image)
+        problem = pixel_buffer_problem(image, levels, tile)
+        if problem is None:
+            return
+        with self.gateway.transaction() as db:
+            db.execute("DELETE FROM registrations WHERE object_id = ?", (obj.id,))
+            db.execute("DELETE FROM objects WHERE id = ?", (obj.id,))
+        raise ImportFailed(f"OME-Zarr registration of {path.name} failed: {problem}")
 
     def find_imported(
         self, client_path: Path, target: Target, *, order_uuid: str
@@ -718,6 +771,44 @@ class SimulatorSession:
             .fetchall()
         )
         return [Path(row[0]) for row in rows]
+
+    def delete(self, objects: Sequence[ImportedObject]) -> None:
+        """OMERO rule (Delete2 of an Image or Plate with its annotations): a fileset goes once
+        none of its objects is left, and with it its ManagedRepository entries."""
+        self._alive("deleting")
+        ids = [obj.id for obj in objects]
+        marks = ",".join("?" * len(ids))
+        with self.gateway.transaction() as db:
+            filesets = [
+                row[0]
+                for row in db.execute(
+                    f"SELECT DISTINCT fileset_id FROM fileset_objects WHERE object_id IN ({marks})",
+                    ids,
+                )
+            ]
+            for table, column in (
+                ("annotations", "object_id"),
+                ("registrations", "object_id"),
+                ("fileset_objects", "object_id"),
+                ("objects", "id"),
+            ):
+                db.execute(f"DELETE FROM {table} WHERE {column} IN ({marks})", ids)
+            links: list[str] = []
+            for fileset in filesets:
+                if db.execute(
+                    "SELECT 1 FROM fileset_objects WHERE fileset_id = ?", (fileset,)
+                ).fetchone():
+                    continue
+                links.extend(
+                    row[0]
+                    for row in db.execute(
+                        "SELECT managed_path FROM fileset_files WHERE fileset_id = ?", (fileset,)
+                    )
+                )
+                db.execute("DELETE FROM fileset_files WHERE fileset_id = ?", (fileset,))
+                db.execute("DELETE FROM filesets WHERE id = ?", (fileset,))
+        for link in links:
+            Path(link).unlink(missing_ok=True)
 
     def abort(self) -> None:
         self._aborted.set()

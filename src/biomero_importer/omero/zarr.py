@@ -16,8 +16,12 @@ every metadata file read. Otherwise the store fails naming the offending entry.
 from __future__ import annotations
 
 import functools
+import gzip
 import json
+import math
 import os
+import zlib
+from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -64,14 +68,28 @@ class ZarrError(Exception):
 
 
 @dataclass(frozen=True)
+class PhysicalSize:
+    """The pixel size along one spatial axis: its scale at full resolution and NGFF unit."""
+
+    axis: str
+    value: float
+    unit: str | None
+
+
+@dataclass(frozen=True)
 class ZarrImage:
-    """One multiscales group; ``shape`` and ``axes`` describe its full-resolution array."""
+    """One multiscales group; ``shape`` and ``axes`` describe its full-resolution array,
+    ``levels`` the paths of its resolution levels (``datasets``, full resolution first)."""
 
     name: str
     path: Path
     axes: tuple[str, ...]
     shape: tuple[int, ...]
     dtype: str
+    levels: tuple[str, ...] = ("0",)
+    zarr_format: int = 2
+    channel_names: tuple[str, ...] = ()
+    physical_sizes: tuple[PhysicalSize, ...] = ()
 
     def size(self, axis: str) -> int:
         """Length along ``axis`` (1 when the image has no such axis)."""
@@ -215,7 +233,70 @@ def _image(store: _Store, relative: str, name: str) -> ZarrImage:
     axes = tuple(axis.name for axis in first.axes)
     if len(axes) != len(shape):
         raise ZarrError(f"{short(label)}: {len(axes)} axes for a {len(shape)}-dimensional array")
-    return ZarrImage(name=name, path=group.path, axes=axes, shape=shape, dtype=dtype)
+    return ZarrImage(
+        name=name,
+        path=group.path,
+        axes=axes,
+        shape=shape,
+        dtype=dtype,
+        levels=tuple(dataset.path for dataset in first.datasets),
+        zarr_format=group.zarr_format,
+        channel_names=_channel_names(group.attrs, _size(axes, shape, "c")),
+        physical_sizes=_physical_sizes(group.attrs, axes),
+    )
+
+
+def _size(axes: tuple[str, ...], shape: tuple[int, ...], axis: str) -> int:
+    return shape[axes.index(axis)] if axis in axes else 1
+
+
+def _channel_names(attrs: dict[str, Any], channels: int) -> tuple[str, ...]:
+    """``omero.channels[].label``, as omero-cli-zarr names channels (``get_channels``); none
+    unless there is one label per channel (a partial list would name the wrong channels)."""
+    omero = attrs.get("omero")
+    entries = omero.get("channels") if isinstance(omero, dict) else None
+    if not isinstance(entries, list) or len(entries) != channels:
+        return ()
+    names = [e.get("label") if isinstance(e, dict) else None for e in entries]
+    if not all(isinstance(n, str) and n.strip() for n in names):
+        return ()
+    return tuple(str(n) for n in names)
+
+
+def _scale(transforms: object, count: int) -> list[float] | None:
+    if not isinstance(transforms, list):
+        return None
+    for transform in transforms:
+        if isinstance(transform, dict) and transform.get("type") == "scale":
+            scale = transform.get("scale")
+            if isinstance(scale, list) and len(scale) == count:
+                try:
+                    return [float(v) for v in scale]
+                except (TypeError, ValueError):
+                    return None
+    return None
+
+
+def _physical_sizes(attrs: dict[str, Any], axes: tuple[str, ...]) -> tuple[PhysicalSize, ...]:
+    """x, y and z pixel sizes: the full-resolution dataset's scale (times the multiscales'
+    own scale, when it has one) with each axis's unit, as NGFF defines them."""
+    multiscales = attrs.get("multiscales")
+    if not isinstance(multiscales, list) or not multiscales:
+        return ()
+    first = multiscales[0]
+    datasets = first.get("datasets") or [{}]
+    scale = _scale(datasets[0].get("coordinateTransformations"), len(axes))
+    if scale is None:
+        return ()
+    outer = _scale(first.get("coordinateTransformations"), len(axes))
+    if outer is not None:
+        scale = [a * b for a, b in zip(scale, outer, strict=True)]
+    units = [a.get("unit") if isinstance(a, dict) else None for a in first.get("axes", [])]
+    return tuple(
+        PhysicalSize(axis, scale[i], units[i] if i < len(units) else None)
+        for i, axis in enumerate(axes)
+        if axis in ("x", "y", "z") and math.isfinite(scale[i]) and scale[i] > 0
+    )
 
 
 def _check(store: _Store, relative: str, entry: str) -> str:
@@ -299,3 +380,102 @@ def zarr_title(name: str) -> str:
         if name.lower().endswith(suffix) and len(name) > len(suffix):
             return name[: -len(suffix)]
     return name
+
+
+# What the server's pixel buffer reads (omero-zarr-pixel-buffer 0.6.1, jzarr 0.4.2: `.zgroup`).
+ZARR_V3_REFUSED = "the OMERO pixel buffer reads NGFF 0.4 on zarr v2 only"
+
+
+def require_servable_format(content: ZarrContent, reads_v3: bool) -> None:
+    """Refuse a zarr v3 (NGFF 0.5) store unless the server's extension reads zarr v3
+    (``omero_zarr_reads_v3``): registered, it would show no pixels."""
+    if content.zarr_format == 3 and not reads_v3:
+        raise ZarrError(
+            f"{content.path.name} is zarr v3 (NGFF 0.5): {ZARR_V3_REFUSED}"
+            " (convert it to NGFF 0.4, or set omero_zarr_reads_v3 once the server reads zarr v3)"
+        )
+
+
+# The largest tile the pixel check reads: a few kilobytes, whatever the image.
+CHECK_TILE = 32
+
+
+def check_tile_size(image: ZarrImage) -> tuple[int, int]:
+    """The (width, height) of the top-left tile the pixel check compares."""
+    return min(CHECK_TILE, image.size("x")), min(CHECK_TILE, image.size("y"))
+
+
+def _decompress(data: bytes, compressor: object) -> bytes | None:
+    if compressor is None:
+        return data
+    name = compressor.get("id") if isinstance(compressor, dict) else None
+    if name == "zlib":
+        return zlib.decompress(data)
+    if name == "gzip":
+        return gzip.decompress(data)
+    return None  # blosc, zstd...: not readable without their codecs
+
+
+def expected_tile(image: ZarrImage) -> bytes | None:
+    """The first plane's top-left tile (z, c, t = 0) of the full-resolution array, as a
+    pixel buffer returns it (big-endian, row after row: omero-zarr-pixel-buffer
+    ``ZarrPixelBuffer.toPixelData``); None when this process cannot decode the chunk (zarr v3,
+    a codec other than zlib/gzip, filters, F order), so only the levels can be compared."""
+    if image.zarr_format != 2:
+        return None
+    folder = image.path / image.levels[0]
+    try:
+        meta = json.loads((folder / ".zarray").read_text(encoding="utf-8"))
+        chunks = [int(n) for n in meta["chunks"]]
+        dtype = str(meta["dtype"])
+        if meta.get("filters") or meta.get("order", "C") != "C" or len(chunks) != len(image.axes):
+            return None
+        separator = str(meta.get("dimension_separator") or ".")
+        raw = (folder / separator.join("0" * len(chunks))).read_bytes()
+        data = _decompress(raw, meta.get("compressor"))
+    except (OSError, ValueError, KeyError, TypeError, zlib.error):
+        return None
+    width, height = check_tile_size(image)
+    item = int(dtype[2:]) if dtype[2:].isdigit() else 0
+    # NGFF puts y and x last; C order with every leading index 0: row r starts at r * cx.
+    yx = image.axes[-2:] == ("y", "x")
+    if data is None or not yx or item not in (1, 2, 4, 8) or dtype[0] not in "<>|":
+        return None
+    if width > chunks[-1] or height > chunks[-2]:
+        return None
+    stride = chunks[-1] * item
+    tile = b"".join(data[r * stride : r * stride + width * item] for r in range(height))
+    if len(tile) != width * height * item:
+        return None
+    if item > 1 and dtype[0] == "<":
+        values = array({2: "H", 4: "I", 8: "Q"}[item], tile)
+        values.byteswap()
+        tile = values.tobytes()
+    return tile
+
+
+def pixel_buffer_problem(image: ZarrImage, levels: int, tile: bytes | None) -> str | None:
+    """What the server's answers say about its pixel buffer for ``image``: None when they
+    are what only an OME-Zarr pixel buffer gives, else why not.
+
+    ``RawPixelsStore.setPixelsId`` succeeds whatever happens: omero-server's
+    ``ZarrPixelsService`` returns null on a Zarr failure and a ROMIO buffer (one resolution
+    level, no data) is opened instead. So the buffer's resolution levels are compared with
+    the NGFF datasets, and its top-left tile with the store's own bytes where this process
+    can decode them."""
+    expected = len(image.levels)
+    if levels != expected:
+        return (
+            f"the server's pixel buffer has {levels} resolution level"
+            f"{'' if levels == 1 else 's'} where the NGFF image has {expected}: it does not"
+            " read this OME-Zarr (omero-zarr-pixel-buffer missing, or the store not visible"
+            " to the server at this path)"
+        )
+    if tile is not None:
+        wanted = expected_tile(image)
+        if wanted is not None and tile != wanted:
+            return (
+                "the server's pixels differ from the store's (top-left tile): it does not read"
+                " this OME-Zarr (omero-zarr-pixel-buffer missing, or another store at this path)"
+            )
+    return None
