@@ -171,6 +171,7 @@ def test_every_key_has_a_prefixed_environment_name(key: str) -> None:
         "metrics_port": "9464",
         "ttl_for_user_conn": "120000",
         "notify_webhook_url": "https://hooks.example/biomero",
+        "notify_webhook_secret": "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
     }
     # keys that are only valid together with another one
     companions = {"notify_email_host": {"BIOMERO_IMPORTER_NOTIFY_EMAIL_SENDER": "i@lab.example"}}
