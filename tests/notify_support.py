@@ -59,7 +59,7 @@ class WebhookReceiver:
     hang: bool = False
     #: first accepted body per webhook-id
     deliveries: dict[str, dict[str, Any]] = field(default_factory=dict)
-    #: time (monotonic) each webhook-id was first accepted
+    #: when (time.time()) each webhook-id was first accepted
     accepted_at: dict[str, float] = field(default_factory=dict)
     #: how many times each webhook-id was accepted (answered 2xx and verified)
     accepted: dict[str, int] = field(default_factory=dict)
@@ -149,7 +149,7 @@ class WebhookReceiver:
                     self.duplicates += 1  # acknowledged, not processed twice
                 else:
                     self.deliveries[key] = payload
-                    self.accepted_at[key] = asyncio.get_running_loop().time()
+                    self.accepted_at[key] = time.time()
         writer.write(f"HTTP/1.1 {status} X\r\nContent-Length: 0\r\n\r\n".encode())
         await writer.drain()
 
@@ -201,7 +201,7 @@ class _Inbox:
         assert isinstance(message, EmailMessage)
         self.received += 1
         self.messages.setdefault(str(message["Message-ID"]), (list(envelope.rcpt_tos), message))
-        self.arrived_at.setdefault(str(message["Message-ID"]), time.monotonic())
+        self.arrived_at.setdefault(str(message["Message-ID"]), time.time())
         return "250 Message accepted for delivery"
 
 
