@@ -237,8 +237,10 @@ class Notifier:
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(settled.wait(), pause)
         finally:
+            # stopping: a delivery cut off here is sent again after its lease
             for task in running:
                 task.cancel()
+            await asyncio.gather(*running, return_exceptions=True)
 
     # --- one delivery -----------------------------------------------------------------------
     async def attempt(self, delivery: Delivery) -> None:

@@ -94,6 +94,8 @@ class PostgresStore(OrderStore):
         # progress writes failing since the last one that worked: logged once per outage
         self._progress_failing = False
         self.progress_timeout = PROGRESS_TIMEOUT
+        # outbox rows from before per-channel delivery were given their channels
+        self._adopted = False
 
     async def open(self) -> None:
         self._pool = await self._retry("connect", self._create_pool)
@@ -477,8 +479,11 @@ class PostgresStore(OrderStore):
                 rows = await conn.fetch(
                     sql.RECORD_CHANNELS, self.worker_id, channels, json.dumps(endpoints)
                 )
-            # outcomes from before per-channel delivery: after the channels are recorded
-            await self.pool.execute(sql.ADOPT_LEGACY_OUTBOX)
+            if not self._adopted:
+                # outcomes from before per-channel delivery, once per replica: after the
+                # channels are recorded, so they owe what every later outcome owes
+                await self.pool.execute(sql.ADOPT_LEGACY_OUTBOX)
+                self._adopted = True
             return [_replica(row) for row in rows]
 
         return await self._retry("record_channels", attempt)
