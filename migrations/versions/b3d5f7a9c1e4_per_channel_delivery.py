@@ -14,9 +14,10 @@ token: every claim raises it, and a result is recorded only under the generation
 claimed with, so a replica that comes back after its lease ran out changes nothing.
 
 ``importer_outbox_owed`` (AFTER INSERT on ``importer_outbox``) decides the channels an outcome
-owes, once, in the outcome's own transaction: every channel a replica seen within the last hour
-has. A replica configured with fewer channels therefore cannot mark done a channel it lacks:
-it never claims it. An outcome owing nothing is done at once. The stage trigger
+owes, once, in the outcome's own transaction: every channel of the replicas seen within the
+hour before the latest one was (so an outcome written by SQL while every replica is stopped
+still owes what the replicas last had). A replica configured with fewer channels therefore
+cannot mark done a channel it lacks: it never claims it. An outcome owing nothing is done at once. The stage trigger
 (``importer_order_stage_changed``) is untouched: it still only inserts the outbox row.
 
 Outbox rows still undelivered at upgrade get their delivery rows when the first upgraded
@@ -44,7 +45,7 @@ DECLARE
 BEGIN
     SELECT COALESCE(array_agg(DISTINCT c ORDER BY c), '{}') INTO owed
     FROM importer_notify_replicas r, unnest(r.channels) c
-    WHERE r.seen_at > now() - interval '1 hour';
+    WHERE r.seen_at > (SELECT max(seen_at) FROM importer_notify_replicas) - interval '1 hour';
     IF cardinality(owed) = 0 THEN
         UPDATE importer_outbox SET done_at = now() WHERE id = NEW.id;
     ELSE

@@ -424,3 +424,44 @@ async def test_outcomes_owed_before_per_channel_delivery_owe_what_they_had_not_s
         await store.close()
     assert [d.note.uuid for d in hooks] == ["half"] and mails == []
     assert stats is not None and stats[0] == 1  # 'all' is done
+
+
+async def test_an_outcome_owes_what_the_replicas_last_had_even_with_none_running(
+    migrated_url: str,
+) -> None:
+    """Replicas record their channels; an outcome written by SQL hours after every replica
+    stopped still owes them (the hour counts back from the latest replica seen), and one
+    that stopped long before the others no longer counts."""
+    store = PostgresStore(asyncpg_dsn(migrated_url), worker_id="A", pool_size=2)
+    await store.open()
+    try:
+        await store.record_channels(["email", "webhook"], {})
+    finally:
+        await store.close()
+    conn = psycopg2.connect(migrated_url)
+    try:
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            cur.execute(
+                "INSERT INTO importer_notify_replicas (worker_id, channels, seen_at)"
+                " VALUES ('old', '{fax}', now() - interval '6 hours')"
+            )
+            cur.execute(
+                "UPDATE importer_notify_replicas SET seen_at = now() - interval '3 hours'"
+                " WHERE worker_id = 'A'"
+            )
+            for stage in ("Import Pending", "Import Started", "Import Failed"):
+                cur.execute(
+                    "INSERT INTO imports (group_name, user_name, destination_id,"
+                    " destination_type, stage, uuid, files)"
+                    " VALUES ('Lab', 'alice', '1', 'Dataset', %s, 'late', '[]')",
+                    (stage,),
+                )
+            cur.execute(
+                "SELECT d.channel FROM importer_outbox_delivery d"
+                " JOIN importer_outbox b ON b.id = d.outbox_id WHERE b.uuid = 'late'"
+                " ORDER BY 1"
+            )
+            assert cur.fetchall() == [("email",), ("webhook",)]
+    finally:
+        conn.close()

@@ -405,10 +405,11 @@ RETURNING id
 # and importer_outbox_ix_done (delivered, by when), never the whole table.
 
 # The channels a replica has: recorded at its start and refreshed while it runs; the outbox
-# trigger (importer_outbox_owed) owes an outcome every channel of a replica seen within the
-# hour. $1 worker id, $2 channels, $3 where each points (JSON, no secrets). Rows of replicas
-# gone for a day are dropped. Outbox rows from before per-channel delivery (no delivery rows)
-# owe what is owed now, minus what they already settled.
+# trigger (importer_outbox_owed) owes an outcome every channel of the replicas seen within the
+# hour before the latest one was. $1 worker id, $2 channels, $3 where each points (JSON, no
+# secrets). Rows of replicas gone for a day are dropped. Outbox rows from before per-channel
+# delivery (no delivery rows) owe what is owed now, minus what they already settled
+# (ADOPT_LEGACY_OUTBOX).
 RECORD_CHANNELS = """
 WITH seen AS (
     INSERT INTO importer_notify_replicas (worker_id, channels, endpoints, seen_at)
@@ -431,7 +432,7 @@ ORDER BY r.worker_id
 ADOPT_LEGACY_OUTBOX = """
 WITH owed AS (
     SELECT DISTINCT c FROM importer_notify_replicas r, unnest(r.channels) c
-    WHERE r.seen_at > now() - interval '1 hour'
+    WHERE r.seen_at > (SELECT max(seen_at) FROM importer_notify_replicas) - interval '1 hour'
 ),
 legacy AS (
     SELECT b.id, b.delivered FROM importer_outbox b

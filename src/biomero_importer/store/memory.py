@@ -128,7 +128,8 @@ class _Delivery:
         return self.delivered_at is not None or self.given_up_at is not None
 
 
-# how long a replica's recorded channels count (the owed-channels trigger's hour)
+# how long before the latest replica's a replica's recorded channels still count (the
+# owed-channels trigger's hour)
 CHANNEL_MEMORY = 3600.0
 
 
@@ -594,12 +595,12 @@ class MemoryStore(OrderStore):
 
     # --- notifications (the outbox) -------------------------------------------------------
     def _owed(self) -> list[str]:
-        now = self.clock()
+        latest = max((seen for _, _, seen in self._replicas.values()), default=0.0)
         return sorted(
             {
                 c
                 for chans, _, seen in self._replicas.values()
-                if seen > now - CHANNEL_MEMORY
+                if seen > latest - CHANNEL_MEMORY
                 for c in chans
             }
         )
