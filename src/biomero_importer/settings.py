@@ -101,6 +101,29 @@ def mask_db_url(url: str) -> str:
     return urlunsplit((parts.scheme, f"{user}:***@{host}", *parts[2:]))
 
 
+def webhook_keys(secrets: str) -> list[bytes]:
+    """The HMAC keys of a space-separated list of Standard Webhooks secrets
+    (``whsec_<base64>``; several at once while one is rotated). ValueError, naming no
+    secret, for anything else."""
+    keys = []
+    for secret in secrets.split():
+        if not secret.startswith("whsec_"):
+            raise ValueError(
+                "each webhook secret must have the form whsec_<base64> (Standard Webhooks);"
+                " several, for a rotation, are separated by spaces"
+            )
+        try:
+            key = base64.b64decode(secret[len("whsec_") :], validate=True)
+        except ValueError:
+            raise ValueError("a webhook secret is not valid base64 after whsec_") from None
+        if len(key) < 16:
+            raise ValueError("a webhook secret must hold at least 16 bytes")
+        keys.append(key)
+    if not keys:
+        raise ValueError("no webhook secret given")
+    return keys
+
+
 def _loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -281,18 +304,7 @@ class Settings(BaseModel):
     def _standard_webhooks_secrets(cls, value: SecretStr | None) -> SecretStr | None:
         if value is None or not value.get_secret_value().strip():
             return None
-        for secret in value.get_secret_value().split():
-            if not secret.startswith("whsec_"):
-                raise ValueError(
-                    "each webhook secret must have the form whsec_<base64> (Standard Webhooks);"
-                    " several, for a rotation, are separated by spaces"
-                )
-            try:
-                key = base64.b64decode(secret[len("whsec_") :], validate=True)
-            except ValueError:
-                raise ValueError("a webhook secret is not valid base64 after whsec_") from None
-            if len(key) < 16:
-                raise ValueError("a webhook secret must hold at least 16 bytes")
+        webhook_keys(value.get_secret_value())
         return value
 
     @model_validator(mode="after")

@@ -31,11 +31,11 @@ from biomero_importer.notify import (
     webhook_headers,
 )
 from biomero_importer.notify.channels import Webhook
-from biomero_importer.notify.message import secret_keys, shown
+from biomero_importer.notify.message import shown
 from biomero_importer.notify.notifier import Notifier, backoff
 from biomero_importer.observability.metrics import Metrics
 from biomero_importer.omero.simulator import SimulatorGateway
-from biomero_importer.settings import Settings
+from biomero_importer.settings import Settings, webhook_keys
 from biomero_importer.store import Delivery, Finish, MemoryStore, OrderStore
 from tests.notify_support import (
     SmtpBlackHole,
@@ -491,7 +491,7 @@ def test_webhook_secrets_must_be_standard_webhooks_secrets(
         _settings(tmp_path, root, notify_webhook_secret=SecretStr(secret))
     assert secret not in str(caught.value.errors(include_input=False))
     with pytest.raises(ValueError):
-        secret_keys(secret)
+        webhook_keys(secret)
 
 
 def test_backoff_doubles_to_a_cap_with_jitter() -> None:
@@ -665,7 +665,7 @@ def test_messages_are_the_same_bytes_every_time_and_header_safe() -> None:
     assert payload["description"] == "File not found: /data/r\\xe9sum\\xe9.tif"
     key = idempotency_key(note)
     assert "\r" not in key and "\n" not in key and key.endswith(":7")
-    headers = webhook_headers(note, body, 1_800_000_000, secret_keys(SECRET))
+    headers = webhook_headers(note, body, 1_800_000_000, webhook_keys(SECRET))
     assert headers["webhook-id"] == key and headers["webhook-timestamp"] == "1800000000"
     assert all("\r" not in v and "\n" not in v for v in headers.values())
     mail = email_message(note, sender="Imaging <imaging@facility.example>", recipient=RESEARCHER)

@@ -33,7 +33,6 @@ SIGNATURE_HEADER = "webhook-signature"
 EVENT_HEADER = "X-Biomero-Event"
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 EVENT = "order.finished"
-SECRET_PREFIX = "whsec_"  # noqa: S105 (the specification's prefix, not a secret)
 
 # A uuid comes from whoever wrote the order: only these characters may reach a header.
 _UNSAFE_HEADER_CHARS = re.compile(r"[^A-Za-z0-9._~-]")
@@ -94,25 +93,6 @@ def webhook_body(note: Notification) -> bytes:
     # canonical form: keys sorted, no spaces
     safe = json.loads(safe_json(payload))
     return json.dumps(safe, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
-
-
-def secret_keys(secrets: str) -> list[bytes]:
-    """The HMAC keys of a space-separated list of ``whsec_<base64>`` secrets (several at once
-    while a secret is rotated). ValueError, naming no secret, for anything else."""
-    keys = []
-    for secret in secrets.split():
-        if not secret.startswith(SECRET_PREFIX):
-            raise ValueError("each webhook secret must have the form whsec_<base64>")
-        try:
-            key = base64.b64decode(secret[len(SECRET_PREFIX) :], validate=True)
-        except ValueError:
-            raise ValueError("a webhook secret is not valid base64 after whsec_") from None
-        if len(key) < 16:
-            raise ValueError("a webhook secret must hold at least 16 bytes")
-        keys.append(key)
-    if not keys:
-        raise ValueError("no webhook secret given")
-    return keys
 
 
 def sign(msg_id: str, timestamp: int, body: bytes, keys: list[bytes]) -> str:

@@ -40,14 +40,13 @@ from biomero_importer.notify.channels import DeliveryFailed, Mailer, Webhook, en
 from biomero_importer.notify.message import (
     email_message,
     outcome,
-    secret_keys,
     valid_address,
     webhook_body,
     webhook_headers,
 )
 from biomero_importer.observability.metrics import Metrics, NotificationGiveUp
 from biomero_importer.omero.port import OmeroError, OmeroGateway
-from biomero_importer.settings import Settings
+from biomero_importer.settings import Settings, webhook_keys
 from biomero_importer.store import (
     Delivery,
     DeliveryResult,
@@ -101,7 +100,7 @@ class Notifier:
         url = settings.notify_webhook_url
         self.webhook = Webhook(url, settings.notify_webhook_timeout) if url else None
         secret = settings.notify_webhook_secret
-        self.keys = None if secret is None else secret_keys(secret.get_secret_value())
+        self.keys = None if secret is None else webhook_keys(secret.get_secret_value())
         self.mailer = Mailer.from_settings(settings) if settings.notify_email_host else None
         # SMTP and OMERO lookups block: threads of their own each, never the OMERO or storage
         # pools, and never each other's (a hung lookup must not hold up a send)
