@@ -42,7 +42,8 @@ def endpoint(url: str) -> str:
     and query may hold tokens)."""
     parts = urlsplit(url)
     port = f":{parts.port}" if parts.port else ""
-    return f"{parts.scheme}://{parts.hostname}{port}"
+    host = parts.hostname or ""
+    return f"{parts.scheme}://{f'[{host}]' if ':' in host else host}{port}"
 
 
 def _http_status_failure(status: int) -> DeliveryFailed:
