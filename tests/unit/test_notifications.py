@@ -24,6 +24,7 @@ from standardwebhooks import Webhook as Verifier
 
 from biomero_importer.model import STAGE_IMPORTED, STAGE_INGEST_FAILED, Notification
 from biomero_importer.notify import (
+    channel_skew,
     email_message,
     idempotency_key,
     valid_address,
@@ -36,7 +37,7 @@ from biomero_importer.notify.notifier import Notifier, backoff
 from biomero_importer.observability.metrics import Metrics
 from biomero_importer.omero.simulator import SimulatorGateway
 from biomero_importer.settings import Settings, webhook_keys
-from biomero_importer.store import Delivery, Finish, MemoryStore, OrderStore
+from biomero_importer.store import Delivery, Finish, MemoryStore, OrderStore, ReplicaChannels
 from tests.notify_support import (
     SmtpBlackHole,
     SmtpReceiver,
@@ -742,3 +743,28 @@ def test_order_text_in_an_email_is_labelled_capped_data() -> None:
     assert "Bcc" not in str(mail).split("\n\n", 1)[0]  # nothing reaches the headers
     assert mail["To"] == RESEARCHER and mail["Bcc"] is None
     assert shown("x" * 500) == shown("x" * 500, 120) and len(shown("x" * 500)) <= 120
+
+
+def test_replicas_differ_by_channel_set_or_endpoint_not_by_order(
+    tmp_path: Path, root: Path
+) -> None:
+    hook = "http://127.0.0.1:9/h?token=t0k3n"
+    settings = unit_settings(
+        tmp_path,
+        root,
+        notify_webhook_url=hook,
+        notify_email_host="mail.lab.example",
+        notify_email_sender="imaging@facility.example",
+    )
+    where = {"webhook": "http://127.0.0.1:9", "email": "smtp://mail.lab.example:587 (STARTTLS)"}
+    same = ReplicaChannels("a", ("email", "webhook"), where)
+    assert channel_skew(settings, [same, ReplicaChannels("b", ("webhook", "email"), where)])[0]
+    fewer = ReplicaChannels("c", ("webhook",), {"webhook": where["webhook"]})
+    elsewhere = ReplicaChannels("d", ("email", "webhook"), {**where, "webhook": "https://x:443"})
+    agree, detail = channel_skew(settings, [same, fewer, elsewhere])
+    assert not agree and "c: webhook" in detail and "https://x:443" in detail
+    assert "t0k3n" not in detail and " a:" not in detail
+    assert channel_skew(settings, []) == (
+        True,
+        "no replica has recorded its channels in the last hour",
+    )

@@ -148,10 +148,10 @@ class Notifier:
         """Record this replica's channels (what later outcomes owe) and log any replica that
         has other ones: the outcomes they owe are left to whichever replica has the channel."""
         others = await self.store.record_channels(self.channels, self.endpoints())
-        ours = (tuple(self.channels), self.endpoints())
+        ours = (tuple(sorted(self.channels)), self.endpoints())
         current = {}
         for replica in others:
-            theirs = (replica.channels, replica.endpoints)
+            theirs = (tuple(sorted(replica.channels)), replica.endpoints)
             if theirs != ours:
                 current[replica.worker_id] = theirs
                 if self._skew.get(replica.worker_id) != theirs:
@@ -391,8 +391,8 @@ async def check_channels(settings: Settings) -> list[tuple[str, bool, str]]:
 def channel_skew(settings: Settings, replicas: list[ReplicaChannels]) -> tuple[bool, str]:
     """(agree, detail) comparing the channels of this configuration with every replica's."""
     notifier_channels = tuple(c for c in CHANNELS if _configured(settings, c))
-    ours = (notifier_channels, _endpoints(settings))
-    differ = [r for r in replicas if (r.channels, r.endpoints) != ours]
+    ours = (tuple(sorted(notifier_channels)), _endpoints(settings))
+    differ = [r for r in replicas if (tuple(sorted(r.channels)), r.endpoints) != ours]
     if not replicas:
         return True, "no replica has recorded its channels in the last hour"
     if not differ:
