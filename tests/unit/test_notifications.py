@@ -644,7 +644,6 @@ def _note(**changes: Any) -> Notification:
         "event_id": 7,
         "stage": STAGE_INGEST_FAILED,
         "attempts": 1,
-        "delivered": (),
         "age_seconds": 0.0,
         "user": "researcher",
         "group": "Demo",

@@ -679,7 +679,6 @@ class MemoryStore(OrderStore):
             event_id=entry.event_id,
             stage=entry.stage,
             attempts=delivery.attempts,
-            delivered=(),
             age_seconds=now - entry.created_at,
             user=None if new is None else new.user,
             group=None if new is None else new.group,

@@ -688,7 +688,6 @@ def _notification(row: asyncpg.Record) -> Notification:
         event_id=row["event_id"],
         stage=row["stage"],
         attempts=row["attempts"],
-        delivered=(),
         age_seconds=row["age"],
         user=row["user_name"],
         group=row["group_name"],
