@@ -465,3 +465,40 @@ async def test_an_outcome_owes_what_the_replicas_last_had_even_with_none_running
             assert cur.fetchall() == [("email",), ("webhook",)]
     finally:
         conn.close()
+
+
+async def test_a_delivery_of_a_channel_no_replica_has_is_found_for_giving_up(
+    migrated_url: str,
+) -> None:
+    a = PostgresStore(asyncpg_dsn(migrated_url), worker_id="A", pool_size=2)
+    b = PostgresStore(asyncpg_dsn(migrated_url), worker_id="B", pool_size=2)
+    await a.open()
+    await b.open()
+    try:
+        await a.record_channels(["email", "webhook"], {})
+        conn = psycopg2.connect(migrated_url)
+        try:
+            conn.autocommit = True
+            with conn.cursor() as cur:
+                for stage in ("Import Pending", "Import Started", "Import Completed"):
+                    cur.execute(
+                        "INSERT INTO imports (group_name, user_name, destination_id,"
+                        " destination_type, stage, uuid, files)"
+                        " VALUES ('Lab', 'alice', '1', 'Dataset', %s, 'o', '[]')",
+                        (stage,),
+                    )
+                await b.record_channels(["webhook"], {})
+                assert await b.orphaned_deliveries(0, 10) == []  # A is alive
+                cur.execute(
+                    "UPDATE importer_notify_replicas SET seen_at = now() - interval '2 hours'"
+                    " WHERE worker_id = 'A'"
+                )
+                cur.execute("UPDATE importer_outbox SET created_at = now() - interval '2 days'")
+        finally:
+            conn.close()
+        assert await b.orphaned_deliveries(3 * 86400, 10) == []  # not old enough
+        [orphan] = await b.orphaned_deliveries(86400, 10)
+    finally:
+        await a.close()
+        await b.close()
+    assert (orphan.channel, orphan.uuid, orphan.token) == ("email", "o", 0)

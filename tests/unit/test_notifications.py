@@ -767,3 +767,39 @@ def test_replicas_differ_by_channel_set_or_endpoint_not_by_order(
         True,
         "no replica has recorded its channels in the last hour",
     )
+
+
+async def test_a_channel_no_replica_has_any_more_is_given_up_after_give_up_after(
+    tmp_path: Path, root: Path, webhook: WebhookReceiver
+) -> None:
+    """Email owed while replica A had it; A is gone and B has the webhook only: nobody would
+    ever claim the email, so it is given up once the outcome is older than give-up-after."""
+    settings = unit_settings(
+        tmp_path, root, notify_give_up_after=3600, **notify_settings(webhook, None)
+    )
+    now = [1_800_000_000.0]
+    a = MemoryStore(worker_id="A", clock=lambda: now[0])
+    b = MemoryStore(worker_id="B", clock=lambda: now[0], shared=a)
+    await a.record_channels(["email", "webhook"], {})
+    uuid = await finished_outcome(a, root)
+    gateway = SimulatorGateway(settings)
+    metrics = Metrics()
+    notifier = Notifier(settings, b, gateway, metrics)
+    try:
+        await notifier.record_channels()
+        assert await deliver_due(notifier, b, "webhook") == 1
+        await notifier.give_up_orphans()  # A was seen just now: the email may still come
+        assert [c.given_up_at for c in await b.order_deliveries(uuid)] == [None, None]
+        now[0] += 3 * 3600  # A stopped long ago
+        await notifier.record_channels()
+        with structlog.testing.capture_logs() as logs:
+            await notifier.give_up_orphans()
+    finally:
+        notifier.close()
+        gateway.close()
+    email, hook = await b.order_deliveries(uuid)
+    assert email.given_up_at is not None and email.last_error is not None
+    assert "no replica" in email.last_error and hook.delivered_at is not None
+    assert all(done for *_, done in b.outbox())
+    assert [e["channel"] for e in logs if e["event"] == "notification_given_up"] == ["email"]
+    assert counter(metrics, "notifications_given_up", channel="email", reason="expired") == 1

@@ -498,6 +498,24 @@ LEFT JOIN LATERAL (
 ORDER BY c.outbox_id
 """
 
+# $1 seconds since the outcome was queued, $2 how many. Deliveries of a channel that no replica
+# seen within the hour has: nobody claims them, so nobody would give them up; any replica gives
+# them up (through RECORD_DELIVERY, under their current generation) once the outcome is older
+# than notify_give_up_after. Walks the partial index of unsettled deliveries only.
+ORPHANED_DELIVERIES = """
+SELECT d.outbox_id, d.channel, d.generation, b.uuid, b.event_id
+FROM importer_outbox_delivery d
+JOIN importer_outbox b ON b.id = d.outbox_id
+WHERE d.delivered_at IS NULL AND d.given_up_at IS NULL
+  AND d.channel <> ALL(ARRAY(
+      SELECT DISTINCT c FROM importer_notify_replicas r, unnest(r.channels) c
+      WHERE r.seen_at > now() - interval '1 hour'
+  ))
+  AND b.created_at < now() - make_interval(secs => $1)
+ORDER BY d.due_at
+LIMIT $2
+"""
+
 # Recording one channel's attempt, in one transaction: LOCK_OUTBOX_ROW first (so two channels
 # of one outcome settling at once see each other's result), then RECORD_DELIVERY under the
 # claim's generation: a late writer (its lease ran out, another replica claimed the row since)

@@ -67,6 +67,7 @@ PRUNE_INTERVAL = 600.0
 STATS_INTERVAL = 10.0
 EMAIL_CACHE_SECONDS = 300.0
 PAUSE_MAX = 60.0
+ORPHANED = "no replica has had this channel for an hour"
 
 
 def backoff(
@@ -175,7 +176,8 @@ class Notifier:
             try:
                 await self.record_channels()
                 await self.update_backlog()
-                await self._prune()
+                if await self._prune():
+                    await self.give_up_orphans()
                 pause = STATS_INTERVAL
             except StoreClosed:
                 return  # the replica is stopping
@@ -183,15 +185,36 @@ class Notifier:
                 pause = min(pause * 2, PAUSE_MAX)
                 log.exception("notifications_bookkeeping_failed", retry_in=pause)
 
-    async def _prune(self) -> None:
+    async def _prune(self) -> bool:
+        """Delete done rows past their retention, every PRUNE_INTERVAL; whether it ran."""
         now = time.monotonic()
         if now - self._pruned_at < PRUNE_INTERVAL:
-            return
+            return False
         self._pruned_at = now
         # bounded batches, so a large first prune never holds long locks
         for _ in range(10):
             if await self.store.prune_notifications(RETENTION, 1000) < 1000:
                 break
+        return True
+
+    async def give_up_orphans(self) -> None:
+        """Give up deliveries of a channel no replica has any more, once their outcome is
+        older than ``notify_give_up_after``: no replica would ever claim (or give up) them."""
+        orphans = await self.store.orphaned_deliveries(self.settings.notify_give_up_after, 100)
+        for orphan in orphans:
+            result = DeliveryResult(
+                orphan.id, orphan.channel, orphan.token, "given_up", error=ORPHANED
+            )
+            if await self.store.record_delivery(result):
+                self.metrics.notification_given_up(orphan.channel, "expired")
+                log.error(
+                    "notification_given_up",
+                    reason="expired",
+                    error=ORPHANED,
+                    channel=orphan.channel,
+                    order_uuid=orphan.uuid,
+                    event_id=orphan.event_id,
+                )
 
     async def update_backlog(self) -> None:
         """The backlog gauges, from the database (skipped while it does not answer)."""

@@ -111,6 +111,17 @@ class ChannelState:
 
 
 @dataclass(frozen=True)
+class Orphan:
+    """A delivery no replica can make: its channel is configured nowhere any more."""
+
+    id: int
+    channel: str
+    token: int
+    uuid: str
+    event_id: int
+
+
+@dataclass(frozen=True)
 class ReplicaChannels:
     """The notification channels one replica recorded, and where each points (no secrets)."""
 
@@ -304,6 +315,11 @@ class OrderStore(abc.ABC):
         """Record one attempt under its claim's token; False (nothing changed) when the row
         was claimed again since or is already settled. The outcome is done once every
         channel it owes is delivered or given up."""
+
+    @abc.abstractmethod
+    async def orphaned_deliveries(self, older_than: float, limit: int) -> list[Orphan]:
+        """Up to ``limit`` unsettled deliveries of a channel no replica seen within the hour
+        has, of outcomes queued more than ``older_than`` seconds ago."""
 
     @abc.abstractmethod
     async def order_deliveries(self, uuid: str) -> list[ChannelState]:

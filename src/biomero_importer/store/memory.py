@@ -45,6 +45,7 @@ from biomero_importer.store.base import (
     OrderBusy,
     OrderNotFound,
     OrderStore,
+    Orphan,
     ReplicaChannels,
     StoreClosed,
     StoreUnavailable,
@@ -718,6 +719,24 @@ class MemoryStore(OrderStore):
         if entry.done_at is None and all(d.settled for d in entry.deliveries.values()):
             entry.done_at = now
         return True
+
+    async def orphaned_deliveries(self, older_than: float, limit: int) -> list[Orphan]:
+        await self._gate("orphaned_deliveries", retry=True)
+        now = self.clock()
+        had = {
+            c
+            for chans, _, seen in self._replicas.values()
+            if seen > now - CHANNEL_MEMORY
+            for c in chans
+        }
+        found = sorted(
+            (d.due_at, e.id, d.channel, d.generation, e.uuid, e.event_id)
+            for e in self._outbox.values()
+            if e.created_at < now - older_than
+            for d in e.deliveries.values()
+            if not d.settled and d.channel not in had
+        )[:limit]
+        return [Orphan(i, c, g, u, ev) for _, i, c, g, u, ev in found]
 
     async def order_deliveries(self, uuid: str) -> list[ChannelState]:
         await self._gate("order_deliveries", retry=True)

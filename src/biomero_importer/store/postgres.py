@@ -45,6 +45,7 @@ from biomero_importer.store.base import (
     OrderBusy,
     OrderNotFound,
     OrderStore,
+    Orphan,
     ReplicaChannels,
     StoreClosed,
     StoreUnavailable,
@@ -536,6 +537,16 @@ class PostgresStore(OrderStore):
                 return True
 
         return await self._retry("record_delivery", attempt)
+
+    async def orphaned_deliveries(self, older_than: float, limit: int) -> list[Orphan]:
+        async def attempt() -> list[Orphan]:
+            rows = await self.pool.fetch(sql.ORPHANED_DELIVERIES, older_than, limit)
+            return [
+                Orphan(r["outbox_id"], r["channel"], r["generation"], r["uuid"], r["event_id"])
+                for r in rows
+            ]
+
+        return await self._retry("orphaned_deliveries", attempt)
 
     async def order_deliveries(self, uuid: str) -> list[ChannelState]:
         async def attempt() -> list[ChannelState]:
