@@ -171,6 +171,7 @@ def test_every_key_has_a_prefixed_environment_name(key: str) -> None:
         "metrics_port": "9464",
         "ttl_for_user_conn": "120000",
         "notify_webhook_url": "https://hooks.example/biomero",
+        "notify_webhook_secret": "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
     }
     # keys that are only valid together with another one
     companions = {"notify_email_host": {"BIOMERO_IMPORTER_NOTIFY_EMAIL_SENDER": "i@lab.example"}}
@@ -301,11 +302,20 @@ def test_notification_settings_are_checked_without_echoing_them() -> None:
     env = {
         "BIOMERO_IMPORTER_NOTIFY_WEBHOOK_URL": " ",
         "BIOMERO_IMPORTER_NOTIFY_EMAIL_PASSWORD": "s3cret",
-        "BIOMERO_IMPORTER_NOTIFY_WEBHOOK_SECRET": "hm4c",
+        "BIOMERO_IMPORTER_NOTIFY_WEBHOOK_SECRET": "whsec_aG00Yy1zZWNyZXQtMTYtYnl0ZXM=",
     }
     settings = load_settings(None, environ=env).settings
     assert settings.notify_webhook_url is None
-    assert "s3cret" not in repr(settings) and "hm4c" not in repr(settings)
+    assert "s3cret" not in repr(settings) and "aG00Yy" not in repr(settings)
+    # a secret not in the Standard Webhooks form is refused without being echoed
+    with pytest.raises(SettingsError, match="whsec_") as caught:
+        load_settings(None, environ={**env, "BIOMERO_IMPORTER_NOTIFY_WEBHOOK_SECRET": "hm4c"})
+    assert "hm4c" not in str(caught.value)
+    with pytest.raises(SettingsError, match="https://") as caught:
+        load_settings(
+            None, environ={"BIOMERO_IMPORTER_NOTIFY_WEBHOOK_URL": "http://u:pw@hooks.example/t0k"}
+        )
+    assert "pw" not in str(caught.value) and "t0k" not in str(caught.value)
 
 
 def test_a_simulated_user_may_carry_an_email_address() -> None:

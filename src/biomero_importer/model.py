@@ -291,8 +291,7 @@ class OrderDetail:
 class Notification:
     """One order outcome to notify (an ``importer_outbox`` row), with what its messages say.
 
-    ``delivered`` lists the channels already settled for it: delivered, or ``<channel>:failed``
-    for a channel that can never succeed for this outcome (no address, refused for good).
+    ``attempts`` counts the attempts of the channel it was claimed for, this one included.
     The order's fields come from the outcome's own history row, so a later retry of the order
     does not change what this outcome says.
     """
@@ -302,7 +301,6 @@ class Notification:
     event_id: int
     stage: str
     attempts: int
-    delivered: tuple[str, ...]
     #: seconds since the outcome was queued for notification
     age_seconds: float
     user: str | None

@@ -176,11 +176,13 @@ async def assemble(
     service = Service(settings, "", gateway, store, dispatcher, executor, metrics, health)
     dispatcher.helpers["health"] = partial(watch_health, service)
     dispatcher.helpers["loop-lag"] = partial(watch_loop_lag, metrics)
-    # outcomes are queued by the database whatever the settings: with no channel configured
-    # the notifier marks them done, so the outbox never grows
+    # outcomes are queued by the database whatever the settings, owing the channels the
+    # replicas recorded: recorded before the first claim, so no outcome of this replica is
+    # queued without its channels (with none anywhere, outcomes are done at once)
     service.notifier = Notifier(settings, store, gateway, metrics)
     dispatcher.helpers["notifications"] = service.notifier.run
     try:
+        await service.notifier.record_channels()
         yield service
     finally:
         await store.close(timeout=CLOSE_TIMEOUT)

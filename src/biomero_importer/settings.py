@@ -6,7 +6,9 @@ variables (``BIOMERO_IMPORTER_<KEY>`` for every key, plus the names the original
 
 from __future__ import annotations
 
+import base64
 import difflib
+import ipaddress
 import json
 import os
 import re
@@ -97,6 +99,38 @@ def mask_db_url(url: str) -> str:
     host = parts.netloc.rsplit("@", 1)[1]
     user = parts.username or ""
     return urlunsplit((parts.scheme, f"{user}:***@{host}", *parts[2:]))
+
+
+def webhook_keys(secrets: str) -> list[bytes]:
+    """The HMAC keys of a space-separated list of Standard Webhooks secrets
+    (``whsec_<base64>``; several at once while one is rotated). ValueError, naming no
+    secret, for anything else."""
+    keys = []
+    for secret in secrets.split():
+        if not secret.startswith("whsec_"):
+            raise ValueError(
+                "each webhook secret must have the form whsec_<base64> (Standard Webhooks);"
+                " several, for a rotation, are separated by spaces"
+            )
+        try:
+            key = base64.b64decode(secret[len("whsec_") :], validate=True)
+        except ValueError:
+            raise ValueError("a webhook secret is not valid base64 after whsec_") from None
+        if len(key) < 16:
+            raise ValueError("a webhook secret must hold at least 16 bytes")
+        keys.append(key)
+    if not keys:
+        raise ValueError("no webhook secret given")
+    return keys
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _default_worker_id() -> str:
@@ -228,8 +262,19 @@ class Settings(BaseModel):
     notify_email_sender: str | None = None
     notify_email_user: str | None = None
     notify_email_password: SecretStr | None = None
-    # first wait before a failed delivery is tried again; it doubles up to 10 minutes
+    # first wait before a failed delivery is tried again; it doubles up to the maximum
     notify_retry_backoff: PositiveFloat = 5.0
+    notify_retry_backoff_max: PositiveFloat = 600.0
+    # a channel still failing this long after the outcome is given up (logged, counted)
+    notify_give_up_after: PositiveFloat = 3 * 24 * 3600.0
+    # one claim of one channel of one outcome; an attempt is cut off at half of it, so another
+    # replica takes the delivery over only from a replica that stopped
+    notify_delivery_lease: float = Field(default=120.0, ge=2.0)
+    notify_webhook_timeout: PositiveFloat = 10.0
+    notify_email_timeout: PositiveFloat = 30.0
+    # plain http:// to a host that is not this machine sends the body and any Basic-auth
+    # credentials in clear: refused unless this is set
+    notify_webhook_allow_http: bool = False
 
     # --- operations -----------------------------------------------------------------------
     metrics_port: int | None = Field(default=None, ge=0, le=65535)
@@ -263,6 +308,27 @@ class Settings(BaseModel):
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError("must be an http:// or https:// URL with a host")
         return value
+
+    @field_validator("notify_webhook_secret")
+    @classmethod
+    def _standard_webhooks_secrets(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None or not value.get_secret_value().strip():
+            return None
+        webhook_keys(value.get_secret_value())
+        return value
+
+    @model_validator(mode="after")
+    def _webhook_over_https(self) -> Settings:
+        url = self.notify_webhook_url
+        if url is None or self.notify_webhook_allow_http:
+            return self
+        parts = urlsplit(url)
+        if parts.scheme != "https" and not _loopback(parts.hostname or ""):
+            raise ValueError(
+                "notify_webhook_url must be https:// (http:// only to this machine, or with"
+                " notify_webhook_allow_http)"
+            )
+        return self
 
     @model_validator(mode="after")
     def _email_has_a_sender(self) -> Settings:

@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from biomero_importer.db.urls import asyncpg_dsn
+from biomero_importer.store import PostgresStore
 from tests.cli.conftest import CliSetup, invoke
-from tests.notify_support import SmtpReceiver, WebhookReceiver, notify_settings
+from tests.notify_support import SmtpReceiver, WebhookReceiver, new_secret, notify_settings
 from tests.support import ainvoke, make_settings, write_config
 
 
@@ -80,7 +82,7 @@ def test_check_never_shows_the_database_password(tmp_path: Path, import_root: Pa
 
 
 async def test_check_reports_each_notification_channel(cli_setup: CliSetup) -> None:
-    webhook, smtp = WebhookReceiver("s3cret-hmac"), SmtpReceiver()
+    webhook, smtp = WebhookReceiver(new_secret()), SmtpReceiver()
     await webhook.start()
     smtp.start()
     try:
@@ -188,3 +190,36 @@ def test_the_import_test_needs_a_scratch_dataset(cli_setup: CliSetup) -> None:
     result = invoke("check", "--config", cli_setup.config, "--omero-import-test")
     assert result.exit_code == 2
     assert "--scratch-dataset" in result.output
+
+
+async def test_check_reports_replicas_with_other_notification_channels(
+    cli_setup: CliSetup,
+) -> None:
+    """An outcome owes every channel any replica has: a replica without one of them is
+    reported, naming its channels and where they point (never a secret)."""
+    webhook = WebhookReceiver(new_secret())
+    setup = cli_setup.with_config(**notify_settings(webhook, None))
+    store = PostgresStore(asyncpg_dsn(cli_setup.url), worker_id="replica-b", pool_size=2)
+    await store.open()
+    try:
+        # a replica with this configuration's webhook: they agree
+        await store.record_channels(["webhook"], {"webhook": f"http://127.0.0.1:{webhook.port}"})
+        agree = _by_name((await ainvoke("check", "--json", "--config", setup.config)).stdout)
+        # the same replica restarted with email too
+        await store.record_channels(
+            ["email", "webhook"],
+            {"email": "smtp://mail.lab.example:587", "webhook": f"http://127.0.0.1:{webhook.port}"},
+        )
+        differ = await ainvoke("check", "--config", setup.config)
+    finally:
+        await store.close()
+    assert agree["notifications: replicas agree on channels"]["ok"]
+    assert differ.exit_code == 1
+    assert "✗ notifications: replicas agree on channels" in differ.stdout
+    assert "replica-b: email, webhook" in differ.stdout
+    assert "smtp://mail.lab.example:587" in differ.stdout
+    assert "pw-in-url" not in differ.stdout and "t0k3n" not in differ.stdout
+
+
+def _by_name(stdout: str) -> dict[str, dict[str, object]]:
+    return {str(line["check"]): line for line in _lines(stdout)}

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from biomero_importer.db.migrate import is_at_head
 from biomero_importer.db.urls import asyncpg_dsn
-from biomero_importer.store import Finish, PostgresStore
+from biomero_importer.store import DeliveryResult, Finish, PostgresStore
 from tests.cli.conftest import CliSetup, ainvoke, append_stage, execute, invoke
 from tests.support import insert_order, make_settings, make_tiffs, write_config
 
@@ -224,3 +224,40 @@ async def test_show_says_when_a_waiting_order_is_tried_again(cli_setup: CliSetup
     )
     assert record["retries"] == 1 and record["not_before"] is not None
     assert record["waiting_since"] is None
+
+
+async def test_show_lists_each_channel_the_outcome_owes(cli_setup: CliSetup) -> None:
+    store = PostgresStore(asyncpg_dsn(cli_setup.url), worker_id="replica-a", pool_size=2)
+    await store.open()
+    try:
+        await store.record_channels(["email", "webhook"], {})
+        order = await insert_order(cli_setup.url, make_tiffs(cli_setup.root, 1))
+        await append_stage(cli_setup.url, order, "Import Started")
+        await append_stage(cli_setup.url, order, "Import Completed", "Imported 1 image")
+        [hook] = await store.claim_deliveries("webhook", 10, 60)
+        await store.record_delivery(
+            DeliveryResult(hook.note.id, "webhook", hook.token, "retry", 60, "HTTP 401")
+        )
+        [mail] = await store.claim_deliveries("email", 10, 60)
+        await store.record_delivery(
+            DeliveryResult(mail.note.id, "email", mail.token, "given_up", error="SMTP 550")
+        )
+    finally:
+        await store.close()
+    result = await ainvoke("show", order, "--json", "--config", cli_setup.config)
+    assert result.exit_code == 0, result.output
+    channels = {c["channel"]: c for c in json.loads(result.stdout)["notifications"]}
+    assert set(channels) == {"email", "webhook"}
+    assert channels["webhook"]["state"] == "owed" and channels["webhook"]["owed"]
+    assert channels["webhook"]["attempts"] == 1
+    assert channels["webhook"]["last_error"] == "HTTP 401"
+    assert channels["webhook"]["next_attempt_at"] is not None
+    assert channels["email"]["state"] == "given up" and channels["email"]["given_up"]
+    assert channels["email"]["given_up_at"] is not None and not channels["email"]["owed"]
+    assert channels["email"]["last_error"] == "SMTP 550"
+    assert channels["email"]["delivered_at"] is None
+    text = await ainvoke("show", order, "--config", cli_setup.config)
+    assert text.exit_code == 0, text.output
+    assert "Notifications of the outcome (2 channels)" in text.stdout
+    assert re.search(r"email\s+given up\s+\S+ \S+\s+1\s+SMTP 550", text.stdout), text.stdout
+    assert re.search(r"webhook\s+owed\s+\S+ \S+\s+1\s+HTTP 401", text.stdout), text.stdout

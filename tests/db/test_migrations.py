@@ -28,7 +28,8 @@ from biomero_importer.db.migrate import (
 )
 from biomero_importer.db.models import Base
 from biomero_importer.db.sql import DEFAULT_CHANNEL
-from biomero_importer.db.urls import sync_url
+from biomero_importer.db.urls import asyncpg_dsn, sync_url
+from biomero_importer.store import PostgresStore
 
 from .upstream import columns, create_upstream, dump
 
@@ -377,3 +378,127 @@ def test_waits_revision_queues_one_notification_per_outcome(database_url: str) -
             assert cur.fetchall() == [("Import Completed",), ("Import Failed",)]
     finally:
         conn.close()
+
+
+async def test_outcomes_owed_before_per_channel_delivery_owe_what_they_had_not_settled(
+    database_url: str,
+) -> None:
+    """b3d5f7a9c1e4: an outbox row from f4a7c2e9b1d3 still undelivered gets delivery rows for
+    the channels now recorded, minus those it already settled; one settled on every
+    channel now recorded is done."""
+    engine = create_engine(sync_url(database_url), poolclass=NullPool)
+    try:
+        with engine.connect() as conn:
+            command.upgrade(alembic_config(conn), "f4a7c2e9b1d3")
+            conn.commit()
+    finally:
+        engine.dispose()
+    conn = psycopg2.connect(database_url)
+    try:
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            for order in ("half", "all"):
+                for stage in ("Import Pending", "Import Started", "Import Completed"):
+                    cur.execute(
+                        "INSERT INTO imports (group_name, user_name, destination_id,"
+                        " destination_type, stage, uuid, files)"
+                        " VALUES ('Lab', 'alice', '1', 'Dataset', %s, %s, '[]')",
+                        (stage, order),
+                    )
+            cur.execute("UPDATE importer_outbox SET delivered = '{email}' WHERE uuid = 'half'")
+            cur.execute(
+                "UPDATE importer_outbox SET delivered = '{email,webhook:failed}' WHERE uuid = 'all'"
+            )
+    finally:
+        conn.close()
+
+    migrate(database_url, channel=DEFAULT_CHANNEL)
+    store = PostgresStore(asyncpg_dsn(database_url), worker_id="A", pool_size=2)
+    await store.open()
+    try:
+        await store.record_channels(["email", "webhook"], {})
+        hooks = await store.claim_deliveries("webhook", 10, 60)
+        mails = await store.claim_deliveries("email", 10, 60)
+        stats = await store.notification_stats()
+    finally:
+        await store.close()
+    assert [d.note.uuid for d in hooks] == ["half"] and mails == []
+    assert stats is not None and stats[0] == 1  # 'all' is done
+
+
+async def test_an_outcome_owes_what_the_replicas_last_had_even_with_none_running(
+    migrated_url: str,
+) -> None:
+    """Replicas record their channels; an outcome written by SQL hours after every replica
+    stopped still owes them (the hour counts back from the latest replica seen), and one
+    that stopped long before the others no longer counts."""
+    store = PostgresStore(asyncpg_dsn(migrated_url), worker_id="A", pool_size=2)
+    await store.open()
+    try:
+        await store.record_channels(["email", "webhook"], {})
+    finally:
+        await store.close()
+    conn = psycopg2.connect(migrated_url)
+    try:
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            cur.execute(
+                "INSERT INTO importer_notify_replicas (worker_id, channels, seen_at)"
+                " VALUES ('old', '{fax}', now() - interval '6 hours')"
+            )
+            cur.execute(
+                "UPDATE importer_notify_replicas SET seen_at = now() - interval '3 hours'"
+                " WHERE worker_id = 'A'"
+            )
+            for stage in ("Import Pending", "Import Started", "Import Failed"):
+                cur.execute(
+                    "INSERT INTO imports (group_name, user_name, destination_id,"
+                    " destination_type, stage, uuid, files)"
+                    " VALUES ('Lab', 'alice', '1', 'Dataset', %s, 'late', '[]')",
+                    (stage,),
+                )
+            cur.execute(
+                "SELECT d.channel FROM importer_outbox_delivery d"
+                " JOIN importer_outbox b ON b.id = d.outbox_id WHERE b.uuid = 'late'"
+                " ORDER BY 1"
+            )
+            assert cur.fetchall() == [("email",), ("webhook",)]
+    finally:
+        conn.close()
+
+
+async def test_a_delivery_of_a_channel_no_replica_has_is_found_for_giving_up(
+    migrated_url: str,
+) -> None:
+    a = PostgresStore(asyncpg_dsn(migrated_url), worker_id="A", pool_size=2)
+    b = PostgresStore(asyncpg_dsn(migrated_url), worker_id="B", pool_size=2)
+    await a.open()
+    await b.open()
+    try:
+        await a.record_channels(["email", "webhook"], {})
+        conn = psycopg2.connect(migrated_url)
+        try:
+            conn.autocommit = True
+            with conn.cursor() as cur:
+                for stage in ("Import Pending", "Import Started", "Import Completed"):
+                    cur.execute(
+                        "INSERT INTO imports (group_name, user_name, destination_id,"
+                        " destination_type, stage, uuid, files)"
+                        " VALUES ('Lab', 'alice', '1', 'Dataset', %s, 'o', '[]')",
+                        (stage,),
+                    )
+                await b.record_channels(["webhook"], {})
+                assert await b.orphaned_deliveries(0, 10) == []  # A is alive
+                cur.execute(
+                    "UPDATE importer_notify_replicas SET seen_at = now() - interval '2 hours'"
+                    " WHERE worker_id = 'A'"
+                )
+                cur.execute("UPDATE importer_outbox SET created_at = now() - interval '2 days'")
+        finally:
+            conn.close()
+        assert await b.orphaned_deliveries(3 * 86400, 10) == []  # not old enough
+        [orphan] = await b.orphaned_deliveries(86400, 10)
+    finally:
+        await a.close()
+        await b.close()
+    assert (orphan.channel, orphan.uuid, orphan.token) == ("email", "o", 0)

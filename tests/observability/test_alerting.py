@@ -42,6 +42,7 @@ EXPECTED_ALERTS = {
     "BiomeroImporterListenerReconnectStorm",
     "BiomeroImporterEventLoopLag",
     "BiomeroImporterNotificationsStuck",
+    "BiomeroImporterNotificationGivenUp",
 }
 
 

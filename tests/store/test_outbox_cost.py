@@ -1,9 +1,11 @@
 """The outbox statements stay bounded: delivered rows and long histories are never scanned.
 
-15,000 delivered outbox rows, 5,000 still owed (of which 100 are due) and 100,000 history rows
-of 20,000 orders: claiming a batch reads the due rows, and per claimed row its outcome's
-history row and that order's own rows; pruning reads one batch; the backlog count stops at
-its cap. Every scan node of the executed plans is checked, whatever plan PostgreSQL picks.
+15,000 delivered outbox rows, 5,000 still owed (their webhook delivery rows, of which 100 are
+due, and delivered email rows) and 100,000 history rows of 20,000 orders: claiming a batch of
+one channel reads the due rows of that channel, and per claimed row its outcome's history row
+and that order's own rows; ``show``'s read of one order's channels reads that order's rows;
+pruning reads one batch; the backlog count stops at its cap. Every scan node of the executed
+plans is checked, whatever plan PostgreSQL picks.
 """
 
 from __future__ import annotations
@@ -67,14 +69,27 @@ async def test_outbox_statements_read_a_bounded_number_of_rows(migrated_url: str
                 " CASE WHEN k < 15000 THEN '{webhook}'::varchar[] ELSE '{}' END"
                 " FROM generate_series(0, 19999) k"
             )
+            await conn.execute(
+                "INSERT INTO importer_outbox_delivery (outbox_id, channel, due_at, delivered_at)"
+                " SELECT b.id, c, CASE WHEN k < 15100 THEN now() - interval '1 minute'"
+                " ELSE now() + interval '1 hour' END,"
+                " CASE WHEN c = 'email' OR k < 15000 THEN now() - interval '1 day' END"
+                " FROM generate_series(0, 19999) k"
+                " JOIN importer_outbox b ON b.event_id = k * 5 + 5,"
+                " unnest(ARRAY['email', 'webhook']) c"
+            )
         await conn.execute("ANALYZE imports")
         await conn.execute("ANALYZE importer_orders")
         await conn.execute("ANALYZE importer_outbox")
+        await conn.execute("ANALYZE importer_outbox_delivery")
         tx = conn.transaction()
         await tx.start()
         try:
-            claim = await explain_nodes(conn, sql.CLAIM_NOTIFICATIONS, BATCH, 300.0)
-            claimed = await conn.fetchval("SELECT count(*) FROM importer_outbox WHERE attempts = 1")
+            claim = await explain_nodes(conn, sql.CLAIM_DELIVERIES, "webhook", BATCH, 300.0, "A")
+            claimed = await conn.fetchval(
+                "SELECT count(*) FROM importer_outbox_delivery WHERE attempts = 1"
+            )
+            shown = await explain_nodes(conn, sql.ORDER_DELIVERIES, "o15050")
             prune = await explain_nodes(conn, sql.PRUNE_NOTIFICATIONS, 7 * 24 * 3600.0, 1000)
             stats = await explain_nodes(conn, sql.NOTIFICATION_STATS, sql.QUEUE_STATS_CAP)
         finally:
@@ -87,6 +102,8 @@ async def test_outbox_statements_read_a_bounded_number_of_rows(migrated_url: str
     bound = BATCH * (ROWS_PER_ORDER + 4) + 200
     for name, read in scans(claim):
         assert read <= bound, (name, read)
+    for name, read in scans(shown):
+        assert read <= ROWS_PER_ORDER + 10, (name, read)
     for name, read in scans(prune):
         assert read <= 2 * 1000 + 100, (name, read)
     for name, read in scans(stats):

@@ -27,9 +27,10 @@ from biomero_importer.model import (
     Progress,
 )
 from biomero_importer.store import (
+    Delivery,
+    DeliveryResult,
     Finish,
     MemoryStore,
-    NotificationResult,
     OrderBusy,
     OrderNotFound,
     OrderStore,
@@ -465,11 +466,16 @@ async def outcome_ids(store: OrderStore, uuid: str) -> list[int]:
     ]
 
 
+async def claim_all(store: OrderStore, channel: str = "webhook") -> list[Delivery]:
+    return await store.claim_deliveries(channel, 10, 60)
+
+
 async def test_every_outcome_queues_one_notification_whoever_ends_the_order(
     harness: Harness,
 ) -> None:
     """The finish writer, lease recovery and cancel all end orders: each outcome is queued
     once, with its own terminal row as key; hand-backs and duplicate submissions queue none."""
+    await harness.a.record_channels(["webhook"], {})
     done, recovered, cancelled, handed = new_order(), new_order(), new_order(), new_order()
     for order in (done, recovered, cancelled, handed):
         await harness.a.submit(order)
@@ -482,8 +488,8 @@ async def test_every_outcome_queues_one_notification_whoever_ends_the_order(
     assert dict(await harness.b.recover_expired(max_attempts=1)) == {
         recovered.uuid: STAGE_INGEST_FAILED
     }
-    claimed = await harness.b.claim_notifications(10, 60)
-    got = {(n.uuid, n.event_id, n.stage) for n in claimed}
+    claimed = await claim_all(harness.b)
+    got = {(d.note.uuid, d.note.event_id, d.note.stage) for d in claimed}
     expected = {
         (done.uuid, (await outcome_ids(harness.a, done.uuid))[0], STAGE_IMPORTED),
         (recovered.uuid, (await outcome_ids(harness.a, recovered.uuid))[0], STAGE_INGEST_FAILED),
@@ -494,6 +500,7 @@ async def test_every_outcome_queues_one_notification_whoever_ends_the_order(
 
 
 async def test_a_retried_order_queues_a_notification_per_outcome(harness: Harness) -> None:
+    await harness.a.record_channels(["webhook"], {})
     order = new_order()
     await harness.a.submit(order)
     await harness.a.claim(1)
@@ -503,15 +510,16 @@ async def test_a_retried_order_queues_a_notification_per_outcome(harness: Harnes
     await harness.b.finish(Finish(order.uuid, STAGE_IMPORTED, "Imported"))
     outcomes = await outcome_ids(harness.a, order.uuid)
     await harness.sql_retry(order.uuid)  # rewrites every row's stage to 'Import Pending'
-    claimed = sorted(await harness.a.claim_notifications(10, 60), key=lambda n: n.event_id)
+    claimed = sorted(await claim_all(harness.a), key=lambda d: d.note.event_id)
     # each outcome as it was, although its history row now reads 'Import Pending'
-    assert [(n.event_id, n.stage, n.description) for n in claimed] == [
+    assert [(d.note.event_id, d.note.stage, d.note.description) for d in claimed] == [
         (outcomes[0], STAGE_INGEST_FAILED, "File missing"),
         (outcomes[1], STAGE_IMPORTED, "Imported"),
     ]
 
 
 async def test_a_notification_carries_what_its_messages_need(harness: Harness) -> None:
+    await harness.a.record_channels(["email"], {})
     order = NewOrder(
         uuid=str(uuidlib.uuid4()),
         group="Lab",
@@ -526,7 +534,9 @@ async def test_a_notification_carries_what_its_messages_need(harness: Harness) -
     objects = [{"type": "Plate", "id": 5, "name": "p.zarr"}]
     await harness.pass_time(0.01)
     await harness.a.finish(Finish(order.uuid, STAGE_IMPORTED, "Imported 1 plate", None, objects))
-    [note] = await harness.a.claim_notifications(10, 60)
+    [delivery] = await claim_all(harness.a, "email")
+    note = delivery.note
+    assert delivery.channel == "email" and delivery.token == 1
     assert (note.uuid, note.stage, note.user, note.group) == (
         order.uuid,
         STAGE_IMPORTED,
@@ -536,7 +546,7 @@ async def test_a_notification_carries_what_its_messages_need(harness: Harness) -
     assert (note.destination_type, note.destination_id) == ("Screen", "77")
     assert note.description == "Imported 1 plate"
     assert [o["id"] for o in note.objects] == [5]
-    assert note.attempts == 1 and note.delivered == ()
+    assert note.attempts == 1
     events = await harness.a.order_events(order.uuid)
     assert note.queued_at == events[0].timestamp
     assert note.started_at == events[1].timestamp
@@ -546,60 +556,119 @@ async def test_a_notification_carries_what_its_messages_need(harness: Harness) -
     assert note.queued_at < note.started_at < note.finished_at
 
 
-async def test_a_claimed_notification_is_leased_then_due_again(harness: Harness) -> None:
+async def test_each_channel_is_claimed_and_leased_on_its_own(harness: Harness) -> None:
+    await harness.a.record_channels(["email", "webhook"], {})
     order = new_order()
     await harness.a.submit(order)
     await harness.a.claim(1)
     await harness.a.finish(Finish(order.uuid, STAGE_IMPORTED, None))
-    [first] = await harness.a.claim_notifications(10, LEASE)
+    [hook] = await harness.a.claim_deliveries("webhook", 10, LEASE)
+    # the email is not held by the webhook's claim
+    [mail] = await harness.b.claim_deliveries("email", 10, LEASE)
+    assert (hook.note.id, mail.note.id) == (hook.note.id, hook.note.id)
     # another replica never sends it while the lease runs
-    assert await harness.b.claim_notifications(10, LEASE) == []
+    assert await harness.b.claim_deliveries("webhook", 10, LEASE) == []
     await harness.pass_time(LEASE * 2)
-    [again] = await harness.b.claim_notifications(10, LEASE)
-    assert again.id == first.id and again.attempts == 2
+    [again] = await harness.b.claim_deliveries("webhook", 10, LEASE)
+    assert again.note.id == hook.note.id and again.note.attempts == 2
+    assert again.token == hook.token + 1
 
 
-async def test_recorded_channels_accumulate_and_done_rows_are_never_sent_again(
-    harness: Harness,
-) -> None:
+async def test_a_late_writer_changes_nothing_under_an_old_token(harness: Harness) -> None:
+    """A replica whose lease ran out while it sent records under the token of its claim: the
+    newer claimant's lease and result stand."""
+    await harness.a.record_channels(["webhook"], {})
     order = new_order()
     await harness.a.submit(order)
     await harness.a.claim(1)
     await harness.a.finish(Finish(order.uuid, STAGE_IMPORTED, None))
-    [note] = await harness.a.claim_notifications(10, 60)
-    await harness.a.record_notifications(
-        [NotificationResult(note.id, ("webhook",), retry_in=LEASE, error="email: refused")]
+    [first] = await harness.a.claim_deliveries("webhook", 10, LEASE)
+    await harness.pass_time(LEASE * 2)
+    [second] = await harness.b.claim_deliveries("webhook", 10, 60)
+    late = DeliveryResult(first.note.id, "webhook", first.token, "retry", retry_in=0)
+    assert not await harness.a.record_delivery(late)
+    # B's lease stands: nobody can claim it now
+    assert await harness.a.claim_deliveries("webhook", 10, 60) == []
+    assert await harness.b.record_delivery(
+        DeliveryResult(second.note.id, "webhook", second.token, "delivered")
     )
-    assert await harness.b.claim_notifications(10, 60) == []  # not due yet
+    assert not await harness.a.record_delivery(
+        DeliveryResult(first.note.id, "webhook", first.token, "given_up", error="late")
+    )
+    [state] = await harness.a.order_deliveries(order.uuid)
+    assert state.delivered_at is not None and state.given_up_at is None
+    assert state.last_error is None and state.attempts == 2
+
+
+async def test_an_outcome_is_done_once_every_owed_channel_settled(harness: Harness) -> None:
+    await harness.a.record_channels(["email", "webhook"], {})
+    await harness.b.record_channels(["webhook"], {})  # B has fewer: still both are owed
+    order = new_order()
+    await harness.a.submit(order)
+    await harness.a.claim(1)
+    await harness.a.finish(Finish(order.uuid, STAGE_IMPORTED, None))
+    [hook] = await harness.b.claim_deliveries("webhook", 10, 60)
+    assert await harness.b.record_delivery(
+        DeliveryResult(hook.note.id, "webhook", hook.token, "delivered")
+    )
     assert await harness.a.notification_stats() == (1, pytest.approx(0, abs=5))
-    await harness.pass_time(LEASE * 2)
-    [again] = await harness.b.claim_notifications(10, 60)
-    assert again.delivered == ("webhook",)
-    await harness.b.record_notifications(
-        [NotificationResult(again.id, ("email:failed", "webhook"), done=True)]
+    [mail] = await harness.a.claim_deliveries("email", 10, 60)
+    assert await harness.a.record_delivery(
+        DeliveryResult(mail.note.id, "email", mail.token, "retry", retry_in=LEASE, error="421")
     )
-    # a late result of the first replica changes nothing on a done row
-    await harness.a.record_notifications([NotificationResult(note.id, (), retry_in=0)])
+    assert await harness.a.claim_deliveries("email", 10, 60) == []  # not due yet
     await harness.pass_time(LEASE * 2)
-    assert await harness.a.claim_notifications(10, 60) == []
+    [mail] = await harness.a.claim_deliveries("email", 10, 60)
+    assert await harness.a.record_delivery(
+        DeliveryResult(mail.note.id, "email", mail.token, "given_up", error="SMTP 550")
+    )
     stats = await harness.a.notification_stats()
     assert stats is not None and stats[0] == 0
+    states = {s.channel: s for s in await harness.b.order_deliveries(order.uuid)}
+    assert set(states) == {"email", "webhook"}
+    assert states["email"].given_up_at is not None and states["email"].attempts == 2
+    assert states["email"].last_error == "SMTP 550"
+    assert states["webhook"].delivered_at is not None
+
+
+async def test_an_outcome_owing_no_channel_is_done_at_once(harness: Harness) -> None:
+    await harness.a.record_channels([], {})
+    order = new_order()
+    await harness.a.submit(order)
+    await harness.a.claim(1)
+    await harness.a.finish(Finish(order.uuid, STAGE_IMPORTED, None))
+    assert await harness.a.order_deliveries(order.uuid) == []
+    stats = await harness.a.notification_stats()
+    assert stats is not None and stats[0] == 0
+
+
+async def test_replicas_see_each_others_channels(harness: Harness) -> None:
+    assert await harness.a.record_channels(["email", "webhook"], {"email": "smtp://m:25"}) == []
+    [other] = await harness.b.record_channels(["webhook"], {"webhook": "https://h:443"})
+    assert (other.worker_id, other.channels) == ("A", ("email", "webhook"))
+    assert other.endpoints == {"email": "smtp://m:25"}
+    assert [r.worker_id for r in await harness.a.channel_replicas()] == ["A", "B"]
 
 
 async def test_done_notifications_are_pruned_after_the_retention_in_batches(
     harness: Harness,
 ) -> None:
+    await harness.a.record_channels(["webhook"], {})
     orders = [new_order() for _ in range(3)]
     for order in orders:
         await harness.a.submit(order)
     await harness.a.claim(3)
     for order in orders:
         await harness.a.finish(Finish(order.uuid, STAGE_IMPORTED, None))
-    notes = await harness.a.claim_notifications(10, 60)
+    claimed = sorted(await claim_all(harness.a), key=lambda d: d.note.id)
     # two delivered, one still owed
-    await harness.a.record_notifications(
-        [NotificationResult(n.id, ("webhook",), done=True) for n in notes[:2]]
-        + [NotificationResult(notes[2].id, (), retry_in=60)]
+    for d in claimed[:2]:
+        assert await harness.a.record_delivery(
+            DeliveryResult(d.note.id, "webhook", d.token, "delivered")
+        )
+    last = claimed[2]
+    await harness.a.record_delivery(
+        DeliveryResult(last.note.id, "webhook", last.token, "retry", retry_in=60)
     )
     assert await harness.a.prune_notifications(older_than=60) == 0  # too recent
     await harness.pass_time(LEASE)

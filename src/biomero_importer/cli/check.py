@@ -24,13 +24,13 @@ from biomero_importer.cli.common import (
 )
 from biomero_importer.db.migrate import head_revision
 from biomero_importer.db.urls import asyncpg_dsn
-from biomero_importer.notify import check_channels
+from biomero_importer.notify import channel_skew, check_channels
 from biomero_importer.omero import OmeroConfigError, create_gateway
 from biomero_importer.omero.port import OmeroError
 from biomero_importer.omero.selftest import run_import_test
 from biomero_importer.service import database
 from biomero_importer.settings import Settings
-from biomero_importer.store import PostgresStore, StoreUnavailable
+from biomero_importer.store import PostgresStore, ReplicaChannels, StoreUnavailable
 
 RUNTIME_TIMEOUT = 30.0
 # The exit code of a container that started but whose image has no `true`: the runtime works.
@@ -230,6 +230,36 @@ def _notification_lines(settings: Settings) -> list[Line]:
     ]
 
 
+def _channel_skew_lines(settings: Settings) -> list[Line]:
+    """Whether every running replica has the channels this configuration has: an outcome
+    owes every channel any replica has, and only a replica with it delivers it. Nothing to
+    say when the database is not reachable (its own line says so)."""
+    try:
+        with database(settings) as url:
+
+            async def read() -> list[ReplicaChannels]:
+                store = PostgresStore(
+                    asyncpg_dsn(url), pool_size=2, retry=False, connect_timeout=CONNECT_TIMEOUT
+                )
+                await store.open()
+                try:
+                    return await store.channel_replicas()
+                finally:
+                    await store.close(timeout=CONNECT_TIMEOUT)
+
+            replicas = asyncio.run(read())
+    except Exception:
+        return []
+    agree, detail = channel_skew(settings, replicas)
+    hint = (
+        ""
+        if agree
+        else "give every replica the same notify_* settings: each outcome owes every channel"
+        " any replica has, and waits for a replica that has it"
+    )
+    return [Line("notifications: replicas agree on channels", agree, detail, hint)]
+
+
 def run_checks(settings: Settings) -> list[Line]:
     return [
         *_database_lines(settings),
@@ -237,6 +267,7 @@ def run_checks(settings: Settings) -> list[Line]:
         _runtime_line(settings),
         *_folder_lines(settings),
         *_notification_lines(settings),
+        *_channel_skew_lines(settings),
     ]
 
 

@@ -55,7 +55,7 @@ from biomero_importer.pipeline.plan import Plan, claimed_from_detail, plan_order
 from biomero_importer.pipeline.validate import InvalidOrder, validate
 from biomero_importer.preprocessing import PreprocessingError, validate_preprocessing
 from biomero_importer.settings import Settings
-from biomero_importer.store import OrderBusy, OrderNotFound, OrderStore
+from biomero_importer.store import ChannelState, OrderBusy, OrderNotFound, OrderStore
 from biomero_importer.text import duration
 from biomero_importer.utils.ingest_tracker import (
     get_ingest_tracker,
@@ -603,6 +603,60 @@ def status(
 # --- show -----------------------------------------------------------------------------------
 
 
+def _channel_state(state: ChannelState) -> str:
+    if state.delivered_at is not None:
+        return "delivered"
+    if state.given_up_at is not None:
+        return "given up"
+    return "owed"
+
+
+def _notification_records(channels: list[ChannelState]) -> list[dict[str, Any]]:
+    """Each channel the order's latest outcome owes: owed, delivered or given up."""
+    return [
+        {
+            "channel": c.channel,
+            "event_id": c.event_id,
+            "stage": c.stage,
+            "state": _channel_state(c),
+            "owed": c.delivered_at is None and c.given_up_at is None,
+            "queued_at": iso(c.queued_at),
+            "delivered_at": iso(c.delivered_at),
+            "given_up_at": iso(c.given_up_at),
+            "given_up": c.given_up_at is not None,
+            "attempts": c.attempts,
+            "next_attempt_at": iso(c.due_at)
+            if c.delivered_at is None and c.given_up_at is None
+            else None,
+            "last_error": c.last_error,
+        }
+        for c in channels
+    ]
+
+
+def _print_notifications(records: list[dict[str, Any]]) -> None:
+    typer.echo(f"\nNotifications of the outcome ({len(records)} channels)")
+    if not records:
+        return
+    rows = []
+    for r in records:
+        when = {
+            "delivered": r["delivered_at"],
+            "given up": r["given_up_at"],
+            "owed": r["next_attempt_at"],
+        }[r["state"]]
+        rows.append(
+            [
+                r["channel"],
+                r["state"],
+                local_time(datetime.fromisoformat(when)) if when else "-",
+                str(r["attempts"]),
+                r["last_error"] or "",
+            ]
+        )
+    typer.echo(table(["CHANNEL", "STATE", "AT / NEXT TRY", "ATTEMPTS", "LAST ERROR"], rows))
+
+
 def _detail_record(order: OrderDetail, events: list[OrderEvent]) -> dict[str, Any]:
     preprocessing = None
     spec = order.preprocessing
@@ -745,17 +799,25 @@ def show(
     settings = load_quietly(config)
     with ready_database(settings) as url:
 
-        async def read(store: OrderStore) -> tuple[OrderDetail | None, list[OrderEvent]]:
-            return await store.order_detail(order_uuid), await store.order_events(order_uuid)
+        async def read(
+            store: OrderStore,
+        ) -> tuple[OrderDetail | None, list[OrderEvent], list[ChannelState]]:
+            return (
+                await store.order_detail(order_uuid),
+                await store.order_events(order_uuid),
+                await store.order_deliveries(order_uuid),
+            )
 
-        order, events = run_with_store(settings, url, read)
+        order, events, channels = run_with_store(settings, url, read)
     if order is None:
         raise fail(f"no order with uuid {order_uuid}", EXIT_FAILED)
     record = _detail_record(order, events)
+    record["notifications"] = _notification_records(channels)
     if as_json:
         echo_json(record)
     else:
         _print_detail(record, order, events)
+        _print_notifications(record["notifications"])
 
 
 # --- retry ----------------------------------------------------------------------------------

@@ -56,7 +56,16 @@ __all__ = [
 ]
 
 # The tables this service owns; migrations and autogenerate never look at anything else.
-OWNED_TABLES = frozenset({"imports", "imports_preprocessing", "importer_orders", "importer_outbox"})
+OWNED_TABLES = frozenset(
+    {
+        "imports",
+        "imports_preprocessing",
+        "importer_orders",
+        "importer_outbox",
+        "importer_outbox_delivery",
+        "importer_notify_replicas",
+    }
+)
 
 
 class Base(DeclarativeBase):
@@ -223,4 +232,49 @@ class ImporterOutbox(Base):
             postgresql_where=text("done_at IS NULL"),
         ),
         Index("importer_outbox_ix_done", "done_at", postgresql_where=text("done_at IS NOT NULL")),
+    )
+
+
+class ImporterOutboxDelivery(Base):
+    """One channel an outcome owes, decided by the ``importer_outbox_owed`` trigger
+    (migration b3d5f7a9c1e4); ``generation`` is the claim's fencing token."""
+
+    __tablename__ = "importer_outbox_delivery"
+
+    outbox_id: Mapped[int] = mapped_column(
+        BigInteger, ForeignKey("importer_outbox.id", ondelete="CASCADE"), primary_key=True
+    )
+    channel: Mapped[str] = mapped_column(String, primary_key=True)
+    due_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), nullable=False, server_default=func.now()
+    )
+    attempts: Mapped[int] = mapped_column(Integer, nullable=False, server_default=text("0"))
+    generation: Mapped[int] = mapped_column(BigInteger, nullable=False, server_default=text("0"))
+    claimed_by: Mapped[str | None] = mapped_column(String, nullable=True)
+    last_error: Mapped[str | None] = mapped_column(String, nullable=True)
+    delivered_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    given_up_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+    __table_args__ = (
+        Index(
+            "importer_outbox_delivery_ix_due",
+            "channel",
+            "due_at",
+            postgresql_where=text("delivered_at IS NULL AND given_up_at IS NULL"),
+        ),
+    )
+
+
+class ImporterNotifyReplica(Base):
+    """The notification channels a replica has, recorded at its start (b3d5f7a9c1e4)."""
+
+    __tablename__ = "importer_notify_replicas"
+
+    worker_id: Mapped[str] = mapped_column(String, primary_key=True)
+    channels: Mapped[list[str]] = mapped_column(ARRAY(String), nullable=False)
+    endpoints: Mapped[dict[str, Any]] = mapped_column(
+        JSON, nullable=False, server_default=text("'{}'::json")
+    )
+    seen_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), nullable=False, server_default=func.now()
     )

@@ -404,61 +404,169 @@ RETURNING id
 # Everything here walks the partial indexes importer_outbox_ix_due (undelivered, by due time)
 # and importer_outbox_ix_done (delivered, by when), never the whole table.
 
-# $1 batch size, $2 delivery lease (seconds). A claimed row is due again after the lease: a
-# replica that dies mid-delivery leaves it to the next one (at least once), and SKIP LOCKED
-# keeps two replicas from sending the same row at the same moment. The order's fields come
+# The channels a replica has: recorded at its start and refreshed while it runs; the outbox
+# trigger (importer_outbox_owed) owes an outcome every channel of the replicas seen within the
+# hour before the latest one was. $1 worker id, $2 channels, $3 where each points (JSON, no
+# secrets). Rows of replicas gone for a day are dropped. Outbox rows from before per-channel
+# delivery (no delivery rows) owe what is owed now, minus what they already settled
+# (ADOPT_LEGACY_OUTBOX).
+RECORD_CHANNELS = """
+WITH seen AS (
+    INSERT INTO importer_notify_replicas (worker_id, channels, endpoints, seen_at)
+    VALUES ($1, $2::varchar[], $3::json, now())
+    ON CONFLICT (worker_id) DO UPDATE
+        SET channels = EXCLUDED.channels, endpoints = EXCLUDED.endpoints, seen_at = now()
+    RETURNING worker_id
+),
+gone AS (
+    DELETE FROM importer_notify_replicas WHERE seen_at < now() - interval '1 day'
+    RETURNING worker_id
+)
+SELECT r.worker_id, r.channels, r.endpoints::text AS endpoints
+FROM importer_notify_replicas r
+WHERE r.seen_at > now() - interval '1 hour' AND r.worker_id <> $1
+  AND r.worker_id NOT IN (SELECT worker_id FROM gone)
+ORDER BY r.worker_id
+"""
+
+ADOPT_LEGACY_OUTBOX = """
+WITH owed AS (
+    SELECT DISTINCT c FROM importer_notify_replicas r, unnest(r.channels) c
+    WHERE r.seen_at > (SELECT max(seen_at) FROM importer_notify_replicas) - interval '1 hour'
+),
+legacy AS (
+    SELECT b.id, b.delivered FROM importer_outbox b
+    WHERE b.done_at IS NULL
+      AND NOT EXISTS (SELECT 1 FROM importer_outbox_delivery d WHERE d.outbox_id = b.id)
+    ORDER BY b.next_attempt_at
+    LIMIT 10000
+    FOR UPDATE SKIP LOCKED
+),
+added AS (
+    INSERT INTO importer_outbox_delivery (outbox_id, channel)
+    SELECT l.id, owed.c FROM legacy l, owed
+    WHERE NOT owed.c = ANY(l.delivered) AND NOT (owed.c || ':failed') = ANY(l.delivered)
+    RETURNING outbox_id
+)
+UPDATE importer_outbox b SET done_at = now()
+FROM legacy l
+WHERE b.id = l.id AND NOT EXISTS (SELECT 1 FROM added a WHERE a.outbox_id = l.id)
+"""
+
+# The replicas seen within the hour, for ``check``.
+CHANNEL_REPLICAS = """
+SELECT worker_id, channels, endpoints::text AS endpoints FROM importer_notify_replicas
+WHERE seen_at > now() - interval '1 hour'
+ORDER BY worker_id
+"""
+
+# $1 channel, $2 how many, $3 delivery lease (seconds), $4 worker id. Each claim raises the
+# row's generation (its fencing token) and leases it: due again after the lease, so a replica
+# that dies mid-delivery leaves it to the next one; SKIP LOCKED keeps two replicas from taking
+# the same row at once. A replica claims only the channels it has. The order's fields come
 # from the outcome's own history row (event_id); its timings from the order's own rows up to
 # the outcome (ix_imports_uuid), so a later retry changes neither.
-CLAIM_NOTIFICATIONS = """
+CLAIM_DELIVERIES = """
 WITH due AS (
-    SELECT id FROM importer_outbox
-    WHERE done_at IS NULL AND next_attempt_at <= now()
-    ORDER BY next_attempt_at
-    LIMIT $1
+    SELECT outbox_id, channel FROM importer_outbox_delivery
+    WHERE channel = $1 AND delivered_at IS NULL AND given_up_at IS NULL AND due_at <= now()
+    ORDER BY due_at
+    LIMIT $2
     FOR UPDATE SKIP LOCKED
 ),
 claimed AS (
-    UPDATE importer_outbox b
-    SET next_attempt_at = now() + make_interval(secs => $2), attempts = b.attempts + 1
+    UPDATE importer_outbox_delivery d
+    SET due_at = now() + make_interval(secs => $3), attempts = d.attempts + 1,
+        generation = d.generation + 1, claimed_by = $4
     FROM due
-    WHERE b.id = due.id
-    RETURNING b.id, b.uuid, b.event_id, b.stage, b.attempts, b.delivered,
-              extract(epoch FROM now() - b.created_at)::float8 AS age
+    WHERE d.outbox_id = due.outbox_id AND d.channel = due.channel
+    RETURNING d.outbox_id, d.channel, d.attempts, d.generation
 )
-SELECT c.id, c.uuid, c.event_id, c.stage, c.attempts, c.delivered, c.age,
+SELECT c.outbox_id AS id, c.channel, c.attempts, c.generation, b.uuid, b.event_id, b.stage,
+       extract(epoch FROM now() - b.created_at)::float8 AS age,
        i.user_name, i.group_name, i.destination_type, i.destination_id, i.description,
        i.timestamp AS finished_at, o.objects::text AS objects, t.queued_at, t.started_at
 FROM claimed c
-LEFT JOIN imports i ON i.id = c.event_id
-LEFT JOIN importer_orders o ON o.uuid = c.uuid
+JOIN importer_outbox b ON b.id = c.outbox_id
+LEFT JOIN imports i ON i.id = b.event_id
+LEFT JOIN importer_orders o ON o.uuid = b.uuid
 LEFT JOIN LATERAL (
     SELECT min(h.timestamp) AS queued_at,
            min(h.timestamp) FILTER (WHERE h.stage = 'Import Started') AS started_at
-    FROM imports h WHERE h.uuid = c.uuid AND h.id <= c.event_id
+    FROM imports h WHERE h.uuid = b.uuid AND h.id <= b.event_id
 ) t ON true
-ORDER BY c.id
+ORDER BY c.outbox_id
 """
 
-# $1 ids, $2 settled channels per row (a JSON list each), $3 done, $4 seconds until due
-# again, $5 error (NULL keeps the last one). Channels are added, never removed: a replica that
-# delivered a channel after its lease ran out still counts.
-RECORD_NOTIFICATIONS = """
-WITH args AS (
-    SELECT * FROM unnest($1::bigint[], $2::text[], $3::bool[], $4::float8[], $5::text[])
-        AS a(id, settled, done, retry_in, error)
-)
+# $1 seconds since the outcome was queued, $2 how many. Deliveries of a channel that no replica
+# seen within the hour has: nobody claims them, so nobody would give them up; any replica gives
+# them up (through RECORD_DELIVERY, under their current generation) once the outcome is older
+# than notify_give_up_after. Walks the partial index of unsettled deliveries only.
+ORPHANED_DELIVERIES = """
+SELECT d.outbox_id, d.channel, d.generation, b.uuid, b.event_id
+FROM importer_outbox_delivery d
+JOIN importer_outbox b ON b.id = d.outbox_id
+WHERE d.delivered_at IS NULL AND d.given_up_at IS NULL
+  AND d.channel <> ALL(ARRAY(
+      SELECT DISTINCT c FROM importer_notify_replicas r, unnest(r.channels) c
+      WHERE r.seen_at > now() - interval '1 hour'
+  ))
+  AND b.created_at < now() - make_interval(secs => $1)
+ORDER BY d.due_at
+LIMIT $2
+"""
+
+# Recording one channel's attempt, in one transaction: LOCK_OUTBOX_ROW first (so two channels
+# of one outcome settling at once see each other's result), then RECORD_DELIVERY under the
+# claim's generation: a late writer (its lease ran out, another replica claimed the row since)
+# matches no row and changes nothing. Then, when the channel settled, SETTLE_OUTBOX marks the
+# outcome done once no channel is left.
+LOCK_OUTBOX_ROW = "SELECT 1 FROM importer_outbox WHERE id = $1 FOR UPDATE"
+
+# $1 outbox id, $2 channel, $3 generation, $4 result ('delivered', 'given_up' or 'retry'),
+# $5 seconds until due again (retry), $6 error (NULL keeps the last one).
+RECORD_DELIVERY = """
+UPDATE importer_outbox_delivery
+SET delivered_at = CASE WHEN $4 = 'delivered' THEN now() END,
+    given_up_at = CASE WHEN $4 = 'given_up' THEN now() END,
+    due_at = CASE WHEN $4 = 'retry' THEN now() + make_interval(secs => $5) ELSE due_at END,
+    last_error = COALESCE($6, last_error),
+    claimed_by = NULL
+WHERE outbox_id = $1 AND channel = $2 AND generation = $3
+  AND delivered_at IS NULL AND given_up_at IS NULL
+RETURNING 1
+"""
+
+# $1 outbox id, $2 what settled (a channel, or '<channel>:failed'), $3 error or NULL.
+# ``delivered`` and ``last_error`` stay filled for readers of the outbox row alone.
+SETTLE_OUTBOX = """
 UPDATE importer_outbox b
-SET delivered = ARRAY(
-        SELECT DISTINCT x FROM unnest(
-            b.delivered || ARRAY(SELECT json_array_elements_text(a.settled::json))::varchar[]
-        ) x ORDER BY x
-    ),
-    done_at = CASE WHEN a.done THEN now() ELSE NULL END,
-    next_attempt_at = CASE WHEN a.done THEN b.next_attempt_at
-                           ELSE now() + make_interval(secs => a.retry_in) END,
-    last_error = COALESCE(a.error, b.last_error)
-FROM args a
-WHERE b.id = a.id AND b.done_at IS NULL
+SET delivered = ARRAY(SELECT DISTINCT x FROM unnest(b.delivered || $2::varchar) x ORDER BY x),
+    last_error = COALESCE($3, b.last_error),
+    done_at = CASE WHEN NOT EXISTS (
+                  SELECT 1 FROM importer_outbox_delivery d
+                  WHERE d.outbox_id = b.id AND d.delivered_at IS NULL AND d.given_up_at IS NULL
+              ) THEN now() END
+WHERE b.id = $1 AND b.done_at IS NULL
+"""
+
+# Each channel of the order's latest outcome, for ``show``: the outcome is found through the
+# order's own terminal rows (ix_imports_uuid) and the outbox's unique event_id.
+ORDER_DELIVERIES = """
+WITH latest AS (
+    SELECT b.id, b.event_id, b.stage, b.created_at FROM importer_outbox b
+    WHERE b.event_id IN (
+        SELECT id FROM imports
+        WHERE uuid = $1 AND stage IN ('Import Completed', 'Import Failed')
+    )
+    ORDER BY b.event_id DESC
+    LIMIT 1
+)
+SELECT l.event_id, l.stage, l.created_at, d.channel, d.attempts, d.due_at, d.last_error,
+       d.delivered_at, d.given_up_at
+FROM latest l
+JOIN importer_outbox_delivery d ON d.outbox_id = l.id
+ORDER BY d.channel
 """
 
 # $1 retention (seconds), $2 batch size. The batch is taken as an array first (an InitPlan),

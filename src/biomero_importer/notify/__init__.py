@@ -1,8 +1,9 @@
 """Notifications of order outcomes: a webhook and an email to the researcher.
 
 Each outcome is queued in ``importer_outbox`` by the database, in the transaction that writes
-the order's terminal row, whoever writes it; :class:`Notifier` delivers it afterwards, at
-least once per channel, without ever holding up an order.
+the order's terminal row, whoever writes it, with the channels it owes;
+:class:`Notifier` delivers each channel on its own afterwards, at least once, without ever
+holding up an order.
 """
 
 from biomero_importer.notify.channels import DeliveryFailed
@@ -11,18 +12,23 @@ from biomero_importer.notify.message import (
     email_message,
     idempotency_key,
     sign,
+    valid_address,
     webhook_body,
+    webhook_headers,
 )
-from biomero_importer.notify.notifier import CHANNELS, Notifier, check_channels
+from biomero_importer.notify.notifier import CHANNELS, Notifier, channel_skew, check_channels
 
 __all__ = [
     "CHANNELS",
     "SIGNATURE_HEADER",
     "DeliveryFailed",
     "Notifier",
+    "channel_skew",
     "check_channels",
     "email_message",
     "idempotency_key",
     "sign",
+    "valid_address",
     "webhook_body",
+    "webhook_headers",
 ]

@@ -2,9 +2,11 @@
 blocking: the notifier runs it in its own thread).
 
 Each send either returns (delivered) or raises :class:`DeliveryFailed`, saying whether a later
-attempt may succeed. Only what is wrong with *this* notification is permanent (a recipient the
-server refuses, a request the receiver rejects); everything that concerns the receiver as a
-whole (down, overloaded, timing out, refusing our login) is worth another try.
+attempt may succeed. Only an answer that can never change is final: a webhook receiver's
+410 Gone, an SMTP server refusing the recipient for good (5xx to RCPT). Every other answer is
+tried again with backoff: a 401 or 404 is as likely a receiver being reconfigured (its secret
+rotated, its route redeployed) as a permanent refusal, and giving up on it would drop every
+outcome that finished meanwhile.
 """
 
 from __future__ import annotations
@@ -40,16 +42,16 @@ def endpoint(url: str) -> str:
     and query may hold tokens)."""
     parts = urlsplit(url)
     port = f":{parts.port}" if parts.port else ""
-    return f"{parts.scheme}://{parts.hostname}{port}"
+    host = parts.hostname or ""
+    return f"{parts.scheme}://{f'[{host}]' if ':' in host else host}{port}"
 
 
 def _http_status_failure(status: int) -> DeliveryFailed:
-    # 408 and 429 ask to come back later; 5xx is the receiver's own trouble
-    if status in (408, 429) or status >= 500 or status < 200:
-        return DeliveryFailed(f"HTTP {status}", permanent=False)
+    if status == 410:
+        return DeliveryFailed("HTTP 410: the receiver is gone for good", permanent=True)
     if 300 <= status < 400:
-        return DeliveryFailed(f"HTTP {status}: redirects are not followed", permanent=True)
-    return DeliveryFailed(f"HTTP {status}: refused by the receiver", permanent=True)
+        return DeliveryFailed(f"HTTP {status}: redirects are not followed", permanent=False)
+    return DeliveryFailed(f"HTTP {status}", permanent=False)
 
 
 @dataclass(frozen=True)
@@ -110,10 +112,6 @@ class Webhook:
                 await writer.wait_closed()
 
 
-# SMTP replies that concern this message or recipient, not the server or our login
-_MESSAGE_REFUSED = (smtplib.SMTPRecipientsRefused, smtplib.SMTPDataError)
-
-
 @dataclass(frozen=True)
 class Mailer:
     host: str
@@ -133,6 +131,7 @@ class Mailer:
             settings.notify_email_starttls,
             settings.notify_email_user,
             None if password is None else password.get_secret_value(),
+            settings.notify_email_timeout,
         )
 
     def describe(self) -> str:
@@ -155,13 +154,12 @@ class Mailer:
         try:
             with self._session() as smtp:
                 smtp.send_message(message)
-        except _MESSAGE_REFUSED as exc:
-            code = getattr(exc, "smtp_code", None)
-            if isinstance(exc, smtplib.SMTPRecipientsRefused):
-                codes = [c for c, _ in exc.recipients.values()]
-                code = codes[0] if codes else None
-            permanent = code is None or code >= 500
-            raise DeliveryFailed(f"SMTP {code}: message refused", permanent=permanent) from None
+        except smtplib.SMTPRecipientsRefused as exc:
+            codes = [c for c, _ in exc.recipients.values()]
+            code = codes[0] if codes else None
+            # 5xx to RCPT: no such mailbox, not ours to relay; 4xx asks to come back later
+            final = code is not None and code >= 500
+            raise DeliveryFailed(f"SMTP {code}: recipient refused", permanent=final) from None
         except smtplib.SMTPResponseException as exc:
             raise DeliveryFailed(
                 f"SMTP {exc.smtp_code} ({type(exc).__name__})", permanent=False

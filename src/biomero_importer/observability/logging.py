@@ -105,6 +105,8 @@ class Redactor:
         ):
             if secret is not None:
                 secrets.append(secret.get_secret_value())
+                # each of several webhook secrets (a rotation) is masked on its own too
+                secrets.extend(secret.get_secret_value().split())
         for url in (settings.ingest_tracking_db, settings.notify_webhook_url):
             if url is not None:
                 secrets.extend(_url_passwords(url))

@@ -35,6 +35,9 @@ NotificationChannel = Literal["webhook", "email"]
 NotificationFailure = Literal["retry", "permanent"]
 NOTIFICATION_CHANNELS: tuple[NotificationChannel, ...] = ("webhook", "email")
 NOTIFICATION_FAILURES: tuple[NotificationFailure, ...] = ("retry", "permanent")
+# why a channel of an outcome was given up: a final answer, or still failing after give-up-after
+NotificationGiveUp = Literal["final", "expired"]
+NOTIFICATION_GIVE_UPS: tuple[NotificationGiveUp, ...] = ("final", "expired")
 WAIT_REASONS: tuple[WaitReason, ...] = ("settle", "omero", "storage", "container_runtime")
 # The checks behind /healthz, exported too: Prometheus scrapes /metrics, not /healthz.
 HEALTH_CHECKS = ("process", "database", "listener", "helpers")
@@ -172,6 +175,15 @@ class Metrics:
             namespace=NAMESPACE,
             registry=reg,
         )
+        self.notifications_given_up = Counter(
+            "notifications_given_up",
+            "Channels of order outcomes given up (never delivered), by channel and reason:"
+            " final (the receiver's answer can never change) or expired (still failing after"
+            " notify_give_up_after).",
+            ["channel", "reason"],
+            namespace=NAMESPACE,
+            registry=reg,
+        )
         self.notification_backlog = Gauge(
             "notification_backlog",
             "Order outcomes with notifications still to deliver (from the database, capped).",
@@ -248,6 +260,8 @@ class Metrics:
             self.notifications_delivered.labels(channel=channel)
             for kind in NOTIFICATION_FAILURES:
                 self.notifications_failed.labels(channel=channel, kind=kind)
+            for give_up in NOTIFICATION_GIVE_UPS:
+                self.notifications_given_up.labels(channel=channel, reason=give_up)
         for reason in WAIT_REASONS:
             self.order_waits.labels(reason=reason)
 
@@ -289,6 +303,9 @@ class Metrics:
 
     def notification_failed(self, channel: str, kind: NotificationFailure) -> None:
         self.notifications_failed.labels(channel=channel, kind=kind).inc()
+
+    def notification_given_up(self, channel: str, reason: NotificationGiveUp) -> None:
+        self.notifications_given_up.labels(channel=channel, reason=reason).inc()
 
     def set_notification_backlog(self, pending: int, oldest_age_seconds: float) -> None:
         self.notification_backlog.set(pending)

@@ -11,7 +11,8 @@ import abc
 import asyncio
 import enum
 from dataclasses import dataclass
-from typing import Any
+from datetime import datetime
+from typing import Any, Literal
 
 import asyncpg
 
@@ -68,19 +69,65 @@ class Finish:
     settling: bool = False
 
 
-@dataclass(frozen=True)
-class NotificationResult:
-    """What one delivery round did with one outbox row.
+#: what one attempt at one channel came to
+DeliveryOutcome = Literal["delivered", "given_up", "retry"]
 
-    ``settled``: channels to add to the row's ``delivered`` (a channel, or ``<channel>:failed``);
-    ``done``: nothing is left to send; otherwise the row is due again in ``retry_in`` seconds.
-    """
+
+@dataclass(frozen=True)
+class Delivery:
+    """One channel of one outcome, claimed for one attempt. ``token`` is the claim's
+    generation: the attempt is recorded only under it (a fencing token)."""
+
+    note: Notification
+    channel: str
+    token: int
+
+
+@dataclass(frozen=True)
+class DeliveryResult:
+    """What one attempt did: ``retry`` makes the channel due again in ``retry_in`` seconds."""
 
     id: int
-    settled: tuple[str, ...] = ()
-    done: bool = False
+    channel: str
+    token: int
+    result: DeliveryOutcome
     retry_in: float = 0.0
     error: str | None = None
+
+
+@dataclass(frozen=True)
+class ChannelState:
+    """One channel the order's latest outcome owes, as ``show`` lists it."""
+
+    channel: str
+    event_id: int
+    stage: str
+    queued_at: datetime
+    attempts: int
+    due_at: datetime | None
+    last_error: str | None
+    delivered_at: datetime | None
+    given_up_at: datetime | None
+
+
+@dataclass(frozen=True)
+class Orphan:
+    """A delivery no replica can make: its channel is configured nowhere any more."""
+
+    id: int
+    channel: str
+    token: int
+    uuid: str
+    event_id: int
+
+
+@dataclass(frozen=True)
+class ReplicaChannels:
+    """The notification channels one replica recorded, and where each points (no secrets)."""
+
+    worker_id: str
+    channels: tuple[str, ...]
+    endpoints: dict[str, str]
 
 
 @dataclass(frozen=True)
@@ -245,14 +292,38 @@ class OrderStore(abc.ABC):
 
     # --- notifications (the outbox) -------------------------------------------------------
     @abc.abstractmethod
-    async def claim_notifications(self, limit: int, lease_seconds: float) -> list[Notification]:
-        """Up to ``limit`` due outbox rows, oldest due first, none that another replica is
-        delivering: each is leased (due again ``lease_seconds`` from now) and its attempt
-        counted before it is returned."""
+    async def record_channels(
+        self, channels: list[str], endpoints: dict[str, str]
+    ) -> list[ReplicaChannels]:
+        """Record (or refresh) this replica's notification channels, from which the database
+        decides what every later outcome owes; the other replicas seen within the hour."""
 
     @abc.abstractmethod
-    async def record_notifications(self, results: list[NotificationResult]) -> None:
-        """Record each row's settled channels, then mark it done or due again later."""
+    async def channel_replicas(self) -> list[ReplicaChannels]:
+        """Every replica seen within the hour, with its channels (for ``check``)."""
+
+    @abc.abstractmethod
+    async def claim_deliveries(
+        self, channel: str, limit: int, lease_seconds: float
+    ) -> list[Delivery]:
+        """Up to ``limit`` due deliveries of ``channel``, oldest due first, none that another
+        replica holds: each is leased (due again ``lease_seconds`` from now), its attempt
+        counted and its generation raised before it is returned."""
+
+    @abc.abstractmethod
+    async def record_delivery(self, result: DeliveryResult) -> bool:
+        """Record one attempt under its claim's token; False (nothing changed) when the row
+        was claimed again since or is already settled. The outcome is done once every
+        channel it owes is delivered or given up."""
+
+    @abc.abstractmethod
+    async def orphaned_deliveries(self, older_than: float, limit: int) -> list[Orphan]:
+        """Up to ``limit`` unsettled deliveries of a channel no replica seen within the hour
+        has, of outcomes queued more than ``older_than`` seconds ago."""
+
+    @abc.abstractmethod
+    async def order_deliveries(self, uuid: str) -> list[ChannelState]:
+        """The channels the order's latest outcome owes, with their state."""
 
     @abc.abstractmethod
     async def prune_notifications(self, older_than: float, batch: int = 1000) -> int:

@@ -37,12 +37,16 @@ from biomero_importer.model import (
 )
 from biomero_importer.store.base import (
     CancelResult,
+    ChannelState,
+    Delivery,
+    DeliveryResult,
     Finish,
     Lease,
-    NotificationResult,
     OrderBusy,
     OrderNotFound,
     OrderStore,
+    Orphan,
+    ReplicaChannels,
     StoreClosed,
     StoreUnavailable,
 )
@@ -104,6 +108,30 @@ class _OutboxEntry:
     delivered: list[str] = field(default_factory=list)
     done_at: float | None = None
     last_error: str | None = None
+    #: the channels it owes (``importer_outbox_delivery``), decided when it was queued
+    deliveries: dict[str, _Delivery] = field(default_factory=dict)
+
+
+@dataclass
+class _Delivery:
+    """One ``importer_outbox_delivery`` row."""
+
+    channel: str
+    due_at: float
+    attempts: int = 0
+    generation: int = 0
+    last_error: str | None = None
+    delivered_at: float | None = None
+    given_up_at: float | None = None
+
+    @property
+    def settled(self) -> bool:
+        return self.delivered_at is not None or self.given_up_at is not None
+
+
+# how long before the latest replica's a replica's recorded channels still count (the
+# owed-channels trigger's hour)
+CHANNEL_MEMORY = 3600.0
 
 
 def _check(value: str | None) -> None:
@@ -194,6 +222,9 @@ class MemoryStore(OrderStore):
         self._db: dict[str, _Order] = shared._db if shared is not None else {}
         self._ids: list[int] = shared._ids if shared is not None else [0]
         self._outbox: dict[int, _OutboxEntry] = shared._outbox if shared is not None else {}
+        self._replicas: dict[str, tuple[list[str], dict[str, str], float]] = (
+            shared._replicas if shared is not None else {}
+        )
         self._closing = False
         self.available = True
         self.healthy = True
@@ -241,7 +272,10 @@ class MemoryStore(OrderStore):
             # one outbox row per outcome, in the outcome's transaction
             entry_id = max(self._outbox, default=0) + 1
             now = self.clock()
-            self._outbox[entry_id] = _OutboxEntry(entry_id, order.new.uuid, row.id, stage, now, now)
+            self._outbox[entry_id] = entry = _OutboxEntry(
+                entry_id, order.new.uuid, row.id, stage, now, now
+            )
+            self._owe(entry)
         return row
 
     # --- the dispatcher ------------------------------------------------------------------
@@ -561,21 +595,80 @@ class MemoryStore(OrderStore):
         return CancelResult(stage, False)
 
     # --- notifications (the outbox) -------------------------------------------------------
-    async def claim_notifications(self, limit: int, lease_seconds: float) -> list[Notification]:
-        await self._gate("claim_notifications", retry=True)
+    def _owed(self) -> list[str]:
+        latest = max((seen for _, _, seen in self._replicas.values()), default=0.0)
+        return sorted(
+            {
+                c
+                for chans, _, seen in self._replicas.values()
+                if seen > latest - CHANNEL_MEMORY
+                for c in chans
+            }
+        )
+
+    def _owe(self, entry: _OutboxEntry) -> None:
+        """What the ``importer_outbox_owed`` trigger does to a new outbox row."""
+        owed = self._owed()
+        entry.deliveries = {c: _Delivery(c, entry.created_at) for c in owed}
+        if not owed:
+            entry.done_at = entry.created_at
+
+    def _others(self, exclude: str | None) -> list[ReplicaChannels]:
+        now = self.clock()
+        return [
+            ReplicaChannels(worker, tuple(chans), dict(endpoints))
+            for worker, (chans, endpoints, seen) in sorted(self._replicas.items())
+            if seen > now - CHANNEL_MEMORY and worker != exclude
+        ]
+
+    async def record_channels(
+        self, channels: list[str], endpoints: dict[str, str]
+    ) -> list[ReplicaChannels]:
+        await self._gate("record_channels", retry=True)
+        self._replicas[self.worker_id] = (list(channels), dict(endpoints), self.clock())
+        owed = self._owed()
+        for entry in self._outbox.values():
+            if entry.done_at is None and not entry.deliveries:
+                left = [
+                    c
+                    for c in owed
+                    if c not in entry.delivered and f"{c}:failed" not in entry.delivered
+                ]
+                entry.deliveries = {c: _Delivery(c, self.clock()) for c in left}
+                if not left:
+                    entry.done_at = self.clock()
+        return self._others(self.worker_id)
+
+    async def channel_replicas(self) -> list[ReplicaChannels]:
+        await self._gate("channel_replicas", retry=True)
+        return self._others(None)
+
+    async def claim_deliveries(
+        self, channel: str, limit: int, lease_seconds: float
+    ) -> list[Delivery]:
+        await self._gate("claim_deliveries", retry=True)
         now = self.clock()
         due = sorted(
-            (e for e in self._outbox.values() if e.done_at is None and e.next_attempt_at <= now),
-            key=lambda e: (e.next_attempt_at, e.id),
+            (
+                (d.due_at, e.id, e, d)
+                for e in self._outbox.values()
+                if (d := e.deliveries.get(channel)) is not None
+                and not d.settled
+                and d.due_at <= now
+            ),
+            key=lambda t: (t[0], t[1]),
         )[:limit]
         claimed = []
-        for entry in sorted(due, key=lambda e: e.id):
-            entry.next_attempt_at = now + lease_seconds
-            entry.attempts += 1
-            claimed.append(self._notification(entry, now))
+        for _, _, entry, delivery in sorted(due, key=lambda t: t[1]):
+            delivery.due_at = now + lease_seconds
+            delivery.attempts += 1
+            delivery.generation += 1
+            claimed.append(
+                Delivery(self._notification(entry, delivery, now), channel, delivery.generation)
+            )
         return claimed
 
-    def _notification(self, entry: _OutboxEntry, now: float) -> Notification:
+    def _notification(self, entry: _OutboxEntry, delivery: _Delivery, now: float) -> Notification:
         order = self._db.get(entry.uuid)
         rows = [r for r in order.rows if r.id <= entry.event_id] if order is not None else []
         event = next((r for r in rows if r.id == entry.event_id), None)
@@ -586,8 +679,7 @@ class MemoryStore(OrderStore):
             uuid=entry.uuid,
             event_id=entry.event_id,
             stage=entry.stage,
-            attempts=entry.attempts,
-            delivered=tuple(entry.delivered),
+            attempts=delivery.attempts,
             age_seconds=now - entry.created_at,
             user=None if new is None else new.user,
             group=None if new is None else new.group,
@@ -600,20 +692,76 @@ class MemoryStore(OrderStore):
             finished_at=None if event is None else event.timestamp,
         )
 
-    async def record_notifications(self, results: list[NotificationResult]) -> None:
-        await self._gate("record_notifications", retry=True)
+    async def record_delivery(self, result: DeliveryResult) -> bool:
+        await self._gate("record_delivery", retry=True)
         now = self.clock()
-        for result in results:
-            entry = self._outbox.get(result.id)
-            if entry is None or entry.done_at is not None:
-                continue
-            entry.delivered = sorted(set(entry.delivered) | set(result.settled))
-            if result.done:
-                entry.done_at = now
-            else:
-                entry.next_attempt_at = now + result.retry_in
-            if result.error is not None:
-                entry.last_error = safe_text(result.error, 500)
+        entry = self._outbox.get(result.id)
+        delivery = None if entry is None else entry.deliveries.get(result.channel)
+        if entry is None or delivery is None:
+            return False
+        if delivery.generation != result.token or delivery.settled:
+            return False
+        error = None if result.error is None else safe_text(result.error, 500)
+        if error is not None:
+            delivery.last_error = error
+        if result.result == "retry":
+            delivery.due_at = now + result.retry_in
+            return True
+        if result.result == "delivered":
+            delivery.delivered_at = now
+            what = result.channel
+        else:
+            delivery.given_up_at = now
+            what = f"{result.channel}:failed"
+        entry.delivered = sorted({*entry.delivered, what})
+        if error is not None:
+            entry.last_error = f"{result.channel}: {error}"
+        if entry.done_at is None and all(d.settled for d in entry.deliveries.values()):
+            entry.done_at = now
+        return True
+
+    async def orphaned_deliveries(self, older_than: float, limit: int) -> list[Orphan]:
+        await self._gate("orphaned_deliveries", retry=True)
+        now = self.clock()
+        had = {
+            c
+            for chans, _, seen in self._replicas.values()
+            if seen > now - CHANNEL_MEMORY
+            for c in chans
+        }
+        found = sorted(
+            (d.due_at, e.id, d.channel, d.generation, e.uuid, e.event_id)
+            for e in self._outbox.values()
+            if e.created_at < now - older_than
+            for d in e.deliveries.values()
+            if not d.settled and d.channel not in had
+        )[:limit]
+        return [Orphan(i, c, g, u, ev) for _, i, c, g, u, ev in found]
+
+    async def order_deliveries(self, uuid: str) -> list[ChannelState]:
+        await self._gate("order_deliveries", retry=True)
+        entries = [e for e in self._outbox.values() if e.uuid == uuid]
+        if not entries:
+            return []
+        latest = max(entries, key=lambda e: e.event_id)
+
+        def when(value: float | None) -> datetime | None:
+            return None if value is None else datetime.fromtimestamp(value, timezone.utc)
+
+        return [
+            ChannelState(
+                channel=d.channel,
+                event_id=latest.event_id,
+                stage=latest.stage,
+                queued_at=datetime.fromtimestamp(latest.created_at, timezone.utc),
+                attempts=d.attempts,
+                due_at=when(d.due_at),
+                last_error=d.last_error,
+                delivered_at=when(d.delivered_at),
+                given_up_at=when(d.given_up_at),
+            )
+            for _, d in sorted(latest.deliveries.items())
+        ]
 
     async def prune_notifications(self, older_than: float, batch: int = 1000) -> int:
         await self._gate("prune_notifications", retry=True)

@@ -36,13 +36,17 @@ from biomero_importer.model import (
 )
 from biomero_importer.store.base import (
     CancelResult,
+    ChannelState,
+    Delivery,
+    DeliveryResult,
     ErrorKind,
     Finish,
     Lease,
-    NotificationResult,
     OrderBusy,
     OrderNotFound,
     OrderStore,
+    Orphan,
+    ReplicaChannels,
     StoreClosed,
     StoreUnavailable,
     classify,
@@ -91,6 +95,8 @@ class PostgresStore(OrderStore):
         # progress writes failing since the last one that worked: logged once per outage
         self._progress_failing = False
         self.progress_timeout = PROGRESS_TIMEOUT
+        # outbox rows from before per-channel delivery were given their channels
+        self._adopted = False
 
     async def open(self) -> None:
         self._pool = await self._retry("connect", self._create_pool)
@@ -466,29 +472,101 @@ class PostgresStore(OrderStore):
         return await self._retry("request_cancel", attempt)
 
     # --- notifications (the outbox) -------------------------------------------------------
-    async def claim_notifications(self, limit: int, lease_seconds: float) -> list[Notification]:
-        async def attempt() -> list[Notification]:
+    async def record_channels(
+        self, channels: list[str], endpoints: dict[str, str]
+    ) -> list[ReplicaChannels]:
+        async def attempt() -> list[ReplicaChannels]:
             async with self.pool.acquire() as conn, conn.transaction():
-                rows = await conn.fetch(sql.CLAIM_NOTIFICATIONS, limit, lease_seconds)
-            return [_notification(row) for row in rows]
+                rows = await conn.fetch(
+                    sql.RECORD_CHANNELS, self.worker_id, channels, json.dumps(endpoints)
+                )
+            if not self._adopted:
+                # outcomes from before per-channel delivery, once per replica: after the
+                # channels are recorded, so they owe what every later outcome owes
+                await self.pool.execute(sql.ADOPT_LEGACY_OUTBOX)
+                self._adopted = True
+            return [_replica(row) for row in rows]
 
-        return await self._retry("claim_notifications", attempt)
+        return await self._retry("record_channels", attempt)
 
-    async def record_notifications(self, results: list[NotificationResult]) -> None:
-        if not results:
-            return
+    async def channel_replicas(self) -> list[ReplicaChannels]:
+        async def attempt() -> list[ReplicaChannels]:
+            return [_replica(row) for row in await self.pool.fetch(sql.CHANNEL_REPLICAS)]
 
-        async def attempt() -> None:
-            await self.pool.execute(
-                sql.RECORD_NOTIFICATIONS,
-                [r.id for r in results],
-                [json.dumps(list(r.settled)) for r in results],
-                [r.done for r in results],
-                [r.retry_in for r in results],
-                [None if r.error is None else safe_text(r.error, 500) for r in results],
-            )
+        return await self._retry("channel_replicas", attempt)
 
-        await self._retry("record_notifications", attempt)
+    async def claim_deliveries(
+        self, channel: str, limit: int, lease_seconds: float
+    ) -> list[Delivery]:
+        async def attempt() -> list[Delivery]:
+            async with self.pool.acquire() as conn, conn.transaction():
+                rows = await conn.fetch(
+                    sql.CLAIM_DELIVERIES, channel, limit, lease_seconds, self.worker_id
+                )
+            return [Delivery(_notification(row), row["channel"], row["generation"]) for row in rows]
+
+        return await self._retry("claim_deliveries", attempt)
+
+    async def record_delivery(self, result: DeliveryResult) -> bool:
+        error = None if result.error is None else safe_text(result.error, 500)
+        settled = result.result != "retry"
+
+        async def attempt() -> bool:
+            async with self.pool.acquire() as conn, conn.transaction():
+                if settled:
+                    await conn.execute(sql.LOCK_OUTBOX_ROW, result.id)
+                recorded = await conn.fetchval(
+                    sql.RECORD_DELIVERY,
+                    result.id,
+                    result.channel,
+                    result.token,
+                    result.result,
+                    result.retry_in,
+                    error,
+                )
+                if recorded is None:
+                    return False
+                if settled:
+                    what = (
+                        result.channel
+                        if result.result == "delivered"
+                        else f"{result.channel}:failed"
+                    )
+                    note = None if error is None else f"{result.channel}: {error}"
+                    await conn.execute(sql.SETTLE_OUTBOX, result.id, what, note)
+                return True
+
+        return await self._retry("record_delivery", attempt)
+
+    async def orphaned_deliveries(self, older_than: float, limit: int) -> list[Orphan]:
+        async def attempt() -> list[Orphan]:
+            rows = await self.pool.fetch(sql.ORPHANED_DELIVERIES, older_than, limit)
+            return [
+                Orphan(r["outbox_id"], r["channel"], r["generation"], r["uuid"], r["event_id"])
+                for r in rows
+            ]
+
+        return await self._retry("orphaned_deliveries", attempt)
+
+    async def order_deliveries(self, uuid: str) -> list[ChannelState]:
+        async def attempt() -> list[ChannelState]:
+            rows = await self.pool.fetch(sql.ORDER_DELIVERIES, uuid)
+            return [
+                ChannelState(
+                    channel=row["channel"],
+                    event_id=row["event_id"],
+                    stage=row["stage"],
+                    queued_at=row["created_at"],
+                    attempts=row["attempts"],
+                    due_at=row["due_at"],
+                    last_error=row["last_error"],
+                    delivered_at=row["delivered_at"],
+                    given_up_at=row["given_up_at"],
+                )
+                for row in rows
+            ]
+
+        return await self._retry("order_deliveries", attempt)
 
     async def prune_notifications(self, older_than: float, batch: int = 1000) -> int:
         async def attempt() -> int:
@@ -604,6 +682,15 @@ def _detail(row: asyncpg.Record) -> OrderDetail:
     )
 
 
+def _replica(row: asyncpg.Record) -> ReplicaChannels:
+    endpoints = _json(row["endpoints"])
+    return ReplicaChannels(
+        row["worker_id"],
+        tuple(row["channels"]),
+        {str(k): str(v) for k, v in endpoints.items()} if isinstance(endpoints, dict) else {},
+    )
+
+
 def _notification(row: asyncpg.Record) -> Notification:
     objects = _json(row["objects"])
     return Notification(
@@ -612,7 +699,6 @@ def _notification(row: asyncpg.Record) -> Notification:
         event_id=row["event_id"],
         stage=row["stage"],
         attempts=row["attempts"],
-        delivered=tuple(row["delivered"]),
         age_seconds=row["age"],
         user=row["user_name"],
         group=row["group_name"],
