@@ -3,6 +3,8 @@ to the storage or the OMERO executor, with the real executors underneath."""
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import Callable
 from concurrent.futures import Executor, Future
 from pathlib import Path
@@ -10,7 +12,8 @@ from typing import Any
 
 import pytest
 
-from biomero_importer.model import STAGE_IMPORTED
+from biomero_importer.model import STAGE_IMPORTED, STAGE_INGEST_FAILED
+from biomero_importer.omero.simulator import SimulatorGateway
 from biomero_importer.store import MemoryStore
 from tests.support import make_tiffs
 from tests.unit.conftest import finished, memory_replica, order, unit_settings
@@ -85,3 +88,26 @@ async def test_an_order_opens_one_session_while_it_lasts(tmp_path: Path, root: P
         await store.submit(placed)
         assert await finished(store, placed.uuid) == (STAGE_IMPORTED, None)
     assert len(opened) == 1
+
+
+async def test_a_cancel_stops_a_one_job_import_within_a_second(tmp_path: Path, root: Path) -> None:
+    """The one executor job still hears a cancel: the running import is aborted, the session
+    closed, and the order ends 'Cancelled' within a second."""
+    (file,) = make_tiffs(root / "run", 1)
+    settings = unit_settings(tmp_path, root, omero_simulator_import_delay=30.0)
+    store = MemoryStore(worker_id=settings.worker_id, lease_seconds=settings.lease_seconds)
+    placed = order([file])
+    async with memory_replica(settings, store) as (service, _):
+        gateway = service.gateway
+        assert isinstance(gateway, SimulatorGateway)
+        await store.submit(placed)
+        deadline = time.monotonic() + 10
+        while not gateway.open_sessions:  # the import is running
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.01)
+        asked = time.monotonic()
+        await store.request_cancel(placed.uuid)
+        assert await finished(store, placed.uuid) == (STAGE_INGEST_FAILED, "Cancelled")
+        took = time.monotonic() - asked
+        assert gateway.open_sessions == set()
+    assert took < 1.0
