@@ -521,7 +521,8 @@ class Pipeline:
             return None
         settle = self.settings.settle_seconds
         earlier = self._looks.get(uuid)
-        if earlier is not None and earlier.look.same(seen.look):
+        same = earlier is not None and earlier.look.same(seen.look)
+        if earlier is not None and same:
             # claimed again before the time was up (a retry): the earlier look still counts
             wait = max(0.0, settle - (seen.at - earlier.at))
             description = f"Waiting for files to stop changing (looking again in {duration(wait)})"
@@ -547,7 +548,11 @@ class Pipeline:
             else:
                 since = duration(seen.at - earlier.at)
                 description = f"Waiting for files to stop changing (changed in the last {since})"
-        log.info("order_waits_for_files", path=str(seen.look.path), changed=earlier is not None)
+        log.info(
+            "order_waits_for_files",
+            path=str(seen.look.path),
+            changed=earlier is not None and not same,
+        )
         return Outcome(STAGE_NEW_ORDER, description, wait_seconds=wait, settling=True)
 
     async def _save_on_stop(self, uuid: str, ledger: ObjectLedger) -> None:
