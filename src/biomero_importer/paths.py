@@ -8,7 +8,9 @@ import roots, a zarr store, a container's mounts):
 * as written, after normalising ``..`` away, it lies inside the area;
 * after resolving every symlink it still does, and it exists;
 * a folder is walked, following the symlinks that stay inside (once each, so link cycles
-  end): any entry that resolves outside is refused, because an import takes all of it.
+  end): any entry that resolves outside is refused, because an import takes all of it, and a
+  folder that cannot be listed is refused too (an import would fail on it). The walk is
+  :func:`entries`; the settle check reads the data through it, so it sees what is imported.
 
 The resolved path is what the caller uses from then on, and :func:`recheck` repeats the check
 right before the path is imported or mounted: a file swapped for a symlink while the order
@@ -18,15 +20,30 @@ loop run them in a thread. This module imports nothing above ``text``.
 
 from __future__ import annotations
 
+import errno
 import os
 import posixpath
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from biomero_importer.text import short
 
 CHANGED = "Files changed while the order waited"
+
+#: Errors of shared storage that pass (an NFS server restarting, a network that drops): the
+#: order waits and is retried. They propagate as OSError; every other error of a path is the
+#: path's own problem and refuses it.
+TRANSIENT_ERRNOS = frozenset({errno.ESTALE, errno.EIO, errno.ETIMEDOUT})
+
+
+def transient(exc: OSError) -> bool:
+    return exc.errno in TRANSIENT_ERRNOS
+
+
+def why(exc: OSError) -> str:
+    """The error as a person reads it ("Permission denied"), for a description."""
+    return os.strerror(exc.errno) if exc.errno else type(exc).__name__
 
 
 class PathRefused(Exception):
@@ -66,11 +83,11 @@ def _inside(path: Path, roots: Iterable[Path]) -> bool:
     return any(path == root or path.is_relative_to(root) for root in roots)
 
 
-def link_out(folder: Path, area: Area) -> Path | None:
-    """The first entry under ``folder`` that resolves outside ``area``, if any.
-
-    Entries that are not symlinks lie in a folder already known to be inside; symlinked
-    folders that stay inside are walked too, as an importer following them would read them.
+def entries(folder: Path, area: Area) -> Iterator[os.DirEntry[str]]:
+    """Every entry under ``folder``, as an import reads them: symlinked folders that stay in
+    ``area`` are walked too, once each by resolved path (so link cycles end); an entry whose
+    link resolves outside raises PathRefused before it is yielded. A folder that cannot be
+    listed raises its OSError: nothing is skipped silently.
     """
     pending = [folder]
     seen: set[Path] = set()
@@ -80,17 +97,22 @@ def link_out(folder: Path, area: Area) -> Path | None:
         if real in seen:
             continue
         seen.add(real)
-        for parent, dirs, files in os.walk(top, followlinks=False):
-            for name in (*dirs, *files):
-                entry = Path(parent) / name
-                if not entry.is_symlink():
-                    continue
-                target = Path(os.path.realpath(entry))
-                if not area.holds(target):
-                    return entry
-                if target.is_dir():
-                    pending.append(target)
-    return None
+        folders = [str(top)]
+        while folders:
+            with os.scandir(folders.pop()) as listing:
+                for entry in listing:
+                    if entry.is_symlink():
+                        target = Path(os.path.realpath(entry.path))
+                        if not area.holds(target):
+                            path = Path(entry.path)
+                            raise PathRefused(
+                                f"Folder links outside {area.label}: {short(str(path))}", path
+                            )
+                        if target.is_dir():
+                            pending.append(target)
+                    elif entry.is_dir(follow_symlinks=False):
+                        folders.append(entry.path)
+                    yield entry
 
 
 def contained(path: Path, area: Area, what: str = "File", *, walk: bool = True) -> Path:
@@ -108,16 +130,25 @@ def contained(path: Path, area: Area, what: str = "File", *, walk: bool = True) 
         resolved = path.resolve(strict=True)
     except FileNotFoundError:
         raise PathRefused(f"{what} not found: {short(text)}", path) from None
-    except (OSError, RuntimeError) as exc:
+    except OSError as exc:
+        if transient(exc):
+            raise
+        raise PathRefused(f"{what} cannot be resolved ({why(exc)}): {short(text)}", path) from None
+    except RuntimeError as exc:  # a symlink loop (Python before 3.13)
         raise PathRefused(
             f"{what} cannot be resolved ({type(exc).__name__}): {short(text)}", path
         ) from None
     if not area.holds(resolved):
         raise PathRefused(f"{what} links outside {area.label}: {short(text)}", path)
     if walk and resolved.is_dir():
-        escape = link_out(resolved, area)
-        if escape is not None:
-            raise PathRefused(f"Folder links outside {area.label}: {short(str(escape))}", escape)
+        try:
+            for _ in entries(resolved, area):
+                pass
+        except OSError as exc:
+            if transient(exc):
+                raise
+            where = Path(exc.filename) if exc.filename else resolved
+            raise PathRefused(f"Cannot read ({why(exc)}): {short(str(where))}", where) from None
     return resolved
 
 

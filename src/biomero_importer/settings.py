@@ -176,6 +176,8 @@ class Settings(BaseModel):
     # 0: no settle check (the original's behaviour: an order starts the moment it is claimed)
     settle_seconds: float = Field(default=0.0, ge=0)
     settle_max_wait: PositiveFloat = 24 * 3600.0
+    # files, folders and links one settle look reads at most (a look walks all of them)
+    settle_max_entries: int = Field(default=1_000_000, ge=1)
     transient_retries: int = Field(default=5, ge=0)
     transient_backoff: PositiveFloat = 60.0
     transient_backoff_max: PositiveFloat = 3600.0

@@ -29,7 +29,7 @@ from tests.support import (
 
 from .conftest import managed_links, sim_objects
 
-SETTLE_WAIT = "Waiting for files to stop changing (last change "
+SETTLE_WAIT = "Waiting for files to stop changing ("
 OMERO_WAIT = "OMERO unavailable; retrying in "
 
 

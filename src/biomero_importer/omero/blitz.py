@@ -377,6 +377,9 @@ def kill_process_tree(proc: subprocess.Popen[bytes]) -> None:
 
 class BlitzBackend:
     name = "blitz"
+    # each call is a network round trip or an import subprocess: one job each, so a cancel
+    # is heard between them
+    one_job = False
 
     def __init__(self, settings: Settings) -> None:
         if not (settings.omero_host and settings.omero_user and settings.omero_password):

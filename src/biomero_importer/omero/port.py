@@ -170,6 +170,10 @@ class OmeroGateway(Protocol):
     """A connection factory for one backend, shared by every order of a replica."""
 
     name: str
+    #: Whether every call returns at once (no network, no subprocess): the pipeline then runs a
+    #: one-file order's session, import, annotation and close in one executor job, checking
+    #: for a cancel between the calls. False: one job per call, each abortable on its own.
+    one_job: bool
 
     def describe(self) -> str:
         """Where it points, for logs and ``check`` (never a secret)."""

@@ -157,6 +157,8 @@ class SimulatorGateway:
     """One per replica; hands out one SQLite connection per thread."""
 
     name = "simulator"
+    # calls return at once: a one-file order's OMERO work is one executor job
+    one_job = True
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings

@@ -21,6 +21,7 @@ from biomero_importer import paths
 from biomero_importer.model import ClaimedOrder, OrderDetail
 from biomero_importer.observability.logging import Redactor
 from biomero_importer.omero.importcli import import_argv, log_paths
+from biomero_importer.pipeline.storage import failure
 from biomero_importer.pipeline.validate import InvalidOrder, validate
 from biomero_importer.preprocessing import ContainerJob, PreprocessingError, plan_jobs
 from biomero_importer.settings import Settings
@@ -140,6 +141,9 @@ def plan_order(claimed: ClaimedOrder, settings: Settings, *, stage: str | None =
         jobs = plan_jobs(order, settings) if order.preprocessing is not None else []
     except (InvalidOrder, PreprocessingError, paths.PathRefused) as exc:
         plan.verdict = exc.reason
+        return plan
+    except OSError as exc:  # storage that fails in a way that passes (ESTALE, EIO)
+        plan.verdict = failure(exc, claimed.files).reason
         return plan
     plan.valid, plan.verdict = True, "valid"
     plan.target = f"{order.target.type} {order.target.id}"

@@ -1,7 +1,11 @@
 """One order, start to finish: validate, preprocess, import, annotate.
 
 The pipeline never touches omero-py itself: it talks to the OMERO port, and every port call
-(blocking by nature) goes through the replica's bounded thread executor.
+(blocking by nature) goes through the replica's bounded thread executor. Hand-offs to threads
+are few: validation, the settle look and the re-check of the first file before its import
+are one storage job; on a port whose calls return at once (``one_job``: the simulator and
+null backends), a one-file order's OMERO work (session, import, annotation) is one executor
+job too. The blitz port keeps one job per call, so a cancel is heard between calls.
 """
 
 from __future__ import annotations
@@ -12,9 +16,10 @@ import os
 import shutil
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Executor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path
@@ -47,7 +52,8 @@ from biomero_importer.omero.port import (
     OmeroUnavailable,
 )
 from biomero_importer.pipeline.progress import ProgressReporter, file_sizes
-from biomero_importer.pipeline.settle import last_change
+from biomero_importer.pipeline.settle import Look, look
+from biomero_importer.pipeline.storage import StorageError, StorageTimeout, failure
 from biomero_importer.pipeline.validate import InvalidOrder, validate
 from biomero_importer.preprocessing import (
     PreprocessingError,
@@ -66,6 +72,9 @@ T = TypeVar("T")
 ABORT_WAIT = 3.0
 # Seconds a registration step waits for its object to be recorded before it gives up.
 RECORD_WAIT = 60.0
+# Settle looks a replica keeps for orders that wait (the oldest go first; such an order looks
+# once more): about 200 bytes each.
+LOOKS_KEPT = 10_000
 
 
 def _retrieve(future: asyncio.Future[Any]) -> None:
@@ -84,16 +93,14 @@ def _in_thread(executor: Executor, call: Callable[[], T]) -> asyncio.Future[T]:
     return future
 
 
-class StorageTimeout(Exception):
-    """Shared storage did not answer within ``storage_timeout`` (a hung NFS/SMB mount): a
-    failure that passes, so the order is retried automatically."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
-
-
-Failure = InvalidOrder | PreprocessingError | OmeroError | paths.PathRefused | StorageTimeout
+Failure = (
+    InvalidOrder
+    | PreprocessingError
+    | OmeroError
+    | paths.PathRefused
+    | StorageTimeout
+    | StorageError
+)
 
 
 def transient_kind(exc: Failure) -> TransientKind | None:
@@ -102,7 +109,7 @@ def transient_kind(exc: Failure) -> TransientKind | None:
     failed) is permanent and never retried automatically."""
     if isinstance(exc, OmeroUnavailable):
         return "omero"
-    if isinstance(exc, StorageTimeout):
+    if isinstance(exc, StorageTimeout | StorageError):
         return "storage"
     if isinstance(exc, PreprocessingError) and exc.transient:
         return "container_runtime"
@@ -110,13 +117,16 @@ def transient_kind(exc: Failure) -> TransientKind | None:
 
 
 class _PathWatch:
-    """The path a storage thread is working on, to name it if storage stops answering."""
+    """The path a storage thread is working on, to name it if storage stops answering, and
+    when it got there: a job that keeps moving on (a long walk) is not a hung mount."""
 
     def __init__(self, fallback: str) -> None:
         self.current = fallback
+        self.heard = time.monotonic()
 
     def __call__(self, path: str) -> None:
         self.current = path
+        self.heard = time.monotonic()
 
 
 class StageSink(Protocol):
@@ -257,6 +267,120 @@ class _Sessions:
         self.current = session
 
 
+@dataclass(frozen=True)
+class _Seen:
+    """A settle look and when it ended (this replica's monotonic clock)."""
+
+    look: Look
+    at: float
+
+
+@dataclass
+class _Prepared:
+    """What the order's first storage job found."""
+
+    order: Order
+    #: the settle look (None: settle is off) and whether it matched one settle_seconds older
+    seen: _Seen | None = None
+    settled: bool = True
+    #: the one unit of a one-job order, re-checked after the look, and its annotation
+    unit: ImportUnit | None = None
+    source: Path | None = None
+    pairs: list[tuple[str, str]] | None = None
+    #: what reading its metadata.csv skipped on purpose, for the completed order's description
+    notes: list[str] = field(default_factory=list)
+
+
+class _OneJob:
+    """A one-file order's OMERO work in one executor thread: open a session, find or import
+    the file, annotate what it brought, close. For ports whose calls return at once; a cancel
+    is heard between the calls (``cancelled``) and stops the running one (``abort``)."""
+
+    def __init__(
+        self,
+        gateway: OmeroGateway,
+        order: Order,
+        unit: ImportUnit,
+        source: Path,
+        *,
+        check_existing: bool,
+        known: list[ImportedObject],
+        namespace: str,
+        pairs: list[tuple[str, str]],
+        annotated: Callable[[ImportedObject], bool],
+    ) -> None:
+        self.gateway = gateway
+        self.order = order
+        self.unit = unit
+        self.source = source
+        self.check_existing = check_existing
+        self.known = known
+        self.namespace = namespace
+        self.pairs = pairs
+        self.is_annotated = annotated
+        self._lock = threading.Lock()
+        self._cancelled = False
+        self._session: OmeroSession | None = None
+        # what the thread did, read by the event loop once the thread has ended
+        self.objects: list[ImportedObject] = []
+        self.new = False  # the objects are new to the ledger
+        self.annotated: list[ImportedObject] = []
+        self.import_seconds = 0.0
+        self.annotate_seconds = 0.0
+
+    def cancel(self) -> OmeroSession | None:
+        """Called on the event loop: no further call starts; returns the open session (to
+        abort), None if none is open yet (the thread closes the one it may still get)."""
+        with self._lock:
+            self._cancelled = True
+            return self._session
+
+    def _go_on(self) -> None:
+        if self._cancelled:
+            raise ImportAborted("cancelled between calls")
+
+    def run(self) -> None:
+        order = self.order
+        session = self.gateway.open_session(order.user, order.group, order_uuid=order.uuid)
+        try:
+            with self._lock:
+                self._session = session
+            start = time.perf_counter()
+            self._import(session)
+            self.import_seconds = time.perf_counter() - start
+            start = time.perf_counter()
+            for obj in self.objects:
+                if self.is_annotated(obj):
+                    continue
+                self._go_on()
+                session.annotate(obj, self.namespace, self.pairs)
+                self.annotated.append(obj)
+            self.annotate_seconds = time.perf_counter() - start
+        finally:
+            session.close()
+
+    def _import(self, session: OmeroSession) -> None:
+        key = str(self.unit.path)
+        if self.known:
+            log.info("import_skipped_already_done", path=key, objects=len(self.known))
+            self.objects = self.known
+            return
+        order = self.order
+        if self.check_existing:
+            self._go_on()
+            found = session.find_imported(self.source, order.target, order_uuid=order.uuid)
+            if found:
+                log.info("import_skipped_found_in_omero", path=key, objects=len(found))
+                self.objects, self.new = found, True
+                return
+        self._go_on()
+        objects = session.import_path(
+            self.source, order.target, order_uuid=order.uuid, exclude_existing=False
+        )
+        log.info("imported", path=key, objects=[f"{o.type}:{o.id}" for o in objects])
+        self.objects, self.new = objects, True
+
+
 class Pipeline:
     def __init__(
         self,
@@ -277,6 +401,10 @@ class Pipeline:
         self.observe_step = observe_step
         #: hears every progress state of every order, and (uuid, None) when one ends
         self.observe_progress = observe_progress
+        # resolved once: every order's paths are checked against it
+        self.area = paths.import_area(settings.effective_import_roots)
+        # each waiting order's last settle look, compared with its next one
+        self._looks: OrderedDict[str, _Seen] = OrderedDict()
 
     async def run(self, claimed: ClaimedOrder) -> Outcome:
         """Run one claimed order; always returns the terminal outcome (cancellation propagates)."""
@@ -301,20 +429,19 @@ class Pipeline:
         try:
             with self._step("validate"):
                 progress.start_step("validate")
-                watch = _PathWatch(claimed.files)
-                order = await self._storage(
-                    watch, partial(validate, claimed, self.settings.effective_import_roots, watch)
-                )
-                file_names = order.file_names
-                if order.preprocessing is not None:
-                    validate_preprocessing(order, self.settings)
+                prepared = await self._prepare(claimed)
+            order = prepared.order
+            file_names = order.file_names
             # before anything reads the data (preprocessing included)
-            unsettled = await self._settle(order, claimed)
+            unsettled = self._settle(claimed, prepared)
             if unsettled is not None:
                 unsettled.file_names = file_names
                 return unsettled
             try:
-                await self._import_order(order, claimed, ledger, notes, progress)
+                if prepared.unit is not None:
+                    await self._import_in_one_job(prepared, claimed, ledger, notes, progress)
+                else:
+                    await self._import_order(order, claimed, ledger, notes, progress)
             except asyncio.CancelledError:
                 await self._save_on_stop(claimed.uuid, ledger)
                 raise
@@ -324,6 +451,7 @@ class Pipeline:
             OmeroError,
             paths.PathRefused,
             StorageTimeout,
+            StorageError,
         ) as exc:
             detail = getattr(exc, "detail", "")
             transient = transient_kind(exc)
@@ -336,34 +464,111 @@ class Pipeline:
         description = "; ".join(dict.fromkeys(notes)) or None
         return Outcome(STAGE_IMPORTED, description, file_names, ledger.records)
 
-    async def _settle(self, order: Order, claimed: ClaimedOrder) -> Outcome | None:
-        """A wait while the order's data changed less than ``settle_seconds`` ago; 'Import
-        Failed' once it has waited ``settle_max_wait``; None when it may go ahead."""
-        settle = self.settings.settle_seconds
-        if settle <= 0:
+    def _one_job_unit(self, order: Order) -> ImportUnit | None:
+        """The unit of an order whose OMERO work can be one executor job: one file, no
+        preprocessing, a plain import (a registration records each object as it is created),
+        on a port whose calls return at once."""
+        if not self.gateway.one_job or order.preprocessing is not None or len(order.files) != 1:
             return None
-        watch = _PathWatch(claimed.files)
-        now = time.time()
-        change = await self._storage(watch, partial(last_change, order.files, now, watch))
-        if change is None:
+        (path,) = order.files
+        if self.settings.use_register_zarr and path.suffix.lower() == ".zarr":
             return None
-        quiet = now - change.at
-        if quiet >= settle:
-            return None
-        limit = self.settings.settle_max_wait
-        if claimed.waiting_since is not None and now - claimed.waiting_since >= limit:
-            log.warning("order_files_never_settled", path=str(change.path))
-            return Outcome(
-                STAGE_INGEST_FAILED,
-                f"Files still changing after waiting {duration(limit)}: {short(str(change.path))}",
-            )
-        log.info("order_waits_for_files", path=str(change.path), quiet=round(quiet, 1))
-        return Outcome(
-            STAGE_NEW_ORDER,
-            f"Waiting for files to stop changing (last change {int(quiet)} s ago)",
-            wait_seconds=settle - quiet,
-            settling=True,
+        return ImportUnit(
+            path, path, order.checked.get(path), self.area, size=order.sizes.get(path)
         )
+
+    async def _prepare(self, claimed: ClaimedOrder) -> _Prepared:
+        """Validation, the settle look and, for a one-job order that may go ahead, the
+        re-check of its file and its annotation: one storage job."""
+        earlier = self._looks.get(claimed.uuid)
+        watch = _PathWatch(claimed.files)
+        return await self._storage(watch, partial(self._prepare_job, claimed, earlier, watch))
+
+    def _prepare_job(
+        self, claimed: ClaimedOrder, earlier: _Seen | None, watch: _PathWatch
+    ) -> _Prepared:
+        """In a storage thread: see :meth:`_prepare`."""
+        order = validate(claimed, self.area, watch)
+        if order.preprocessing is not None:
+            validate_preprocessing(order, self.settings)
+        prepared = _Prepared(order)
+        settle = self.settings.settle_seconds
+        if settle > 0:
+            started = time.monotonic()
+            seen = look(order.checked.values(), self.area, watch, self.settings.settle_max_entries)
+            prepared.seen = _Seen(seen, time.monotonic())
+            # unchanged since a look that ended settle_seconds before this one began
+            prepared.settled = (
+                earlier is not None and earlier.look.same(seen) and started - earlier.at >= settle
+            )
+            if not prepared.settled:
+                return prepared
+        unit = self._one_job_unit(order)
+        if unit is None:
+            return prepared  # each unit is re-checked right before its own import
+        # What is imported is what was checked, checked once more now (the look took time,
+        # and a file swapped for a symlink meanwhile fails the order here).
+        watch(str(unit.path))
+        prepared.unit = unit
+        prepared.source = paths.recheck(unit.path, unit.checked, unit.area)
+        # reads metadata.csv beside the data
+        prepared.pairs = build_annotation_pairs(
+            order,
+            unit.annotation_path,
+            preprocessing_keyvalues=None,
+            processed_folder_name=self.settings.processed_folder_name,
+            imported_at=datetime.now(timezone.utc),
+            import_roots=self.area,
+            notes=prepared.notes,
+        )
+        return prepared
+
+    def _settle(self, claimed: ClaimedOrder, prepared: _Prepared) -> Outcome | None:
+        """A wait while the order's data changed between two looks ``settle_seconds`` apart
+        (or has only been looked at once); 'Import Failed' once it has waited
+        ``settle_max_wait``; None when it may go ahead."""
+        seen = prepared.seen
+        if seen is None:
+            return None
+        uuid = claimed.uuid
+        if prepared.settled:
+            self._looks.pop(uuid, None)
+            return None
+        settle = self.settings.settle_seconds
+        earlier = self._looks.get(uuid)
+        same = earlier is not None and earlier.look.same(seen.look)
+        if earlier is not None and same:
+            # claimed again before the time was up (a retry): the earlier look still counts
+            wait = max(0.0, settle - (seen.at - earlier.at))
+            description = f"Waiting for files to stop changing (looking again in {duration(wait)})"
+        else:
+            limit = self.settings.settle_max_wait
+            if claimed.waiting_since is not None and time.time() - claimed.waiting_since >= limit:
+                self._looks.pop(uuid, None)
+                log.warning("order_files_never_settled", path=str(seen.look.path))
+                return Outcome(
+                    STAGE_INGEST_FAILED,
+                    f"Files still changing after waiting {duration(limit)}:"
+                    f" {short(str(seen.look.path))}",
+                )
+            self._looks[uuid] = seen
+            self._looks.move_to_end(uuid)
+            if len(self._looks) > LOOKS_KEPT:
+                self._looks.popitem(last=False)
+            wait = settle
+            if earlier is None:
+                description = (
+                    f"Waiting for files to stop changing (looking again in {duration(settle)})"
+                )
+            else:
+                since = duration(seen.at - earlier.at)
+                description = f"Waiting for files to stop changing (changed in the last {since})"
+        log.info(
+            "order_waits_for_files",
+            path=str(seen.look.path),
+            changed=earlier is not None and not same,
+        )
+        return Outcome(STAGE_NEW_ORDER, description, wait_seconds=wait, settling=True)
 
     async def _save_on_stop(self, uuid: str, ledger: ObjectLedger) -> None:
         """A cancel, shutdown or lease loss ends the run: what it created and annotated is
@@ -380,18 +585,32 @@ class Pipeline:
             log.warning("ledger_not_saved_on_stop", error=type(exc).__name__)
 
     async def _storage(self, watch: _PathWatch, call: Callable[[], T]) -> T:
-        """Filesystem work on shared storage, in a storage thread with ``storage_timeout``: a
-        hung NFS/SMB mount fails this order instead of stopping the event loop (and with it
-        lease renewal for every other order)."""
-        future = _in_thread(self.storage, call)
+        """Filesystem work on shared storage, in a storage thread: storage that does not
+        answer for ``storage_timeout`` (a hung NFS/SMB mount; a job that goes on from path to
+        path is answered) fails this order instead of stopping the event loop (and with it
+        lease renewal for every other order). An error of storage ends the order naming the
+        path: a wait and retry when it passes (ESTALE, EIO, ETIMEDOUT), else 'Import Failed'."""
+
+        def guarded() -> T:
+            try:
+                return call()
+            except OSError as exc:
+                raise failure(exc, watch.current) from None
+
         timeout = self.settings.storage_timeout
-        try:
-            return await asyncio.wait_for(asyncio.shield(future), timeout=timeout)
-        except asyncio.TimeoutError:
-            # the thread stays blocked in the kernel; only this order gives up on it
-            raise StorageTimeout(
-                f"Storage did not answer within {timeout:g} s: {short(watch.current)}"
-            ) from None
+        watch.heard = time.monotonic()
+        future = _in_thread(self.storage, guarded)
+        while True:
+            left = watch.heard + timeout - time.monotonic()
+            try:
+                return await asyncio.wait_for(asyncio.shield(future), timeout=max(left, 0.0))
+            except asyncio.TimeoutError:
+                if time.monotonic() - watch.heard < timeout:
+                    continue  # it moved on to another path meanwhile
+                # the thread stays blocked in the kernel; only this order gives up on it
+                raise StorageTimeout(
+                    f"Storage did not answer within {timeout:g} s: {short(watch.current)}"
+                ) from None
 
     async def _item_sizes(self, items: list[ProcessedItem]) -> list[int | None]:
         """Each converter output's size in bytes for its progress (None: a folder, or not
@@ -453,7 +672,9 @@ class Pipeline:
 
     async def _fresh_session(self, sessions: _Sessions, order: Order) -> OmeroSession:
         """The current session, or a new one if it cannot outlive one more import."""
-        needed = self.settings.import_timeout + SESSION_TTL_MARGIN_SECONDS
+        # Half the margin sessions are opened with: a session just opened (time-to-live
+        # import_timeout plus the margin, at least) is never replaced before its first use.
+        needed = self.settings.import_timeout + SESSION_TTL_MARGIN_SECONDS / 2
         current = sessions.current
         if current.remaining() >= needed:
             return current
@@ -486,9 +707,8 @@ class Pipeline:
             ]
         else:
             # the order's own files were sized by validation's stat
-            roots = paths.import_area(self.settings.effective_import_roots)
             units = [
-                ImportUnit(p, p, order.checked.get(p), roots, size=order.sizes.get(p))
+                ImportUnit(p, p, order.checked.get(p), self.area, size=order.sizes.get(p))
                 for p in order.files
             ]
 
@@ -538,6 +758,66 @@ class Pipeline:
             await asyncio.get_running_loop().run_in_executor(
                 self.executor, partial(shutil.rmtree, temp_dir, ignore_errors=True)
             )
+
+    async def _import_in_one_job(
+        self,
+        prepared: _Prepared,
+        claimed: ClaimedOrder,
+        ledger: ObjectLedger,
+        notes: list[str],
+        progress: ProgressReporter,
+    ) -> None:
+        """The OMERO work of a one-job order (see :meth:`_one_job_unit`): one executor job,
+        the same steps, ledger and checks as :meth:`_import_order` takes call by call."""
+        order, unit, source = prepared.order, prepared.unit, prepared.source
+        assert unit is not None and source is not None and prepared.pairs is not None
+        key = str(unit.path)
+        job = _OneJob(
+            self.gateway,
+            order,
+            unit,
+            source,
+            # a second run may find the file an earlier run already brought into OMERO
+            check_existing=claimed.runs > 1 or bool(ledger.records),
+            known=ledger.known(key),
+            namespace=self.settings.annotation_namespace,
+            # keys and values come from file names: made encodable
+            pairs=[(safe_text(k), safe_text(v)) for k, v in prepared.pairs],
+            annotated=ledger.annotated,
+        )
+        size = unit.size
+        progress.start_step("import", 1, bytes_total=size)
+        progress.advance(
+            units_done=0, current_file=unit.path.name, bytes_done=None if size is None else 0
+        )
+        future = _in_thread(self.executor, job.run)
+        try:
+            await asyncio.shield(future)
+        except asyncio.CancelledError:
+            session = job.cancel()
+            if session is not None:
+                session.abort()
+                # abort() ends the running call soon; what it did goes into the ledger
+                await asyncio.wait([future], timeout=ABORT_WAIT)
+            raise
+        finally:
+            if future.done():
+                if job.new:
+                    ledger.add(key, job.objects)
+                for obj in job.annotated:
+                    ledger.mark_annotated(obj)
+        if self.observe_step is not None:
+            self.observe_step("import", job.import_seconds)
+        progress.advance(units_done=1, bytes_done=size)
+        progress.end_step()
+        if not job.objects:
+            raise ImportFailed(f"Nothing imported from 1 of 1 files: {unit.path.name}")
+        if self.observe_step is not None:
+            self.observe_step("annotate", job.annotate_seconds)
+        progress.start_step("annotate", 1)
+        progress.advance(units_done=1)
+        progress.end_step()
+        notes.extend(prepared.notes)
 
     async def _import_unit(
         self,
@@ -662,7 +942,6 @@ class Pipeline:
         progress: ProgressReporter,
     ) -> None:
         now = datetime.now(timezone.utc)
-        roots = paths.import_area(self.settings.effective_import_roots)
         progress.start_step("annotate", len(imported))
         for done, (unit, objects) in enumerate(imported):
             progress.advance(units_done=done, current_file=unit.path.name)
@@ -677,7 +956,7 @@ class Pipeline:
                     preprocessing_keyvalues=keyvalues,
                     processed_folder_name=self.settings.processed_folder_name,
                     imported_at=now,
-                    import_roots=roots,
+                    import_roots=self.area,
                     notes=notes,
                 ),
             )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from biomero_importer import paths
@@ -88,10 +88,15 @@ def check_file(raw: str, roots: paths.Area) -> tuple[Path, int | None]:
         resolved = paths.contained(Path(raw), roots)
     except paths.PathRefused as exc:
         raise InvalidOrder(exc.reason) from None
-    wanted = os.R_OK | (os.X_OK if resolved.is_dir() else 0)
     # OMERO reads the file in place too: a file nobody may read fails even for a root importer.
-    info = resolved.stat()
+    try:
+        info = resolved.stat()
+    except OSError as exc:
+        if paths.transient(exc):
+            raise  # the pipeline makes it a wait (a file server restarting)
+        raise InvalidOrder(f"Cannot read ({paths.why(exc)}): {short(raw)}") from None
     mode = info.st_mode
+    wanted = os.R_OK | (os.X_OK if stat.S_ISDIR(mode) else 0)
     if not os.access(resolved, wanted) or not stat.S_IMODE(mode) & 0o444:
         raise InvalidOrder(f"File is not readable: {short(raw)}")
     if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
@@ -100,16 +105,20 @@ def check_file(raw: str, roots: paths.Area) -> tuple[Path, int | None]:
 
 
 def validate(
-    claimed: ClaimedOrder, roots: list[Path], watch: Callable[[str], None] | None = None
+    claimed: ClaimedOrder,
+    roots: Sequence[Path] | paths.Area,
+    watch: Callable[[str], None] | None = None,
 ) -> Order:
     """Turn the stored columns into an Order, or raise InvalidOrder with the first problem.
 
-    Blocking (stat, resolve, folder walks): the service runs it in a storage thread, and
-    ``watch`` hears each path before it is checked, so a hung mount can be named."""
+    ``roots`` are the import roots, or their Area resolved once by the caller. Blocking
+    (stat, resolve, folder walks): the service runs it in a storage thread, and ``watch``
+    hears each path before it is checked, so a hung mount can be named. An error of storage
+    that passes (ESTALE, EIO, ETIMEDOUT) propagates as OSError."""
     group = _required_name("Group", claimed.group_name)
     user = _required_name("Username", claimed.user_name)
     target = _target(claimed.destination_type, claimed.destination_id)
-    area = paths.import_area(roots)
+    area = roots if isinstance(roots, paths.Area) else paths.import_area(roots)
     raws = _file_list(claimed.files)
     # Checked before Path() sees them: it would hide a trailing '/' or a NUL's position.
     checked = {}
