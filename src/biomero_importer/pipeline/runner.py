@@ -305,6 +305,7 @@ class _OneJob:
         *,
         check_existing: bool,
         known: list[ImportedObject],
+        complete: bool,
         namespace: str,
         pairs: list[tuple[str, str]],
         annotated: Callable[[ImportedObject], bool],
@@ -315,6 +316,8 @@ class _OneJob:
         self.source = source
         self.check_existing = check_existing
         self.known = known
+        #: an import run of the unit succeeded before (what is known is all there is)
+        self.complete = complete
         self.namespace = namespace
         self.pairs = pairs
         self.is_annotated = annotated
@@ -361,24 +364,29 @@ class _OneJob:
 
     def _import(self, session: OmeroSession) -> None:
         key = str(self.unit.path)
-        if self.known:
+        if self.known and self.complete:
             log.info("import_skipped_already_done", path=key, objects=len(self.known))
             self.objects = self.known
             return
         order = self.order
+        known = list(self.known)
         if self.check_existing:
             self._go_on()
             found = session.find_imported(self.source, order.target, order_uuid=order.uuid)
+            seen = {(o.type, o.id) for o in known}
+            known = [*known, *(o for o in found if (o.type, o.id) not in seen)]
             if found:
-                log.info("import_skipped_found_in_omero", path=key, objects=len(found))
-                self.objects, self.new = found, True
-                return
+                # found is not done: the run that made them may have stopped half way (no -c:
+                # the importer stops at the first failed fileset), so the import below brings
+                # in only the files none of their filesets holds
+                log.info("import_resumed_found_in_omero", path=key, objects=len(found))
         self._go_on()
         objects = session.import_path(
-            self.source, order.target, order_uuid=order.uuid, exclude_existing=False
+            self.source, order.target, order_uuid=order.uuid, exclude_existing=False, already=known
         )
         log.info("imported", path=key, objects=[f"{o.type}:{o.id}" for o in objects])
-        self.objects, self.new = objects, True
+        # what an earlier run left, and what this one added; the unit is complete now
+        self.objects, self.new = [*known, *objects], True
 
 
 class Pipeline:
@@ -780,6 +788,7 @@ class Pipeline:
             # a second run may find the file an earlier run already brought into OMERO
             check_existing=claimed.runs > 1 or bool(ledger.records),
             known=ledger.known(key),
+            complete=ledger.complete(key),
             namespace=self.settings.annotation_namespace,
             # keys and values come from file names: made encodable
             pairs=[(safe_text(k), safe_text(v)) for k, v in prepared.pairs],
@@ -804,6 +813,7 @@ class Pipeline:
             if future.done():
                 if job.new:
                     ledger.add(key, job.objects)
+                    ledger.mark_complete(key)
                 for obj in job.annotated:
                     ledger.mark_annotated(obj)
         if self.observe_step is not None:
