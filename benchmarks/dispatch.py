@@ -6,8 +6,9 @@ preprocessing and, by ``--backend``, the OMERO simulator at zero delay (``simula
 that records nothing (``null``: the service's own overhead), or both in one run (``both``).
 
 Besides rates it prints the CPU milliseconds per order spent by the replicas and by PostgreSQL
-(all its processes, exited backends included), read from the processes themselves: a change
-can be judged by CPU, which drifts less than a rate on a shared machine.
+(all its processes, exited backends included), read from the processes themselves, and the
+PostgreSQL transactions per order (pg_stat_database): a change can be judged by CPU, which
+drifts less than a rate on a shared machine, and by transactions, which do not drift.
 
 ``--peer pgqueuer`` (``pip install -e '.[bench]'``) then drains the same number of no-op jobs
 with pgqueuer on the same PostgreSQL, right after the project's run, measured the same way
@@ -163,23 +164,49 @@ class PostgresCpu:
         return total
 
 
+# The transactions a reading of transactions() adds to the next one (its own, reported when
+# its connection ends).
+OWN_TRANSACTIONS = 1
+
+
+async def transactions(url: str) -> int:
+    """Transactions committed or rolled back in this database so far. Unlike CPU the count
+    does not drift with the machine's load: each pool call outside a transaction is one, and
+    so was each connection reset. An idle backend reports its counts up to 10 s late, one
+    that ends reports them as it ends: read before the processes counted start and after
+    they (and every other connection of the window) ended."""
+    await asyncio.sleep(0.5)  # connections just closed have reported
+    conn = await asyncpg.connect(url)
+    try:
+        count: int = await conn.fetchval(
+            "SELECT xact_commit + xact_rollback FROM pg_stat_database"
+            " WHERE datname = current_database()"
+        )
+        return count
+    finally:
+        await conn.close()
+
+
 def per_order_ms(seconds: float | None, orders: int) -> float | None:
     return None if seconds is None else seconds * 1000 / orders
 
 
-async def wait_listening(url: str, replicas: int, timeout: float = 120.0) -> None:
+async def wait_listening(url: str, replicas: int, timeout: float = 120.0) -> int:
     """Until every replica's wake-up connection listens (its last statement is the LISTEN or
-    a later self-probe): orders queued before that wait for the fallback poll instead."""
+    a later self-probe): orders queued before that wait for the fallback poll instead.
+    Returns the polls made (one transaction each)."""
     conn = await asyncpg.connect(url)
     deadline = time.monotonic() + timeout
+    polls = 0
     try:
         while True:
+            polls += 1
             listening = await conn.fetchval(
                 "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
                 " AND (query LIKE 'LISTEN %' OR query LIKE 'SELECT pg_notify(%')"
             )
             if listening >= replicas:
-                return
+                return polls
             if time.monotonic() > deadline:
                 raise SystemExit(f"only {listening} of {replicas} replicas listen")
             await asyncio.sleep(0.05)
@@ -207,18 +234,22 @@ async def fill_history(url: str, rows: int) -> None:
         await conn.close()
 
 
-async def wait_all_done(url: str, prefix: str, expected: int, timeout: float) -> None:
+async def wait_all_done(url: str, prefix: str, expected: int, timeout: float) -> int:
+    """Poll until ``expected`` orders completed; returns the polls made (one transaction
+    each, which the transaction count per order leaves out)."""
     conn = await asyncpg.connect(url)
     deadline = time.monotonic() + timeout
+    polls = 0
     try:
         while True:
+            polls += 1
             done = await conn.fetchval(
                 "SELECT count(*) FROM importer_orders WHERE stage = 'Import Completed'"
                 " AND uuid LIKE $1",
                 prefix + "%",
             )
             if done >= expected:
-                return
+                return polls
             if time.monotonic() > deadline:
                 raise SystemExit(f"only {done} of {expected} orders completed in {timeout}s")
             await asyncio.sleep(0.05)
@@ -336,21 +367,26 @@ async def run(args: argparse.Namespace, backend: str) -> dict[str, Any]:
         # The replicas start before the backlog is queued (in one transaction), so the CPU
         # they spend on it is the orders', not their start-up's.
         postgres = await PostgresCpu.of(url)
+        # from before the replicas start to after they stopped: their start-up is in it
+        xacts = await transactions(url)
         replicas = Replicas(config, args.replicas)
-        await wait_listening(url, args.replicas)
+        polls = await wait_listening(url, args.replicas)
         await asyncio.sleep(1.0)  # past start-up work that follows the LISTEN
         replica_cpu, pg_cpu = replicas.cpu_seconds(), postgres.seconds()
         await backlog_insert(url, args.orders, files)
-        await wait_all_done(url, "z", args.orders, timeout=max(300, args.orders / 100))
+        polls += await wait_all_done(url, "z", args.orders, timeout=max(300, args.orders / 100))
         replica_cpu = replicas.cpu_seconds() - replica_cpu
         pg_after = postgres.seconds()
-        backlog = await backlog_result(url, args.orders)
+        backlog: dict[str, Any] = {"peak_rss_mb": replicas.peak_rss_mb()}
+        backlog["exit_codes"] = replicas.stop()
+        # less the backlog insert and this benchmark's polls
+        xacts = await transactions(url) - xacts - OWN_TRANSACTIONS - polls - 1
+        backlog.update(await backlog_result(url, args.orders))
+        backlog["transactions_per_order"] = xacts / args.orders
         backlog["replica_cpu_ms_per_order"] = per_order_ms(replica_cpu, args.orders)
         backlog["postgres_cpu_ms_per_order"] = per_order_ms(
             None if pg_cpu is None or pg_after is None else pg_after - pg_cpu, args.orders
         )
-        backlog["peak_rss_mb"] = replicas.peak_rss_mb()
-        backlog["exit_codes"] = replicas.stop()
         result["backlog"] = backlog
         if args.peer == "pgqueuer":
             result["peer"] = await pgqueuer_run(url, args, postgres)
@@ -429,8 +465,9 @@ async def pgqueuer_run(url: str, args: argparse.Namespace, postgres: PostgresCpu
     try:
         queries = Queries(AsyncpgDriver(conn))
         await queries.install()
+        await queries.enqueue(PEER_ENTRYPOINT, b"warm-up")  # its statements prepared
 
-        worker = PeerWorker(url, args.steady_orders, args.peer_batch_size)
+        worker = PeerWorker(url, args.steady_orders + 1, args.peer_batch_size)
         worker.wait_ready()
         committed: dict[str, float] = {}
         start = time.perf_counter()
@@ -443,20 +480,27 @@ async def pgqueuer_run(url: str, args: argparse.Namespace, postgres: PostgresCpu
             committed[key] = time.time()
         picked, _, _ = worker.result(timeout=args.steady_orders / args.rate + 120)
         latencies = [(picked[k] - t) * 1000 for k, t in committed.items() if k in picked]
-
-        worker = PeerWorker(url, args.orders, args.peer_batch_size)
-        worker.wait_ready()
-        await asyncio.sleep(1.5)  # idle like the replicas before their backlog
-        cpu_before, pg_before = process_cpu(worker.process), postgres.seconds()
-        keys = [f"z{n}" for n in range(args.orders)]
-        # one statement, one transaction: like the project's backlog insert
-        await queries.enqueue(
-            [PEER_ENTRYPOINT] * args.orders, [k.encode() for k in keys], [0] * args.orders
-        )
-        picked, done, cpu_after = worker.result(timeout=max(300, args.orders / 100))
-        pg_after = postgres.seconds()
     finally:
         await conn.close()
+
+    # as for the replicas: from before the worker starts to after it ended
+    xacts = await transactions(url)
+    worker = PeerWorker(url, args.orders, args.peer_batch_size)
+    worker.wait_ready()
+    await asyncio.sleep(1.0)  # idle, as the replicas were
+    cpu_before, pg_before = process_cpu(worker.process), postgres.seconds()
+    keys = [f"z{n}" for n in range(args.orders)]
+    conn = await asyncpg.connect(url)
+    try:
+        # one statement, one transaction: like the project's backlog insert
+        await Queries(AsyncpgDriver(conn)).enqueue(
+            [PEER_ENTRYPOINT] * args.orders, [k.encode() for k in keys], [0] * args.orders
+        )
+    finally:
+        await conn.close()
+    picked, done, cpu_after = worker.result(timeout=max(300, args.orders / 100))
+    pg_after = postgres.seconds()
+    xacts = await transactions(url) - xacts - OWN_TRANSACTIONS - 1  # less the enqueue
     drain = done - min(picked[k] for k in keys)
     return {
         "name": f"pgqueuer {version}",
@@ -469,6 +513,7 @@ async def pgqueuer_run(url: str, args: argparse.Namespace, postgres: PostgresCpu
         "backlog": {
             "orders_per_second": args.orders / drain,
             "drain_seconds": drain,
+            "transactions_per_order": xacts / args.orders,
             "replica_cpu_ms_per_order": per_order_ms(cpu_after - cpu_before, args.orders),
             "postgres_cpu_ms_per_order": per_order_ms(
                 None if pg_before is None or pg_after is None else pg_after - pg_before,
@@ -502,7 +547,8 @@ def report(result: dict[str, Any], args: argparse.Namespace) -> None:
     )
     print(
         f"cpu per order: replicas {_ms(backlog['replica_cpu_ms_per_order'])},"
-        f" postgresql {_ms(backlog['postgres_cpu_ms_per_order'])}"
+        f" postgresql {_ms(backlog['postgres_cpu_ms_per_order'])};"
+        f" postgresql transactions per order {backlog['transactions_per_order']:.2f}"
     )
     peer = result.get("peer")
     if peer is None:
@@ -510,6 +556,7 @@ def report(result: dict[str, Any], args: argparse.Namespace) -> None:
     ps, pb = peer["steady"], peer["backlog"]
     cpu = "replica_cpu_ms_per_order"
     pg_cpu = "postgres_cpu_ms_per_order"
+    xacts = "transactions_per_order"
     print(f"peer {peer['name']} (batch size {peer['batch_size']}), same PostgreSQL:")
     print(
         f"  steady {args.rate:.0f}/s: pickup p50={ps['pickup_p50_ms']:.2f} ms"
@@ -519,7 +566,10 @@ def report(result: dict[str, Any], args: argparse.Namespace) -> None:
         f"  backlog {args.orders}: {pb['orders_per_second']:.0f} jobs/s"
         f" ({pb['drain_seconds']:.1f} s)"
     )
-    print(f"  cpu per job: worker {_ms(pb[cpu])}, postgresql {_ms(pb[pg_cpu])}")
+    print(
+        f"  cpu per job: worker {_ms(pb[cpu])}, postgresql {_ms(pb[pg_cpu])};"
+        f" postgresql transactions per job {pb['transactions_per_order']:.2f}"
+    )
     print(
         "ratio ours/peer:"
         f" drain {_ratio(backlog['orders_per_second'], pb['orders_per_second'])}"
@@ -527,7 +577,8 @@ def report(result: dict[str, Any], args: argparse.Namespace) -> None:
         f" pickup p50 {_ratio(steady_result['pickup_p50_ms'], ps['pickup_p50_ms'])}"
         f" p99 {_ratio(steady_result['pickup_p99_ms'], ps['pickup_p99_ms'])},"
         f" cpu replica {_ratio(backlog[cpu], pb[cpu])}"
-        f" postgresql {_ratio(backlog[pg_cpu], pb[pg_cpu])}"
+        f" postgresql {_ratio(backlog[pg_cpu], pb[pg_cpu])},"
+        f" transactions {_ratio(backlog[xacts], pb[xacts])}"
         " (<1 is cheaper)"
     )
 
