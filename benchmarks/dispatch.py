@@ -5,8 +5,20 @@ Replicas are separate OS processes running ``biomero-importer run`` against a re
 preprocessing and, by ``--backend``, the OMERO simulator at zero delay (``simulator``), a port
 that records nothing (``null``: the service's own overhead), or both in one run (``both``).
 
+Besides rates it prints the CPU milliseconds per order spent by the replicas and by PostgreSQL
+(all its processes, exited backends included), read from the processes themselves, and the
+PostgreSQL transactions per order (pg_stat_database): a change can be judged by CPU, which
+drifts less than a rate on a shared machine, and by transactions, which do not drift.
+
+``--peer pgqueuer`` (``pip install -e '.[bench]'``) then drains the same number of no-op jobs
+with pgqueuer on the same PostgreSQL, right after the project's run, measured the same way
+(steady pickup at the same rate, then a backlog), and prints both with the ratios. Pickup is
+commit to start: for the project the 'Import Started' row's timestamp (the claim transaction's
+start), for pgqueuer the wall clock as its handler begins (a little later in the pickup).
+
     python benchmarks/dispatch.py --orders 2000 --replicas 1
     python benchmarks/dispatch.py --orders 20000 --backend both
+    python benchmarks/dispatch.py --orders 5000 --backend null --peer pgqueuer
     python benchmarks/dispatch.py --orders 20000 --replicas 3 --rate 100 --history 1000000 --json
 """
 
@@ -29,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+import psutil
 import psycopg2
 import yaml
 
@@ -90,6 +103,9 @@ class Replicas:
             for _ in range(count)
         ]
 
+    def cpu_seconds(self) -> float:
+        return sum(process_cpu(psutil.Process(proc.pid)) for proc in self.procs)
+
     def peak_rss_mb(self) -> list[float]:
         peaks = []
         for proc in self.procs:
@@ -103,6 +119,99 @@ class Replicas:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
         return [proc.wait(timeout=60) for proc in self.procs]
+
+
+def process_cpu(process: psutil.Process) -> float:
+    """User plus system CPU seconds of ``process`` and of the children it has reaped."""
+    times = process.cpu_times()
+    return times.user + times.system + times.children_user + times.children_system
+
+
+class PostgresCpu:
+    """CPU seconds of the PostgreSQL server behind ``url``: the postmaster (whose reaped
+    children are its exited backends) plus every live server process. None when the server
+    is not a process on this machine that we may read."""
+
+    def __init__(self, postmaster: psutil.Process | None) -> None:
+        self.postmaster = postmaster
+
+    @classmethod
+    async def of(cls, url: str) -> PostgresCpu:
+        conn = await asyncpg.connect(url)
+        try:
+            # the backend's parent, read while the backend lives
+            backend = await conn.fetchval("SELECT pg_backend_pid()")
+            try:
+                postmaster = psutil.Process(backend).parent()
+                if postmaster is not None:
+                    process_cpu(postmaster)
+            except (psutil.Error, OSError):
+                postmaster = None
+        finally:
+            await conn.close()
+        return cls(postmaster)
+
+    def seconds(self) -> float | None:
+        if self.postmaster is None:
+            return None
+        total = process_cpu(self.postmaster)
+        for child in self.postmaster.children():
+            try:
+                times = child.cpu_times()
+            except psutil.NoSuchProcess:
+                continue  # exited since listed: its time is now the postmaster's
+            total += times.user + times.system
+        return total
+
+
+# The transactions a reading of transactions() adds to the next one (its own, reported when
+# its connection ends).
+OWN_TRANSACTIONS = 1
+
+
+async def transactions(url: str) -> int:
+    """Transactions committed or rolled back in this database so far. Unlike CPU the count
+    does not drift with the machine's load: each pool call outside a transaction is one, and
+    so was each connection reset. An idle backend reports its counts up to 10 s late, one
+    that ends reports them as it ends: read before the processes counted start and after
+    they (and every other connection of the window) ended."""
+    await asyncio.sleep(0.5)  # connections just closed have reported
+    conn = await asyncpg.connect(url)
+    try:
+        count: int = await conn.fetchval(
+            "SELECT xact_commit + xact_rollback FROM pg_stat_database"
+            " WHERE datname = current_database()"
+        )
+        return count
+    finally:
+        await conn.close()
+
+
+def per_order_ms(seconds: float | None, orders: int) -> float | None:
+    return None if seconds is None else seconds * 1000 / orders
+
+
+async def wait_listening(url: str, replicas: int, timeout: float = 120.0) -> int:
+    """Until every replica's wake-up connection listens (its last statement is the LISTEN or
+    a later self-probe): orders queued before that wait for the fallback poll instead.
+    Returns the polls made (one transaction each)."""
+    conn = await asyncpg.connect(url)
+    deadline = time.monotonic() + timeout
+    polls = 0
+    try:
+        while True:
+            polls += 1
+            listening = await conn.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                " AND (query LIKE 'LISTEN %' OR query LIKE 'SELECT pg_notify(%')"
+            )
+            if listening >= replicas:
+                return polls
+            if time.monotonic() > deadline:
+                raise SystemExit(f"only {listening} of {replicas} replicas listen")
+            await asyncio.sleep(0.05)
+    finally:
+        await conn.close()
 
 
 async def fill_history(url: str, rows: int) -> None:
@@ -125,18 +234,22 @@ async def fill_history(url: str, rows: int) -> None:
         await conn.close()
 
 
-async def wait_all_done(url: str, prefix: str, expected: int, timeout: float) -> None:
+async def wait_all_done(url: str, prefix: str, expected: int, timeout: float) -> int:
+    """Poll until ``expected`` orders completed; returns the polls made (one transaction
+    each, which the transaction count per order leaves out)."""
     conn = await asyncpg.connect(url)
     deadline = time.monotonic() + timeout
+    polls = 0
     try:
         while True:
+            polls += 1
             done = await conn.fetchval(
                 "SELECT count(*) FROM importer_orders WHERE stage = 'Import Completed'"
                 " AND uuid LIKE $1",
                 prefix + "%",
             )
             if done >= expected:
-                return
+                return polls
             if time.monotonic() > deadline:
                 raise SystemExit(f"only {done} of {expected} orders completed in {timeout}s")
             await asyncio.sleep(0.05)
@@ -245,20 +358,229 @@ async def run(args: argparse.Namespace, backend: str) -> dict[str, Any]:
         config = write_config(workdir, url, image, args.max_workers, backend)
 
         replicas = Replicas(config, args.replicas)
-        await asyncio.sleep(2.0)  # let every replica connect and LISTEN
+        await wait_listening(url, args.replicas)
         result["steady"] = await steady(url, args.steady_orders, args.rate, files)
         result["steady"]["rate"] = args.rate
         result["steady"]["peak_rss_mb"] = replicas.peak_rss_mb()
         result["steady"]["exit_codes"] = replicas.stop()
 
-        await backlog_insert(url, args.orders, files)
+        # The replicas start before the backlog is queued (in one transaction), so the CPU
+        # they spend on it is the orders', not their start-up's.
+        postgres = await PostgresCpu.of(url)
+        # from before the replicas start to after they stopped: their start-up is in it
+        xacts = await transactions(url)
         replicas = Replicas(config, args.replicas)
-        await wait_all_done(url, "z", args.orders, timeout=max(300, args.orders / 100))
-        backlog = await backlog_result(url, args.orders)
-        backlog["peak_rss_mb"] = replicas.peak_rss_mb()
+        polls = await wait_listening(url, args.replicas)
+        await asyncio.sleep(1.0)  # past start-up work that follows the LISTEN
+        replica_cpu, pg_cpu = replicas.cpu_seconds(), postgres.seconds()
+        await backlog_insert(url, args.orders, files)
+        polls += await wait_all_done(url, "z", args.orders, timeout=max(300, args.orders / 100))
+        replica_cpu = replicas.cpu_seconds() - replica_cpu
+        pg_after = postgres.seconds()
+        backlog: dict[str, Any] = {"peak_rss_mb": replicas.peak_rss_mb()}
         backlog["exit_codes"] = replicas.stop()
+        # less the backlog insert and this benchmark's polls
+        xacts = await transactions(url) - xacts - OWN_TRANSACTIONS - polls - 1
+        backlog.update(await backlog_result(url, args.orders))
+        backlog["transactions_per_order"] = xacts / args.orders
+        backlog["replica_cpu_ms_per_order"] = per_order_ms(replica_cpu, args.orders)
+        backlog["postgres_cpu_ms_per_order"] = per_order_ms(
+            None if pg_cpu is None or pg_after is None else pg_after - pg_cpu, args.orders
+        )
         result["backlog"] = backlog
+        if args.peer == "pgqueuer":
+            result["peer"] = await pgqueuer_run(url, args, postgres)
     return result
+
+
+# --- the peer: pgqueuer draining no-op jobs ----------------------------------------------------
+# The worker is its own OS process, like a replica, so its CPU is read the same way. It runs
+# pgqueuer's QueueManager with its defaults (batch size 10, durable tables, LISTEN on its own
+# channel) and one no-op entrypoint; each job's payload names it. The worker prints 'ready'
+# once it listens, and on exit one JSON line: when each job was picked (its clock) and when
+# the last job's completion was flushed to the database.
+PEER_ENTRYPOINT = "noop"
+
+
+async def peer_worker(url: str, jobs: int, batch_size: int) -> None:
+    from pgqueuer import AsyncpgDriver, Job, Queries, QueueManager  # noqa: PLC0415 (bench extra)
+
+    conn = await asyncpg.connect(url)
+    manager = QueueManager(Queries(AsyncpgDriver(conn)))
+    picked: dict[str, float] = {}
+
+    @manager.entrypoint(PEER_ENTRYPOINT)
+    async def noop(job: Job) -> None:
+        picked[(job.payload or b"").decode()] = time.time()
+        if len(picked) >= jobs:
+            manager.shutdown.set()
+
+    async def announce() -> None:
+        await asyncio.sleep(0.5)  # run() has installed its listener by then
+        print("ready", flush=True)
+
+    announcer = asyncio.create_task(announce())
+    await manager.run(batch_size=batch_size)
+    await announcer
+    # run() returns once in-flight jobs ended and their status buffer was flushed
+    print(json.dumps({"picked": picked, "done": time.time()}), flush=True)
+    await conn.close()
+
+
+class PeerWorker:
+    def __init__(self, url: str, jobs: int, batch_size: int) -> None:
+        self.proc = subprocess.Popen(
+            [
+                *(sys.executable, __file__, "--peer-worker", url, "--orders", str(jobs)),
+                *("--peer-batch-size", str(batch_size)),
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+        self.process = psutil.Process(self.proc.pid)
+
+    def wait_ready(self) -> None:
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if line.strip() != "ready":
+            raise SystemExit(f"pgqueuer worker did not start: {line!r}")
+
+    def result(self, timeout: float) -> tuple[dict[str, float], float, float]:
+        """(pick time per job, completion time, CPU seconds), read as the worker exits."""
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        cpu = process_cpu(self.process)
+        if self.proc.wait(timeout=timeout) != 0 or not line:
+            raise SystemExit("pgqueuer worker failed")
+        data = json.loads(line)
+        return data["picked"], data["done"], cpu
+
+
+async def pgqueuer_run(url: str, args: argparse.Namespace, postgres: PostgresCpu) -> dict[str, Any]:
+    from pgqueuer import AsyncpgDriver, Queries  # noqa: PLC0415 (the bench extra)
+    from pgqueuer import __version__ as version  # noqa: PLC0415
+
+    conn = await asyncpg.connect(url)
+    try:
+        queries = Queries(AsyncpgDriver(conn))
+        await queries.install()
+        await queries.enqueue(PEER_ENTRYPOINT, b"warm-up")  # its statements prepared
+
+        worker = PeerWorker(url, args.steady_orders + 1, args.peer_batch_size)
+        worker.wait_ready()
+        committed: dict[str, float] = {}
+        start = time.perf_counter()
+        for n in range(args.steady_orders):
+            delay = start + n / args.rate - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            key = f"s{n}"
+            await queries.enqueue(PEER_ENTRYPOINT, key.encode())
+            committed[key] = time.time()
+        picked, _, _ = worker.result(timeout=args.steady_orders / args.rate + 120)
+        latencies = [(picked[k] - t) * 1000 for k, t in committed.items() if k in picked]
+    finally:
+        await conn.close()
+
+    # as for the replicas: from before the worker starts to after it ended
+    xacts = await transactions(url)
+    worker = PeerWorker(url, args.orders, args.peer_batch_size)
+    worker.wait_ready()
+    await asyncio.sleep(1.0)  # idle, as the replicas were
+    cpu_before, pg_before = process_cpu(worker.process), postgres.seconds()
+    keys = [f"z{n}" for n in range(args.orders)]
+    conn = await asyncpg.connect(url)
+    try:
+        # one statement, one transaction: like the project's backlog insert
+        await Queries(AsyncpgDriver(conn)).enqueue(
+            [PEER_ENTRYPOINT] * args.orders, [k.encode() for k in keys], [0] * args.orders
+        )
+    finally:
+        await conn.close()
+    picked, done, cpu_after = worker.result(timeout=max(300, args.orders / 100))
+    pg_after = postgres.seconds()
+    xacts = await transactions(url) - xacts - OWN_TRANSACTIONS - 1  # less the enqueue
+    drain = done - min(picked[k] for k in keys)
+    return {
+        "name": f"pgqueuer {version}",
+        "batch_size": args.peer_batch_size,
+        "steady": {
+            "pickup_p50_ms": percentile(latencies, 50),
+            "pickup_p99_ms": percentile(latencies, 99),
+            "pickup_mean_ms": statistics.fmean(latencies),
+        },
+        "backlog": {
+            "orders_per_second": args.orders / drain,
+            "drain_seconds": drain,
+            "transactions_per_order": xacts / args.orders,
+            "replica_cpu_ms_per_order": per_order_ms(cpu_after - cpu_before, args.orders),
+            "postgres_cpu_ms_per_order": per_order_ms(
+                None if pg_before is None or pg_after is None else pg_after - pg_before,
+                args.orders,
+            ),
+        },
+    }
+
+
+def _ms(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f} ms"
+
+
+def _ratio(ours: float | None, peer: float | None) -> str:
+    return "n/a" if not ours or not peer else f"{ours / peer:.2f}x"
+
+
+def report(result: dict[str, Any], args: argparse.Namespace) -> None:
+    steady_result, backlog = result["steady"], result["backlog"]
+    print(f"backend={result['backend']} replicas={args.replicas} history_rows={args.history}")
+    print(
+        f"steady {steady_result['rate']:.0f}/s:"
+        f" pickup p50={steady_result['pickup_p50_ms']:.2f} ms"
+        f" p99={steady_result['pickup_p99_ms']:.2f} ms"
+        f" peak_rss_mb={[round(x) for x in steady_result['peak_rss_mb']]}"
+    )
+    print(
+        f"backlog {args.orders}: {backlog['orders_per_second']:.0f} orders/s"
+        f" ({backlog['drain_seconds']:.1f} s)"
+        f" peak_rss_mb={[round(x) for x in backlog['peak_rss_mb']]}"
+    )
+    print(
+        f"cpu per order: replicas {_ms(backlog['replica_cpu_ms_per_order'])},"
+        f" postgresql {_ms(backlog['postgres_cpu_ms_per_order'])};"
+        f" postgresql transactions per order {backlog['transactions_per_order']:.2f}"
+    )
+    peer = result.get("peer")
+    if peer is None:
+        return
+    ps, pb = peer["steady"], peer["backlog"]
+    cpu = "replica_cpu_ms_per_order"
+    pg_cpu = "postgres_cpu_ms_per_order"
+    xacts = "transactions_per_order"
+    print(f"peer {peer['name']} (batch size {peer['batch_size']}), same PostgreSQL:")
+    print(
+        f"  steady {args.rate:.0f}/s: pickup p50={ps['pickup_p50_ms']:.2f} ms"
+        f" p99={ps['pickup_p99_ms']:.2f} ms"
+    )
+    print(
+        f"  backlog {args.orders}: {pb['orders_per_second']:.0f} jobs/s"
+        f" ({pb['drain_seconds']:.1f} s)"
+    )
+    print(
+        f"  cpu per job: worker {_ms(pb[cpu])}, postgresql {_ms(pb[pg_cpu])};"
+        f" postgresql transactions per job {pb['transactions_per_order']:.2f}"
+    )
+    print(
+        "ratio ours/peer:"
+        f" drain {_ratio(backlog['orders_per_second'], pb['orders_per_second'])}"
+        " (>1 is faster),"
+        f" pickup p50 {_ratio(steady_result['pickup_p50_ms'], ps['pickup_p50_ms'])}"
+        f" p99 {_ratio(steady_result['pickup_p99_ms'], ps['pickup_p99_ms'])},"
+        f" cpu replica {_ratio(backlog[cpu], pb[cpu])}"
+        f" postgresql {_ratio(backlog[pg_cpu], pb[pg_cpu])},"
+        f" transactions {_ratio(backlog[xacts], pb[xacts])}"
+        " (<1 is cheaper)"
+    )
 
 
 def main() -> None:
@@ -277,26 +599,25 @@ def main() -> None:
         default="simulator",
         help="the OMERO port of the replicas; 'both' measures one after the other",
     )
+    parser.add_argument(
+        "--peer",
+        choices=["pgqueuer"],
+        default=None,
+        help="after each run, drain as many no-op jobs with this queue on the same PostgreSQL",
+    )
+    parser.add_argument("--peer-batch-size", type=int, default=10, help=argparse.SUPPRESS)
+    parser.add_argument("--peer-worker", metavar="URL", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.peer_worker is not None:
+        asyncio.run(peer_worker(args.peer_worker, args.orders, args.peer_batch_size))
+        return
     backends = ["simulator", "null"] if args.backend == "both" else [args.backend]
     for backend in backends:
         result = asyncio.run(run(args, backend))
         if args.json:
             print(json.dumps(result))
-            continue
-        steady_result, backlog = result["steady"], result["backlog"]
-        print(f"backend={backend} replicas={args.replicas} history_rows={args.history}")
-        print(
-            f"steady {steady_result['rate']:.0f}/s:"
-            f" pickup p50={steady_result['pickup_p50_ms']:.2f} ms"
-            f" p99={steady_result['pickup_p99_ms']:.2f} ms"
-            f" peak_rss_mb={[round(x) for x in steady_result['peak_rss_mb']]}"
-        )
-        print(
-            f"backlog {args.orders}: {backlog['orders_per_second']:.0f} orders/s"
-            f" ({backlog['drain_seconds']:.1f} s)"
-            f" peak_rss_mb={[round(x) for x in backlog['peak_rss_mb']]}"
-        )
+        else:
+            report(result, args)
 
 
 if __name__ == "__main__":

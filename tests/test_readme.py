@@ -1,5 +1,6 @@
-"""The README stays true to the code: every setting documented, the two quickstart commands,
-and only commands the CLI really has."""
+"""The README and the docs/ pages stay true to the code: every setting documented (in
+docs/configuration.md), the two quickstart commands, only commands the CLI really has, links
+that resolve, and a README short enough to read to the end (the rest is linked from it)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,11 @@ from biomero_importer.settings import ENV_PREFIX, LEGACY_ENV, Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text(encoding="utf-8")
-MIGRATION_GUIDE = ROOT / "docs" / "migrating-from-biomero-importer.md"
+DOCS = ROOT / "docs"
+MIGRATION_GUIDE = DOCS / "migrating-from-biomero-importer.md"
+CONFIGURATION = (DOCS / "configuration.md").read_text(encoding="utf-8")
+# What a newcomer reads to the end; everything else is a page under docs/, linked from it.
+README_SECTIONS = ["Quickstart", "A 5-minute tour", "Deployment", "Documentation"]
 # Commands the README documents that another change is adding at the same time. While one
 # is not registered yet, the command test skips instead of failing; remove a name here once
 # the command exists, so the test checks it like every other.
@@ -27,33 +32,44 @@ _INLINE = re.compile(r"`([^`\n]+)`")
 _COMMAND = re.compile(r"[a-z][a-z0-9-]*")
 
 
-def _section(title: str) -> str:
-    match = re.search(rf"^## {re.escape(title)}\n(.*?)(?=^## |\Z)", README, re.M | re.S)
-    assert match, f"README has no '## {title}' section"
+def _section(title: str, text: str = README, where: str = "README") -> str:
+    match = re.search(rf"^## {re.escape(title)}\n(.*?)(?=^## |\Z)", text, re.M | re.S)
+    assert match, f"{where} has no '## {title}' section"
     return match.group(1)
 
 
+def _pages() -> dict[Path, str]:
+    """README and every docs/ page: path -> text."""
+    pages = {ROOT / "README.md": README}
+    pages.update({page: page.read_text(encoding="utf-8") for page in sorted(DOCS.glob("*.md"))})
+    return pages
+
+
+def _reference() -> str:
+    return _section("Configuration reference", CONFIGURATION, "docs/configuration.md")
+
+
 def _reference_rows() -> dict[str, str]:
-    """Configuration reference table: key -> the rest of its row."""
+    """Configuration reference table (docs/configuration.md): key -> the rest of its row."""
     rows = {}
-    for line in _section("Configuration reference").splitlines():
+    for line in _reference().splitlines():
         cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
         if line.startswith("|") and len(cells) == 4 and cells[0].startswith("`"):
             rows[cells[0].strip("`")] = line
     return rows
 
 
-def _code() -> list[str]:
-    """Every line of code in the README: fenced blocks and inline spans."""
-    blocks = [line for block in _FENCE.findall(README) for line in block.splitlines()]
-    prose = _FENCE.sub("", README)
+def _code(text: str) -> list[str]:
+    """Every line of code in ``text``: fenced blocks and inline spans."""
+    blocks = [line for block in _FENCE.findall(text) for line in block.splitlines()]
+    prose = _FENCE.sub("", text)
     return blocks + _INLINE.findall(prose)
 
 
-def readme_commands() -> set[str]:
+def readme_commands(text: str = README) -> set[str]:
     """Words that follow ``biomero-importer`` in code (the service name alone is skipped)."""
     found = set()
-    for line in _code():
+    for line in _code(text):
         try:
             tokens = shlex.split(line, comments=True)
         except ValueError:
@@ -84,7 +100,7 @@ def test_reference_row_names_the_environment_variables(key: str) -> None:
 
 
 def test_every_legacy_environment_name_is_documented() -> None:
-    section = _section("Configuration reference")
+    section = _reference()
     for env_name in LEGACY_ENV:
         assert f"`{env_name}`" in section
 
@@ -101,10 +117,10 @@ def test_quickstart_has_exactly_the_two_dev_commands() -> None:
 
 
 def test_readme_mentions_commands_that_exist() -> None:
-    mentioned = readme_commands()
     assert {"run", "migrate", "submit", "status", "show", "retry", "cancel", "check", "demo"} <= (
-        mentioned
+        readme_commands()
     )
+    mentioned = set().union(*(readme_commands(text) for text in _pages().values()))
     missing = mentioned - cli_commands()
     unexpected = missing - IN_PROGRESS
     assert not unexpected, f"README mentions commands the CLI lacks: {sorted(unexpected)}"
@@ -112,13 +128,22 @@ def test_readme_mentions_commands_that_exist() -> None:
         pytest.skip(f"documented, not registered yet: {sorted(missing)}")
 
 
-def test_readme_links_resolve() -> None:
-    for target in re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", README):
-        if target.startswith(("http://", "https://")):
-            continue
-        assert (ROOT / target).exists(), f"README links to missing {target}"
+def test_readme_and_docs_links_resolve() -> None:
+    for page, text in _pages().items():
+        for target in re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", text):
+            if target.startswith(("http://", "https://")):
+                continue
+            assert (page.parent / target).exists(), f"{page.name} links to missing {target}"
     assert MIGRATION_GUIDE.exists()
     assert "docs/migrating-from-biomero-importer.md" in README
+
+
+def test_readme_is_the_short_way_in_and_links_every_page() -> None:
+    sections = re.findall(r"^## (.+)$", README, re.M)
+    assert sections == README_SECTIONS
+    links = _section("Documentation")
+    for page in sorted(DOCS.glob("*.md")):
+        assert f"(docs/{page.name})" in links, f"README's Documentation does not link {page.name}"
 
 
 def test_readme_references_the_deployment_files() -> None:

@@ -151,7 +151,7 @@ class SimulatorUser(BaseModel):
 
 
 class Settings(BaseModel):
-    """Every key of ``config/settings.yml``; README's configuration reference lists them all."""
+    """Every key of ``config/settings.yml``; docs/configuration.md lists them all."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
 
@@ -235,7 +235,7 @@ class Settings(BaseModel):
     omero_simulator_fail_pattern: str | None = None
     # user -> groups, or user -> {"groups": [...], "email": "..."}
     omero_simulator_users: dict[str, list[str] | SimulatorUser] | None = None
-    # The simulator's OMERO rules, switchable per test (README: "The OMERO simulator").
+    # The simulator's OMERO rules, switchable per test (docs/testing.md: "The OMERO simulator").
     omero_simulator_exclusion: Literal["visible", "target"] = "visible"
     omero_simulator_failure: Literal["clean", "orphan_fileset", "partial"] = "clean"
     omero_simulator_import_seconds: float = Field(default=0.0, ge=0)

@@ -36,6 +36,9 @@ RUNTIME_TIMEOUT = 30.0
 # The exit code of a container that started but whose image has no `true`: the runtime works.
 # (126 is not accepted: podman also returns it when the OCI runtime is refused permission.)
 COMMAND_NOT_FOUND = 127
+# Where a source checkout keeps the podman settings for machines whose OCI runtime may not set
+# podman's default ulimits (root in some VMs and containers); ./dev test points podman at it.
+PODMAN_CONF = Path(__file__).resolve().parents[3] / "config" / "podman" / "containers.conf"
 
 
 @dataclass
@@ -147,7 +150,29 @@ def _runtime_line(settings: Settings) -> Line:
         return Line(name, False, f"{type(exc).__name__} running {runtime}", hint)
     if run.returncode in (0, COMMAND_NOT_FOUND):
         return Line(name, True, f"{found}: ran a container from {local[0]}")
+    if "rlimit" in run.stderr.lower():
+        return Line(
+            name,
+            False,
+            f"the OCI runtime may not set the container's rlimits here ({local[0]}:"
+            f" {_last_line(run.stderr)})",
+            _rlimit_hint(),
+        )
     return Line(name, False, f"cannot run {local[0]}: {_last_line(run.stderr)}", hint)
+
+
+def _rlimit_hint() -> str:
+    """The fix for runc/crun refused setrlimit: no default ulimits, from a containers.conf."""
+    fix = "a containers.conf with default_ulimits = [] under [containers]"
+    current = os.environ.get("CONTAINERS_CONF")
+    if current:
+        return (
+            f"CONTAINERS_CONF={current} still lets podman set ulimits: add"
+            " default_ulimits = [] under [containers] in it"
+        )
+    if PODMAN_CONF.is_file():
+        return f"use {fix}, as ./dev test does: export CONTAINERS_CONF={PODMAN_CONF}"
+    return f"use {fix} (point CONTAINERS_CONF at it, or put it in /etc/containers/)"
 
 
 def _folder_problem(path: Path, access: int) -> str | None:

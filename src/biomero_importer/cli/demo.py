@@ -13,7 +13,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import time
 import uuid as uuidlib
 from dataclasses import dataclass, field
@@ -33,7 +32,7 @@ from biomero_importer.model import (
     TERMINAL_STAGES,
     OrderEvent,
 )
-from biomero_importer.observability.logging import configure_logging
+from biomero_importer.observability.logging import configure_logging, reset_logging
 from biomero_importer.omero.simulator import DB_NAME
 from biomero_importer.service import StartupError, open_service, prepare_schema
 from biomero_importer.settings import Settings, default_data_dir
@@ -49,6 +48,8 @@ ORDER_TIMEOUT = 20.0
 POLL_INTERVAL = 0.1
 PROBE_TIMEOUT = 30.0
 SKIPPED = "skipped"
+# in the log folder; the settings the demo writes (settings.yml) log there too
+SERVICE_LOG = "importer.log"
 
 DirOption = Annotated[
     Path | None,
@@ -90,7 +91,7 @@ def _demo_settings(folder: Path) -> Settings:
         import_roots=[folder / "data"],
         order_log_dir=folder / "logs",
         log_file_path=None,
-        log_level="WARNING",
+        log_level="INFO",
         omero_inplace_dir=folder / "inplace",
         allowed_containers=["localhost/biomero-test-converter:*"],
         preprocessing_timeout=20.0,
@@ -104,7 +105,7 @@ def _demo_settings(folder: Path) -> Settings:
 def _write_config(folder: Path, settings: Settings) -> Path:
     """Settings for looking around afterwards (status, show, run) with the same folder."""
     data = json.loads(settings.model_dump_json(exclude={"worker_id"}))
-    data.update(log_level="INFO", log_file_path=str(folder / "logs" / "importer.log"))
+    data.update(log_level="INFO", log_file_path=str(settings.order_log_dir / SERVICE_LOG))
     path = folder / "settings.yml"
     path.write_text(
         "# Written by `biomero-importer demo`: use it with --config to look at the demo's data.\n"
@@ -297,7 +298,9 @@ def _summary(orders: list[DemoOrder], skipped: str | None) -> list[list[str]]:
     return rows
 
 
-def _look_inside(folder: Path, config: Path, psql: str, orders: list[DemoOrder]) -> None:
+def _look_inside(
+    folder: Path, config: Path, psql: str, orders: list[DemoOrder], service_log: Path
+) -> None:
     sim_db = folder / "omero-simulator" / DB_NAME
     first = orders[0].uuid
     _say("\nLook inside:")
@@ -313,6 +316,7 @@ def _look_inside(folder: Path, config: Path, psql: str, orders: list[DemoOrder])
         f" FROM objects WHERE order_uuid = '{first}'\""
     )
     _say(f"  per-order logs:         {folder / 'logs'}")
+    _say(f"  service log:            {service_log}")
     _say(f"  sample images:          {folder / 'data'}")
 
 
@@ -330,8 +334,23 @@ def demo(directory: DirOption = None) -> None:
     except OSError as exc:
         raise fail(f"cannot create the demo folder {folder}: {exc.strerror or exc}") from None
     settings = _demo_settings(folder)
-    # Only the service's warnings: the demo's own lines are the story.
-    configure_logging(settings, stream=sys.stderr)
+    service_log = settings.order_log_dir / SERVICE_LOG
+    try:
+        service_log.parent.mkdir(parents=True, exist_ok=True)
+        stream = service_log.open("a", encoding="utf-8")
+    except OSError as exc:
+        raise fail(f"cannot write the demo's log {service_log}: {exc.strerror or exc}") from None
+    # The demo's own lines are the story: the service's (a failing order's warning among
+    # them) would break into it and its table, so they go to the log folder.
+    with stream:
+        configure_logging(settings, stream=stream)
+        try:
+            _show(folder, settings, service_log, started)
+        finally:
+            reset_logging()
+
+
+def _show(folder: Path, settings: Settings, service_log: Path, started: float) -> None:
     _say(f"biomero-importer demo in {folder}")
 
     data = folder / "data"
@@ -367,7 +386,7 @@ def demo(directory: DirOption = None) -> None:
     _say(
         table(["UUID", "ORDER", "STAGE", "DESCRIPTION", "OMERO OBJECTS"], _summary(orders, skipped))
     )
-    _look_inside(folder, config, psql, orders)
+    _look_inside(folder, config, psql, orders, service_log)
     unexpected = [o for o in orders if o.stage != o.expected]
     elapsed = time.monotonic() - started
     if unexpected:

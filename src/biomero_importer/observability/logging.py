@@ -271,6 +271,34 @@ def _filter_by_level(logger: WrappedLogger, method_name: str, event_dict: EventD
     return event_dict
 
 
+_FilteringLogger: Any = structlog.make_filtering_bound_logger(logging.NOTSET)
+
+
+class _LevelCheckedLogger(_FilteringLogger):  # type: ignore[misc]
+    """Drops an event below its logger's level before structlog builds it.
+
+    structlog copies the bound context, merges keyword arguments and starts the processor
+    chain before _filter_by_level can drop the event: several microseconds a call, and an
+    order makes several debug and info calls that a WARNING-level service never writes. The
+    levels stay dynamic (stdlib's, looked up per call). Only under this module's chain:
+    ``structlog.testing.capture_logs`` replaces it and still sees every event.
+    """
+
+    def _dropped(self, method: str) -> bool:
+        return _filter_by_level in self._processors and not self._logger.is_enabled(method)
+
+    def debug(self, event: str, *args: Any, **kw: Any) -> Any:
+        return None if self._dropped("debug") else super().debug(event, *args, **kw)
+
+    def info(self, event: str, *args: Any, **kw: Any) -> Any:
+        return None if self._dropped("info") else super().info(event, *args, **kw)
+
+    def warning(self, event: str, *args: Any, **kw: Any) -> Any:
+        return None if self._dropped("warning") else super().warning(event, *args, **kw)
+
+    warn = warning
+
+
 def _add_logger_name(logger: WrappedLogger, _: str, event_dict: EventDict) -> EventDict:
     event_dict["logger"] = logger.name
     return event_dict
@@ -356,7 +384,7 @@ def configure_logging(settings: Settings, *, stream: IO[str] | None = None) -> N
         logger_factory=_emitter_factory,
         # Levels are checked per call by _filter_by_level, not baked into the class, so a
         # later call with another log_level also applies to loggers cached before it.
-        wrapper_class=structlog.make_filtering_bound_logger(logging.NOTSET),
+        wrapper_class=_LevelCheckedLogger,
         # Safe: the chain is the same on every call and everything that changes lives in the
         # pipeline and in stdlib logger levels, both looked up per event.
         cache_logger_on_first_use=True,

@@ -246,63 +246,83 @@ class Metrics:
             namespace=NAMESPACE,
             registry=reg,
         )
-        # the series each order has, to remove them (prometheus_client lists none)
-        self._progress_steps: dict[str, str] = {}
-        self._progress_bytes: set[str] = set()
+        # The series each running order has, with their children: looked up once per step,
+        # not once per progress state, and removed when the order ends (prometheus_client
+        # lists none).
+        self._progress_units: dict[str, tuple[str, Gauge, Gauge]] = {}
+        self._progress_bytes: dict[str, tuple[Gauge, Gauge]] = {}
 
-        for outcome in OUTCOMES:
-            self.orders_finished.labels(outcome=outcome)
-        for step in STEPS:
-            self.step_duration.labels(step=step)
-        for lease_outcome in LEASE_OUTCOMES:
-            self.recovered_leases.labels(outcome=lease_outcome)
-        for channel in NOTIFICATION_CHANNELS:
-            self.notifications_delivered.labels(channel=channel)
-            for kind in NOTIFICATION_FAILURES:
-                self.notifications_failed.labels(channel=channel, kind=kind)
+        # Every labelled child, looked up once here: labels() takes a lock and builds a key
+        # on each call, and these are called on every order's path.
+        self._finished = {o: self.orders_finished.labels(outcome=o) for o in OUTCOMES}
+        self._steps = {step: self.step_duration.labels(step=step) for step in STEPS}
+        self._recovered = {o: self.recovered_leases.labels(outcome=o) for o in LEASE_OUTCOMES}
+        # keyed by str: the notifier's channel names are plain strings
+        self._delivered: dict[str, Counter] = {
+            c: self.notifications_delivered.labels(channel=c) for c in NOTIFICATION_CHANNELS
+        }
+        self._failed: dict[tuple[str, str], Counter] = {
+            (c, kind): self.notifications_failed.labels(channel=c, kind=kind)
+            for c in NOTIFICATION_CHANNELS
+            for kind in NOTIFICATION_FAILURES
+        }
+        # given up is rare, but its series exist from the start so an alert sees a zero first
+        for c in NOTIFICATION_CHANNELS:
             for give_up in NOTIFICATION_GIVE_UPS:
-                self.notifications_given_up.labels(channel=channel, reason=give_up)
-        for reason in WAIT_REASONS:
-            self.order_waits.labels(reason=reason)
+                self.notifications_given_up.labels(channel=c, reason=give_up)
+        self._waits = {reason: self.order_waits.labels(reason=reason) for reason in WAIT_REASONS}
 
     def order_finished(self, outcome: Outcome) -> None:
-        self.orders_finished.labels(outcome=outcome).inc()
+        self._finished[outcome].inc()
 
     def observe_step(self, step: Step, seconds: float) -> None:
-        self.step_duration.labels(step=step).observe(seconds)
+        self._steps[step].observe(seconds)
 
     def order_progress(self, uuid: str, progress: Progress | None) -> None:
         """Export an order's progress; None (its end) removes its series."""
-        step = self._progress_steps.get(uuid)
-        if step is not None and (progress is None or progress.step != step):
+        units = self._progress_units.get(uuid)
+        if units is not None and (progress is None or progress.step != units[0]):
             for gauge in (self.order_units_done, self.order_units_total):
-                gauge.remove(uuid, step)
-            del self._progress_steps[uuid]
-        if uuid in self._progress_bytes and (progress is None or progress.bytes_total is None):
+                gauge.remove(uuid, units[0])
+            del self._progress_units[uuid]
+            units = None
+        sizes = self._progress_bytes.get(uuid)
+        if sizes is not None and (progress is None or progress.bytes_total is None):
             for gauge in (self.order_bytes_done, self.order_bytes_total):
                 gauge.remove(uuid)
-            self._progress_bytes.discard(uuid)
+            del self._progress_bytes[uuid]
+            sizes = None
         if progress is None:
             return
-        self._progress_steps[uuid] = progress.step
-        self.order_units_done.labels(uuid, progress.step).set(progress.units_done)
-        self.order_units_total.labels(uuid, progress.step).set(progress.units_total)
+        if units is None:
+            units = (
+                progress.step,
+                self.order_units_done.labels(uuid, progress.step),
+                self.order_units_total.labels(uuid, progress.step),
+            )
+            self._progress_units[uuid] = units
+        units[1].set(progress.units_done)
+        units[2].set(progress.units_total)
         if progress.bytes_total is not None:
-            self.order_bytes_done.labels(uuid).set(progress.bytes_done or 0)
-            self.order_bytes_total.labels(uuid).set(progress.bytes_total)
-            self._progress_bytes.add(uuid)
+            if sizes is None:
+                sizes = (self.order_bytes_done.labels(uuid), self.order_bytes_total.labels(uuid))
+                self._progress_bytes[uuid] = sizes
+            sizes[0].set(progress.bytes_done or 0)
+            sizes[1].set(progress.bytes_total)
 
     def order_waited(self, reason: WaitReason) -> None:
-        self.order_waits.labels(reason=reason).inc()
+        self._waits[reason].inc()
 
     def lease_recovered(self, outcome: LeaseOutcome, count: int = 1) -> None:
-        self.recovered_leases.labels(outcome=outcome).inc(count)
+        self._recovered[outcome].inc(count)
 
     def notification_delivered(self, channel: str) -> None:
-        self.notifications_delivered.labels(channel=channel).inc()
+        child = self._delivered.get(channel)
+        (child or self.notifications_delivered.labels(channel=channel)).inc()
 
     def notification_failed(self, channel: str, kind: NotificationFailure) -> None:
-        self.notifications_failed.labels(channel=channel, kind=kind).inc()
+        child = self._failed.get((channel, kind))
+        (child or self.notifications_failed.labels(channel=channel, kind=kind)).inc()
 
     def notification_given_up(self, channel: str, reason: NotificationGiveUp) -> None:
         self.notifications_given_up.labels(channel=channel, reason=reason).inc()

@@ -19,9 +19,14 @@ log = structlog.get_logger(__name__)
 
 def warn_short_ttl(settings: Settings) -> None:
     """Once, at start: a ``ttl_for_user_conn`` too short for one import is raised, never left
-    to fail imports (the original's shipped settings.yml has 60000, which it never applied)."""
+    to fail imports (the original's shipped settings.yml has 60000, which it never applied).
+
+    Only a value the admin set is worth a warning: the default (6 h, as long as the default
+    import_timeout, so 600 s short) simply follows import_timeout, or every command of a
+    fresh installation would warn about a setting nobody chose.
+    """
     ttl = session_ttl_ms(settings)
-    if ttl > settings.ttl_for_user_conn:
+    if ttl > settings.ttl_for_user_conn and "ttl_for_user_conn" in settings.model_fields_set:
         log.warning(
             "omero_session_ttl_raised",
             configured_ms=settings.ttl_for_user_conn,

@@ -64,6 +64,21 @@ PROGRESS_TIMEOUT = 2.0
 UNRECORDABLE = "The importer could not record this order's result; see its logs"
 
 
+async def _reset_connection(conn: asyncpg.Connection) -> None:
+    """What a connection back from a store call needs before the next one: no statement.
+
+    asyncpg's default reset costs a round trip per release (``pg_advisory_unlock_all(); CLOSE
+    ALL; UNLISTEN *; RESET ALL``) for session state this service never leaves on a pooled
+    connection: no advisory lock (the migration's is taken on a connection of its own), no
+    cursor (every read is a fetch), no LISTEN (the wake-up channel has its own connection,
+    outside the pool), no SET (the one setting, the requeue flag, is ``set_config(..., true)``:
+    it ends with its transaction). Before calling this, the pool already rolls back a
+    transaction left open and drops listener callbacks; the check below is for an asyncpg
+    that does not, and costs no round trip otherwise."""
+    if conn.is_in_transaction():
+        await conn.execute("ROLLBACK")
+
+
 class PostgresStore(OrderStore):
     def __init__(
         self,
@@ -110,6 +125,7 @@ class PostgresStore(OrderStore):
             max_size=self.pool_size,
             command_timeout=60,
             timeout=self.connect_timeout,
+            reset=_reset_connection,
         )
         assert pool is not None
         return pool
