@@ -334,6 +334,7 @@ class Dispatcher:
             delay=outcome.wait_seconds if waits else None,
             transient_retry=waits and outcome.transient is not None,
             settling=waits and outcome.settling,
+            wait_cause=outcome.transient if waits else None,
         )
         written = await self.store.finish(item)
         if not written:
