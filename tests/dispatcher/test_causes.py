@@ -4,9 +4,11 @@ container runtime, and the real probes against real folders, processes and the s
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import threading
 import time
+import urllib.request
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -19,7 +21,7 @@ from biomero_importer.dispatcher.causes import Causes, Status
 from biomero_importer.dispatcher.probes import omero_probe, runtime_probe, storage_probe
 from biomero_importer.dispatcher.supervisor import Supervisor
 from biomero_importer.model import ClaimedOrder, PreprocessingSpec, TransientKind
-from biomero_importer.observability.health import HealthState
+from biomero_importer.observability.health import HealthState, start_http_server
 from biomero_importer.observability.metrics import Metrics
 from biomero_importer.omero.simulator import OFFLINE_FILE, SimulatorGateway
 from biomero_importer.settings import Settings
@@ -312,3 +314,29 @@ async def test_omero_probe_follows_the_simulated_server(tmp_path: Path) -> None:
             assert await probe() is None
     finally:
         gateway.close()
+
+
+async def test_healthz_lists_a_dependency_down_without_failing() -> None:
+    """OMERO down is not this replica's fault (restarting it would not help): /healthz stays
+    200 and says what is down; metrics show it too."""
+    async with world(backoff=0.05) as w:
+        w.deps["omero"].up = False
+        w.causes.failed("omero", "OMERO unavailable, retry later")
+        await until(lambda: w.causes.causes["omero"].status is Status.DOWN)
+        w.causes.health.db_ok = w.causes.health.listener_connected = True
+        server = await start_http_server("127.0.0.1", 0, w.causes.metrics, w.causes.health)
+        try:
+            reply = await asyncio.to_thread(get, server.port, "/healthz")
+            metrics = await asyncio.to_thread(get, server.port, "/metrics")
+        finally:
+            await server.close()
+    status, body = reply
+    assert status == 200
+    down = json.loads(body)["dependencies_down"]
+    assert list(down) == ["omero"] and down["omero"]["reason"] == "refused"
+    assert 'biomero_importer_dependency_down{cause="omero"} 1.0' in metrics[1]
+
+
+def get(port: int, path: str) -> tuple[int, str]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
+        return response.status, response.read().decode()
