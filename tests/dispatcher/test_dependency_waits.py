@@ -86,7 +86,7 @@ async def test_an_outage_costs_failed_attempts_per_slot_not_per_order_and_ends_a
         assert waits == 30
         assert failed_attempts <= 2 * settings.max_workers, (waits, held)
         assert service.health.dependencies_down["omero"]["reason"]
-        await asyncio.sleep(0.3)  # still down: the probe backs off, nothing else is tried
+        await asyncio.sleep(0.2)  # still down: the probe backs off, nothing else is tried
         assert sample(service, "orders_held_total", cause="omero") == held
         offline.unlink()
         back = time.monotonic()
@@ -110,7 +110,7 @@ async def test_a_failure_the_probe_cannot_see_waits_its_own_backoff(
         root,
         poll_interval=60.0,
         use_register_zarr=True,
-        transient_backoff=1.0,
+        transient_backoff=0.5,
         omero_simulator_connection_lost_after=1,
         dependency_probe_backoff=0.05,
     )
@@ -123,5 +123,5 @@ async def test_a_failure_the_probe_cannot_see_waits_its_own_backoff(
         probes_up = sample(service, "dependency_probes_total", cause="omero", result="up")
     starts = [e.timestamp for e in events if e.stage == STAGE_IMPORTING]
     assert len(starts) == 2 and starts[0] is not None and starts[1] is not None
-    assert (starts[1] - starts[0]).total_seconds() >= 0.75  # its backoff (1 s, -20 % jitter)
+    assert (starts[1] - starts[0]).total_seconds() >= 0.38  # its backoff (0.5 s, -20 % jitter)
     assert probes_up == 1
