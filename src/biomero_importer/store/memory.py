@@ -252,6 +252,20 @@ class MemoryStore(OrderStore):
             self._outbox[entry_id] = _OutboxEntry(entry_id, order.new.uuid, row.id, stage, now, now)
         return row
 
+    def _ignore_duplicate(self, order: _Order, note: str) -> None:
+        """The trigger's answer to a second submission of a running or finished order: the
+        writer's row stays in the history, a copy of the order's state follows it; the queue
+        row (stage, outbox) does not change."""
+        stage, file_names = order.stage, order.rows[-1].file_names
+        when = datetime.fromtimestamp(self.clock(), timezone.utc)
+        for row_stage, description, names in (
+            (STAGE_NEW_ORDER, None, None),
+            (stage, note, file_names),
+        ):
+            self._ids[0] += 1
+            order.rows.append(_Row(self._ids[0], row_stage, description, names, when))
+        order.updated_at = self.clock()
+
     def _next_seq(self) -> int:
         self._seqs[0] += 1
         return self._seqs[0]
@@ -482,9 +496,9 @@ class MemoryStore(OrderStore):
             self._append(entry, STAGE_NEW_ORDER, None)
             return
         if current.stage in RUNNING_STAGES and current.worker_id is not None:
-            self._append(current, current.stage, DUPLICATE_RUNNING)
+            self._ignore_duplicate(current, DUPLICATE_RUNNING)
         elif current.stage in TERMINAL_STAGES:
-            self._append(current, current.stage, DUPLICATE_FINISHED)
+            self._ignore_duplicate(current, DUPLICATE_FINISHED)
         else:
             current.new = order
             self._append(current, STAGE_NEW_ORDER, None)
@@ -493,7 +507,12 @@ class MemoryStore(OrderStore):
         """The documented SQL retry UPDATE (every row of the uuid set to 'Import Pending')."""
         order = self._db[uuid]
         if order.worker_id is not None and order.stage in RUNNING_STAGES:
-            self._append(order, order.stage, RETRY_REFUSED)
+            # the UPDATE itself stands (an AFTER trigger): the rows read 'Import Pending',
+            # and the refusal restores the running stage after them
+            stage = order.stage
+            for row in order.rows:
+                row.stage = STAGE_NEW_ORDER
+            self._append(order, stage, RETRY_REFUSED)
             return
         previous = order.stage
         was_waiting = order.waiting
