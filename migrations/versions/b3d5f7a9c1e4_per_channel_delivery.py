@@ -1,7 +1,7 @@
 """Per-channel delivery of outcome notifications, owed channels decided by the database.
 
 Revision ID: b3d5f7a9c1e4
-Revises: f4a7c2e9b1d3
+Revises: a9c1e3d5f7b2
 Create Date: 2026-12-01
 
 ``importer_notify_replicas``: the notification channels (webhook, email) each replica has,
@@ -33,7 +33,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "b3d5f7a9c1e4"
-down_revision: str | None = "f4a7c2e9b1d3"
+down_revision: str | None = "a9c1e3d5f7b2"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

@@ -281,6 +281,10 @@ class OrderDetail:
     waiting_since: datetime | None = None
     #: automatic retries of transient failures used (0 again once the order ends)
     retries: int = 0
+    #: handed back to wait and not yet due (its time has not come, its cause is still down)
+    waiting: bool = False
+    #: what a waiting order waits for, when a probe can tell it is back
+    wait_cause: str | None = None
 
     @property
     def progress(self) -> Progress | None:

@@ -19,8 +19,10 @@ from sqlalchemy.exc import OperationalError
 from biomero_importer.db.embedded import EmbeddedPostgres
 from biomero_importer.db.migrate import is_at_head, migrate
 from biomero_importer.db.urls import asyncpg_dsn
+from biomero_importer.dispatcher.causes import Causes
 from biomero_importer.dispatcher.dispatcher import Dispatcher, RetryPolicy
 from biomero_importer.dispatcher.listener import Listener
+from biomero_importer.dispatcher.probes import default_probes
 from biomero_importer.notify import Notifier
 from biomero_importer.observability.health import HealthState, start_http_server
 from biomero_importer.observability.logging import Redactor
@@ -172,6 +174,15 @@ async def assemble(
         retry_policy=RetryPolicy(
             settings.transient_retries, settings.transient_backoff, settings.transient_backoff_max
         ),
+    )
+    dispatcher.causes = Causes(
+        default_probes(settings, gateway, executor, storage),
+        wake_waiting=store.wake_waiting,
+        on_wake=dispatcher.wake,
+        metrics=metrics,
+        health=health,
+        backoff=settings.dependency_probe_backoff,
+        backoff_max=settings.dependency_probe_backoff_max,
     )
     service = Service(settings, "", gateway, store, dispatcher, executor, metrics, health)
     dispatcher.helpers["health"] = partial(watch_health, service)

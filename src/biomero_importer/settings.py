@@ -181,6 +181,10 @@ class Settings(BaseModel):
     transient_retries: int = Field(default=5, ge=0)
     transient_backoff: PositiveFloat = 60.0
     transient_backoff_max: PositiveFloat = 3600.0
+    # While a cause of those failures is down, the replica probes it (first at once, then
+    # after this, doubling up to the max); orders waiting on it are due once it answers.
+    dependency_probe_backoff: PositiveFloat = 5.0
+    dependency_probe_backoff_max: PositiveFloat = 60.0
 
     # --- files ----------------------------------------------------------------------------
     base_dir: Path = Path("/data")

@@ -22,6 +22,7 @@ from sqlalchemy import (
     Index,
     Integer,
     MetaData,
+    Sequence,
     String,
     Text,
     func,
@@ -64,8 +65,13 @@ OWNED_TABLES = frozenset(
         "importer_outbox",
         "importer_outbox_delivery",
         "importer_notify_replicas",
+        "importer_users",
     }
 )
+
+# An order a claim may take (migration a9c1e3d5f7b2): only these are in the claim's index.
+READY = "stage = 'Import Pending' AND worker_id IS NULL AND NOT cancel_requested AND NOT waiting"
+WAITING = "stage = 'Import Pending' AND worker_id IS NULL AND waiting"
 
 
 class Base(DeclarativeBase):
@@ -167,6 +173,14 @@ class ImporterOrder(Base):
     retries: Mapped[int] = mapped_column(Integer, nullable=False, server_default=text("0"))
     progress: Mapped[Any] = mapped_column(JSON, nullable=True)
     progress_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # the ready queue (migration a9c1e3d5f7b2): a waiting order is not ready until it is due
+    # (or its cause is back); queue_seq breaks ties of queued_at, and both survive hand-backs
+    waiting: Mapped[bool] = mapped_column(Boolean, nullable=False, server_default=text("false"))
+    wait_cause: Mapped[str | None] = mapped_column(String, nullable=True)
+    # its default is nextval of this sequence (owned by the column, so it reflects as one)
+    queue_seq: Mapped[int] = mapped_column(
+        BigInteger, Sequence("importer_orders_queue_seq"), nullable=False
+    )
 
     __table_args__ = (
         Index(
@@ -183,20 +197,56 @@ class ImporterOrder(Base):
         # for `biomero-importer status` filters (migration c41d8e2f7a93)
         Index("importer_orders_ix_stage_updated", "stage", "updated_at"),
         Index("importer_orders_ix_latest", "latest_id"),
-        # the cancel sweep (migration d5a1c9e3f7b2)
+        # the cancel sweep, oldest first (migrations d5a1c9e3f7b2, a9c1e3d5f7b2)
         Index(
             "importer_orders_ix_cancel_pending",
-            "uuid",
+            "queue_seq",
             postgresql_where=text(
                 "stage = 'Import Pending' AND worker_id IS NULL AND cancel_requested"
             ),
         ),
-        # the fair claim walks pending orders user by user (migration e8b3f5a2c7d1)
+        # each user's ready orders in FIFO order; the due waits; the waits by cause
         Index(
-            "importer_orders_ix_pending_user",
+            "importer_orders_ix_ready",
             "user_name",
             "queued_at",
-            postgresql_where=text("stage = 'Import Pending' AND worker_id IS NULL"),
+            "queue_seq",
+            postgresql_where=text(READY),
+        ),
+        Index(
+            "importer_orders_ix_waiting",
+            "not_before",
+            "queue_seq",
+            postgresql_where=text(WAITING),
+        ),
+        Index(
+            "importer_orders_ix_wait_cause",
+            "wait_cause",
+            "queued_at",
+            "queue_seq",
+            postgresql_where=text(f"{WAITING} AND wait_cause IS NOT NULL"),
+        ),
+    )
+
+
+class ImporterUser(Base):
+    """Per user with orders: the head of its ready FIFO (NULL: nothing ready), kept by the
+    ``importer_refresh_user`` trigger function (migration a9c1e3d5f7b2)."""
+
+    __tablename__ = "importer_users"
+
+    user_name: Mapped[str] = mapped_column(String, primary_key=True)
+    head_queued_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    head_seq: Mapped[int | None] = mapped_column(BigInteger)
+    head_group: Mapped[str | None] = mapped_column(String)
+
+    __table_args__ = (
+        Index(
+            "importer_users_ix_head",
+            "head_group",
+            "head_queued_at",
+            "head_seq",
+            postgresql_where=text("head_seq IS NOT NULL"),
         ),
     )
 

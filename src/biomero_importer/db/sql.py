@@ -28,7 +28,6 @@ def _copy_latest(stage: str, description: str, file_names: str, source: str) -> 
     )
 
 
-_BY_IDS = "imports i WHERE i.id = ANY($1::int[])"
 _OWNED_LATEST = "importer_orders o JOIN imports i ON i.id = o.latest_id"
 _PICKED_LATEST = "picked p JOIN imports i ON i.id = p.latest_id"
 
@@ -56,110 +55,17 @@ SELECT encode(tgargs, 'escape') FROM pg_trigger
 WHERE tgname = 'importer_track_insert' AND tgrelid = 'imports'::regclass
 """
 
-# Fair claim. $1 free slots, $2 worker id, $3 lease seconds, $4 max running per user (NULL:
-# no cap). The k-th pending order of a user would make that user's (k + running - 1)-th
-# running order: orders are taken by that load, then by the same load of their group, then
-# oldest first. So the user with the fewest orders running goes first, one user's backlog
-# interleaves with everyone else's instead of blocking it, and within a user it is FIFO.
-# Cost: the running orders (few: replicas x workers, via importer_orders_ix_leases) plus, per
-# user with pending orders, one index probe and at most $1 rows of
-# importer_orders_ix_pending_user (a loose index scan finds the users); neither the history
-# nor the length of one user's backlog is read.
-# A pending order whose not_before lies ahead (its files are still changing, or it waits to
-# retry a failure that passes) is skipped until then; its replica wakes itself at that time,
-# other replicas find it by their fallback poll.
-# The cap needs no lock between replicas: every claim takes a prefix of each user's pending
-# orders, so a claim that has not yet seen another's started orders finds exactly those
-# among its candidates, locked or no longer pending, and skips them.
-CLAIM = """
-WITH RECURSIVE users(user_name) AS (
-    (SELECT user_name FROM importer_orders
-     WHERE stage = 'Import Pending' AND worker_id IS NULL
-     ORDER BY user_name LIMIT 1)
-    UNION ALL
-    SELECT (SELECT o.user_name FROM importer_orders o
-            WHERE o.stage = 'Import Pending' AND o.worker_id IS NULL
-              AND o.user_name > u.user_name
-            ORDER BY o.user_name LIMIT 1)
-    FROM users u WHERE u.user_name IS NOT NULL
-),
-running AS (
-    SELECT user_name, group_name FROM importer_orders WHERE worker_id IS NOT NULL
-),
-user_running AS (
-    SELECT user_name, count(*) AS n FROM running GROUP BY user_name
-),
-group_running AS (
-    SELECT group_name, count(*) AS n FROM running GROUP BY group_name
-),
-candidates AS (
-    SELECT c.uuid, c.group_name, c.queued_at,
-           COALESCE(ur.n, 0) - 1
-               + row_number() OVER (PARTITION BY c.user_name ORDER BY c.queued_at) AS user_load
-    FROM users u
-    LEFT JOIN user_running ur ON ur.user_name = u.user_name
-    CROSS JOIN LATERAL (
-        -- The user's oldest orders, read from importer_orders_ix_pending_user starting at
-        -- the user. Written as a range over (user_name, queued_at) rather than as
-        -- user_name = ...: with an equality the planner may instead walk the whole queue in
-        -- queued_at order filtering for the user, which costs the length of the backlog.
-        -- The range runs on into the next users; the outer WHERE drops their rows.
-        SELECT o.uuid, o.user_name, o.group_name, o.queued_at FROM importer_orders o
-        WHERE o.stage = 'Import Pending' AND o.worker_id IS NULL AND NOT o.cancel_requested
-          AND (o.not_before IS NULL OR o.not_before <= now())
-          AND (o.user_name, o.queued_at) >= (u.user_name, '-infinity'::timestamptz)
-        ORDER BY o.user_name, o.queued_at
-        LIMIT GREATEST(LEAST($1::int, COALESCE($4::int - COALESCE(ur.n, 0), $1::int)), 0)
-    ) c
-    WHERE u.user_name IS NOT NULL AND c.user_name = u.user_name
-),
-ranked AS (
-    SELECT c.uuid, c.queued_at, c.user_load,
-           COALESCE(gr.n, 0) - 1 + row_number() OVER (
-               PARTITION BY c.group_name ORDER BY c.user_load, c.queued_at
-           ) AS group_load
-    FROM candidates c LEFT JOIN group_running gr ON gr.group_name = c.group_name
-),
-picked AS (
-    -- each candidate locked by its primary key, best first, until the slots are filled: a
-    -- join here could read every pending row to find a handful
-    SELECT l.uuid
-    FROM (SELECT * FROM ranked ORDER BY user_load, group_load, queued_at) r
-    CROSS JOIN LATERAL (
-        SELECT o.uuid FROM importer_orders o
-        WHERE o.uuid = r.uuid AND o.stage = 'Import Pending' AND o.worker_id IS NULL
-          AND NOT o.cancel_requested AND (o.not_before IS NULL OR o.not_before <= now())
-        FOR UPDATE SKIP LOCKED
-    ) l
-    LIMIT $1
-)
-UPDATE importer_orders o
-SET worker_id = $2,
-    last_worker_id = $2,
-    lease_expires_at = now() + make_interval(secs => $3),
-    attempts = o.attempts + 1,
-    runs = o.runs + 1,
-    updated_at = now()
-FROM picked
-WHERE o.uuid = picked.uuid
-RETURNING o.uuid, o.latest_id, o.attempts, o.runs, o.objects::text AS objects,
-          extract(epoch FROM o.queued_at)::float8 AS queued_at, o.retries,
-          extract(epoch FROM o.waiting_since)::float8 AS waiting_since,
-          extract(epoch FROM o.not_before)::float8 AS not_before
-"""
-
-# $1 latest row ids of the claimed orders
-INSERT_STARTED = f"""
-WITH started AS (
-    INSERT INTO imports ({ORDER_COLUMNS})
-    {_copy_latest("'Import Started'", "NULL", "i.file_names", _BY_IDS)}
-    RETURNING *
-)
-SELECT s.uuid, s.group_name, s.user_name, s.destination_id, s.destination_type, s.files,
-       s.file_names, s.preprocessing_id, p.container, p.input_file, p.output_folder,
-       p.alt_output_folder, p.extra_params::text AS extra_params, s.import_options
-FROM started s LEFT JOIN imports_preprocessing p ON p.id = s.preprocessing_id
-"""
+# Fair claim: importer_claim (migration a9c1e3d5f7b2; its text is in migrations/schema.sql).
+# $1 free slots, $2 worker id, $3 lease seconds, $4 max running per user (NULL: no cap).
+# One statement: it makes due waits ready (a bounded batch, waking the other replicas when it
+# did), then takes one order per slot: the head of the user with the fewest orders running,
+# then of the group with the fewest, then the oldest head (FIFO within a user), and appends
+# each order's 'Import Started' row; it returns those rows with the claim's counters.
+# Cost: per slot one probe of importer_users_ix_head per group with ready orders and the
+# running orders (few: replicas x workers); waiting and cancelled orders, the history and the
+# users with nothing ready are never read. The cap is exact across replicas: each pick locks
+# its user's importer_users row (SKIP LOCKED) and counts the user's running orders under it.
+CLAIM = "SELECT * FROM importer_claim($1::int, $2::varchar, $3::float8, $4::int)"
 
 # $1 uuid, $2 worker id, $3 stage, $4 description, $5 file_names (NULL keeps them)
 APPEND_STAGE = f"""
@@ -171,17 +77,20 @@ RETURNING id
 
 # Ends (or hands back) several owned orders in one statement.
 # $1 uuids, $2 stages, $3 descriptions, $4 file_names, $5 objects (json text), $6 worker id,
-# $7 delays (seconds; NULL: no wait), $8 transient retries, $9 settle waits (booleans).
-# A hand-back ('Import Pending') does not count as an attempt. A wait sets not_before (from
-# the database clock, the one the claim compares with); a transient retry counts in retries;
+# $7 delays (seconds; NULL: no wait), $8 transient retries, $9 settle waits (booleans),
+# $10 wait causes (NULL: none).
+# A hand-back ('Import Pending') does not count as an attempt and keeps the order's place. A
+# wait sets waiting, its cause and not_before (from the database clock, the one the claim
+# compares with); its history row wakes nobody; a transient retry counts in retries;
 # a settle wait keeps the time of the first of a stretch of them (settle_max_wait bounds the
 # stretch), and any other finish ends the stretch: that run got past them. The stage trigger
 # clears all three when the order reaches a terminal stage.
 FINISH_MANY = f"""
 WITH args AS (
     SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
-                         $7::float8[], $8::bool[], $9::bool[])
-        AS a(uuid, stage, description, file_names, objects, delay, transient_retry, settling)
+                         $7::float8[], $8::bool[], $9::bool[], $10::text[])
+        AS a(uuid, stage, description, file_names, objects, delay, transient_retry, settling,
+             wait_cause)
 ),
 released AS (
     UPDATE importer_orders o
@@ -191,6 +100,8 @@ released AS (
         attempts = o.attempts - CASE WHEN a.stage = 'Import Pending' THEN 1 ELSE 0 END,
         not_before = CASE WHEN a.delay IS NULL THEN NULL
                           ELSE now() + make_interval(secs => a.delay) END,
+        waiting = a.delay IS NOT NULL,
+        wait_cause = CASE WHEN a.delay IS NULL THEN NULL ELSE a.wait_cause END,
         retries = o.retries + CASE WHEN a.transient_retry THEN 1 ELSE 0 END,
         waiting_since = CASE WHEN a.settling THEN COALESCE(o.waiting_since, now()) END
     FROM args a
@@ -252,7 +163,7 @@ WITH expired AS (
     SELECT uuid FROM importer_orders
     WHERE (worker_id IS NOT NULL AND worker_id <> $3 AND lease_expires_at < now())
        OR (worker_id IS NULL AND stage IN ('Import Started', 'Import Preprocessing'))
-    ORDER BY updated_at
+    ORDER BY updated_at, queue_seq
     LIMIT $2
     FOR UPDATE SKIP LOCKED
 ),
@@ -281,13 +192,14 @@ RETURNING uuid, stage
 
 
 # Pending orders whose cancel was requested: end them without starting. $1 uuid or NULL (all),
-# $2 batch size. The partial index importer_orders_ix_cancel_pending holds only such orders,
-# so the sweep costs the same with a million pending orders as with none.
+# $2 batch size, oldest queued first. The partial index importer_orders_ix_cancel_pending
+# holds only such orders, so the sweep costs the same with a million pending orders as with none.
 CANCEL_PENDING = f"""
 WITH picked AS (
     SELECT uuid, latest_id FROM importer_orders
     WHERE stage = 'Import Pending' AND worker_id IS NULL AND cancel_requested
       AND ($1::text IS NULL OR uuid = $1)
+    ORDER BY queue_seq
     LIMIT $2
     FOR UPDATE SKIP LOCKED
 )
@@ -359,7 +271,7 @@ ORDER_DETAIL = """
 SELECT o.uuid, o.stage, o.latest_id, o.queued_at, o.updated_at, o.worker_id,
        o.last_worker_id, o.lease_expires_at, o.attempts, o.runs, o.cancel_requested,
        o.objects::text AS objects, o.progress::text AS progress, o.progress_at,
-       o.not_before, o.waiting_since, o.retries,
+       o.not_before, o.waiting_since, o.retries, o.waiting, o.wait_cause,
        i.group_name, i.user_name, i.destination_type, i.destination_id, i.files, i.file_names,
        i.description, i.preprocessing_id, i.import_options, p.container, p.input_file,
        p.output_folder, p.alt_output_folder, p.extra_params::text AS extra_params
@@ -383,8 +295,41 @@ SELECT stage, latest_id, worker_id, cancel_requested FROM importer_orders WHERE 
 
 # $1 uuid; taken before a retry so the stage cannot change between the check and the insert
 LOCK_ORDER = """
-SELECT stage, worker_id FROM importer_orders WHERE uuid = $1 FOR UPDATE
+SELECT stage, worker_id, waiting FROM importer_orders WHERE uuid = $1 FOR UPDATE
 """
+
+# $1 uuid (locked by LOCK_ORDER): a waiting order is due now and keeps its place; the
+# 'Import Pending' row RETRY_ORDER then appends says so and wakes the claimers.
+RETRY_WAITING = """
+UPDATE importer_orders SET waiting = false, not_before = LEAST(not_before, now())
+WHERE uuid = $1 AND waiting
+"""
+
+# Orders waiting on one cause (OMERO, storage, the container runtime) are due now, in queue
+# order, keeping their places. $1 cause, $2 batch size (one statement stays bounded; the store
+# repeats it). Each batch locks its orders (SKIP LOCKED) and then their users' rows in name
+# order (the InitPlan runs before the update), so two wake-ups cannot deadlock on them.
+WAKE_WAITING = """
+WITH batch AS (
+    SELECT uuid, user_name FROM importer_orders
+    WHERE stage = 'Import Pending' AND worker_id IS NULL AND waiting AND wait_cause = $1
+    ORDER BY wait_cause, queued_at, queue_seq
+    LIMIT $2
+    FOR UPDATE SKIP LOCKED
+),
+owners AS (
+    SELECT user_name FROM importer_users
+    WHERE user_name IN (SELECT user_name FROM batch)
+    ORDER BY user_name
+    FOR UPDATE
+)
+UPDATE importer_orders o SET waiting = false, not_before = LEAST(o.not_before, now())
+FROM batch b
+WHERE o.uuid = b.uuid AND (SELECT count(*) FROM owners) >= 0
+"""
+
+# One wake-up for the claimers after orders became due.
+WAKE_CLAIMERS = "SELECT pg_notify(importer_channel(), 'due')"
 
 # Lets the next 'Import Pending' row of a finished order through the duplicate-submission guard
 # of ``importer_track_order``, for this transaction only.

@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 import anyio
 import structlog
 
+from biomero_importer.dispatcher.causes import Cause, Causes
 from biomero_importer.dispatcher.listener import Listener
 from biomero_importer.dispatcher.supervisor import Supervisor
 from biomero_importer.model import (
@@ -127,6 +128,8 @@ class Dispatcher:
     handback_grace: float = HANDBACK_GRACE
     retry_policy: RetryPolicy = field(default_factory=RetryPolicy)
     rng: random.Random = field(default_factory=random.Random)
+    #: the dependencies this replica probes while they are down (None: none are probed)
+    causes: Causes | None = None
     #: extra helpers the service adds (health watcher, metrics server, loop-lag probe)
     helpers: dict[str, Callable[[], Awaitable[None]]] = field(default_factory=dict)
     _running: dict[str, _Running] = field(default_factory=dict)
@@ -178,6 +181,7 @@ class Dispatcher:
             "leases": self._lease_loop,
             "recovery": self._recovery_loop,
             "finish-writer": self.store.serve,
+            **(self.causes.helpers() if self.causes is not None else {}),
             **self.helpers,
         }
         if self.listener is not None:
@@ -283,7 +287,11 @@ class Dispatcher:
                 try:
                     if running is not None and running.stop_reason is not None:
                         raise asyncio.CancelledError
-                    outcome = await self.pipeline.run(order)
+                    held = await self.causes.holding(order) if self.causes else None
+                    if held is not None:
+                        outcome = self._held(held)
+                    else:
+                        outcome = await self.pipeline.run(order)
                 except asyncio.CancelledError:
                     running = self._running.get(order.uuid)
                     reason = running.stop_reason if running else None
@@ -310,6 +318,14 @@ class Dispatcher:
                 # A slot came free: look for more work without waiting for the poll.
                 self._wake.set()
 
+    def _held(self, cause: Cause) -> Outcome:
+        """Not tried: what the order needs is down. It waits on it as if it had met it (an
+        automatic retry used, the same backoff as its latest due time)."""
+        log.info("order_held", cause=cause.kind, down_since=cause.down_since)
+        self.metrics.orders_held.labels(cause=cause.kind).inc()
+        reason = cause.failure or TRANSIENT_PHRASES[cause.kind]
+        return Outcome(STAGE_INGEST_FAILED, reason, transient=cause.kind)
+
     def _outcome_after_stop(self, uuid: str) -> Outcome | None:
         running = self._running.get(uuid)
         reason = running.stop_reason if running else None
@@ -323,6 +339,8 @@ class Dispatcher:
 
     async def _finish(self, order: ClaimedOrder, outcome: Outcome) -> None:
         if outcome.stage == STAGE_INGEST_FAILED and outcome.transient is not None:
+            if self.causes is not None:
+                self.causes.failed(outcome.transient, outcome.description)
             outcome = self.retry_policy.outcome(order, outcome, self.rng)
         waits = outcome.stage == STAGE_NEW_ORDER and outcome.wait_seconds is not None
         item = Finish(
@@ -334,6 +352,8 @@ class Dispatcher:
             delay=outcome.wait_seconds if waits else None,
             transient_retry=waits and outcome.transient is not None,
             settling=waits and outcome.settling,
+            # tied to its cause: due as soon as a probe finds it back, ``delay`` at the latest
+            wait_cause=outcome.transient if waits else None,
         )
         written = await self.store.finish(item)
         if not written:

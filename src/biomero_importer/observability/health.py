@@ -52,6 +52,9 @@ class HealthState:
     last_db_error: str | None = None
     #: helpers the supervisor could not keep running (they turn /healthz to 503)
     failing_helpers: list[str] = field(default_factory=list)
+    #: dependencies this replica's probes find down (cause -> since, reason): information
+    #: only, never a failed check (restarting the replica would not bring OMERO back)
+    dependencies_down: dict[str, dict[str, object]] = field(default_factory=dict)
 
     def liveness(self) -> dict[str, bool]:
         """The checks /healthz answers with (and ``health_check`` exports)."""
@@ -162,6 +165,8 @@ class HttpServer:
             body["failed"] = failed
         if path == "/healthz" and health.failing_helpers:
             body["failing_helpers"] = health.failing_helpers
+        if path == "/healthz" and health.dependencies_down:
+            body["dependencies_down"] = health.dependencies_down
         if path == "/healthz" and not health.db_ok and health.last_db_error:
             body["last_db_error"] = self._redact(health.last_db_error)[:500]
         return _json_response(503 if failed else 200, body)

@@ -20,7 +20,7 @@ from prometheus_client import (
     ProcessCollector,
 )
 
-from biomero_importer.model import Progress
+from biomero_importer.model import TRANSIENT_KINDS, Progress
 
 Outcome = Literal["completed", "failed", "cancelled", "handed_back"]
 Step = Literal["validate", "preprocess", "import", "annotate"]
@@ -205,6 +205,29 @@ class Metrics:
             registry=reg,
         )
 
+        self.dependency_down = Gauge(
+            "dependency_down",
+            "1 while this replica's probe finds a dependency down (omero, storage,"
+            " container_runtime): orders that need it wait on it instead of being tried.",
+            ["cause"],
+            namespace=NAMESPACE,
+            registry=reg,
+        )
+        self.dependency_probes = Counter(
+            "dependency_probes",
+            "Probes of a dependency an order found failing, by what they found (up, down).",
+            ["cause", "result"],
+            namespace=NAMESPACE,
+            registry=reg,
+        )
+        self.orders_held = Counter(
+            "orders_held",
+            "Orders handed back to wait without being tried: their dependency was down.",
+            ["cause"],
+            namespace=NAMESPACE,
+            registry=reg,
+        )
+
         self.health_check = Gauge(
             "health_check",
             "1 while a check behind /healthz passes, 0 while it fails (/healthz is then 503).",
@@ -271,6 +294,10 @@ class Metrics:
             for give_up in NOTIFICATION_GIVE_UPS:
                 self.notifications_given_up.labels(channel=c, reason=give_up)
         self._waits = {reason: self.order_waits.labels(reason=reason) for reason in WAIT_REASONS}
+        for cause in TRANSIENT_KINDS:
+            self.orders_held.labels(cause=cause)
+            for result in ("up", "down"):
+                self.dependency_probes.labels(cause=cause, result=result)
 
     def order_finished(self, outcome: Outcome) -> None:
         self._finished[outcome].inc()

@@ -25,6 +25,7 @@ from biomero_importer.model import (
     OrderState,
     OrderSummary,
     Progress,
+    TransientKind,
 )
 
 
@@ -67,6 +68,9 @@ class Finish:
     #: the wait is for files to settle: ``waiting_since`` is set unless it already is (any
     #: other finish clears it: that run got past the settle check)
     settling: bool = False
+    #: a wait because this dependency is down: ``wake_waiting(cause)`` makes the order due
+    #: as soon as it answers again (``delay`` stays the fallback due time)
+    wait_cause: TransientKind | None = None
 
 
 #: what one attempt at one channel came to
@@ -241,6 +245,11 @@ class OrderStore(abc.ABC):
         this replica still owns. Raises StoreUnavailable when the database did not answer."""
 
     @abc.abstractmethod
+    async def wake_waiting(self, cause: TransientKind) -> int:
+        """Every order waiting on ``cause`` is due now (keeping its place in the queue), and
+        the claimers get one wake-up; returns how many. Bounded statements (batches)."""
+
+    @abc.abstractmethod
     async def recover_expired(self, max_attempts: int) -> list[tuple[str, str]]:
         """Take back orders whose lease expired: [(uuid, new stage)]."""
 
@@ -282,8 +291,9 @@ class OrderStore(abc.ABC):
 
     @abc.abstractmethod
     async def retry(self, uuid: str, note: str) -> str:
-        """Queue a finished order again; returns the stage it had. Raises OrderNotFound, or
-        OrderBusy when it is not finished."""
+        """Queue a finished order again, or make a waiting one due now (it keeps its place);
+        appends an 'Import Pending' row with ``note`` and returns the stage it had. Raises
+        OrderNotFound, or OrderBusy when it is neither finished nor waiting."""
 
     @abc.abstractmethod
     async def request_cancel(self, uuid: str) -> CancelResult:

@@ -34,6 +34,7 @@ from biomero_importer.model import (
     OrderState,
     OrderSummary,
     Progress,
+    TransientKind,
 )
 from biomero_importer.store.base import (
     CancelResult,
@@ -58,6 +59,11 @@ DUPLICATE_FINISHED = (
 )
 DUPLICATE_RUNNING = "Duplicate submission ignored: this order is already running"
 RETRY_REFUSED = "Retry refused: this order is running; cancel it first or wait until it ends"
+RETRIED_WAITING = "Retried: no longer waiting, due now"
+# the batches of the PostgreSQL statements (importer_claim, RECOVER_EXPIRED, CANCEL_PENDING)
+PROMOTE_BATCH = 100
+RECOVER_BATCH = 100
+CANCEL_BATCH = 100
 
 
 @dataclass
@@ -88,10 +94,28 @@ class _Order:
     not_before: float | None = None
     waiting_since: float | None = None
     retries: int = 0
+    # importer_orders.queue_seq: breaks ties of queued_at; both survive hand-backs
+    seq: int = 0
+    waiting: bool = False
+    wait_cause: str | None = None
 
     @property
     def stage(self) -> str:
         return self.rows[-1].stage
+
+    @property
+    def ready(self) -> bool:
+        """What a claim may take (``importer_orders_ix_ready``)."""
+        return (
+            self.stage == STAGE_NEW_ORDER
+            and self.worker_id is None
+            and not self.cancel_requested
+            and not self.waiting
+        )
+
+    @property
+    def place(self) -> tuple[float, int]:
+        return (self.queued_at, self.seq)
 
 
 @dataclass
@@ -150,6 +174,8 @@ def _stage_changed(order: _Order, previous: str | None) -> bool:
     (a duplicate submission of a finished order rewrites the same stage: not one)."""
     if order.stage not in RUNNING_STAGES:
         order.progress = order.progress_at = None
+    if order.stage in TERMINAL_STAGES:
+        order.waiting, order.wait_cause = False, None
     if order.stage not in TERMINAL_STAGES or previous is None or previous in TERMINAL_STAGES:
         return False
     order.not_before = order.waiting_since = None
@@ -157,46 +183,27 @@ def _stage_changed(order: _Order, previous: str | None) -> bool:
     return True
 
 
-def _fair_pick(orders: list[_Order], slots: int, cap: int | None, now: float) -> list[_Order]:
-    """The claim's policy (``db/sql.py`` ``CLAIM``): by the load an order would give its user,
-    then its group, then oldest first; never a user past ``cap`` running orders, never an
-    order whose ``not_before`` is still ahead."""
+def _next_pick(orders: list[_Order], cap: int | None) -> _Order | None:
+    """One step of the claim (``importer_claim``): the head (oldest ready order) of the user
+    with the fewest running orders, then of the head's group with the fewest, then the
+    oldest head; never a user at ``cap`` running orders."""
     user_running: Counter[str] = Counter()
     group_running: Counter[str] = Counter()
+    heads: dict[str, _Order] = {}
     for order in orders:
         if order.worker_id is not None:
             user_running[order.new.user] += 1
             group_running[order.new.group] += 1
-    pending = sorted(
-        (
-            o
-            for o in orders
-            if o.stage == STAGE_NEW_ORDER
-            and o.worker_id is None
-            and not o.cancel_requested
-            and (o.not_before is None or o.not_before <= now)
-        ),
-        key=lambda o: o.queued_at,
+        elif order.ready:
+            head = heads.get(order.new.user)
+            if head is None or order.place < head.place:
+                heads[order.new.user] = order
+    candidates = [head for user, head in heads.items() if cap is None or user_running[user] < cap]
+    return min(
+        candidates,
+        key=lambda o: (user_running[o.new.user], group_running[o.new.group], o.place),
+        default=None,
     )
-    user_load: dict[str, int] = {}
-    by_user: Counter[str] = Counter()
-    candidates: list[_Order] = []
-    for order in pending:
-        user = order.new.user
-        allowed = slots if cap is None else min(slots, cap - user_running[user])
-        if by_user[user] >= allowed:
-            continue
-        user_load[order.new.uuid] = user_running[user] + by_user[user]
-        by_user[user] += 1
-        candidates.append(order)
-    group_load: dict[str, int] = {}
-    by_group: Counter[str] = Counter()
-    for order in sorted(candidates, key=lambda o: (user_load[o.new.uuid], o.queued_at)):
-        group = order.new.group
-        group_load[order.new.uuid] = group_running[group] + by_group[group]
-        by_group[group] += 1
-    candidates.sort(key=lambda o: (user_load[o.new.uuid], group_load[o.new.uuid], o.queued_at))
-    return candidates[:slots]
 
 
 def _when(epoch: float | None) -> datetime | None:
@@ -221,6 +228,7 @@ class MemoryStore(OrderStore):
         self.clock = clock
         self._db: dict[str, _Order] = shared._db if shared is not None else {}
         self._ids: list[int] = shared._ids if shared is not None else [0]
+        self._seqs: list[int] = shared._seqs if shared is not None else [0]
         self._outbox: dict[int, _OutboxEntry] = shared._outbox if shared is not None else {}
         self._replicas: dict[str, tuple[list[str], dict[str, str], float]] = (
             shared._replicas if shared is not None else {}
@@ -278,13 +286,50 @@ class MemoryStore(OrderStore):
             self._owe(entry)
         return row
 
+    def _ignore_duplicate(self, order: _Order, note: str) -> None:
+        """The trigger's answer to a second submission of a running or finished order: the
+        writer's row stays in the history, a copy of the order's state follows it; the queue
+        row (stage, outbox) does not change."""
+        stage, file_names = order.stage, order.rows[-1].file_names
+        when = datetime.fromtimestamp(self.clock(), timezone.utc)
+        for row_stage, description, names in (
+            (STAGE_NEW_ORDER, None, None),
+            (stage, note, file_names),
+        ):
+            self._ids[0] += 1
+            order.rows.append(_Row(self._ids[0], row_stage, description, names, when))
+        order.updated_at = self.clock()
+
+    def _next_seq(self) -> int:
+        self._seqs[0] += 1
+        return self._seqs[0]
+
     # --- the dispatcher ------------------------------------------------------------------
     async def claim(self, slots: int) -> list[ClaimedOrder]:
         await self._gate("claim", retry=True)
-        ready = _fair_pick(list(self._db.values()), slots, self.max_running_per_user, self.clock())
-        claimed = []
-        for order in ready:
+        now = self.clock()
+        # due waits become ready first, a bounded batch oldest due first, as in PostgreSQL
+        due = sorted(
+            (
+                o
+                for o in self._db.values()
+                if o.stage == STAGE_NEW_ORDER
+                and o.worker_id is None
+                and o.waiting
+                and o.not_before is not None
+                and o.not_before <= now
+            ),
+            key=lambda o: (o.not_before or 0.0, o.seq),
+        )[:PROMOTE_BATCH]
+        for waited in due:
+            waited.waiting, waited.wait_cause = False, None
+        claimed: list[ClaimedOrder] = []
+        while len(claimed) < slots:
+            order = _next_pick(list(self._db.values()), self.max_running_per_user)
+            if order is None:
+                break
             order.worker_id = order.last_worker_id = self.worker_id
+            order.waiting, order.wait_cause = False, None
             order.lease_expires_at = self.clock() + self.lease_seconds
             order.attempts += 1
             order.runs += 1
@@ -359,9 +404,11 @@ class MemoryStore(OrderStore):
         if item.objects is not None:
             order.objects = json.loads(safe_json(item.objects))
         if item.stage == STAGE_NEW_ORDER:
+            # a hand-back keeps the order's place (queued_at, seq)
             order.attempts -= 1
-            order.queued_at = self.clock()
         order.not_before = None if item.delay is None else self.clock() + item.delay
+        order.waiting = item.delay is not None
+        order.wait_cause = item.wait_cause if order.waiting else None
         if item.transient_retry:
             order.retries += 1
         if not item.settling:
@@ -387,14 +434,20 @@ class MemoryStore(OrderStore):
         await self._gate("recover_expired", retry=True)
         now = self.clock()
         recovered = []
-        for order in list(self._db.values())[:100]:
-            expired = (
-                order.worker_id not in (None, self.worker_id)
-                and (order.lease_expires_at or 0) < now
-            )
-            orphan = order.worker_id is None and order.stage in RUNNING_STAGES
-            if not (expired or orphan):
-                continue
+        # the 100 longest untouched, as RECOVER_EXPIRED takes them
+        expired = sorted(
+            (
+                order
+                for order in self._db.values()
+                if (
+                    order.worker_id not in (None, self.worker_id)
+                    and (order.lease_expires_at or 0) < now
+                )
+                or (order.worker_id is None and order.stage in RUNNING_STAGES)
+            ),
+            key=lambda o: (o.updated_at, o.seq),
+        )[:RECOVER_BATCH]
+        for order in expired:
             order.worker_id = None
             order.lease_expires_at = None
             n = order.attempts
@@ -404,7 +457,6 @@ class MemoryStore(OrderStore):
                     f"The importer stopped while this order ran (attempt {n} of"
                     f" {max_attempts}); it was queued again."
                 )
-                order.queued_at = now
             else:
                 stage = STAGE_INGEST_FAILED
                 note = (
@@ -417,18 +469,37 @@ class MemoryStore(OrderStore):
 
     async def cancel_pending(self, uuid: str | None = None) -> list[str]:
         await self._gate("cancel_pending", retry=True)
-        done = []
+        # a batch, oldest queued first, as CANCEL_PENDING takes it: the rest next sweep
+        batch = sorted(
+            (
+                order
+                for order in self._db.values()
+                if (uuid is None or order.new.uuid == uuid)
+                and order.stage == STAGE_NEW_ORDER
+                and order.worker_id is None
+                and order.cancel_requested
+            ),
+            key=lambda o: o.seq,
+        )[:CANCEL_BATCH]
+        for order in batch:
+            self._append(order, STAGE_INGEST_FAILED, CANCELLED)
+        return [order.new.uuid for order in batch]
+
+    async def wake_waiting(self, cause: TransientKind) -> int:
+        await self._gate("wake_waiting", retry=True)
+        now = self.clock()
+        woken = 0
         for order in self._db.values():
-            if uuid is not None and order.new.uuid != uuid:
-                continue
             if (
                 order.stage == STAGE_NEW_ORDER
                 and order.worker_id is None
-                and order.cancel_requested
+                and order.waiting
+                and order.wait_cause == cause
             ):
-                self._append(order, STAGE_INGEST_FAILED, CANCELLED)
-                done.append(order.new.uuid)
-        return done[:100]
+                order.waiting, order.wait_cause = False, None
+                order.not_before = min(order.not_before or now, now)
+                woken += 1
+        return woken
 
     async def queue_stats(self) -> tuple[int, float] | None:
         if not self.available:
@@ -454,14 +525,14 @@ class MemoryStore(OrderStore):
             _check(value)
         current = self._db.get(order.uuid)
         if current is None:
-            entry = _Order(order, queued_at=self.clock())
+            entry = _Order(order, queued_at=self.clock(), seq=self._next_seq())
             self._db[order.uuid] = entry
             self._append(entry, STAGE_NEW_ORDER, None)
             return
         if current.stage in RUNNING_STAGES and current.worker_id is not None:
-            self._append(current, current.stage, DUPLICATE_RUNNING)
+            self._ignore_duplicate(current, DUPLICATE_RUNNING)
         elif current.stage in TERMINAL_STAGES:
-            self._append(current, current.stage, DUPLICATE_FINISHED)
+            self._ignore_duplicate(current, DUPLICATE_FINISHED)
         else:
             current.new = order
             self._append(current, STAGE_NEW_ORDER, None)
@@ -470,16 +541,31 @@ class MemoryStore(OrderStore):
         """The documented SQL retry UPDATE (every row of the uuid set to 'Import Pending')."""
         order = self._db[uuid]
         if order.worker_id is not None and order.stage in RUNNING_STAGES:
-            self._append(order, order.stage, RETRY_REFUSED)
+            # the UPDATE itself stands (an AFTER trigger): the rows read 'Import Pending',
+            # and the refusal restores the running stage after them
+            stage = order.stage
+            for row in order.rows:
+                row.stage = STAGE_NEW_ORDER
+            self._append(order, stage, RETRY_REFUSED)
             return
         previous = order.stage
-        if order.stage in TERMINAL_STAGES:
-            order.attempts = 0
-        order.cancel_requested = False
-        order.queued_at = self.clock()
+        was_waiting = order.waiting
+        if all(row.stage == STAGE_NEW_ORDER for row in order.rows):
+            return  # every row already reads 'Import Pending': the trigger never fires
         for row in order.rows:
             row.stage = STAGE_NEW_ORDER
-        _stage_changed(order, previous)
+        if previous != STAGE_NEW_ORDER:
+            # a finished order (or one left running) goes to the back with fresh attempts
+            if previous in TERMINAL_STAGES:
+                order.attempts = 0
+            order.cancel_requested = False
+            order.queued_at = self.clock()
+            order.seq = self._next_seq()
+            order.updated_at = self.clock()
+            _stage_changed(order, previous)
+        elif was_waiting:
+            self._make_due(order)
+            self._append(order, STAGE_NEW_ORDER, RETRIED_WAITING)
 
     async def list_orders(
         self,
@@ -549,6 +635,8 @@ class MemoryStore(OrderStore):
             not_before=_when(order.not_before),
             waiting_since=_when(order.waiting_since),
             retries=order.retries,
+            waiting=order.waiting,
+            wait_cause=order.wait_cause,
         )
 
     async def order_events(self, uuid: str, after_id: int = 0) -> list[OrderEvent]:
@@ -572,13 +660,24 @@ class MemoryStore(OrderStore):
         if order is None:
             raise OrderNotFound(uuid)
         previous = order.stage
+        if order.waiting and order.worker_id is None:
+            self._make_due(order)
+            self._append(order, STAGE_NEW_ORDER, note)
+            return previous
         if previous not in TERMINAL_STAGES:
             raise OrderBusy(uuid, previous)
         order.attempts = 0
         order.cancel_requested = False
         order.queued_at = self.clock()
+        order.seq = self._next_seq()
         self._append(order, STAGE_NEW_ORDER, note)
         return previous
+
+    def _make_due(self, order: _Order) -> None:
+        """A waiting order is due now; it keeps its place."""
+        now = self.clock()
+        order.waiting, order.wait_cause = False, None
+        order.not_before = min(order.not_before or now, now)
 
     async def request_cancel(self, uuid: str) -> CancelResult:
         await self._gate("request_cancel", retry=False)

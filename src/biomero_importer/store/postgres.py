@@ -33,6 +33,7 @@ from biomero_importer.model import (
     OrderSummary,
     PreprocessingSpec,
     Progress,
+    TransientKind,
 )
 from biomero_importer.store.base import (
     CancelResult,
@@ -59,6 +60,8 @@ log = structlog.get_logger(__name__)
 T = TypeVar("T")
 
 FINISH_BATCH = 500
+# orders one wake_waiting statement makes due
+WAKE_BATCH = 1000
 # Seconds one progress write may take: it is one attempt, made for people watching.
 PROGRESS_TIMEOUT = 2.0
 UNRECORDABLE = "The importer could not record this order's result; see its logs"
@@ -197,15 +200,11 @@ class PostgresStore(OrderStore):
     # --- claiming -------------------------------------------------------------------------
     async def claim(self, slots: int) -> list[ClaimedOrder]:
         async def attempt() -> list[ClaimedOrder]:
-            async with self.pool.acquire() as conn, conn.transaction():
-                claimed = await conn.fetch(
-                    sql.CLAIM, slots, self.worker_id, self.lease_seconds, self.max_running_per_user
-                )
-                if not claimed:
-                    return []
-                started = await conn.fetch(sql.INSERT_STARTED, [r["latest_id"] for r in claimed])
-            by_uuid = {row["uuid"]: row for row in claimed}
-            return [_claimed_order(row, by_uuid[row["uuid"]]) for row in started]
+            # one statement: the claim and its 'Import Started' rows (importer_claim)
+            rows = await self.pool.fetch(
+                sql.CLAIM, slots, self.worker_id, self.lease_seconds, self.max_running_per_user
+            )
+            return [_claimed_order(row) for row in rows]
 
         return await self._retry("claim", attempt)
 
@@ -329,6 +328,7 @@ class PostgresStore(OrderStore):
             [i.delay for i in items],
             [i.transient_retry for i in items],
             [i.settling for i in items],
+            [i.wait_cause for i in items],
         )
         return {row["uuid"] for row in rows}
 
@@ -348,6 +348,21 @@ class PostgresStore(OrderStore):
         # Rows locked by another transaction were skipped, not lost: they come back owned but
         # not renewed, and are judged again next time.
         return {row["uuid"]: Lease(row["renewed"], row["cancel_requested"]) for row in rows}
+
+    async def wake_waiting(self, cause: TransientKind) -> int:
+        async def attempt() -> int:
+            woken = 0
+            while True:
+                status = await self.pool.execute(sql.WAKE_WAITING, cause, WAKE_BATCH)
+                count = int(status.split()[-1])
+                woken += count
+                if count < WAKE_BATCH:
+                    break
+            if woken:
+                await self.pool.execute(sql.WAKE_CLAIMERS)
+            return woken
+
+        return await self._retry("wake_waiting", attempt)
 
     async def recover_expired(self, max_attempts: int) -> list[tuple[str, str]]:
         async def attempt() -> list[tuple[str, str]]:
@@ -459,9 +474,13 @@ class PostgresStore(OrderStore):
                 current = await conn.fetchrow(sql.LOCK_ORDER, uuid)
                 if current is None:
                     raise OrderNotFound(uuid)
-                if current["stage"] not in TERMINAL_STAGES:
+                waiting = current["waiting"] and current["worker_id"] is None
+                if current["stage"] not in TERMINAL_STAGES and not waiting:
                     raise OrderBusy(uuid, current["stage"])
-                await conn.execute(sql.ALLOW_REQUEUE)
+                if waiting:
+                    await conn.execute(sql.RETRY_WAITING, uuid)
+                else:
+                    await conn.execute(sql.ALLOW_REQUEUE)
                 new_id = await conn.fetchval(sql.RETRY_ORDER, uuid, note)
                 state = await conn.fetchrow(sql.ORDER_STATE, uuid)
                 if state["stage"] != STAGE_NEW_ORDER or state["latest_id"] != new_id:
@@ -632,28 +651,28 @@ def _preprocessing(row: asyncpg.Record) -> tuple[PreprocessingSpec | None, str |
     return spec, problem
 
 
-def _claimed_order(started: asyncpg.Record, claim: asyncpg.Record) -> ClaimedOrder:
-    preprocessing, problem = _preprocessing(started)
-    recorded = _json(claim["objects"])
+def _claimed_order(row: asyncpg.Record) -> ClaimedOrder:
+    preprocessing, problem = _preprocessing(row)
+    recorded = _json(row["objects"])
     return ClaimedOrder(
-        uuid=started["uuid"],
-        group_name=started["group_name"],
-        user_name=started["user_name"],
-        destination_id=started["destination_id"],
-        destination_type=started["destination_type"],
-        files=started["files"],
-        file_names=started["file_names"],
-        preprocessing_id=started["preprocessing_id"],
+        uuid=row["uuid"],
+        group_name=row["group_name"],
+        user_name=row["user_name"],
+        destination_id=row["destination_id"],
+        destination_type=row["destination_type"],
+        files=row["files"],
+        file_names=row["file_names"],
+        preprocessing_id=row["preprocessing_id"],
         preprocessing=preprocessing,
-        attempt=claim["attempts"],
-        runs=claim["runs"],
-        queued_at=claim["queued_at"],
+        attempt=row["attempts"],
+        runs=row["runs"],
+        queued_at=row["queued_at"],
         recorded_objects=recorded if isinstance(recorded, list) else [],
         preprocessing_problem=problem,
-        import_options=started["import_options"],
-        retries=claim["retries"],
-        waiting_since=claim["waiting_since"],
-        not_before=claim["not_before"],
+        import_options=row["import_options"],
+        retries=row["retries"],
+        waiting_since=row["waiting_since"],
+        not_before=row["not_before"],
     )
 
 
@@ -695,6 +714,8 @@ def _detail(row: asyncpg.Record) -> OrderDetail:
         not_before=row["not_before"],
         waiting_since=row["waiting_since"],
         retries=row["retries"],
+        waiting=row["waiting"],
+        wait_cause=row["wait_cause"],
     )
 
 

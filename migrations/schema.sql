@@ -1,0 +1,572 @@
+-- The current schema of biomero-importer's tables, indexes and trigger functions: what
+-- `biomero-importer migrate` makes of an empty database (pg_dump --schema-only, normalised).
+-- Read it here; change it only through a new revision in migrations/versions, then
+-- regenerate this file with: .venv/bin/python -m tests.db.schema_dump
+-- (tests/db/test_schema.py checks that it matches the migrations).
+
+CREATE FUNCTION public.importer_channel() RETURNS text
+    LANGUAGE sql STABLE
+    AS $$
+    SELECT convert_from(substring(t.tgargs FROM 1 FOR position('\x00'::bytea IN t.tgargs) - 1),
+                        'UTF8')
+    FROM pg_trigger t
+    WHERE t.tgname = 'importer_track_insert' AND t.tgrelid = 'imports'::regclass
+$$;
+
+CREATE FUNCTION public.importer_claim(slots integer, worker character varying, lease_seconds double precision, max_running integer) RETURNS TABLE(uuid character varying, group_name character varying, user_name character varying, destination_id character varying, destination_type character varying, files text, file_names text, preprocessing_id integer, container character varying, input_file character varying, output_folder character varying, alt_output_folder character varying, extra_params text, import_options text, attempts integer, runs integer, objects text, queued_at double precision, retries integer, waiting_since double precision, not_before double precision)
+    LANGUAGE plpgsql
+    AS $$
+#variable_conflict use_column
+DECLARE
+    promoted integer;
+    skipped varchar[] := '{}';
+    chosen varchar;
+    running_now integer;
+    picked varchar;
+    claimed record;
+    taken integer := 0;
+    tries integer := 0;
+BEGIN
+    -- Due waits become ready: a bounded batch, oldest due first; orders or users another
+    -- transaction holds are left for the next claim, so this never waits on a lock.
+    WITH due AS (
+        SELECT o.uuid, o.user_name FROM importer_orders o
+        WHERE o.stage = 'Import Pending' AND o.worker_id IS NULL AND o.waiting
+          AND o.not_before <= now()
+        ORDER BY o.not_before, o.queue_seq
+        LIMIT 100
+        FOR UPDATE SKIP LOCKED
+    ),
+    owners AS (
+        SELECT u.user_name FROM importer_users u
+        WHERE u.user_name IN (SELECT d.user_name FROM due d)
+        FOR UPDATE SKIP LOCKED
+    )
+    UPDATE importer_orders o SET waiting = false
+    FROM due d
+    WHERE o.uuid = d.uuid AND d.user_name IN (SELECT w.user_name FROM owners w);
+    GET DIAGNOSTICS promoted = ROW_COUNT;
+    IF promoted > 0 THEN
+        PERFORM pg_notify(importer_channel(), 'due');
+    END IF;
+
+    -- One order per step, each step seeing the previous ones (its own writes): the user
+    -- with the fewest running orders, then the group of that user's head with the fewest,
+    -- then the oldest head. Candidates: per group, the oldest head among users running
+    -- nothing (one probe of importer_users_ix_head each, skipping running users), and the
+    -- head of each user that runs something (the running orders are few).
+    WHILE taken < slots AND tries < 3 * slots LOOP
+        tries := tries + 1;
+        WITH RECURSIVE running AS MATERIALIZED (
+            SELECT o.user_name, o.group_name FROM importer_orders o
+            WHERE o.worker_id IS NOT NULL
+        ),
+        user_running AS (
+            SELECT r.user_name, count(*)::integer AS n FROM running r GROUP BY r.user_name
+        ),
+        group_running AS (
+            SELECT r.group_name, count(*)::integer AS n FROM running r GROUP BY r.group_name
+        ),
+        groups(head_group) AS (
+            (SELECT u.head_group FROM importer_users u WHERE u.head_seq IS NOT NULL
+             ORDER BY u.head_group LIMIT 1)
+            UNION ALL
+            SELECT (SELECT u.head_group FROM importer_users u
+                    WHERE u.head_seq IS NOT NULL AND u.head_group > g.head_group
+                    ORDER BY u.head_group LIMIT 1)
+            FROM groups g WHERE g.head_group IS NOT NULL
+        ),
+        candidates AS (
+            SELECT h.user_name, h.head_group, h.head_queued_at, h.head_seq, 0 AS n
+            FROM groups g CROSS JOIN LATERAL (
+                SELECT u.user_name, u.head_group, u.head_queued_at, u.head_seq
+                FROM importer_users u
+                WHERE u.head_group = g.head_group AND u.head_seq IS NOT NULL
+                  AND u.user_name <> ALL (skipped)
+                  AND NOT EXISTS (SELECT 1 FROM user_running r WHERE r.user_name = u.user_name)
+                ORDER BY u.head_queued_at, u.head_seq
+                LIMIT 1
+            ) h
+            WHERE g.head_group IS NOT NULL AND (max_running IS NULL OR max_running > 0)
+            UNION ALL
+            SELECT u.user_name, u.head_group, u.head_queued_at, u.head_seq, r.n
+            FROM user_running r JOIN importer_users u ON u.user_name = r.user_name
+            WHERE u.head_seq IS NOT NULL AND (max_running IS NULL OR r.n < max_running)
+              AND u.user_name <> ALL (skipped)
+        )
+        SELECT c.user_name INTO chosen
+        FROM candidates c LEFT JOIN group_running gr ON gr.group_name = c.head_group
+        ORDER BY c.n, COALESCE(gr.n, 0), c.head_queued_at, c.head_seq
+        LIMIT 1;
+        EXIT WHEN chosen IS NULL;
+        skipped := skipped || chosen;
+
+        -- Another claim holds this user: leave the user to it.
+        PERFORM 1 FROM importer_users u WHERE u.user_name = chosen FOR UPDATE SKIP LOCKED;
+        CONTINUE WHEN NOT FOUND;
+        IF max_running IS NOT NULL THEN
+            -- counted under the user's lock, in a fresh snapshot: every claim of this
+            -- user's orders holds that lock, so none is missed
+            SELECT count(*) INTO running_now FROM importer_orders o
+            WHERE o.user_name = chosen AND o.worker_id IS NOT NULL;
+            CONTINUE WHEN running_now >= max_running;
+        END IF;
+        SELECT o.uuid INTO picked FROM importer_orders o
+        WHERE o.user_name = chosen AND (o.stage = 'Import Pending' AND o.worker_id IS NULL AND NOT o.cancel_requested AND NOT o.waiting)
+        ORDER BY o.queued_at, o.queue_seq
+        LIMIT 1
+        FOR UPDATE SKIP LOCKED;
+        CONTINUE WHEN NOT FOUND;
+        -- this user may have more to give in a later step
+        skipped := skipped[1:array_length(skipped, 1) - 1];
+
+        UPDATE importer_orders o
+        SET worker_id = worker,
+            last_worker_id = worker,
+            lease_expires_at = now() + make_interval(secs => lease_seconds),
+            attempts = o.attempts + 1,
+            runs = o.runs + 1,
+            updated_at = now()
+        WHERE o.uuid = picked
+        RETURNING o.latest_id, o.attempts, o.runs, o.objects::text AS objects,
+                  extract(epoch FROM o.queued_at)::float8 AS queued_at, o.retries,
+                  extract(epoch FROM o.waiting_since)::float8 AS waiting_since,
+                  extract(epoch FROM o.not_before)::float8 AS not_before
+        INTO claimed;
+        taken := taken + 1;
+
+        RETURN QUERY
+        WITH started AS (
+            INSERT INTO imports (group_name, user_name, destination_id, destination_type,
+                                 stage, uuid, files, file_names, description,
+                                 preprocessing_id, timestamp, import_options)
+            SELECT i.group_name, i.user_name, i.destination_id, i.destination_type,
+                   'Import Started', i.uuid, i.files, i.file_names, NULL, i.preprocessing_id,
+                   clock_timestamp(), i.import_options
+            FROM imports i WHERE i.id = claimed.latest_id
+            RETURNING *
+        )
+        SELECT s.uuid, s.group_name, s.user_name, s.destination_id, s.destination_type,
+               s.files, s.file_names, s.preprocessing_id, p.container, p.input_file,
+               p.output_folder, p.alt_output_folder, p.extra_params::text, s.import_options,
+               claimed.attempts, claimed.runs, claimed.objects, claimed.queued_at,
+               claimed.retries, claimed.waiting_since, claimed.not_before
+        FROM started s LEFT JOIN imports_preprocessing p ON p.id = s.preprocessing_id;
+    END LOOP;
+END;
+$$;
+
+CREATE FUNCTION public.importer_notify_cancel() RETURNS trigger
+    LANGUAGE plpgsql
+    AS $$
+BEGIN
+    PERFORM pg_notify(TG_ARGV[0], 'cancel:' || NEW.uuid);
+    RETURN NULL;
+END;
+$$;
+
+CREATE FUNCTION public.importer_order_owner() RETURNS trigger
+    LANGUAGE plpgsql
+    AS $$
+DECLARE
+    latest record;
+BEGIN
+    SELECT i.user_name, i.group_name INTO latest FROM imports i WHERE i.id = NEW.latest_id;
+    -- The trigger on imports always points latest_id at a history row; a queue row written
+    -- by hand (tests, repairs) may not, and then keeps the names it was given.
+    IF FOUND THEN
+        NEW.user_name := latest.user_name;
+        NEW.group_name := latest.group_name;
+    END IF;
+    RETURN NEW;
+END;
+$$;
+
+CREATE FUNCTION public.importer_order_ready() RETURNS trigger
+    LANGUAGE plpgsql
+    AS $$
+BEGIN
+    IF TG_OP <> 'INSERT' THEN
+        PERFORM importer_refresh_user(OLD.user_name);
+    END IF;
+    IF TG_OP = 'INSERT' OR (TG_OP = 'UPDATE' AND NEW.user_name <> OLD.user_name) THEN
+        PERFORM importer_refresh_user(NEW.user_name);
+    END IF;
+    RETURN NULL;
+END;
+$$;
+
+CREATE FUNCTION public.importer_order_stage_changed() RETURNS trigger
+    LANGUAGE plpgsql
+    AS $$
+BEGIN
+    IF NEW.stage NOT IN ('Import Started', 'Import Preprocessing') THEN
+        NEW.progress := NULL;
+        NEW.progress_at := NULL;
+    END IF;
+    IF NEW.stage IN ('Import Completed', 'Import Failed')
+       AND OLD.stage NOT IN ('Import Completed', 'Import Failed') THEN
+        NEW.not_before := NULL;
+        NEW.waiting_since := NULL;
+        NEW.retries := 0;
+        INSERT INTO importer_outbox (uuid, event_id, stage)
+        VALUES (NEW.uuid, NEW.latest_id, NEW.stage)
+        ON CONFLICT (event_id) DO NOTHING;
+    END IF;
+    RETURN NEW;
+END;
+$$;
+
+CREATE FUNCTION public.importer_order_wait() RETURNS trigger
+    LANGUAGE plpgsql
+    AS $$
+BEGIN
+    IF NEW.worker_id IS NOT NULL OR NEW.stage IN ('Import Completed', 'Import Failed') THEN
+        NEW.waiting := false;
+    END IF;
+    IF NOT NEW.waiting THEN
+        NEW.wait_cause := NULL;
+    END IF;
+    RETURN NEW;
+END;
+$$;
+
+CREATE FUNCTION public.importer_refresh_user(name character varying) RETURNS void
+    LANGUAGE plpgsql
+    AS $$
+DECLARE
+    known importer_users%ROWTYPE;
+    at timestamptz;
+    seq bigint;
+    grp varchar;
+BEGIN
+    -- Lock first, then read: every change to a user's ready orders passes here under this
+    -- lock, each statement of this function reads a fresh snapshot, so the last to lock
+    -- sees every change committed before it.
+    SELECT * INTO known FROM importer_users u WHERE u.user_name = name FOR UPDATE;
+    IF NOT FOUND THEN
+        INSERT INTO importer_users (user_name) VALUES (name) ON CONFLICT DO NOTHING;
+        SELECT * INTO known FROM importer_users u WHERE u.user_name = name FOR UPDATE;
+    END IF;
+    SELECT o.queued_at, o.queue_seq, o.group_name INTO at, seq, grp
+    FROM importer_orders o
+    WHERE o.user_name = name AND (o.stage = 'Import Pending' AND o.worker_id IS NULL AND NOT o.cancel_requested AND NOT o.waiting)
+    ORDER BY o.queued_at, o.queue_seq
+    LIMIT 1;
+    IF (known.head_queued_at, known.head_seq, known.head_group)
+       IS DISTINCT FROM (at, seq, grp) THEN
+        UPDATE importer_users u SET head_queued_at = at, head_seq = seq, head_group = grp
+        WHERE u.user_name = name;
+    END IF;
+END;
+$$;
+
+CREATE FUNCTION public.importer_track_order() RETURNS trigger
+    LANGUAGE plpgsql
+    AS $$
+DECLARE
+    current importer_orders%ROWTYPE;
+    note text;
+    requeued boolean;
+BEGIN
+    IF TG_OP = 'UPDATE' THEN
+        -- The documented manual retry rewrites every row of the uuid to 'Import Pending'.
+        -- This fires for each of them; only the first changes the queue row.
+        IF OLD.stage IS DISTINCT FROM 'Import Pending' THEN
+            SELECT * INTO current FROM importer_orders WHERE uuid = NEW.uuid FOR UPDATE;
+            IF NOT FOUND THEN
+                RETURN NULL;
+            END IF;
+            IF current.worker_id IS NOT NULL
+               AND current.stage IN ('Import Started', 'Import Preprocessing') THEN
+                -- A retry of a running order would leave it 'Import Pending' with a worker
+                -- attached, and the run would then drop it: refuse it (once per statement)
+                -- and restore the running state.
+                IF current_setting('biomero_importer.refused', true)
+                   IS DISTINCT FROM NEW.uuid THEN
+                    PERFORM set_config('biomero_importer.refused', NEW.uuid, true);
+                    INSERT INTO imports (group_name, user_name, destination_id,
+                                         destination_type, stage, uuid, files, file_names,
+                                         description, preprocessing_id, timestamp,
+                                         import_options)
+                    SELECT group_name, user_name, destination_id, destination_type,
+                           current.stage, uuid, files, file_names,
+                           'Retry refused: this order is running; cancel it first or wait'
+                           || ' until it ends', preprocessing_id, clock_timestamp(),
+                           import_options
+                    FROM imports WHERE id = current.latest_id;
+                END IF;
+                RETURN NULL;
+            END IF;
+            IF current.stage <> 'Import Pending' THEN
+                -- a finished order (or one the original importer left running) goes to the
+                -- back of the queue with a fresh attempt count
+                UPDATE importer_orders SET
+                    stage = 'Import Pending', queued_at = now(),
+                    queue_seq = nextval('importer_orders_queue_seq'), updated_at = now(),
+                    attempts = CASE WHEN stage IN ('Import Completed', 'Import Failed')
+                                    THEN 0 ELSE attempts END,
+                    cancel_requested = false
+                WHERE uuid = NEW.uuid;
+                PERFORM pg_notify(TG_ARGV[0], NEW.uuid);
+            ELSIF current.waiting THEN
+                -- a waiting order is due at once (keeping its place); the row appended here
+                -- says so, and its insert wakes the claimers
+                UPDATE importer_orders SET waiting = false, not_before = LEAST(not_before, now())
+                WHERE uuid = NEW.uuid;
+                INSERT INTO imports (group_name, user_name, destination_id, destination_type,
+                                     stage, uuid, files, file_names, description,
+                                     preprocessing_id, timestamp, import_options)
+                SELECT group_name, user_name, destination_id, destination_type,
+                       'Import Pending', uuid, files, file_names,
+                       'Retried: no longer waiting, due now', preprocessing_id,
+                       clock_timestamp(), import_options
+                FROM imports WHERE id = current.latest_id;
+            END IF;
+        END IF;
+        RETURN NULL;
+    END IF;
+
+    SELECT * INTO current FROM importer_orders WHERE uuid = NEW.uuid FOR UPDATE;
+    IF NOT FOUND THEN
+        INSERT INTO importer_orders (uuid, stage, latest_id) VALUES (NEW.uuid, NEW.stage, NEW.id)
+        ON CONFLICT (uuid) DO UPDATE SET stage = EXCLUDED.stage, latest_id = EXCLUDED.latest_id
+        WHERE importer_orders.latest_id < EXCLUDED.latest_id;
+    ELSIF current.latest_id > NEW.id THEN
+        RETURN NULL;
+    ELSIF NEW.stage = 'Import Pending' AND (
+        (current.stage IN ('Import Started', 'Import Preprocessing')
+            AND current.worker_id IS NOT NULL)
+        OR (current.stage IN ('Import Completed', 'Import Failed')
+            AND current_setting('biomero_importer.requeue', true) IS DISTINCT FROM 'on')
+    ) THEN
+        -- A second submission of an order that is running or finished: keep one run and
+        -- restore the order's state, saying why, so latest-row readers never see a false
+        -- 'Import Pending'.
+        note := CASE WHEN current.stage IN ('Import Completed', 'Import Failed')
+            THEN 'Duplicate submission ignored: this order already finished;'
+                 || ' re-run it with biomero-importer retry'
+            ELSE 'Duplicate submission ignored: this order is already running' END;
+        INSERT INTO imports (group_name, user_name, destination_id, destination_type, stage,
+                             uuid, files, file_names, description, preprocessing_id, timestamp,
+                             import_options)
+        SELECT group_name, user_name, destination_id, destination_type, stage, uuid, files,
+               file_names, note, preprocessing_id, clock_timestamp(), import_options
+        FROM imports WHERE id = current.latest_id;
+        RETURN NULL;
+    ELSE
+        -- Only a finished order queued again (a retry) takes a new place in the queue; a
+        -- hand-back (a wait, a shutdown, a recovered lease) keeps the one it had.
+        requeued := NEW.stage = 'Import Pending'
+                    AND current.stage IN ('Import Completed', 'Import Failed');
+        UPDATE importer_orders SET
+            stage = NEW.stage,
+            latest_id = NEW.id,
+            updated_at = now(),
+            queued_at = CASE WHEN requeued THEN now() ELSE queued_at END,
+            queue_seq = CASE WHEN requeued THEN nextval('importer_orders_queue_seq')
+                             ELSE queue_seq END,
+            attempts = CASE WHEN requeued THEN 0 ELSE attempts END,
+            cancel_requested = CASE WHEN requeued THEN false ELSE cancel_requested END
+        WHERE uuid = NEW.uuid;
+    END IF;
+    -- A wait wakes nobody: whoever makes it due (the claim's promotion, wake_waiting, a
+    -- retry) wakes the claimers.
+    IF NEW.stage = 'Import Pending' AND NOT COALESCE(current.waiting, false) THEN
+        PERFORM pg_notify(TG_ARGV[0], NEW.uuid);
+    END IF;
+    RETURN NULL;
+END;
+$$;
+
+CREATE TABLE public.alembic_version_omeroadi (
+    version_num character varying(32) NOT NULL
+);
+
+CREATE TABLE public.importer_orders (
+    uuid character varying(36) NOT NULL,
+    stage character varying NOT NULL,
+    latest_id integer NOT NULL,
+    queued_at timestamp with time zone DEFAULT now() NOT NULL,
+    updated_at timestamp with time zone DEFAULT now() NOT NULL,
+    worker_id character varying,
+    last_worker_id character varying,
+    lease_expires_at timestamp with time zone,
+    attempts integer DEFAULT 0 NOT NULL,
+    runs integer DEFAULT 0 NOT NULL,
+    cancel_requested boolean DEFAULT false NOT NULL,
+    objects json,
+    user_name character varying DEFAULT ''::character varying NOT NULL,
+    group_name character varying DEFAULT ''::character varying NOT NULL,
+    not_before timestamp with time zone,
+    waiting_since timestamp with time zone,
+    retries integer DEFAULT 0 NOT NULL,
+    progress json,
+    progress_at timestamp with time zone,
+    waiting boolean DEFAULT false NOT NULL,
+    wait_cause character varying,
+    queue_seq bigint NOT NULL
+);
+
+CREATE SEQUENCE public.importer_orders_queue_seq
+    START WITH 1
+    INCREMENT BY 1
+    NO MINVALUE
+    NO MAXVALUE
+    CACHE 1;
+
+ALTER SEQUENCE public.importer_orders_queue_seq OWNED BY public.importer_orders.queue_seq;
+
+CREATE TABLE public.importer_outbox (
+    id bigint NOT NULL,
+    uuid character varying(36) NOT NULL,
+    event_id integer NOT NULL,
+    stage character varying NOT NULL,
+    created_at timestamp with time zone DEFAULT now() NOT NULL,
+    next_attempt_at timestamp with time zone DEFAULT now() NOT NULL,
+    attempts integer DEFAULT 0 NOT NULL,
+    delivered character varying[] DEFAULT '{}'::character varying[] NOT NULL,
+    done_at timestamp with time zone,
+    last_error character varying
+);
+
+ALTER TABLE public.importer_outbox ALTER COLUMN id ADD GENERATED BY DEFAULT AS IDENTITY (
+    SEQUENCE NAME public.importer_outbox_id_seq
+    START WITH 1
+    INCREMENT BY 1
+    NO MINVALUE
+    NO MAXVALUE
+    CACHE 1
+);
+
+CREATE TABLE public.importer_users (
+    user_name character varying NOT NULL,
+    head_queued_at timestamp with time zone,
+    head_seq bigint,
+    head_group character varying
+);
+
+CREATE TABLE public.imports (
+    id integer NOT NULL,
+    group_name character varying NOT NULL,
+    user_name character varying NOT NULL,
+    destination_id character varying NOT NULL,
+    destination_type character varying NOT NULL,
+    stage character varying NOT NULL,
+    uuid character varying(36) NOT NULL,
+    "timestamp" timestamp with time zone DEFAULT now(),
+    files text NOT NULL,
+    file_names text,
+    description text,
+    preprocessing_id integer,
+    import_options text
+);
+
+CREATE SEQUENCE public.imports_id_seq
+    AS integer
+    START WITH 1
+    INCREMENT BY 1
+    NO MINVALUE
+    NO MAXVALUE
+    CACHE 1;
+
+ALTER SEQUENCE public.imports_id_seq OWNED BY public.imports.id;
+
+CREATE TABLE public.imports_preprocessing (
+    id integer NOT NULL,
+    container character varying NOT NULL,
+    input_file character varying NOT NULL,
+    output_folder character varying NOT NULL,
+    alt_output_folder character varying,
+    extra_params json
+);
+
+CREATE SEQUENCE public.imports_preprocessing_id_seq
+    AS integer
+    START WITH 1
+    INCREMENT BY 1
+    NO MINVALUE
+    NO MAXVALUE
+    CACHE 1;
+
+ALTER SEQUENCE public.imports_preprocessing_id_seq OWNED BY public.imports_preprocessing.id;
+
+ALTER TABLE ONLY public.importer_orders ALTER COLUMN queue_seq SET DEFAULT nextval('public.importer_orders_queue_seq'::regclass);
+
+ALTER TABLE ONLY public.imports ALTER COLUMN id SET DEFAULT nextval('public.imports_id_seq'::regclass);
+
+ALTER TABLE ONLY public.imports_preprocessing ALTER COLUMN id SET DEFAULT nextval('public.imports_preprocessing_id_seq'::regclass);
+
+ALTER TABLE ONLY public.alembic_version_omeroadi
+    ADD CONSTRAINT alembic_version_omeroadi_pkc PRIMARY KEY (version_num);
+
+ALTER TABLE ONLY public.importer_orders
+    ADD CONSTRAINT importer_orders_pkey PRIMARY KEY (uuid);
+
+ALTER TABLE ONLY public.importer_outbox
+    ADD CONSTRAINT importer_outbox_event_id_key UNIQUE (event_id);
+
+ALTER TABLE ONLY public.importer_outbox
+    ADD CONSTRAINT importer_outbox_pkey PRIMARY KEY (id);
+
+ALTER TABLE ONLY public.importer_users
+    ADD CONSTRAINT importer_users_pkey PRIMARY KEY (user_name);
+
+ALTER TABLE ONLY public.imports
+    ADD CONSTRAINT imports_pkey PRIMARY KEY (id);
+
+ALTER TABLE ONLY public.imports_preprocessing
+    ADD CONSTRAINT imports_preprocessing_pkey PRIMARY KEY (id);
+
+CREATE INDEX importer_orders_ix_cancel_pending ON public.importer_orders USING btree (queue_seq) WHERE (((stage)::text = 'Import Pending'::text) AND (worker_id IS NULL) AND cancel_requested);
+
+CREATE INDEX importer_orders_ix_latest ON public.importer_orders USING btree (latest_id);
+
+CREATE INDEX importer_orders_ix_leases ON public.importer_orders USING btree (lease_expires_at) WHERE (worker_id IS NOT NULL);
+
+CREATE INDEX importer_orders_ix_pending ON public.importer_orders USING btree (queued_at) WHERE (((stage)::text = 'Import Pending'::text) AND (worker_id IS NULL));
+
+CREATE INDEX importer_orders_ix_ready ON public.importer_orders USING btree (user_name, queued_at, queue_seq) WHERE (((stage)::text = 'Import Pending'::text) AND (worker_id IS NULL) AND (NOT cancel_requested) AND (NOT waiting));
+
+CREATE INDEX importer_orders_ix_stage_updated ON public.importer_orders USING btree (stage, updated_at);
+
+CREATE INDEX importer_orders_ix_updated ON public.importer_orders USING btree (updated_at);
+
+CREATE INDEX importer_orders_ix_wait_cause ON public.importer_orders USING btree (wait_cause, queued_at, queue_seq) WHERE (((stage)::text = 'Import Pending'::text) AND (worker_id IS NULL) AND waiting AND (wait_cause IS NOT NULL));
+
+CREATE INDEX importer_orders_ix_waiting ON public.importer_orders USING btree (not_before, queue_seq) WHERE (((stage)::text = 'Import Pending'::text) AND (worker_id IS NULL) AND waiting);
+
+CREATE INDEX importer_outbox_ix_done ON public.importer_outbox USING btree (done_at) WHERE (done_at IS NOT NULL);
+
+CREATE INDEX importer_outbox_ix_due ON public.importer_outbox USING btree (next_attempt_at) WHERE (done_at IS NULL);
+
+CREATE INDEX importer_users_ix_head ON public.importer_users USING btree (head_group, head_queued_at, head_seq) WHERE (head_seq IS NOT NULL);
+
+CREATE INDEX imports_ix_group_name ON public.imports USING btree (group_name);
+
+CREATE INDEX imports_ix_uuid_timestamp ON public.imports USING btree (uuid, "timestamp");
+
+CREATE INDEX ix_imports_user_name ON public.imports USING btree (user_name);
+
+CREATE INDEX ix_imports_uuid ON public.imports USING btree (uuid);
+
+CREATE TRIGGER importer_cancel_requested AFTER UPDATE OF cancel_requested ON public.importer_orders FOR EACH ROW WHEN ((new.cancel_requested AND (NOT old.cancel_requested))) EXECUTE FUNCTION public.importer_notify_cancel('biomero_importer_orders');
+
+CREATE TRIGGER importer_order_owner BEFORE INSERT OR UPDATE OF latest_id ON public.importer_orders FOR EACH ROW EXECUTE FUNCTION public.importer_order_owner();
+
+CREATE TRIGGER importer_order_ready_delete AFTER DELETE ON public.importer_orders FOR EACH ROW WHEN ((((old.stage)::text = 'Import Pending'::text) AND (old.worker_id IS NULL) AND (NOT old.cancel_requested) AND (NOT old.waiting))) EXECUTE FUNCTION public.importer_order_ready();
+
+CREATE TRIGGER importer_order_ready_insert AFTER INSERT ON public.importer_orders FOR EACH ROW EXECUTE FUNCTION public.importer_order_ready();
+
+CREATE TRIGGER importer_order_ready_update AFTER UPDATE ON public.importer_orders FOR EACH ROW WHEN ((((((old.stage)::text = 'Import Pending'::text) AND (old.worker_id IS NULL) AND (NOT old.cancel_requested) AND (NOT old.waiting)) IS DISTINCT FROM (((new.stage)::text = 'Import Pending'::text) AND (new.worker_id IS NULL) AND (NOT new.cancel_requested) AND (NOT new.waiting))) OR ((old.user_name)::text IS DISTINCT FROM (new.user_name)::text) OR (((new.stage)::text = 'Import Pending'::text) AND (new.worker_id IS NULL) AND (NOT new.cancel_requested) AND (NOT new.waiting) AND ((((old.group_name)::text IS DISTINCT FROM (new.group_name)::text) OR (old.queued_at IS DISTINCT FROM new.queued_at)) OR (old.queue_seq IS DISTINCT FROM new.queue_seq))))) EXECUTE FUNCTION public.importer_order_ready();
+
+CREATE TRIGGER importer_order_stage_changed BEFORE UPDATE OF stage ON public.importer_orders FOR EACH ROW WHEN (((old.stage)::text IS DISTINCT FROM (new.stage)::text)) EXECUTE FUNCTION public.importer_order_stage_changed();
+
+CREATE TRIGGER importer_order_wait BEFORE INSERT OR UPDATE ON public.importer_orders FOR EACH ROW WHEN ((new.waiting OR (new.wait_cause IS NOT NULL))) EXECUTE FUNCTION public.importer_order_wait();
+
+CREATE TRIGGER importer_track_insert AFTER INSERT ON public.imports FOR EACH ROW EXECUTE FUNCTION public.importer_track_order('biomero_importer_orders');
+
+CREATE TRIGGER importer_track_retry AFTER UPDATE OF stage ON public.imports FOR EACH ROW WHEN (((new.stage)::text = 'Import Pending'::text)) EXECUTE FUNCTION public.importer_track_order('biomero_importer_orders');
+
+ALTER TABLE ONLY public.imports
+    ADD CONSTRAINT imports_preprocessing_id_fkey FOREIGN KEY (preprocessing_id) REFERENCES public.imports_preprocessing(id);
