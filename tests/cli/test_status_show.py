@@ -208,14 +208,24 @@ async def test_show_says_when_a_waiting_order_is_tried_again(cli_setup: CliSetup
     try:
         [claimed] = await store.claim(1)
         wait = "OMERO unavailable; retrying in 10 min, attempt 1 of 5"
-        retry = Finish(claimed.uuid, "Import Pending", wait, delay=600, transient_retry=True)
+        retry = Finish(
+            claimed.uuid,
+            "Import Pending",
+            wait,
+            delay=600,
+            transient_retry=True,
+            wait_cause="omero",
+        )
         assert await store.finish(retry)
     finally:
         await store.close()
     text = await ainvoke("show", order, "--config", cli_setup.config)
     assert text.exit_code == 0, text.output
+    # a wait tied to OMERO ends when its probe finds OMERO back: the next try is the latest
+    assert re.search(r"Waiting for\s+OMERO to answer; tried the moment it does", text.stdout)
     assert re.search(
-        r"Next try\s+\d{4}-\d\d-\d\d \d\d:\d\d:\d\d \((in 10 min|in 9 min)\)", text.stdout
+        r"Next try\s+\d{4}-\d\d-\d\d \d\d:\d\d:\d\d \(at the latest, (in 10 min|in 9 min)\)",
+        text.stdout,
     )
     assert re.search(r"Automatic retries\s+1 used", text.stdout)
     assert wait in text.stdout  # the wait is a row of the history
@@ -223,6 +233,7 @@ async def test_show_says_when_a_waiting_order_is_tried_again(cli_setup: CliSetup
         (await ainvoke("show", order, "--json", "--config", cli_setup.config)).stdout
     )
     assert record["retries"] == 1 and record["not_before"] is not None
+    assert record["wait_cause"] == "omero"
     assert record["waiting_since"] is None
 
 

@@ -691,6 +691,7 @@ def _detail_record(order: OrderDetail, events: list[OrderEvent]) -> dict[str, An
         "progress": shown.record(order.progress),
         "not_before": iso(order.not_before),
         "waiting_since": iso(order.waiting_since),
+        "wait_cause": order.wait_cause,
         "retries": order.retries,
         "preprocessing": preprocessing,
         "import_options": parse_json(order.import_options),
@@ -707,6 +708,15 @@ def _detail_record(order: OrderDetail, events: list[OrderEvent]) -> dict[str, An
     }
 
 
+# What a wait tied to a cause waits for (its replica probes it and wakes the order the moment
+# it answers; the next try shown is only the latest it runs)
+_CAUSES = {
+    "omero": "OMERO",
+    "storage": "the shared storage",
+    "container_runtime": "the container runtime",
+}
+
+
 def _wait_fields(order: OrderDetail) -> list[tuple[str, str]]:
     """When a waiting order is tried again, and the automatic retries it used."""
     fields = []
@@ -714,6 +724,10 @@ def _wait_fields(order: OrderDetail) -> list[tuple[str, str]]:
     if order.summary.stage == STAGE_NEW_ORDER and due is not None:
         left = (due - datetime.now(timezone.utc)).total_seconds()
         when = f"in {duration(left)}" if left > 0 else "due now"
+        cause = _CAUSES.get(order.wait_cause or "")
+        if cause is not None:
+            fields.append(("Waiting for", f"{cause} to answer; tried the moment it does"))
+            when = f"at the latest, {when}"
         fields.append(("Next try", f"{local_time(due)} ({when})"))
     if order.waiting_since is not None:
         fields.append(("Waiting for files since", local_time(order.waiting_since)))
