@@ -15,7 +15,6 @@ $$;
 
 CREATE FUNCTION public.importer_claim(slots integer, worker character varying, lease_seconds double precision, max_running integer) RETURNS TABLE(uuid character varying, group_name character varying, user_name character varying, destination_id character varying, destination_type character varying, files text, file_names text, preprocessing_id integer, container character varying, input_file character varying, output_folder character varying, alt_output_folder character varying, extra_params text, import_options text, attempts integer, runs integer, objects text, queued_at double precision, retries integer, waiting_since double precision, not_before double precision)
     LANGUAGE plpgsql
-    SET plan_cache_mode TO 'force_custom_plan'
     AS $$
 #variable_conflict use_column
 DECLARE
@@ -128,6 +127,7 @@ BEGIN
             WHERE o.user_name = chosen AND o.worker_id IS NOT NULL;
             CONTINUE WHEN running_now >= max_running;
         END IF;
+        -- (a range over the user, as in importer_refresh_user: plans never walk another index)
         SELECT o.uuid INTO picked FROM importer_orders o
         WHERE (o.stage = 'Import Pending' AND o.worker_id IS NULL AND NOT o.cancel_requested AND NOT o.waiting)
           AND (o.user_name, o.queued_at, o.queue_seq) >= (chosen, h_at, h_seq)
@@ -285,7 +285,6 @@ $$;
 
 CREATE FUNCTION public.importer_refresh_user(name character varying, lost_at timestamp with time zone, lost_seq bigint, gained_at timestamp with time zone, gained_seq bigint, gained_group character varying) RETURNS void
     LANGUAGE plpgsql
-    SET plan_cache_mode TO 'force_custom_plan'
     AS $$
 DECLARE
     known importer_users%ROWTYPE;

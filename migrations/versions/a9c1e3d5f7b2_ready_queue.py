@@ -201,10 +201,7 @@ CREATE OR REPLACE FUNCTION importer_refresh_user(
     name varchar, lost_at timestamptz, lost_seq bigint, gained_at timestamptz,
     gained_seq bigint, gained_group varchar
 ) RETURNS void
-LANGUAGE plpgsql
--- planned for the user at hand, as importer_claim
-SET plan_cache_mode = force_custom_plan
-AS $$
+LANGUAGE plpgsql AS $$
 DECLARE
     known importer_users%ROWTYPE;
     at timestamptz;
@@ -318,12 +315,7 @@ CREATE OR REPLACE FUNCTION importer_claim(
     queued_at double precision, retries integer, waiting_since double precision,
     not_before double precision
 )
-LANGUAGE plpgsql
--- planned for the values at hand: a generic plan of the pick may walk
--- importer_orders_ix_pending (every pending order) where importer_orders_ix_ready finds the
--- user's head in one probe
-SET plan_cache_mode = force_custom_plan
-AS $$
+LANGUAGE plpgsql AS $$
 #variable_conflict use_column
 DECLARE
     promoted integer;
@@ -435,6 +427,7 @@ BEGIN
             WHERE o.user_name = chosen AND o.worker_id IS NOT NULL;
             CONTINUE WHEN running_now >= max_running;
         END IF;
+        -- (a range over the user, as in importer_refresh_user: plans never walk another index)
         SELECT o.uuid INTO picked FROM importer_orders o
         WHERE {_ready("o")}
           AND (o.user_name, o.queued_at, o.queue_seq) >= (chosen, h_at, h_seq)
