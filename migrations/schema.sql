@@ -240,9 +240,6 @@ BEGIN
     ELSIF is_ready THEN
         PERFORM importer_refresh_user(NEW.user_name, NULL, NULL, NEW.queued_at,
                                       NEW.queue_seq, NEW.group_name);
-    ELSIF TG_OP = 'INSERT' THEN
-        -- a new order not ready yet: its user gets a row all the same
-        PERFORM importer_refresh_user(NEW.user_name, NULL, NULL, NULL, NULL, NULL);
     END IF;
     RETURN NULL;
 END;
@@ -280,6 +277,18 @@ BEGIN
         NEW.wait_cause := NULL;
     END IF;
     RETURN NEW;
+END;
+$$;
+
+CREATE FUNCTION public.importer_orders_inserted() RETURNS trigger
+    LANGUAGE plpgsql
+    AS $$
+BEGIN
+    -- users in name order: two bulk inserts lock their user rows in the same order
+    PERFORM importer_refresh_user(n.user_name, NULL, NULL, NULL, NULL, NULL)
+    FROM (SELECT DISTINCT i.user_name FROM inserted i WHERE i.stage = 'Import Pending'
+          ORDER BY i.user_name) n;
+    RETURN NULL;
 END;
 $$;
 
@@ -636,7 +645,7 @@ CREATE TRIGGER importer_order_owner BEFORE INSERT OR UPDATE OF latest_id ON publ
 
 CREATE TRIGGER importer_order_ready_delete AFTER DELETE ON public.importer_orders FOR EACH ROW WHEN ((((old.stage)::text = 'Import Pending'::text) AND (old.worker_id IS NULL) AND (NOT old.cancel_requested) AND (NOT old.waiting))) EXECUTE FUNCTION public.importer_order_ready();
 
-CREATE TRIGGER importer_order_ready_insert AFTER INSERT ON public.importer_orders FOR EACH ROW WHEN (((new.stage)::text = 'Import Pending'::text)) EXECUTE FUNCTION public.importer_order_ready();
+CREATE TRIGGER importer_order_ready_insert AFTER INSERT ON public.importer_orders REFERENCING NEW TABLE AS inserted FOR EACH STATEMENT EXECUTE FUNCTION public.importer_orders_inserted();
 
 CREATE TRIGGER importer_order_ready_update AFTER UPDATE ON public.importer_orders FOR EACH ROW WHEN ((((((old.stage)::text = 'Import Pending'::text) AND (old.worker_id IS NULL) AND (NOT old.cancel_requested) AND (NOT old.waiting)) IS DISTINCT FROM (((new.stage)::text = 'Import Pending'::text) AND (new.worker_id IS NULL) AND (NOT new.cancel_requested) AND (NOT new.waiting))) OR ((old.user_name)::text IS DISTINCT FROM (new.user_name)::text) OR (((new.stage)::text = 'Import Pending'::text) AND (new.worker_id IS NULL) AND (NOT new.cancel_requested) AND (NOT new.waiting) AND ((((old.group_name)::text IS DISTINCT FROM (new.group_name)::text) OR (old.queued_at IS DISTINCT FROM new.queued_at)) OR (old.queue_seq IS DISTINCT FROM new.queue_seq))))) EXECUTE FUNCTION public.importer_order_ready();
 

@@ -283,10 +283,20 @@ BEGIN
     ELSIF is_ready THEN
         PERFORM importer_refresh_user(NEW.user_name, NULL, NULL, NEW.queued_at,
                                       NEW.queue_seq, NEW.group_name);
-    ELSIF TG_OP = 'INSERT' THEN
-        -- a new order not ready yet: its user gets a row all the same
-        PERFORM importer_refresh_user(NEW.user_name, NULL, NULL, NULL, NULL, NULL);
     END IF;
+    RETURN NULL;
+END;
+$$;
+"""
+
+ORDERS_INSERTED = """
+CREATE OR REPLACE FUNCTION importer_orders_inserted() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    -- users in name order: two bulk inserts lock their user rows in the same order
+    PERFORM importer_refresh_user(n.user_name, NULL, NULL, NULL, NULL, NULL)
+    FROM (SELECT DISTINCT i.user_name FROM inserted i WHERE i.stage = 'Import Pending'
+          ORDER BY i.user_name) n;
     RETURN NULL;
 END;
 $$;
@@ -494,11 +504,11 @@ TRIGGERS = [
     "CREATE TRIGGER importer_order_wait BEFORE INSERT OR UPDATE ON importer_orders"
     " FOR EACH ROW WHEN (NEW.waiting OR NEW.wait_cause IS NOT NULL)"
     " EXECUTE FUNCTION importer_order_wait()",
-    # every new pending order: its user has a row (so claims and promotions can lock it);
-    # finished orders adopted from the history need none
+    # every new pending order: its user has a row (so claims and promotions can lock it) and
+    # its head; once per statement and user, so a bulk insert costs its users, not its rows
     "CREATE TRIGGER importer_order_ready_insert AFTER INSERT ON importer_orders"
-    " FOR EACH ROW WHEN (NEW.stage = 'Import Pending')"
-    " EXECUTE FUNCTION importer_order_ready()",
+    " REFERENCING NEW TABLE AS inserted FOR EACH STATEMENT"
+    " EXECUTE FUNCTION importer_orders_inserted()",
     # only what can move a user's head: progress and lease writes call nothing
     "CREATE TRIGGER importer_order_ready_update AFTER UPDATE ON importer_orders FOR EACH ROW"
     f" WHEN ({_ready('OLD')} IS DISTINCT FROM {_ready('NEW')}"
@@ -587,7 +597,16 @@ def upgrade() -> None:
             "stage = 'Import Pending' AND worker_id IS NULL AND cancel_requested"
         ),
     )
-    for function in (TRACK_ORDER, ORDER_WAIT, REFRESH_USER, ORDER_READY, CHANNEL, CLAIM):
+    functions = (
+        TRACK_ORDER,
+        ORDER_WAIT,
+        REFRESH_USER,
+        ORDER_READY,
+        ORDERS_INSERTED,
+        CHANNEL,
+        CLAIM,
+    )
+    for function in functions:
         op.execute(function)
     for statement in DROP_TRIGGERS + TRIGGERS:
         op.execute(statement)

@@ -140,7 +140,9 @@ async def test_claim_reads_do_not_grow_with_waits_cancels_or_users(
         for case, statements in cases.items():
             for statement in statements:
                 await conn.execute(statement)
-            await conn.execute("ANALYZE importer_orders")
+            # as autovacuum leaves them: right after a bulk UPDATE (the case's setup) the first
+            # scan of an index also reads the entries of the rows' old versions, once
+            await conn.execute("VACUUM ANALYZE importer_orders, importer_users")
             for slots in (4, 16):
                 reads, claimed = await _reads_of_one_claim(conn, slots)
                 expected = 0 if case == "all_waiting" else min(slots, PENDING)
