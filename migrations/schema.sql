@@ -19,6 +19,14 @@ CREATE FUNCTION public.importer_claim(slots integer, worker character varying, l
 #variable_conflict use_column
 DECLARE
     promoted integer;
+    -- running orders per user and per group, counted once, then kept by this claim's picks
+    run_users varchar[];
+    run_counts integer[];
+    run_groups varchar[];
+    group_counts integer[];
+    slot integer;
+    h_at timestamptz;
+    h_seq bigint;
     skipped varchar[] := '{}';
     chosen varchar;
     running_now integer;
@@ -50,24 +58,26 @@ BEGIN
         PERFORM pg_notify(importer_channel(), 'due');
     END IF;
 
-    -- One order per step, each step seeing the previous ones (its own writes): the user
+    SELECT COALESCE(array_agg(r.user_name), '{}'), COALESCE(array_agg(r.n), '{}')
+    INTO run_users, run_counts
+    FROM (SELECT o.user_name, count(*)::integer AS n FROM importer_orders o
+          WHERE o.worker_id IS NOT NULL GROUP BY o.user_name) r;
+    SELECT COALESCE(array_agg(r.group_name), '{}'), COALESCE(array_agg(r.n), '{}')
+    INTO run_groups, group_counts
+    FROM (SELECT o.group_name, count(*)::integer AS n FROM importer_orders o
+          WHERE o.worker_id IS NOT NULL GROUP BY o.group_name) r;
+
+    -- One order per step, each step counting the previous ones: the user
     -- with the fewest running orders, then the group of that user's head with the fewest,
     -- then the oldest head. Candidates: per group, the oldest head among users running
     -- nothing (one probe of importer_users_ix_head each, skipping running users), and the
-    -- head of each user that runs something (the running orders are few).
+    -- head of each user that runs something (the running orders are few: counted once
+    -- above, from importer_orders_ix_leases).
     WHILE taken < slots AND tries < 3 * slots LOOP
         tries := tries + 1;
-        WITH RECURSIVE running AS MATERIALIZED (
-            SELECT o.user_name, o.group_name FROM importer_orders o
-            WHERE o.worker_id IS NOT NULL
-        ),
-        user_running AS (
-            SELECT r.user_name, count(*)::integer AS n FROM running r GROUP BY r.user_name
-        ),
-        group_running AS (
-            SELECT r.group_name, count(*)::integer AS n FROM running r GROUP BY r.group_name
-        ),
-        groups(head_group) AS (
+        -- A user running nothing goes before any user running something: the running
+        -- users' heads are read only when no other user has an order ready.
+        WITH RECURSIVE groups(head_group) AS (
             (SELECT u.head_group FROM importer_users u WHERE u.head_seq IS NOT NULL
              ORDER BY u.head_group LIMIT 1)
             UNION ALL
@@ -75,34 +85,40 @@ BEGIN
                     WHERE u.head_seq IS NOT NULL AND u.head_group > g.head_group
                     ORDER BY u.head_group LIMIT 1)
             FROM groups g WHERE g.head_group IS NOT NULL
-        ),
-        candidates AS (
-            SELECT h.user_name, h.head_group, h.head_queued_at, h.head_seq, 0 AS n
-            FROM groups g CROSS JOIN LATERAL (
-                SELECT u.user_name, u.head_group, u.head_queued_at, u.head_seq
-                FROM importer_users u
-                WHERE u.head_group = g.head_group AND u.head_seq IS NOT NULL
-                  AND u.user_name <> ALL (skipped)
-                  AND NOT EXISTS (SELECT 1 FROM user_running r WHERE r.user_name = u.user_name)
-                ORDER BY u.head_queued_at, u.head_seq
-                LIMIT 1
-            ) h
-            WHERE g.head_group IS NOT NULL AND (max_running IS NULL OR max_running > 0)
-            UNION ALL
-            SELECT u.user_name, u.head_group, u.head_queued_at, u.head_seq, r.n
-            FROM user_running r JOIN importer_users u ON u.user_name = r.user_name
+        )
+        SELECT h.user_name INTO chosen
+        FROM groups g CROSS JOIN LATERAL (
+            SELECT u.user_name, u.head_group, u.head_queued_at, u.head_seq
+            FROM importer_users u
+            WHERE u.head_group = g.head_group AND u.head_seq IS NOT NULL
+              AND u.user_name <> ALL (skipped) AND u.user_name <> ALL (run_users)
+            ORDER BY u.head_group, u.head_queued_at, u.head_seq
+            LIMIT 1
+        ) h
+        LEFT JOIN unnest(run_groups, group_counts) AS gr(group_name, n)
+            ON gr.group_name = h.head_group
+        WHERE g.head_group IS NOT NULL AND (max_running IS NULL OR max_running > 0)
+        ORDER BY COALESCE(gr.n, 0), h.head_queued_at, h.head_seq
+        LIMIT 1;
+        IF chosen IS NULL THEN
+            SELECT u.user_name INTO chosen
+            FROM unnest(run_users, run_counts) AS r(user_name, n)
+            JOIN importer_users u ON u.user_name = r.user_name
+            LEFT JOIN unnest(run_groups, group_counts) AS gr(group_name, n)
+                ON gr.group_name = u.head_group
             WHERE u.head_seq IS NOT NULL AND (max_running IS NULL OR r.n < max_running)
               AND u.user_name <> ALL (skipped)
-        )
-        SELECT c.user_name INTO chosen
-        FROM candidates c LEFT JOIN group_running gr ON gr.group_name = c.head_group
-        ORDER BY c.n, COALESCE(gr.n, 0), c.head_queued_at, c.head_seq
-        LIMIT 1;
+            ORDER BY r.n, COALESCE(gr.n, 0), u.head_queued_at, u.head_seq
+            LIMIT 1;
+        END IF;
         EXIT WHEN chosen IS NULL;
         skipped := skipped || chosen;
 
-        -- Another claim holds this user: leave the user to it.
-        PERFORM 1 FROM importer_users u WHERE u.user_name = chosen FOR UPDATE SKIP LOCKED;
+        -- Another claim holds this user: leave the user to it. Under the lock, the head is
+        -- as every change committed before left it.
+        SELECT u.head_queued_at, u.head_seq INTO h_at, h_seq FROM importer_users u
+        WHERE u.user_name = chosen AND u.head_seq IS NOT NULL
+        FOR UPDATE SKIP LOCKED;
         CONTINUE WHEN NOT FOUND;
         IF max_running IS NOT NULL THEN
             -- counted under the user's lock, in a fresh snapshot: every claim of this
@@ -111,9 +127,12 @@ BEGIN
             WHERE o.user_name = chosen AND o.worker_id IS NOT NULL;
             CONTINUE WHEN running_now >= max_running;
         END IF;
+        -- (a range over the user, as in importer_refresh_user: plans never walk another index)
         SELECT o.uuid INTO picked FROM importer_orders o
-        WHERE o.user_name = chosen AND (o.stage = 'Import Pending' AND o.worker_id IS NULL AND NOT o.cancel_requested AND NOT o.waiting)
-        ORDER BY o.queued_at, o.queue_seq
+        WHERE (o.stage = 'Import Pending' AND o.worker_id IS NULL AND NOT o.cancel_requested AND NOT o.waiting)
+          AND (o.user_name, o.queued_at, o.queue_seq) >= (chosen, h_at, h_seq)
+          AND o.user_name <= chosen
+        ORDER BY o.user_name, o.queued_at, o.queue_seq
         LIMIT 1
         FOR UPDATE SKIP LOCKED;
         CONTINUE WHEN NOT FOUND;
@@ -128,12 +147,26 @@ BEGIN
             runs = o.runs + 1,
             updated_at = now()
         WHERE o.uuid = picked
-        RETURNING o.latest_id, o.attempts, o.runs, o.objects::text AS objects,
+        RETURNING o.latest_id, o.group_name, o.attempts, o.runs, o.objects::text AS objects,
                   extract(epoch FROM o.queued_at)::float8 AS queued_at, o.retries,
                   extract(epoch FROM o.waiting_since)::float8 AS waiting_since,
                   extract(epoch FROM o.not_before)::float8 AS not_before
         INTO claimed;
         taken := taken + 1;
+        slot := array_position(run_users, chosen);
+        IF slot IS NULL THEN
+            run_users := run_users || chosen;
+            run_counts := run_counts || 1;
+        ELSE
+            run_counts[slot] := run_counts[slot] + 1;
+        END IF;
+        slot := array_position(run_groups, claimed.group_name);
+        IF slot IS NULL THEN
+            run_groups := run_groups || claimed.group_name;
+            group_counts := group_counts || 1;
+        ELSE
+            group_counts[slot] := group_counts[slot] + 1;
+        END IF;
 
         RETURN QUERY
         WITH started AS (
@@ -185,12 +218,28 @@ $$;
 CREATE FUNCTION public.importer_order_ready() RETURNS trigger
     LANGUAGE plpgsql
     AS $$
+DECLARE
+    was_ready boolean := false;
+    is_ready boolean := false;
 BEGIN
     IF TG_OP <> 'INSERT' THEN
-        PERFORM importer_refresh_user(OLD.user_name);
+        was_ready := (OLD.stage = 'Import Pending' AND OLD.worker_id IS NULL AND NOT OLD.cancel_requested AND NOT OLD.waiting);
     END IF;
-    IF TG_OP = 'INSERT' OR (TG_OP = 'UPDATE' AND NEW.user_name <> OLD.user_name) THEN
-        PERFORM importer_refresh_user(NEW.user_name);
+    IF TG_OP <> 'DELETE' THEN
+        is_ready := (NEW.stage = 'Import Pending' AND NEW.worker_id IS NULL AND NOT NEW.cancel_requested AND NOT NEW.waiting);
+    END IF;
+    IF TG_OP = 'UPDATE' AND (NEW.user_name <> OLD.user_name OR (was_ready AND is_ready)) THEN
+        -- a ready order moved (its user, place or group written by hand): recompute
+        PERFORM importer_refresh_user(OLD.user_name, NULL, NULL, NULL, NULL, NULL);
+        IF NEW.user_name <> OLD.user_name THEN
+            PERFORM importer_refresh_user(NEW.user_name, NULL, NULL, NULL, NULL, NULL);
+        END IF;
+    ELSIF was_ready THEN
+        PERFORM importer_refresh_user(OLD.user_name, OLD.queued_at, OLD.queue_seq,
+                                      NULL, NULL, NULL);
+    ELSIF is_ready THEN
+        PERFORM importer_refresh_user(NEW.user_name, NULL, NULL, NEW.queued_at,
+                                      NEW.queue_seq, NEW.group_name);
     END IF;
     RETURN NULL;
 END;
@@ -231,6 +280,18 @@ BEGIN
 END;
 $$;
 
+CREATE FUNCTION public.importer_orders_inserted() RETURNS trigger
+    LANGUAGE plpgsql
+    AS $$
+BEGIN
+    -- users in name order: two bulk inserts lock their user rows in the same order
+    PERFORM importer_refresh_user(n.user_name, NULL, NULL, NULL, NULL, NULL)
+    FROM (SELECT DISTINCT i.user_name FROM inserted i WHERE i.stage = 'Import Pending'
+          ORDER BY i.user_name) n;
+    RETURN NULL;
+END;
+$$;
+
 CREATE FUNCTION public.importer_outbox_owed() RETURNS trigger
     LANGUAGE plpgsql
     AS $$
@@ -250,7 +311,7 @@ BEGIN
 END;
 $$;
 
-CREATE FUNCTION public.importer_refresh_user(name character varying) RETURNS void
+CREATE FUNCTION public.importer_refresh_user(name character varying, lost_at timestamp with time zone, lost_seq bigint, gained_at timestamp with time zone, gained_seq bigint, gained_group character varying) RETURNS void
     LANGUAGE plpgsql
     AS $$
 DECLARE
@@ -259,19 +320,47 @@ DECLARE
     seq bigint;
     grp varchar;
 BEGIN
+    -- The scans name the user as a range, not an equality, and order by the whole key of
+    -- importer_orders_ix_ready: only that index gives this order without a sort, so no plan
+    -- walks importer_orders_ix_pending (every pending order) instead.
     -- Lock first, then read: every change to a user's ready orders passes here under this
-    -- lock, each statement of this function reads a fresh snapshot, so the last to lock
-    -- sees every change committed before it.
+    -- lock, and each statement of this function reads a fresh snapshot, so each sees the
+    -- head as the changes committed before it left it, and applies its own.
     SELECT * INTO known FROM importer_users u WHERE u.user_name = name FOR UPDATE;
     IF NOT FOUND THEN
         INSERT INTO importer_users (user_name) VALUES (name) ON CONFLICT DO NOTHING;
         SELECT * INTO known FROM importer_users u WHERE u.user_name = name FOR UPDATE;
     END IF;
-    SELECT o.queued_at, o.queue_seq, o.group_name INTO at, seq, grp
-    FROM importer_orders o
-    WHERE o.user_name = name AND (o.stage = 'Import Pending' AND o.worker_id IS NULL AND NOT o.cancel_requested AND NOT o.waiting)
-    ORDER BY o.queued_at, o.queue_seq
-    LIMIT 1;
+    IF gained_seq IS NOT NULL THEN
+        -- an order became ready: the head unless the head is older
+        IF known.head_seq IS NOT NULL
+           AND (known.head_queued_at, known.head_seq) <= (gained_at, gained_seq) THEN
+            RETURN;
+        END IF;
+        at := gained_at;
+        seq := gained_seq;
+        grp := gained_group;
+    ELSIF lost_seq IS NOT NULL THEN
+        -- a ready order went (claimed, cancelled, waiting): only the head's going matters,
+        -- and the next head comes after it (the scan starts there, past the entries this
+        -- transaction's own earlier claims left behind)
+        IF (known.head_queued_at, known.head_seq) IS DISTINCT FROM (lost_at, lost_seq) THEN
+            RETURN;
+        END IF;
+        SELECT o.queued_at, o.queue_seq, o.group_name INTO at, seq, grp
+        FROM importer_orders o
+        WHERE (o.stage = 'Import Pending' AND o.worker_id IS NULL AND NOT o.cancel_requested AND NOT o.waiting)
+          AND (o.user_name, o.queued_at, o.queue_seq) > (name, lost_at, lost_seq)
+          AND o.user_name <= name
+        ORDER BY o.user_name, o.queued_at, o.queue_seq
+        LIMIT 1;
+    ELSE
+        SELECT o.queued_at, o.queue_seq, o.group_name INTO at, seq, grp
+        FROM importer_orders o
+        WHERE (o.stage = 'Import Pending' AND o.worker_id IS NULL AND NOT o.cancel_requested AND NOT o.waiting) AND o.user_name >= name AND o.user_name <= name
+        ORDER BY o.user_name, o.queued_at, o.queue_seq
+        LIMIT 1;
+    END IF;
     IF (known.head_queued_at, known.head_seq, known.head_group)
        IS DISTINCT FROM (at, seq, grp) THEN
         UPDATE importer_users u SET head_queued_at = at, head_seq = seq, head_group = grp
@@ -602,7 +691,7 @@ CREATE TRIGGER importer_order_owner BEFORE INSERT OR UPDATE OF latest_id ON publ
 
 CREATE TRIGGER importer_order_ready_delete AFTER DELETE ON public.importer_orders FOR EACH ROW WHEN ((((old.stage)::text = 'Import Pending'::text) AND (old.worker_id IS NULL) AND (NOT old.cancel_requested) AND (NOT old.waiting))) EXECUTE FUNCTION public.importer_order_ready();
 
-CREATE TRIGGER importer_order_ready_insert AFTER INSERT ON public.importer_orders FOR EACH ROW EXECUTE FUNCTION public.importer_order_ready();
+CREATE TRIGGER importer_order_ready_insert AFTER INSERT ON public.importer_orders REFERENCING NEW TABLE AS inserted FOR EACH STATEMENT EXECUTE FUNCTION public.importer_orders_inserted();
 
 CREATE TRIGGER importer_order_ready_update AFTER UPDATE ON public.importer_orders FOR EACH ROW WHEN ((((((old.stage)::text = 'Import Pending'::text) AND (old.worker_id IS NULL) AND (NOT old.cancel_requested) AND (NOT old.waiting)) IS DISTINCT FROM (((new.stage)::text = 'Import Pending'::text) AND (new.worker_id IS NULL) AND (NOT new.cancel_requested) AND (NOT new.waiting))) OR ((old.user_name)::text IS DISTINCT FROM (new.user_name)::text) OR (((new.stage)::text = 'Import Pending'::text) AND (new.worker_id IS NULL) AND (NOT new.cancel_requested) AND (NOT new.waiting) AND ((((old.group_name)::text IS DISTINCT FROM (new.group_name)::text) OR (old.queued_at IS DISTINCT FROM new.queued_at)) OR (old.queue_seq IS DISTINCT FROM new.queue_seq))))) EXECUTE FUNCTION public.importer_order_ready();
 

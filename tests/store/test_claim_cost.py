@@ -65,3 +65,89 @@ async def test_claim_reads_a_bounded_number_of_rows(migrated_url: str, cap: int 
     # with a cap of 3, busy gets none
     light = ["other100000", "other50000"]
     assert users == (["busy"] * (SLOTS - 2) + light if cap is None else light)
+
+
+# --- issue 20: waits, cancel requests and the number of users cost nothing -----------------
+PENDING = 20_000
+GROUPS = 10
+# per order claimed: its user's head, its row, its history row and the triggers' probes, plus
+# per group two probes of importer_users_ix_head; once per claim, the promotion's probe and
+# the running orders; and the index entries this claim's own earlier picks left behind (dead
+# to it until it commits: at most one per pick and probe), so slots**2 at most
+READS_PER_SLOT = 12 + 3 * GROUPS
+READS_PER_CLAIM = 40
+_N = "split_part(uuid, '-', 2)::int"
+
+
+async def _reads_of_one_claim(conn: asyncpg.Connection, slots: int) -> tuple[int, int]:
+    """(index entries plus rows of sequential scans read, orders claimed) by one claim, from
+    the transaction's own statistics: they count the function's statements and triggers."""
+    stats = (
+        "SELECT COALESCE(sum(pg_stat_get_xact_tuples_returned(c.oid)), 0)::bigint"
+        " FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+        " WHERE n.nspname = 'public' AND c.relkind IN ('i', 'r')"
+    )
+    tx = conn.transaction()
+    await tx.start()
+    try:
+        before = await conn.fetchval(stats)
+        claimed = await conn.fetch(sql.CLAIM, slots, "bench", 60.0, None)
+        after = await conn.fetchval(stats)
+    finally:
+        await tx.rollback()
+    return after - before, len(claimed)
+
+
+@pytest.mark.reliability
+@pytest.mark.parametrize("users", [1, 4000])
+async def test_claim_reads_do_not_grow_with_waits_cancels_or_users(
+    migrated_url: str, users: int
+) -> None:
+    """Before: with every order waiting, one claim read every pending index entry, per user
+    with orders (50,051,000 entries at 1,000 users x 100 orders); now it reads O(slots)."""
+    conn = await asyncpg.connect(asyncpg_dsn(migrated_url))
+    pending = "stage = 'Import Pending' AND worker_id IS NULL"
+    heads = f"{pending} AND {_N} < {users}"
+    cases = {
+        "no_waits": [],
+        "heads_waiting": [
+            f"UPDATE importer_orders SET not_before = now() + interval '1 day', waiting = true"
+            f" WHERE {heads}"
+        ],
+        "cancel_heads": [
+            f"UPDATE importer_orders SET not_before = NULL, waiting = false WHERE {heads}",
+            f"UPDATE importer_orders SET cancel_requested = true WHERE {heads}",
+        ],
+        "all_waiting": [
+            f"UPDATE importer_orders SET cancel_requested = false WHERE {heads}",
+            f"UPDATE importer_orders SET not_before = now() + interval '1 day', waiting = true"
+            f" WHERE {pending}",
+        ],
+    }
+    try:
+        await conn.execute(
+            "INSERT INTO imports (group_name, user_name, destination_id, destination_type,"
+            " stage, uuid, files) SELECT 'lab' || (n % $3), 'u' || (n % $2), '1', 'Dataset',"
+            " 'Import Pending', 'o-' || n, '[]' FROM generate_series(0, $1 - 1) n",
+            PENDING,
+            users,
+            GROUPS,
+        )
+        await conn.execute(
+            f"UPDATE importer_orders SET queued_at = now() - interval '1 ms' * ($1 - {_N})",
+            PENDING,
+        )
+        for case, statements in cases.items():
+            for statement in statements:
+                await conn.execute(statement)
+            # as autovacuum leaves them: right after a bulk UPDATE (the case's setup) the first
+            # scan of an index also reads the entries of the rows' old versions, once
+            await conn.execute("VACUUM ANALYZE importer_orders, importer_users")
+            for slots in (4, 16):
+                reads, claimed = await _reads_of_one_claim(conn, slots)
+                expected = 0 if case == "all_waiting" else min(slots, PENDING)
+                assert claimed == expected, (case, slots, claimed)
+                bound = READS_PER_CLAIM + READS_PER_SLOT * slots + slots**2
+                assert reads <= bound, (case, users, slots, reads, bound)
+    finally:
+        await conn.close()

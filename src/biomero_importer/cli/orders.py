@@ -838,7 +838,8 @@ def show(
 
 
 def retry(order_uuid: UuidArgument, config: ConfigOption = None) -> None:
-    """Queue a finished order again, appending an 'Import Pending' row (history is kept)."""
+    """Queue a finished order again, or start a waiting one now (it keeps its place),
+    appending an 'Import Pending' row (history is kept)."""
     settings = load_quietly(config)
     with ready_database(settings) as url:
 
@@ -850,7 +851,7 @@ def retry(order_uuid: UuidArgument, config: ConfigOption = None) -> None:
             except OrderBusy as exc:
                 raise fail(
                     f"order {order_uuid} is {exc.stage}: only finished orders"
-                    " (Import Completed or Import Failed) can be retried",
+                    " (Import Completed or Import Failed) and waiting ones can be retried",
                     EXIT_FAILED,
                 ) from None
 
