@@ -142,7 +142,7 @@ async def test_shutdown_during_a_multi_image_registration_then_restart_no_duplic
 ) -> None:
     series = make_series_v2(root / "series.zarr", 6)
     settings = unit_settings(
-        tmp_path, root, use_register_zarr=True, omero_simulator_import_delay=0.15
+        tmp_path, root, use_register_zarr=True, omero_simulator_import_delay=0.4
     )
     store = new_store(settings)
     placed = order([series])
@@ -352,7 +352,9 @@ async def test_a_cancel_keeps_the_ledger_of_what_was_imported_and_a_retry_comple
     """Before: the cancel outcome dropped the in-memory ledger (saved at most once a second),
     so the retry had only OMERO to ask."""
     files = make_tiffs(root / "five", 5)
-    settings = unit_settings(tmp_path, root, omero_simulator_import_delay=0.15)
+    # 0.4 s a file leaves the cancel a second to land before the last file: at 0.15 s a loaded
+    # machine sometimes imported all five first, and the test then saw no cancel mid-way
+    settings = unit_settings(tmp_path, root, omero_simulator_import_delay=0.4)
     store = new_store(settings)
     placed = order(files)
     async with memory_replica(settings, store) as (service, _):
