@@ -66,7 +66,9 @@ async def queue(conn: asyncpg.Connection, pending: int, users: int) -> None:
     tables = "imports, importer_orders, importer_outbox"
     if await conn.fetchval("SELECT to_regclass('importer_users') IS NOT NULL"):
         tables += ", importer_users"
-    await conn.execute(f"TRUNCATE {tables} RESTART IDENTITY")
+    # CASCADE: the outbox's per-channel deliveries (and whatever a later revision hangs on
+    # these tables) go with them
+    await conn.execute(f"TRUNCATE {tables} RESTART IDENTITY CASCADE")
     await conn.execute(
         "INSERT INTO imports (group_name, user_name, destination_id, destination_type,"
         " stage, uuid, files)"
