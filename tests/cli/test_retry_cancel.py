@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+
+from biomero_importer.db.urls import asyncpg_dsn
+from biomero_importer.store import Finish, PostgresStore
 from tests.cli.conftest import CliSetup, ainvoke, append_stage, execute, run_cli
 from tests.support import (
     PICKED_UP,
@@ -45,6 +49,36 @@ async def test_retry_requeues_a_failed_order(cli_setup: CliSetup) -> None:
     async with running_service(cli_setup.settings, cli_setup.url):
         done = await wait_for_stage(cli_setup.url, order, timeout=15)
     assert done["stage"] == "Import Completed"
+
+
+async def test_retry_of_a_waiting_order_starts_it_within_a_second(cli_setup: CliSetup) -> None:
+    """A waiting order (an hour still to go) retried by the CLI, and another by the documented
+    SQL UPDATE, each start within a second: the retry wakes the replica (not its fallback
+    poll, 30 s here)."""
+    quiet = cli_setup.with_config(poll_interval=30.0)
+    orders = [await insert_order(quiet.url, make_tiffs(quiet.root / f"w{i}", 1)) for i in (0, 1)]
+    store = PostgresStore(asyncpg_dsn(quiet.url), worker_id="host-1-abc", pool_size=2)
+    await store.open()
+    try:
+        for claimed in await store.claim(2):
+            wait = "OMERO unavailable; retrying in 60 min, attempt 1 of 5"
+            waits = Finish(claimed.uuid, "Import Pending", wait, delay=3600, transient_retry=True)
+            assert await store.finish(waits)
+    finally:
+        await store.close()
+    async with running_service(quiet.settings, quiet.url):
+        await asyncio.sleep(1.0)  # the replica is up, and nothing is due
+        for order in orders:
+            assert (await history(quiet.url, order))[-1]["stage"] == "Import Pending"
+        result = await ainvoke("retry", orders[0], "--config", quiet.config)
+        assert result.exit_code == 0, result.output
+        await wait_for_stage(quiet.url, orders[0], PICKED_UP, timeout=1.0)
+        await execute(
+            quiet.url, "UPDATE imports SET stage = 'Import Pending' WHERE uuid = $1", orders[1]
+        )
+        await wait_for_stage(quiet.url, orders[1], PICKED_UP, timeout=1.0)
+        for order in orders:
+            assert (await wait_for_stage(quiet.url, order))["stage"] == "Import Completed"
 
 
 async def test_retry_refuses_unfinished_and_unknown_orders(cli_setup: CliSetup) -> None:
