@@ -142,8 +142,15 @@ async def test_orders_wait_out_an_omero_outage_and_complete_once(
 ) -> None:
     """The replica's fallback poll is 60 s: it finds its waiting orders by its own wake-up."""
     files = make_tiffs(root / "run", 3)
+    # the OMERO probe looks again within 0.5 s (its 5 s default is real-time cost here)
     settings = unit_settings(
-        tmp_path, root, transient_backoff=0.3, transient_retries=20, poll_interval=60.0
+        tmp_path,
+        root,
+        transient_backoff=0.3,
+        transient_retries=20,
+        poll_interval=60.0,
+        dependency_probe_backoff=0.2,
+        dependency_probe_backoff_max=0.5,
     )
     store = MemoryStore(worker_id=settings.worker_id, lease_seconds=settings.lease_seconds)
     offline = settings.simulator_dir / OFFLINE_FILE
