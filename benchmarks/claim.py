@@ -148,7 +148,9 @@ async def time_claims(
         durations.append((time.perf_counter() - started) * 1000)
         claimed_total += len(claimed)
         for order in claimed:
-            await store.finish(Finish(order.uuid, STAGE_NEW_ORDER, "benchmark hand-back"))
+            await store.finish(
+                Finish(order.uuid, STAGE_NEW_ORDER, "benchmark hand-back", run=order.runs)
+            )
     return {
         "claims": len(durations),
         "claimed_per_claim": claimed_total / len(durations),

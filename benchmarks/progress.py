@@ -24,7 +24,7 @@ class Counter:
     def __init__(self) -> None:
         self.writes = 0
 
-    async def record_progress(self, uuid: str, progress: Progress) -> bool:
+    async def record_progress(self, uuid: str, progress: Progress, *, run: int) -> bool:
         self.writes += 1
         return True
 

@@ -164,6 +164,7 @@ def _order(files: list[Path], container: str, extra: dict[str, Any]) -> Order:
             extra_params=extra,
         ),
         attempt=1,
+        run=1,
     )
 
 

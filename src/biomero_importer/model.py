@@ -112,6 +112,8 @@ class Order:
     file_names: list[str]
     preprocessing: PreprocessingSpec | None
     attempt: int
+    #: the claim's run number (``ClaimedOrder.runs``): every write for this run is fenced by it
+    run: int
     registration: RegistrationOptions = field(default_factory=RegistrationOptions)
     # Each file as validated, symlinks resolved: imports and mounts use these, after checking
     # again that the file still resolves there (a file swapped meanwhile fails the order).

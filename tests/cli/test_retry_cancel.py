@@ -62,7 +62,14 @@ async def test_retry_of_a_waiting_order_starts_it_within_a_second(cli_setup: Cli
     try:
         for claimed in await store.claim(2):
             wait = "OMERO unavailable; retrying in 60 min, attempt 1 of 5"
-            waits = Finish(claimed.uuid, "Import Pending", wait, delay=3600, transient_retry=True)
+            waits = Finish(
+                claimed.uuid,
+                "Import Pending",
+                wait,
+                delay=3600,
+                transient_retry=True,
+                run=claimed.runs,
+            )
             assert await store.finish(waits)
     finally:
         await store.close()

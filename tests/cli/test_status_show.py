@@ -215,6 +215,7 @@ async def test_show_says_when_a_waiting_order_is_tried_again(cli_setup: CliSetup
             delay=600,
             transient_retry=True,
             wait_cause="omero",
+            run=claimed.runs,
         )
         assert await store.finish(retry)
     finally:

@@ -155,6 +155,7 @@ def test_annotation_builds_real_model_objects_with_every_key(tmp_path: Path) -> 
             extra_params={"image_uuid": "x"},
         ),
         attempt=1,
+        run=1,
     )
     pairs = build_annotation_pairs(
         order,

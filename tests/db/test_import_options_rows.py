@@ -19,8 +19,9 @@ async def test_every_row_written_for_an_order_keeps_its_import_options(migrated_
         finished = await insert_order(migrated_url, ["/data/a.tif"], import_options=OPTIONS)
         (claimed,) = await store.claim(1)
         assert claimed.import_options == OPTIONS
-        assert await store.append_stage(finished, "Import Preprocessing")
-        assert await store.finish(Finish(finished, "Import Completed", None, ["a.tif"]))
+        assert await store.append_stage(finished, "Import Preprocessing", run=claimed.runs)
+        done = Finish(finished, "Import Completed", None, ["a.tif"], run=claimed.runs)
+        assert await store.finish(done)
 
         abandoned = await insert_order(migrated_url, ["/data/b.tif"], import_options=OPTIONS)
         assert [o.uuid for o in await store.claim(1)] == [abandoned]

@@ -87,11 +87,14 @@ async def test_one_unwritable_result_fails_only_its_own_order(migrated_url: str)
         ]
         for order in orders:
             await store.submit(order)
-        assert len(await store.claim(3)) == 3
+        runs = {c.uuid: c.runs for c in await store.claim(3)}
+        assert len(runs) == 3
         results = await asyncio.gather(
-            store.finish(Finish(orders[0].uuid, STAGE_IMPORTED, None)),
-            store.finish(Finish(orders[1].uuid, STAGE_INGEST_FAILED, "poison")),
-            store.finish(Finish(orders[2].uuid, STAGE_IMPORTED, None)),
+            store.finish(Finish(orders[0].uuid, STAGE_IMPORTED, None, run=runs[orders[0].uuid])),
+            store.finish(
+                Finish(orders[1].uuid, STAGE_INGEST_FAILED, "poison", run=runs[orders[1].uuid])
+            ),
+            store.finish(Finish(orders[2].uuid, STAGE_IMPORTED, None, run=runs[orders[2].uuid])),
         )
         assert results == [True, True, True]
         details = [await store.order_detail(o.uuid) for o in orders]

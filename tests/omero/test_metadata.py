@@ -30,6 +30,7 @@ def _order(files: list[Path], preprocessing: PreprocessingSpec | None = None) ->
         file_names=[f.name for f in files],
         preprocessing=preprocessing,
         attempt=1,
+        run=1,
     )
 
 

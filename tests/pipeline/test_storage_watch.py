@@ -19,13 +19,15 @@ pytestmark = pytest.mark.unit
 
 
 class NoSink:
-    async def append_stage(self, uuid: str, stage: str, description: str | None = None) -> bool:
+    async def append_stage(
+        self, uuid: str, stage: str, description: str | None = None, *, run: int
+    ) -> bool:
         return True
 
-    async def record_objects(self, uuid: str, objects: list[dict[str, Any]]) -> None:
+    async def record_objects(self, uuid: str, objects: list[dict[str, Any]], *, run: int) -> None:
         return None
 
-    async def record_progress(self, uuid: str, progress: Any) -> bool:
+    async def record_progress(self, uuid: str, progress: Any, *, run: int) -> bool:
         return True
 
 

@@ -98,6 +98,7 @@ def make_order(data_dir: Path) -> OrderFactory:
                 extra_params=extra_params,
             ),
             attempt=1,
+            run=1,
         )
 
     return make

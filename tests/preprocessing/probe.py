@@ -65,6 +65,7 @@ def make_order(workdir: Path, mode: str, image: str) -> Order:
             extra_params={"mode": mode},
         ),
         attempt=1,
+        run=1,
     )
 
 

@@ -30,7 +30,7 @@ async def test_a_released_connection_runs_no_reset_statement(migrated_url: str) 
         assert await store.ping()
         # the one connection of the pool: its last statement is the store's own, not a reset
         assert await _last_statement(url, pid) == "SELECT 1"
-        assert await store.append_stage("no-such-order", "Import Started") is False
+        assert await store.append_stage("no-such-order", "Import Started", run=1) is False
         assert "pg_advisory_unlock_all" not in await _last_statement(url, pid)
     finally:
         await store.close()

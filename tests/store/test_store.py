@@ -131,8 +131,8 @@ async def test_finish_is_guarded_by_ownership(harness: Harness) -> None:
     order = new_order()
     await harness.a.submit(order)
     await harness.a.claim(1)
-    assert not await harness.b.finish(Finish(order.uuid, STAGE_IMPORTED, None))
-    assert await harness.a.finish(Finish(order.uuid, STAGE_IMPORTED, None, ["a.tif"]))
+    assert not await harness.b.finish(Finish(order.uuid, STAGE_IMPORTED, None, run=1))
+    assert await harness.a.finish(Finish(order.uuid, STAGE_IMPORTED, None, ["a.tif"], run=1))
     state = await harness.a.order_state(order.uuid)
     assert state is not None and state.stage == STAGE_IMPORTED and state.worker_id is None
 
@@ -141,7 +141,7 @@ async def test_a_hand_back_costs_no_attempt(harness: Harness) -> None:
     order = new_order()
     await harness.a.submit(order)
     await harness.a.claim(1)
-    assert await harness.a.finish(Finish(order.uuid, STAGE_NEW_ORDER, "shut down"))
+    assert await harness.a.finish(Finish(order.uuid, STAGE_NEW_ORDER, "shut down", run=1))
     again = await harness.b.claim(1)
     assert [c.attempt for c in again] == [1]
     assert [c.runs for c in again] == [2]
@@ -174,7 +174,7 @@ async def test_the_sql_retry_of_a_running_order_is_refused_and_the_run_goes_on(
     assert detail.summary.stage == STAGE_IMPORTING
     assert detail.summary.worker_id == "A"
     assert (detail.summary.description or "").startswith("Retry refused: this order is running")
-    assert await harness.a.finish(Finish(order.uuid, STAGE_IMPORTED, None))
+    assert await harness.a.finish(Finish(order.uuid, STAGE_IMPORTED, None, run=1))
     # once finished, the same retry works
     await harness.sql_retry(order.uuid)
     assert [c.uuid for c in await harness.b.claim(1)] == [order.uuid]
@@ -244,7 +244,7 @@ async def test_retry_requeues_only_finished_orders(harness: Harness) -> None:
     await harness.a.claim(1)
     with pytest.raises(OrderBusy):
         await harness.a.retry(order.uuid, "again")
-    await harness.a.finish(Finish(order.uuid, STAGE_INGEST_FAILED, "bad"))
+    await harness.a.finish(Finish(order.uuid, STAGE_INGEST_FAILED, "bad", run=1))
     assert await harness.a.retry(order.uuid, "again") == STAGE_INGEST_FAILED
     claimed = await harness.b.claim(1)
     assert [(c.uuid, c.attempt) for c in claimed] == [(order.uuid, 1)]
@@ -268,6 +268,7 @@ async def test_text_postgresql_refuses_is_made_safe_before_it_is_written(
             f"Folder links outside the import roots: /data/{bad_name}",
             [bad_name],
             [{"type": "Image", "id": 1, "name": bad_name}],
+            run=1,
         )
     )
     assert written
@@ -307,11 +308,11 @@ async def test_progress_is_recorded_by_the_owner_only(harness: Harness) -> None:
     order = new_order()
     await harness.a.submit(order)
     step = Progress("import", 12, 50, "image12.tif", 1200, 5000)
-    assert not await harness.a.record_progress(order.uuid, step)  # pending: nobody runs it
+    assert not await harness.a.record_progress(order.uuid, step, run=1)  # pending: nobody runs it
     await harness.a.claim(1)
-    assert not await harness.b.record_progress(order.uuid, step)
+    assert not await harness.b.record_progress(order.uuid, step, run=1)
     assert await _progress(harness.a, order.uuid) == (None, None)
-    assert await harness.a.record_progress(order.uuid, step)
+    assert await harness.a.record_progress(order.uuid, step, run=1)
     status, show = await _progress(harness.b, order.uuid)
     assert status is not None and show == status
     assert (status.step, status.units_done, status.units_total) == ("import", 12, 50)
@@ -322,8 +323,8 @@ async def test_progress_is_recorded_by_the_owner_only(harness: Harness) -> None:
     )
     assert status.recorded_at is not None
     # a newer record replaces it, in the preprocessing stage as well
-    assert await harness.a.append_stage(order.uuid, STAGE_PREPROCESSING)
-    assert await harness.a.record_progress(order.uuid, Progress("preprocess"))
+    assert await harness.a.append_stage(order.uuid, STAGE_PREPROCESSING, run=1)
+    assert await harness.a.record_progress(order.uuid, Progress("preprocess"), run=1)
     status, _ = await _progress(harness.a, order.uuid)
     assert status == Progress("preprocess", recorded_at=status.recorded_at)
 
@@ -332,11 +333,11 @@ async def test_progress_is_cleared_when_the_order_finishes(harness: Harness) -> 
     order = new_order()
     await harness.a.submit(order)
     await harness.a.claim(1)
-    assert await harness.a.record_progress(order.uuid, Progress("annotate", 3, 4))
-    assert await harness.a.finish(Finish(order.uuid, STAGE_IMPORTED, None))
+    assert await harness.a.record_progress(order.uuid, Progress("annotate", 3, 4), run=1)
+    assert await harness.a.finish(Finish(order.uuid, STAGE_IMPORTED, None, run=1))
     assert await _progress(harness.a, order.uuid) == (None, None)
     # a write that arrives after the end changes nothing
-    assert not await harness.a.record_progress(order.uuid, Progress("annotate", 4, 4))
+    assert not await harness.a.record_progress(order.uuid, Progress("annotate", 4, 4), run=1)
     assert await _progress(harness.a, order.uuid) == (None, None)
 
 
@@ -344,8 +345,8 @@ async def test_progress_is_cleared_when_the_order_is_handed_back(harness: Harnes
     order = new_order()
     await harness.a.submit(order)
     await harness.a.claim(1)
-    assert await harness.a.record_progress(order.uuid, Progress("import", 1, 2, "a.tif"))
-    assert await harness.a.finish(Finish(order.uuid, STAGE_NEW_ORDER, "shut down"))
+    assert await harness.a.record_progress(order.uuid, Progress("import", 1, 2, "a.tif"), run=1)
+    assert await harness.a.finish(Finish(order.uuid, STAGE_NEW_ORDER, "shut down", run=1))
     assert await _progress(harness.a, order.uuid) == (None, None)
     # the next run starts without the last run's progress
     assert [c.uuid for c in await harness.b.claim(1)] == [order.uuid]
@@ -356,7 +357,7 @@ async def test_progress_of_a_recovered_order_is_cleared(harness: Harness) -> Non
     order = new_order()
     await harness.a.submit(order)
     await harness.a.claim(1)
-    assert await harness.a.record_progress(order.uuid, Progress("import", 1, 2))
+    assert await harness.a.record_progress(order.uuid, Progress("import", 1, 2), run=1)
     await harness.pass_time(LEASE * 2)
     assert dict(await harness.b.recover_expired(max_attempts=2)) == {order.uuid: STAGE_NEW_ORDER}
     assert await _progress(harness.a, order.uuid) == (None, None)
@@ -367,7 +368,7 @@ async def test_progress_text_is_made_safe(harness: Harness) -> None:
     await harness.a.submit(order)
     await harness.a.claim(1)
     bad_name = b"caf\xe9\x00.tif".decode("utf-8", "surrogateescape")
-    assert await harness.a.record_progress(order.uuid, Progress("import", 0, 1, bad_name))
+    assert await harness.a.record_progress(order.uuid, Progress("import", 0, 1, bad_name), run=1)
     status, _ = await _progress(harness.a, order.uuid)
     assert status is not None and status.current_file == "caf\\xe9\\0.tif"
 
@@ -437,7 +438,7 @@ async def test_max_running_per_user_holds_across_replicas(harness: Harness) -> N
     (bob,) = await _queue(harness, "bob", 1)
     assert [c.uuid for c in await harness.b.claim(5)] == [bob]
     # one of alice's ends: exactly one more of hers may start, on either replica
-    assert await harness.a.finish(Finish(alice[0], STAGE_IMPORTED, None))
+    assert await harness.a.finish(Finish(alice[0], STAGE_IMPORTED, None, run=1))
     assert [c.uuid for c in await harness.b.claim(5)] == [alice[2]]
     assert await harness.a.claim(5) == []
     harness.cap_users(None)
@@ -481,8 +482,8 @@ async def test_every_outcome_queues_one_notification_whoever_ends_the_order(
         await harness.a.submit(order)
     await harness.a.request_cancel(cancelled.uuid)
     await harness.a.claim(3)
-    assert await harness.a.finish(Finish(handed.uuid, STAGE_NEW_ORDER, "shutting down"))
-    assert await harness.a.finish(Finish(done.uuid, STAGE_IMPORTED, "Imported"))
+    assert await harness.a.finish(Finish(handed.uuid, STAGE_NEW_ORDER, "shutting down", run=1))
+    assert await harness.a.finish(Finish(done.uuid, STAGE_IMPORTED, "Imported", run=1))
     await harness.a.submit(done)  # a duplicate of a finished order
     await harness.pass_time(LEASE * 2)
     assert dict(await harness.b.recover_expired(max_attempts=1)) == {
@@ -504,10 +505,10 @@ async def test_a_retried_order_queues_a_notification_per_outcome(harness: Harnes
     order = new_order()
     await harness.a.submit(order)
     await harness.a.claim(1)
-    await harness.a.finish(Finish(order.uuid, STAGE_INGEST_FAILED, "File missing"))
+    await harness.a.finish(Finish(order.uuid, STAGE_INGEST_FAILED, "File missing", run=1))
     await harness.a.retry(order.uuid, "retried by admin")
     await harness.b.claim(1)
-    await harness.b.finish(Finish(order.uuid, STAGE_IMPORTED, "Imported"))
+    await harness.b.finish(Finish(order.uuid, STAGE_IMPORTED, "Imported", run=2))
     outcomes = await outcome_ids(harness.a, order.uuid)
     await harness.sql_retry(order.uuid)  # rewrites every row's stage to 'Import Pending'
     claimed = sorted(await claim_all(harness.a), key=lambda d: d.note.event_id)
@@ -533,7 +534,9 @@ async def test_a_notification_carries_what_its_messages_need(harness: Harness) -
     await harness.a.claim(1)
     objects = [{"type": "Plate", "id": 5, "name": "p.zarr"}]
     await harness.pass_time(0.01)
-    await harness.a.finish(Finish(order.uuid, STAGE_IMPORTED, "Imported 1 plate", None, objects))
+    await harness.a.finish(
+        Finish(order.uuid, STAGE_IMPORTED, "Imported 1 plate", None, objects, run=1)
+    )
     [delivery] = await claim_all(harness.a, "email")
     note = delivery.note
     assert delivery.channel == "email" and delivery.token == 1
@@ -561,7 +564,7 @@ async def test_each_channel_is_claimed_and_leased_on_its_own(harness: Harness) -
     order = new_order()
     await harness.a.submit(order)
     await harness.a.claim(1)
-    await harness.a.finish(Finish(order.uuid, STAGE_IMPORTED, None))
+    await harness.a.finish(Finish(order.uuid, STAGE_IMPORTED, None, run=1))
     [hook] = await harness.a.claim_deliveries("webhook", 10, LEASE)
     # the email is not held by the webhook's claim
     [mail] = await harness.b.claim_deliveries("email", 10, LEASE)
@@ -581,7 +584,7 @@ async def test_a_late_writer_changes_nothing_under_an_old_token(harness: Harness
     order = new_order()
     await harness.a.submit(order)
     await harness.a.claim(1)
-    await harness.a.finish(Finish(order.uuid, STAGE_IMPORTED, None))
+    await harness.a.finish(Finish(order.uuid, STAGE_IMPORTED, None, run=1))
     [first] = await harness.a.claim_deliveries("webhook", 10, LEASE)
     await harness.pass_time(LEASE * 2)
     [second] = await harness.b.claim_deliveries("webhook", 10, 60)
@@ -606,7 +609,7 @@ async def test_an_outcome_is_done_once_every_owed_channel_settled(harness: Harne
     order = new_order()
     await harness.a.submit(order)
     await harness.a.claim(1)
-    await harness.a.finish(Finish(order.uuid, STAGE_IMPORTED, None))
+    await harness.a.finish(Finish(order.uuid, STAGE_IMPORTED, None, run=1))
     [hook] = await harness.b.claim_deliveries("webhook", 10, 60)
     assert await harness.b.record_delivery(
         DeliveryResult(hook.note.id, "webhook", hook.token, "delivered")
@@ -636,7 +639,7 @@ async def test_an_outcome_owing_no_channel_is_done_at_once(harness: Harness) -> 
     order = new_order()
     await harness.a.submit(order)
     await harness.a.claim(1)
-    await harness.a.finish(Finish(order.uuid, STAGE_IMPORTED, None))
+    await harness.a.finish(Finish(order.uuid, STAGE_IMPORTED, None, run=1))
     assert await harness.a.order_deliveries(order.uuid) == []
     stats = await harness.a.notification_stats()
     assert stats is not None and stats[0] == 0
@@ -659,7 +662,7 @@ async def test_done_notifications_are_pruned_after_the_retention_in_batches(
         await harness.a.submit(order)
     await harness.a.claim(3)
     for order in orders:
-        await harness.a.finish(Finish(order.uuid, STAGE_IMPORTED, None))
+        await harness.a.finish(Finish(order.uuid, STAGE_IMPORTED, None, run=1))
     claimed = sorted(await claim_all(harness.a), key=lambda d: d.note.id)
     # two delivered, one still owed
     for d in claimed[:2]:
@@ -736,9 +739,11 @@ async def test_a_progress_write_the_database_cannot_take_gives_up_at_once(
         await holder.execute("SELECT 1 FROM importer_orders WHERE uuid = $1 FOR UPDATE", order.uuid)
         with structlog.testing.capture_logs() as logs:
             for done in range(3):
-                assert not await store.record_progress(order.uuid, Progress("import", done, 3))
+                assert not await store.record_progress(
+                    order.uuid, Progress("import", done, 3), run=1
+                )
             await lock.rollback()
-            assert await store.record_progress(order.uuid, Progress("import", 3, 3))
+            assert await store.record_progress(order.uuid, Progress("import", 3, 3), run=1)
         assert [e["event"] for e in logs] == ["progress_not_recorded", "progress_recorded_again"]
         assert logs[0]["error"].startswith("TimeoutError")
         status, _ = await _progress(store, order.uuid)
@@ -756,7 +761,9 @@ async def test_a_waiting_order_is_not_claimed_before_its_time(harness: Harness) 
     order = new_order()
     await harness.a.submit(order)
     await harness.a.claim(1)
-    waiting = Finish(order.uuid, STAGE_NEW_ORDER, "Waiting for files", delay=WAIT, settling=True)
+    waiting = Finish(
+        order.uuid, STAGE_NEW_ORDER, "Waiting for files", delay=WAIT, settling=True, run=1
+    )
     assert await harness.a.finish(waiting)
     detail = await harness.a.order_detail(order.uuid)
     assert detail is not None and detail.not_before is not None
@@ -782,8 +789,10 @@ async def test_transient_retries_count_and_settle_waits_are_timed_from_their_fir
     order = new_order()
     await harness.a.submit(order)
     for _ in range(2):
-        await harness.a.claim(1)
-        settling = Finish(order.uuid, STAGE_NEW_ORDER, "settling", delay=0, settling=True)
+        [claimed] = await harness.a.claim(1)
+        settling = Finish(
+            order.uuid, STAGE_NEW_ORDER, "settling", delay=0, settling=True, run=claimed.runs
+        )
         assert await harness.a.finish(settling)
         await harness.pass_time(0.05)
     first = await harness.a.order_detail(order.uuid)
@@ -791,7 +800,14 @@ async def test_transient_retries_count_and_settle_waits_are_timed_from_their_fir
     for n in (1, 2):
         [claimed] = await harness.a.claim(1)
         assert claimed.retries == n - 1
-        retry = Finish(order.uuid, STAGE_NEW_ORDER, "OMERO down", delay=0, transient_retry=True)
+        retry = Finish(
+            order.uuid,
+            STAGE_NEW_ORDER,
+            "OMERO down",
+            delay=0,
+            transient_retry=True,
+            run=claimed.runs,
+        )
         assert await harness.a.finish(retry)
     detail = await harness.a.order_detail(order.uuid)
     assert detail is not None
@@ -799,8 +815,10 @@ async def test_transient_retries_count_and_settle_waits_are_timed_from_their_fir
     assert detail.waiting_since is None
     # a later settle wait starts a stretch of its own
     await harness.pass_time(0.05)
-    await harness.a.claim(1)
-    settling = Finish(order.uuid, STAGE_NEW_ORDER, "settling", delay=0, settling=True)
+    [claimed] = await harness.a.claim(1)
+    settling = Finish(
+        order.uuid, STAGE_NEW_ORDER, "settling", delay=0, settling=True, run=claimed.runs
+    )
     assert await harness.a.finish(settling)
     again = await harness.a.order_detail(order.uuid)
     assert again is not None and again.waiting_since is not None
@@ -808,7 +826,8 @@ async def test_transient_retries_count_and_settle_waits_are_timed_from_their_fir
     # a hand-back that is no wait (shutdown) leaves no time to wait for
     [claimed] = await harness.a.claim(1)
     assert claimed.retries == 2
-    assert await harness.a.finish(Finish(order.uuid, STAGE_NEW_ORDER, "shutdown"))
+    shutdown = Finish(order.uuid, STAGE_NEW_ORDER, "shutdown", run=claimed.runs)
+    assert await harness.a.finish(shutdown)
     detail = await harness.a.order_detail(order.uuid)
     assert detail is not None and detail.not_before is None and detail.retries == 2
 
@@ -818,10 +837,12 @@ async def test_an_order_that_ends_forgets_its_waits(harness: Harness, terminal: 
     order = new_order()
     await harness.a.submit(order)
     await harness.a.claim(1)
-    retry = Finish(order.uuid, STAGE_NEW_ORDER, "x", delay=0, transient_retry=True, settling=True)
+    retry = Finish(
+        order.uuid, STAGE_NEW_ORDER, "x", delay=0, transient_retry=True, settling=True, run=1
+    )
     await harness.a.finish(retry)
     await harness.a.claim(1)
-    assert await harness.a.finish(Finish(order.uuid, terminal, "done"))
+    assert await harness.a.finish(Finish(order.uuid, terminal, "done", run=2))
     detail = await harness.a.order_detail(order.uuid)
     assert detail is not None
     assert (detail.not_before, detail.waiting_since, detail.retries) == (None, None, 0)
@@ -829,3 +850,39 @@ async def test_an_order_that_ends_forgets_its_waits(harness: Harness, terminal: 
     await harness.a.retry(order.uuid, "again")
     [claimed] = await harness.a.claim(1)
     assert (claimed.retries, claimed.waiting_since, claimed.attempt) == (0, None, 1)
+
+
+async def test_a_run_the_same_replica_lost_writes_nothing_after_its_reclaim(
+    harness: Harness,
+) -> None:
+    """Seen in the chaos run: a replica's run lost its lease (the database was away), another
+    replica re-queued the order, the same replica claimed it again, and both runs' endings
+    were written in one finish batch: two 'Import Completed' rows in one attempt. A write is
+    fenced by the claim (worker and run), not by the worker alone."""
+    order = new_order()
+    await harness.a.submit(order)
+    [old] = await harness.a.claim(1)
+    await harness.pass_time(LEASE * 2)
+    assert dict(await harness.b.recover_expired(max_attempts=3)) == {order.uuid: STAGE_NEW_ORDER}
+    [new] = await harness.a.claim(1)
+    assert new.runs == old.runs + 1
+    stale = Finish(order.uuid, STAGE_IMPORTED, "old run", run=old.runs)
+    assert not await harness.a.append_stage(order.uuid, STAGE_PREPROCESSING, run=old.runs)
+    await harness.a.record_objects(order.uuid, [{"type": "Image", "id": 1}], run=old.runs)
+    progress = Progress("import", units_done=1, units_total=2)
+    assert not await harness.a.record_progress(order.uuid, progress, run=old.runs)
+    current = Finish(order.uuid, STAGE_IMPORTED, "new run", run=new.runs)
+    # both endings in flight at once: the batched writer takes them in one statement
+    writer = asyncio.create_task(harness.a.serve())
+    try:
+        await asyncio.sleep(0)
+        results = await asyncio.gather(harness.a.finish(stale), harness.a.finish(current))
+    finally:
+        writer.cancel()
+        await asyncio.gather(writer, return_exceptions=True)
+    assert results == [False, True]
+    events = await harness.a.order_events(order.uuid)
+    assert [e.stage for e in events].count(STAGE_IMPORTED) == 1
+    assert events[-1].description == "new run"
+    detail = await harness.a.order_detail(order.uuid)
+    assert detail is not None and detail.objects == []

@@ -229,18 +229,29 @@ class TwinMachine(RuleBasedStateMachine):
 
         self.same(call)
 
-    @rule(replica=st.integers(0, 1), uuid=orders, how=FINISHES)
-    def finish(self, replica: int, uuid: str, how: tuple[str, TransientKind | None]) -> None:
+    @rule(replica=st.integers(0, 1), uuid=orders, how=FINISHES, stale=st.booleans())
+    def finish(
+        self, replica: int, uuid: str, how: tuple[str, TransientKind | None], stale: bool
+    ) -> None:
+        """An ending from the order's current claim, or from the run before it (a run that
+        lost the order: it must write nothing in either store)."""
         kind, cause = how
+        run = self.t.mem[0]._db[uuid].runs - (1 if stale else 0)
         item = {
-            "completed": Finish(uuid, STAGE_IMPORTED, "done"),
-            "failed": Finish(uuid, STAGE_INGEST_FAILED, "bad file"),
-            "hand_back": Finish(uuid, STAGE_NEW_ORDER, "shutdown"),
-            "settle": Finish(uuid, STAGE_NEW_ORDER, "settling", delay=HOUR, settling=True),
+            "completed": Finish(uuid, STAGE_IMPORTED, "done", run=run),
+            "failed": Finish(uuid, STAGE_INGEST_FAILED, "bad file", run=run),
+            "hand_back": Finish(uuid, STAGE_NEW_ORDER, "shutdown", run=run),
+            "settle": Finish(uuid, STAGE_NEW_ORDER, "settling", delay=HOUR, settling=True, run=run),
             "wait": Finish(
-                uuid, STAGE_NEW_ORDER, "down", delay=HOUR, transient_retry=True, wait_cause=cause
+                uuid,
+                STAGE_NEW_ORDER,
+                "down",
+                delay=HOUR,
+                transient_retry=True,
+                wait_cause=cause,
+                run=run,
             ),
-            "wait_due": Finish(uuid, STAGE_NEW_ORDER, "down", delay=0, wait_cause=cause),
+            "wait_due": Finish(uuid, STAGE_NEW_ORDER, "down", delay=0, wait_cause=cause, run=run),
         }[kind]
 
         async def call(store: list[OrderStore], _world: str) -> bool:

@@ -41,7 +41,7 @@ async def _queue(h: Harness, user: str, n: int) -> list[str]:
 async def _wait(h: Harness, uuid: str, cause: TransientKind | None, delay: float = HOUR) -> None:
     [claimed] = await h.a.claim(1)
     assert claimed.uuid == uuid
-    wait = Finish(uuid, STAGE_NEW_ORDER, "waits", delay=delay, wait_cause=cause)
+    wait = Finish(uuid, STAGE_NEW_ORDER, "waits", delay=delay, wait_cause=cause, run=claimed.runs)
     assert await h.a.finish(wait)
 
 
@@ -56,8 +56,9 @@ async def test_wake_waiting_makes_the_orders_of_that_cause_due_in_their_places(
     detail = await harness.a.order_detail(first)
     assert detail is not None and detail.waiting and detail.wait_cause == "omero"
     # only third is ready
-    assert [c.uuid for c in await harness.b.claim(5)] == [third]
-    assert await harness.b.finish(Finish(third, STAGE_IMPORTED, None))
+    [ready] = await harness.b.claim(5)
+    assert ready.uuid == third
+    assert await harness.b.finish(Finish(third, STAGE_IMPORTED, None, run=ready.runs))
     assert await harness.a.wake_waiting("container_runtime") == 0
     assert await harness.a.wake_waiting("omero") == 2
     detail = await harness.a.order_detail(first)
@@ -78,13 +79,14 @@ async def test_a_hand_back_keeps_the_orders_place(harness: Harness) -> None:
     assert claimed.uuid == first
     before = await harness.a.order_detail(first)
     await harness.pass_time(0.05)
-    assert await harness.a.finish(Finish(first, STAGE_NEW_ORDER, "shutdown"))
+    assert await harness.a.finish(Finish(first, STAGE_NEW_ORDER, "shutdown", run=claimed.runs))
     [again] = await harness.b.claim(1)
     assert again.uuid == first
     after = await harness.a.order_detail(first)
     assert before is not None and after is not None and after.queued_at == before.queued_at
     # a due wait keeps it too
-    assert await harness.b.finish(Finish(first, STAGE_NEW_ORDER, "settling", delay=0))
+    settling = Finish(first, STAGE_NEW_ORDER, "settling", delay=0, run=again.runs)
+    assert await harness.b.finish(settling)
     assert [c.uuid for c in await harness.a.claim(1)] == [first]
     assert [c.uuid for c in await harness.a.claim(1)] == [second]
 
@@ -216,7 +218,14 @@ async def test_a_wait_wakes_nobody_and_whoever_makes_it_due_does(migrated_url: s
         assert await heard.settle() == []
         for c in claimed:
             assert await store.finish(
-                Finish(c.uuid, STAGE_NEW_ORDER, "OMERO down", delay=HOUR, wait_cause="omero")
+                Finish(
+                    c.uuid,
+                    STAGE_NEW_ORDER,
+                    "OMERO down",
+                    delay=HOUR,
+                    wait_cause="omero",
+                    run=c.runs,
+                )
             )
         assert await heard.settle() == []  # before: one NOTIFY per wait, to every replica
         assert await store.wake_waiting("omero") == 3
@@ -225,13 +234,16 @@ async def test_a_wait_wakes_nobody_and_whoever_makes_it_due_does(migrated_url: s
         assert len(claimed) == 3
         # a due wait is promoted by the claim, which wakes the others
         for c in claimed:
-            assert await store.finish(Finish(c.uuid, STAGE_NEW_ORDER, "settle", delay=0))
+            assert await store.finish(
+                Finish(c.uuid, STAGE_NEW_ORDER, "settle", delay=0, run=c.runs)
+            )
         assert await heard.settle() == []
-        assert len(await store.claim(1)) == 1
+        [running] = await store.claim(1)
         assert await heard.settle() == ["due"]
         # a hand-back that is no wait (shutdown) is ready at once: it wakes them
-        [running] = [o for o in await store.list_orders(stage=STAGE_IMPORTING)][:1]
-        assert await store.finish(Finish(running.uuid, STAGE_NEW_ORDER, "shutdown"))
+        assert await store.finish(
+            Finish(running.uuid, STAGE_NEW_ORDER, "shutdown", run=running.runs)
+        )
         assert await heard.settle() == [running.uuid]
     finally:
         await listen.close()

@@ -12,8 +12,14 @@ import structlog
 
 from biomero_importer.dispatcher.dispatcher import FENCED_NOTE, SHUTDOWN_NOTE
 from biomero_importer.dispatcher.supervisor import Supervisor
-from biomero_importer.model import STAGE_IMPORTED, STAGE_INGEST_FAILED, STAGE_NEW_ORDER
+from biomero_importer.model import (
+    STAGE_IMPORTED,
+    STAGE_IMPORTING,
+    STAGE_INGEST_FAILED,
+    STAGE_NEW_ORDER,
+)
 from biomero_importer.store import MemoryStore
+from tests.reliability.harness import simulator_objects
 from tests.support import make_tiffs, non_utf8_folder
 from tests.unit.conftest import finished, memory_replica, order, unit_settings
 
@@ -197,3 +203,39 @@ async def test_shutdown_is_bounded_while_the_database_is_down(tmp_path: Path, ro
     state = await MemoryStore(shared=store).order_state(slow.uuid)
     assert state is not None and state.worker_id == settings.worker_id
     assert SHUTDOWN_NOTE not in [d for _, d in store.snapshot(slow.uuid)]
+
+
+async def test_an_order_claimed_again_by_its_own_replica_runs_once_at_a_time(
+    tmp_path: Path, root: Path
+) -> None:
+    """Seen in the chaos run: a run lost its order (its lease ran out while the database was
+    away; another replica queued it again) and the same replica claimed it again before that
+    run ended. Before: both runs imported and both endings were written. Now the old run is
+    stopped and writes nothing, the new one starts once it has unwound, and the file is in
+    OMERO once."""
+    settings = unit_settings(tmp_path, root, lease_seconds=3.0, omero_simulator_import_delay=1.0)
+    store = MemoryStore(worker_id=settings.worker_id, lease_seconds=settings.lease_seconds)
+    other = MemoryStore(worker_id="other", lease_seconds=settings.lease_seconds, shared=store)
+    with structlog.testing.capture_logs() as logs:
+        async with memory_replica(settings, store) as (service, _):
+            new = order(make_tiffs(root / "twice", 1))
+            await store.submit(new)
+            while not any(e["event"] == "order_started" for e in logs):
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.2)  # the first run is importing now
+            store._db[new.uuid].lease_expires_at = store.clock() - 1
+            assert dict(await other.recover_expired(max_attempts=3)) == {new.uuid: STAGE_NEW_ORDER}
+            service.dispatcher.wake()  # claims it again before its lease loop looks
+            assert (await finished(store, new.uuid))[0] == STAGE_IMPORTED
+            await asyncio.sleep(1.5)  # time for a second ending, had the old run gone on
+            stages = [e.stage for e in await store.order_events(new.uuid)]
+    assert stages == [
+        STAGE_NEW_ORDER,
+        STAGE_IMPORTING,
+        STAGE_NEW_ORDER,
+        STAGE_IMPORTING,
+        STAGE_IMPORTED,
+    ]
+    assert any(e["event"] == "order_claimed_again_while_running" for e in logs)
+    objects = simulator_objects(settings.simulator_dir)
+    assert [(uuid, count) for uuid, _, count in objects] == [(new.uuid, 1)]

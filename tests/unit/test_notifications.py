@@ -107,8 +107,8 @@ async def deliver_due(notifier: Notifier, store: OrderStore, channel: str) -> in
 async def finished_outcome(store: MemoryStore, root: Path, **kw: Any) -> str:
     new = order(make_tiffs(root / f"o{time.monotonic_ns()}", 1), **kw)
     await store.submit(new)
-    await store.claim(1)
-    await store.finish(Finish(new.uuid, STAGE_IMPORTED, "Imported"))
+    [claimed] = await store.claim(1)
+    await store.finish(Finish(new.uuid, STAGE_IMPORTED, "Imported", run=claimed.runs))
     return new.uuid
 
 

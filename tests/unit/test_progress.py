@@ -31,7 +31,7 @@ class Sink:
         self.pause = pause
         self.fail = fail
 
-    async def record_progress(self, uuid: str, progress: Progress) -> bool:
+    async def record_progress(self, uuid: str, progress: Progress, *, run: int) -> bool:
         if self.pause:
             await asyncio.sleep(self.pause)
         if self.fail:
@@ -49,7 +49,7 @@ class Sink:
 
 async def test_a_stream_of_updates_is_written_at_most_once_per_interval() -> None:
     sink = Sink()
-    reporter = ProgressReporter("o", sink, interval=0.05, delay=0)
+    reporter = ProgressReporter("o", sink, run=1, interval=0.05, delay=0)
     reporter.start()
     reporter.start_step("import", 500)
     for done in range(500):
@@ -74,7 +74,7 @@ async def test_a_stream_of_updates_is_written_at_most_once_per_interval() -> Non
 async def test_a_steps_first_and_last_state_do_not_wait_for_the_interval() -> None:
     sink = Sink()
     # an interval longer than the test: only the first/last rule can get these written
-    reporter = ProgressReporter("o", sink, interval=600, delay=0)
+    reporter = ProgressReporter("o", sink, run=1, interval=600, delay=0)
     reporter.start()
     reporter.start_step("import", 2)
     await sink.until(Progress("import", 0, 2))
@@ -93,7 +93,7 @@ async def test_an_order_that_ends_within_the_delay_writes_nothing() -> None:
     """Most orders take milliseconds: they cost no write, no task and no metric series."""
     seen: list[Progress | None] = []
     sink = Sink()
-    reporter = ProgressReporter("o", sink, interval=0, delay=600, observe=seen.append)
+    reporter = ProgressReporter("o", sink, run=1, interval=0, delay=600, observe=seen.append)
     reporter.start()
     reporter.start_step("validate")
     reporter.start_step("import", 1)
@@ -107,7 +107,7 @@ async def test_an_order_that_ends_within_the_delay_writes_nothing() -> None:
 
 async def test_a_slow_database_merges_states_and_never_holds_up_the_order() -> None:
     sink = Sink(pause=0.2)
-    reporter = ProgressReporter("o", sink, interval=0, delay=0)
+    reporter = ProgressReporter("o", sink, run=1, interval=0, delay=0)
     reporter.start()
     reporter.start_step("import", 500)
     for done in range(500):
@@ -124,7 +124,7 @@ async def test_stop_ends_the_writer_and_forgets_the_order() -> None:
     """A cancelled order stops its writer, even in the middle of a write: no task is left."""
     seen: list[Progress | None] = []
     sink = Sink(pause=600)
-    reporter = ProgressReporter("o", sink, interval=0, delay=0, observe=seen.append)
+    reporter = ProgressReporter("o", sink, run=1, interval=0, delay=0, observe=seen.append)
     reporter.start()
     reporter.start_step("import", 3)
     await asyncio.sleep(0.01)  # the write is in flight now
@@ -137,7 +137,7 @@ class Stubborn:
     """A database call that, once cancelled, waits on something only it knows about (as a
     pooled connection being reset does) before it ends."""
 
-    async def record_progress(self, uuid: str, progress: Progress) -> bool:
+    async def record_progress(self, uuid: str, progress: Progress, *, run: int) -> bool:
         try:
             await asyncio.sleep(600)
         except asyncio.CancelledError:
@@ -152,7 +152,9 @@ async def test_a_writer_slow_to_stop_is_kept_until_it_ends() -> None:
     faults: list[dict[str, Any]] = []
     loop.set_exception_handler(lambda _, context: faults.append(context))
     try:
-        reporter = ProgressReporter("stubborn", Stubborn(), interval=0, delay=0, stop_wait=0.05)
+        reporter = ProgressReporter(
+            "stubborn", Stubborn(), run=1, interval=0, delay=0, stop_wait=0.05
+        )
         reporter.start()
         reporter.start_step("import", 1)
         await asyncio.sleep(0.01)  # the write is in flight
@@ -173,7 +175,7 @@ async def test_a_writer_slow_to_stop_is_kept_until_it_ends() -> None:
 
 async def test_a_sink_that_raises_is_logged_once_and_the_order_goes_on() -> None:
     sink = Sink(fail=True)
-    reporter = ProgressReporter("o", sink, interval=0, delay=0)
+    reporter = ProgressReporter("o", sink, run=1, interval=0, delay=0)
     reporter.start()
     with structlog.testing.capture_logs() as logs:
         for done in range(5):

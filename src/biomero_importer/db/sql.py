@@ -2,8 +2,9 @@
 
 Stage rows are always appended (the ``imports`` table is event-sourced) by copying the order's
 latest row, so any reader that takes the highest id of a uuid sees a complete row. Writes made
-on behalf of a running order are guarded by ``worker_id``: a replica that lost its lease
-writes nothing.
+on behalf of a running order are fenced by its claim, ``worker_id`` and ``runs`` (the claim's
+run number, raised by every claim): a replica that lost its lease writes nothing, and neither
+does a run of its own that lost the order before the same replica claimed it again.
 """
 
 from __future__ import annotations
@@ -67,18 +68,19 @@ WHERE tgname = 'importer_track_insert' AND tgrelid = 'imports'::regclass
 # its user's importer_users row (SKIP LOCKED) and counts the user's running orders under it.
 CLAIM = "SELECT * FROM importer_claim($1::int, $2::varchar, $3::float8, $4::int)"
 
-# $1 uuid, $2 worker id, $3 stage, $4 description, $5 file_names (NULL keeps them)
+# $1 uuid, $2 worker id, $3 stage, $4 description, $5 file_names (NULL keeps them), $6 run
 APPEND_STAGE = f"""
 INSERT INTO imports ({ORDER_COLUMNS})
 {_copy_latest("$3", "$4", "COALESCE($5, i.file_names)", _OWNED_LATEST)}
-WHERE o.uuid = $1 AND o.worker_id = $2
+WHERE o.uuid = $1 AND o.worker_id = $2 AND o.runs = $6
 RETURNING id
 """
 
 # Ends (or hands back) several owned orders in one statement.
 # $1 uuids, $2 stages, $3 descriptions, $4 file_names, $5 objects (json text), $6 worker id,
 # $7 delays (seconds; NULL: no wait), $8 transient retries, $9 settle waits (booleans),
-# $10 wait causes (NULL: none).
+# $10 wait causes (NULL: none), $11 runs (each claim's run number). One batch can hold two
+# endings of one order, a stale run's and the current one's: only the current one is written.
 # A hand-back ('Import Pending') does not count as an attempt and keeps the order's place. A
 # wait sets waiting, its cause and not_before (from the database clock, the one the claim
 # compares with); its history row wakes nobody; a transient retry counts in retries;
@@ -88,9 +90,9 @@ RETURNING id
 FINISH_MANY = f"""
 WITH args AS (
     SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
-                         $7::float8[], $8::bool[], $9::bool[], $10::text[])
+                         $7::float8[], $8::bool[], $9::bool[], $10::text[], $11::int[])
         AS a(uuid, stage, description, file_names, objects, delay, transient_retry, settling,
-             wait_cause)
+             wait_cause, run)
 ),
 released AS (
     UPDATE importer_orders o
@@ -105,32 +107,36 @@ released AS (
         retries = o.retries + CASE WHEN a.transient_retry THEN 1 ELSE 0 END,
         waiting_since = CASE WHEN a.settling THEN COALESCE(o.waiting_since, now()) END
     FROM args a
-    WHERE o.uuid = a.uuid AND o.worker_id = $6
-    RETURNING o.uuid, o.latest_id
-)
-INSERT INTO imports ({ORDER_COLUMNS})
-{
+    WHERE o.uuid = a.uuid AND o.worker_id = $6 AND o.runs = a.run
+    RETURNING o.uuid, o.latest_id, o.runs
+),
+written AS (
+    INSERT INTO imports ({ORDER_COLUMNS})
+    {
     _copy_latest(
         "a.stage",
         "a.description",
         "COALESCE(a.file_names, i.file_names)",
-        "released r JOIN args a ON a.uuid = r.uuid JOIN imports i ON i.id = r.latest_id",
+        "released r JOIN args a ON a.uuid = r.uuid AND a.run = r.runs"
+        " JOIN imports i ON i.id = r.latest_id",
     )
 }
-RETURNING uuid
+)
+SELECT uuid, runs FROM released
 """
 
-# $1 uuid, $2 worker id, $3 objects json
+# $1 uuid, $2 worker id, $3 objects json, $4 run
 RECORD_OBJECTS = """
-UPDATE importer_orders SET objects = $3::json WHERE uuid = $1 AND worker_id = $2
+UPDATE importer_orders SET objects = $3::json WHERE uuid = $1 AND worker_id = $2 AND runs = $4
 """
 
-# $1 uuid, $2 worker id, $3 progress json. Only the owner writes it; the stage trigger
+# $1 uuid, $2 worker id, $3 progress json, $4 run. Only the owner writes it; the stage trigger
 # (importer_order_stage_changed) clears it when the order leaves the running stages. Neither
 # updated_at nor an indexed column changes, so it stays a cheap (HOT) update.
 RECORD_PROGRESS = """
 UPDATE importer_orders SET progress = $3::json, progress_at = now()
-WHERE uuid = $1 AND worker_id = $2 AND stage IN ('Import Started', 'Import Preprocessing')
+WHERE uuid = $1 AND worker_id = $2 AND runs = $4
+  AND stage IN ('Import Started', 'Import Preprocessing')
 """
 
 # $1 worker id, $2 uuids, $3 lease seconds. Never waits for a row lock (a client holding

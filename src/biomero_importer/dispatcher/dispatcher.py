@@ -104,6 +104,17 @@ class RetryPolicy:
         return Outcome(STAGE_INGEST_FAILED, reason + suffix, failed.file_names, failed.objects)
 
 
+def _outcome_after_stop(reason: StopReason | None) -> Outcome | None:
+    """What a stopped run writes: nothing when it lost the order (or was not stopped by us)."""
+    if reason is StopReason.CANCEL:
+        return Outcome(STAGE_INGEST_FAILED, CANCELLED)
+    if reason is StopReason.SHUTDOWN:
+        return Outcome(STAGE_NEW_ORDER, SHUTDOWN_NOTE)
+    if reason is StopReason.FENCED:
+        return Outcome(STAGE_NEW_ORDER, FENCED_NOTE)
+    return None
+
+
 @dataclass
 class _Running:
     task: asyncio.Task[None]
@@ -260,18 +271,31 @@ class Dispatcher:
         return None
 
     def _start(self, order: ClaimedOrder) -> None:
-        task = asyncio.create_task(self._run_order(order), name=f"order-{order.uuid}")
+        previous = self._running.get(order.uuid)
+        if previous is not None:
+            # A run of ours lost this order (its lease ran out while the database was away,
+            # another replica queued it again) and we claimed it again before that run ended.
+            # The old run's writes are fenced by its run number; it is stopped here, and the
+            # new run starts only once it has unwound: never two runs of one order at once.
+            log.warning("order_claimed_again_while_running", order_uuid=order.uuid)
+            self._stop_run(order.uuid, previous, StopReason.LEASE_LOST)
+        task = asyncio.create_task(
+            self._run_order(order, None if previous is None else previous.task),
+            name=f"order-{order.uuid}",
+        )
         # the dispatcher is each order's parent: _drain awaits them, and nothing ends silently
         task.add_done_callback(_log_failure)
         self._running[order.uuid] = _Running(task)
         self.metrics.running_orders.set(len(self._running))
 
-    async def _run_order(self, order: ClaimedOrder) -> None:
+    async def _run_order(self, order: ClaimedOrder, previous: asyncio.Task[None] | None) -> None:
         # A stop requested before this task first ran could not cancel it (a task cancelled
-        # before it starts never runs its cleanup): it is honoured here instead.
+        # before it starts never runs its cleanup): it is honoured here instead. The entry is
+        # this run's own from here on, even if the order is claimed again meanwhile.
         running = self._running.get(order.uuid)
-        if running is not None:
-            running.started = True
+        if running is None or running.task is not asyncio.current_task():
+            return  # claimed again before this run began: the newer run has it
+        running.started = True
         bound = structlog.contextvars.bound_contextvars(
             order_uuid=order.uuid,
             worker_id=self.store.worker_id,
@@ -285,7 +309,9 @@ class Dispatcher:
             # (that one re-raises), or the replica would stop claiming once its slots leaked.
             try:
                 try:
-                    if running is not None and running.stop_reason is not None:
+                    if previous is not None:
+                        await asyncio.wait({previous})
+                    if running.stop_reason is not None:
                         raise asyncio.CancelledError
                     held = await self.causes.holding(order) if self.causes else None
                     if held is not None:
@@ -293,11 +319,10 @@ class Dispatcher:
                     else:
                         outcome = await self.pipeline.run(order)
                 except asyncio.CancelledError:
-                    running = self._running.get(order.uuid)
-                    reason = running.stop_reason if running else None
+                    reason = running.stop_reason
                     # the pipeline has unwound: imports aborted, containers killed
                     log.info("order_stopped", reason=reason.value if reason else None)
-                    outcome = self._outcome_after_stop(order.uuid)
+                    outcome = _outcome_after_stop(reason)
                     if outcome is None:
                         raise
                 except Exception:
@@ -311,8 +336,7 @@ class Dispatcher:
                     log.warning("finish_left_to_recovery", stage=outcome.stage)
             finally:
                 # only our own entry: the order may have been claimed again meanwhile
-                running = self._running.get(order.uuid)
-                if running is not None and running.task is asyncio.current_task():
+                if self._running.get(order.uuid) is running:
                     del self._running[order.uuid]
                 self.metrics.running_orders.set(len(self._running))
                 # A slot came free: look for more work without waiting for the poll.
@@ -326,17 +350,6 @@ class Dispatcher:
         reason = cause.failure or TRANSIENT_PHRASES[cause.kind]
         return Outcome(STAGE_INGEST_FAILED, reason, transient=cause.kind)
 
-    def _outcome_after_stop(self, uuid: str) -> Outcome | None:
-        running = self._running.get(uuid)
-        reason = running.stop_reason if running else None
-        if reason is StopReason.CANCEL:
-            return Outcome(STAGE_INGEST_FAILED, CANCELLED)
-        if reason is StopReason.SHUTDOWN:
-            return Outcome(STAGE_NEW_ORDER, SHUTDOWN_NOTE)
-        if reason is StopReason.FENCED:
-            return Outcome(STAGE_NEW_ORDER, FENCED_NOTE)
-        return None
-
     async def _finish(self, order: ClaimedOrder, outcome: Outcome) -> None:
         if outcome.stage == STAGE_INGEST_FAILED and outcome.transient is not None:
             if self.causes is not None:
@@ -345,6 +358,7 @@ class Dispatcher:
         waits = outcome.stage == STAGE_NEW_ORDER and outcome.wait_seconds is not None
         item = Finish(
             uuid=order.uuid,
+            run=order.runs,
             stage=outcome.stage,
             description=outcome.description,
             file_names=outcome.file_names,
@@ -381,7 +395,11 @@ class Dispatcher:
 
     def _stop(self, uuid: str, reason: StopReason) -> None:
         running = self._running.get(uuid)
-        if running is None or running.stop_reason is not None:
+        if running is not None:
+            self._stop_run(uuid, running, reason)
+
+    def _stop_run(self, uuid: str, running: _Running, reason: StopReason) -> None:
+        if running.stop_reason is not None:
             return
         running.stop_reason = reason
         if running.started:

@@ -45,7 +45,7 @@ _stopping: set[asyncio.Task[None]] = set()
 
 
 class ProgressSink(Protocol):
-    async def record_progress(self, uuid: str, progress: Progress) -> bool: ...
+    async def record_progress(self, uuid: str, progress: Progress, *, run: int) -> bool: ...
 
 
 def file_sizes(paths: Sequence[Path], watch: Callable[[str], None]) -> list[int | None]:
@@ -78,12 +78,14 @@ class ProgressReporter:
         uuid: str,
         sink: ProgressSink,
         *,
+        run: int,
         interval: float = PROGRESS_INTERVAL,
         delay: float = PROGRESS_DELAY,
         observe: Callable[[Progress | None], None] | None = None,
         stop_wait: float = STOP_WAIT,
     ) -> None:
         self.uuid = uuid
+        self.run = run
         self.stop_wait = stop_wait
         self.sink = sink
         self.interval = interval
@@ -212,7 +214,7 @@ class ProgressReporter:
 
     async def _write(self, progress: Progress) -> None:
         try:
-            await self.sink.record_progress(self.uuid, progress)
+            await self.sink.record_progress(self.uuid, progress, run=self.run)
         except Exception:
             # The store answers False for what it expects; anything else is a bug, logged
             # once per order, and the order goes on (progress is for people watching).

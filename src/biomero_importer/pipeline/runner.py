@@ -132,11 +132,15 @@ class _PathWatch:
 class StageSink(Protocol):
     """What the pipeline needs from the database while an order runs."""
 
-    async def append_stage(self, uuid: str, stage: str, description: str | None = None) -> bool: ...
+    async def append_stage(
+        self, uuid: str, stage: str, description: str | None = None, *, run: int
+    ) -> bool: ...
 
-    async def record_objects(self, uuid: str, objects: list[dict[str, Any]]) -> None: ...
+    async def record_objects(
+        self, uuid: str, objects: list[dict[str, Any]], *, run: int
+    ) -> None: ...
 
-    async def record_progress(self, uuid: str, progress: Progress) -> bool: ...
+    async def record_progress(self, uuid: str, progress: Progress, *, run: int) -> bool: ...
 
 
 @dataclass(frozen=True)
@@ -236,14 +240,15 @@ class ObjectLedger:
             record["annotated"] = True
             self._dirty = True
 
-    async def save_if_due(self, sink: StageSink, uuid: str) -> None:
+    async def save_if_due(self, sink: StageSink, uuid: str, run: int) -> None:
         if self._dirty and time.monotonic() - self._saved_at >= self.flush_interval:
-            await self.save(sink, uuid)
+            await self.save(sink, uuid, run)
 
-    async def save(self, sink: StageSink, uuid: str) -> None:
+    async def save(self, sink: StageSink, uuid: str, run: int) -> None:
+        """Save under the order's claim ``run``: a run that lost the order saves nothing."""
         self._dirty = False
         self._saved_at = time.monotonic()
-        await sink.record_objects(uuid, self.records)
+        await sink.record_objects(uuid, self.records, run=run)
 
     @property
     def dirty(self) -> bool:
@@ -420,6 +425,7 @@ class Pipeline:
         progress = ProgressReporter(
             claimed.uuid,
             self.sink,
+            run=claimed.runs,
             observe=None if observe is None else partial(observe, claimed.uuid),
         )
         # the writer is this task's child: stopped on every way out, a cancel included
@@ -451,7 +457,7 @@ class Pipeline:
                 else:
                     await self._import_order(order, claimed, ledger, notes, progress)
             except asyncio.CancelledError:
-                await self._save_on_stop(claimed.uuid, ledger)
+                await self._save_on_stop(claimed, ledger)
                 raise
         except (
             InvalidOrder,
@@ -578,12 +584,12 @@ class Pipeline:
         )
         return Outcome(STAGE_NEW_ORDER, description, wait_seconds=wait, settling=True)
 
-    async def _save_on_stop(self, uuid: str, ledger: ObjectLedger) -> None:
+    async def _save_on_stop(self, order: ClaimedOrder, ledger: ObjectLedger) -> None:
         """A cancel, shutdown or lease loss ends the run: what it created and annotated is
         saved first (bounded), or the next run would have only OMERO to ask."""
         if not ledger.dirty:
             return
-        save = asyncio.ensure_future(ledger.save(self.sink, uuid))
+        save = asyncio.ensure_future(ledger.save(self.sink, order.uuid, order.runs))
         try:
             await asyncio.wait_for(asyncio.shield(save), timeout=ABORT_WAIT)
         except (asyncio.TimeoutError, asyncio.CancelledError):
@@ -702,7 +708,7 @@ class Pipeline:
         items: list[ProcessedItem] = []
         temp_dir: Path | None = None
         if order.preprocessing is not None:
-            await self.sink.append_stage(order.uuid, STAGE_PREPROCESSING)
+            await self.sink.append_stage(order.uuid, STAGE_PREPROCESSING, run=order.run)
             structlog.contextvars.bind_contextvars(stage=STAGE_PREPROCESSING)
             with self._step("preprocess"):
                 progress.start_step("preprocess")  # one container run: no units to count
@@ -884,7 +890,7 @@ class Pipeline:
                 order_uuid=order.uuid,
                 options=order.registration,
                 existing=known,
-                on_created=self._recorder(order.uuid, key, ledger),
+                on_created=self._recorder(order, key, ledger),
             )
         else:
             call = partial(
@@ -902,11 +908,11 @@ class Pipeline:
             objects = [*known, *objects]
         ledger.add(key, objects)
         ledger.mark_complete(key)
-        await ledger.save_if_due(self.sink, order.uuid)
+        await ledger.save_if_due(self.sink, order.uuid, order.run)
         return objects
 
     def _recorder(
-        self, uuid: str, key: str, ledger: ObjectLedger
+        self, order: Order, key: str, ledger: ObjectLedger
     ) -> Callable[[ImportedObject], None]:
         """``on_created`` for a registration: runs in the port's thread and returns once the
         object is in the database, before the next step starts."""
@@ -914,7 +920,7 @@ class Pipeline:
 
         async def record(obj: ImportedObject) -> None:
             ledger.add(key, [obj])
-            await ledger.save(self.sink, uuid)
+            await ledger.save(self.sink, order.uuid, order.run)
 
         def on_created(obj: ImportedObject) -> None:
             try:
@@ -983,7 +989,7 @@ class Pipeline:
                     partial(session.annotate, obj, self.settings.annotation_namespace, pairs),
                 )
                 ledger.mark_annotated(obj)
-                await ledger.save_if_due(self.sink, order.uuid)
+                await ledger.save_if_due(self.sink, order.uuid, order.run)
         progress.advance(units_done=len(imported))
         progress.end_step()
 

@@ -149,6 +149,7 @@ def validate(
         file_names=[path.name for path in written],
         preprocessing=claimed.preprocessing,
         attempt=claimed.attempt,
+        run=claimed.runs,
         registration=registration,
         checked=checked,
         sizes=sizes,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal
 
@@ -57,6 +57,8 @@ class Finish:
     """A terminal stage (or a hand-back to 'Import Pending') for an owned order."""
 
     uuid: str
+    #: the claim's run number (``ClaimedOrder.runs``): with the worker id, the fencing token
+    run: int = field(kw_only=True)
     stage: str
     description: str | None
     file_names: list[str] | None = None
@@ -223,14 +225,20 @@ class OrderStore(abc.ABC):
         """Claim up to ``slots`` pending orders and append their 'Import Started' rows."""
 
     @abc.abstractmethod
-    async def append_stage(self, uuid: str, stage: str, description: str | None = None) -> bool:
-        """Append a non-terminal stage row; False when this replica no longer owns the order."""
+    async def append_stage(
+        self, uuid: str, stage: str, description: str | None = None, *, run: int
+    ) -> bool:
+        """Append a non-terminal stage row; False unless claim ``run`` of this replica still
+        owns the order. (Every write for a running order names its run: a run that lost the
+        order writes nothing, even after the same replica claimed it again.)"""
 
     @abc.abstractmethod
-    async def record_objects(self, uuid: str, objects: list[dict[str, Any]]) -> None: ...
+    async def record_objects(
+        self, uuid: str, objects: list[dict[str, Any]], *, run: int
+    ) -> None: ...
 
     @abc.abstractmethod
-    async def record_progress(self, uuid: str, progress: Progress) -> bool:
+    async def record_progress(self, uuid: str, progress: Progress, *, run: int) -> bool:
         """Best effort, one attempt and never waiting out an outage (progress is for people
         watching; it must not stall the order): True once written, False when the database
         did not answer or this replica does not own the running order."""

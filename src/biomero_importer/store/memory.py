@@ -358,30 +358,35 @@ class MemoryStore(OrderStore):
             )
         return claimed
 
-    def _owned(self, uuid: str) -> _Order | None:
+    def _owned(self, uuid: str, run: int | None = None) -> _Order | None:
+        """The order if this replica owns it (and ``run`` is its current claim, when given)."""
         order = self._db.get(uuid)
-        return order if order is not None and order.worker_id == self.worker_id else None
+        if order is None or order.worker_id != self.worker_id:
+            return None
+        return order if run is None or order.runs == run else None
 
-    async def append_stage(self, uuid: str, stage: str, description: str | None = None) -> bool:
+    async def append_stage(
+        self, uuid: str, stage: str, description: str | None = None, *, run: int
+    ) -> bool:
         await self._gate("append_stage", retry=True)
-        order = self._owned(uuid)
+        order = self._owned(uuid, run)
         if order is None:
             return False
         text = None if description is None else safe_text(description, DESCRIPTION_LIMIT)
         self._append(order, stage, text)
         return True
 
-    async def record_objects(self, uuid: str, objects: list[dict[str, Any]]) -> None:
+    async def record_objects(self, uuid: str, objects: list[dict[str, Any]], *, run: int) -> None:
         await self._gate("record_objects", retry=True)
-        order = self._owned(uuid)
+        order = self._owned(uuid, run)
         if order is not None:
             order.objects = json.loads(safe_json(objects))
 
-    async def record_progress(self, uuid: str, progress: Progress) -> bool:
+    async def record_progress(self, uuid: str, progress: Progress, *, run: int) -> bool:
         # one attempt: an outage answers False at once, as PostgresStore's timeout would
         if not self.available or self._closing:
             return False
-        order = self._owned(uuid)
+        order = self._owned(uuid, run)
         if order is None or order.stage not in RUNNING_STAGES:
             return False
         text = safe_json(progress.as_json())
@@ -391,7 +396,7 @@ class MemoryStore(OrderStore):
 
     async def finish(self, item: Finish) -> bool:
         await self._gate("finish", retry=not self._closing)
-        order = self._owned(item.uuid)
+        order = self._owned(item.uuid, item.run)
         if order is None:
             return False
         description = (

@@ -209,32 +209,34 @@ class PostgresStore(OrderStore):
         return await self._retry("claim", attempt)
 
     # --- stage writes ---------------------------------------------------------------------
-    async def append_stage(self, uuid: str, stage: str, description: str | None = None) -> bool:
+    async def append_stage(
+        self, uuid: str, stage: str, description: str | None = None, *, run: int
+    ) -> bool:
         text = None if description is None else safe_text(description, DESCRIPTION_LIMIT)
 
         async def attempt() -> bool:
             row_id = await self.pool.fetchval(
-                sql.APPEND_STAGE, uuid, self.worker_id, stage, text, None
+                sql.APPEND_STAGE, uuid, self.worker_id, stage, text, None, run
             )
             return row_id is not None
 
         return await self._retry("append_stage", attempt)
 
-    async def record_objects(self, uuid: str, objects: list[dict[str, Any]]) -> None:
+    async def record_objects(self, uuid: str, objects: list[dict[str, Any]], *, run: int) -> None:
         payload = safe_json(objects)
 
         async def attempt() -> None:
-            await self.pool.execute(sql.RECORD_OBJECTS, uuid, self.worker_id, payload)
+            await self.pool.execute(sql.RECORD_OBJECTS, uuid, self.worker_id, payload, run)
 
         await self._retry("record_objects", attempt)
 
-    async def record_progress(self, uuid: str, progress: Progress) -> bool:
+    async def record_progress(self, uuid: str, progress: Progress, *, run: int) -> bool:
         if self._closing.is_set():
             return False
         payload = safe_json(progress.as_json())
         try:
             status = await asyncio.wait_for(
-                self.pool.execute(sql.RECORD_PROGRESS, uuid, self.worker_id, payload),
+                self.pool.execute(sql.RECORD_PROGRESS, uuid, self.worker_id, payload, run),
                 timeout=self.progress_timeout,
             )
         except Exception as exc:
@@ -257,7 +259,7 @@ class PostgresStore(OrderStore):
     async def finish(self, item: Finish) -> bool:
         if not self._serving:
             # No batched writer (a one-off command, or after close): write it directly.
-            return item.uuid in await self._finish_batch([item])
+            return (item.uuid, item.run) in await self._finish_batch([item])
         future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         await self._finish_queue.put((item, future))
         return await future
@@ -270,19 +272,20 @@ class PostgresStore(OrderStore):
                 batch = [await self._finish_queue.get()]
                 while not self._finish_queue.empty() and len(batch) < FINISH_BATCH:
                     batch.append(self._finish_queue.get_nowait())
-                written: set[str] = set()
+                written: set[tuple[str, int]] = set()
                 try:
                     written = await self._finish_batch([item for item, _ in batch])
                 finally:
                     # Every future is answered, whatever happened: no caller waits forever.
                     for item, future in batch:
                         if not future.done():
-                            future.set_result(item.uuid in written)
+                            future.set_result((item.uuid, item.run) in written)
                         self._finish_queue.task_done()
         finally:
             self._serving = False
 
-    async def _finish_batch(self, items: list[Finish]) -> set[str]:
+    async def _finish_batch(self, items: list[Finish]) -> set[tuple[str, int]]:
+        """The (uuid, run) of every item written."""
         try:
             return await self._retry("finish", lambda: self._write_finishes(items))
         except StoreClosed:
@@ -292,12 +295,12 @@ class PostgresStore(OrderStore):
                 return await self._finish_unrecordable(items[0], exc)
             # One bad row must not fail the others: write them one by one.
             log.warning("finish_batch_failed", error=type(exc).__name__, orders=len(items))
-            written: set[str] = set()
+            written: set[tuple[str, int]] = set()
             for item in items:
                 written |= await self._finish_batch([item])
             return written
 
-    async def _finish_unrecordable(self, item: Finish, exc: Exception) -> set[str]:
+    async def _finish_unrecordable(self, item: Finish, exc: Exception) -> set[tuple[str, int]]:
         """The order's own result cannot be stored: fail it with a generic description."""
         log.error(
             "finish_failed",
@@ -306,14 +309,14 @@ class PostgresStore(OrderStore):
             error=f"{type(exc).__name__}: {exc}"[:500],
             exc_info=classify(exc) is ErrorKind.OTHER,
         )
-        fallback = Finish(item.uuid, STAGE_INGEST_FAILED, UNRECORDABLE)
+        fallback = Finish(item.uuid, STAGE_INGEST_FAILED, UNRECORDABLE, run=item.run)
         try:
             return await self._retry("finish", lambda: self._write_finishes([fallback]))
         except Exception:
             log.exception("finish_fallback_failed", order_uuid=item.uuid)
             return set()
 
-    async def _write_finishes(self, items: list[Finish]) -> set[str]:
+    async def _write_finishes(self, items: list[Finish]) -> set[tuple[str, int]]:
         rows = await self.pool.fetch(
             sql.FINISH_MANY,
             [i.uuid for i in items],
@@ -329,8 +332,9 @@ class PostgresStore(OrderStore):
             [i.transient_retry for i in items],
             [i.settling for i in items],
             [i.wait_cause for i in items],
+            [i.run for i in items],
         )
-        return {row["uuid"] for row in rows}
+        return {(row["uuid"], row["runs"]) for row in rows}
 
     # --- leases, recovery, cancel ---------------------------------------------------------
     async def renew_leases(self, uuids: list[str]) -> dict[str, Lease]:
