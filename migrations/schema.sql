@@ -248,6 +248,9 @@ $$;
 CREATE FUNCTION public.importer_order_stage_changed() RETURNS trigger
     LANGUAGE plpgsql
     AS $$
+DECLARE
+    owed varchar[];
+    queued bigint;
 BEGIN
     IF NEW.stage NOT IN ('Import Started', 'Import Preprocessing') THEN
         NEW.progress := NULL;
@@ -258,9 +261,17 @@ BEGIN
         NEW.not_before := NULL;
         NEW.waiting_since := NULL;
         NEW.retries := 0;
-        INSERT INTO importer_outbox (uuid, event_id, stage)
-        VALUES (NEW.uuid, NEW.latest_id, NEW.stage)
-        ON CONFLICT (event_id) DO NOTHING;
+        owed := importer_owed_channels();
+        IF cardinality(owed) > 0 THEN
+            INSERT INTO importer_outbox (uuid, event_id, stage)
+            VALUES (NEW.uuid, NEW.latest_id, NEW.stage)
+            ON CONFLICT (event_id) DO NOTHING
+            RETURNING id INTO queued;
+            IF queued IS NOT NULL THEN
+                INSERT INTO importer_outbox_delivery (outbox_id, channel)
+                SELECT queued, c FROM unnest(owed) c;
+            END IF;
+        END IF;
     END IF;
     RETURN NEW;
 END;
@@ -292,23 +303,12 @@ BEGIN
 END;
 $$;
 
-CREATE FUNCTION public.importer_outbox_owed() RETURNS trigger
-    LANGUAGE plpgsql
+CREATE FUNCTION public.importer_owed_channels() RETURNS character varying[]
+    LANGUAGE sql STABLE
     AS $$
-DECLARE
-    owed varchar[];
-BEGIN
-    SELECT COALESCE(array_agg(DISTINCT c ORDER BY c), '{}') INTO owed
+    SELECT COALESCE(array_agg(DISTINCT c ORDER BY c), '{}')
     FROM importer_notify_replicas r, unnest(r.channels) c
-    WHERE r.seen_at > (SELECT max(seen_at) FROM importer_notify_replicas) - interval '1 hour';
-    IF cardinality(owed) = 0 THEN
-        UPDATE importer_outbox SET done_at = now() WHERE id = NEW.id;
-    ELSE
-        INSERT INTO importer_outbox_delivery (outbox_id, channel)
-        SELECT NEW.id, c FROM unnest(owed) c;
-    END IF;
-    RETURN NULL;
-END;
+    WHERE r.seen_at > (SELECT max(seen_at) FROM importer_notify_replicas) - interval '1 hour'
 $$;
 
 CREATE FUNCTION public.importer_refresh_user(name character varying, lost_at timestamp with time zone, lost_seq bigint, gained_at timestamp with time zone, gained_seq bigint, gained_group character varying) RETURNS void
@@ -698,8 +698,6 @@ CREATE TRIGGER importer_order_ready_update AFTER UPDATE ON public.importer_order
 CREATE TRIGGER importer_order_stage_changed BEFORE UPDATE OF stage ON public.importer_orders FOR EACH ROW WHEN (((old.stage)::text IS DISTINCT FROM (new.stage)::text)) EXECUTE FUNCTION public.importer_order_stage_changed();
 
 CREATE TRIGGER importer_order_wait BEFORE INSERT OR UPDATE ON public.importer_orders FOR EACH ROW WHEN ((new.waiting OR (new.wait_cause IS NOT NULL))) EXECUTE FUNCTION public.importer_order_wait();
-
-CREATE TRIGGER importer_outbox_owed AFTER INSERT ON public.importer_outbox FOR EACH ROW EXECUTE FUNCTION public.importer_outbox_owed();
 
 CREATE TRIGGER importer_track_insert AFTER INSERT ON public.imports FOR EACH ROW EXECUTE FUNCTION public.importer_track_order('biomero_importer_orders');
 

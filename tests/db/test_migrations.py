@@ -344,6 +344,12 @@ def test_waits_revision_queues_one_notification_per_outcome(database_url: str) -
         with conn.cursor() as cur:
             cur.execute("SELECT count(*) FROM importer_outbox")
             assert cur.fetchone() == (0,)
+            # a replica with a channel (since c6e8a0b2d4f3 an outcome that owes none is not
+            # queued: see the test after this one)
+            cur.execute(
+                "INSERT INTO importer_notify_replicas (worker_id, channels)"
+                " VALUES ('A', '{webhook}')"
+            )
 
             def insert(stage: str) -> None:
                 cur.execute(
@@ -376,6 +382,42 @@ def test_waits_revision_queues_one_notification_per_outcome(database_url: str) -
             insert("Import Failed")
             cur.execute("SELECT stage FROM importer_outbox WHERE uuid = 'n-1' ORDER BY id")
             assert cur.fetchall() == [("Import Completed",), ("Import Failed",)]
+    finally:
+        conn.close()
+
+
+def test_an_outcome_that_owes_no_channel_queues_no_outbox_row(migrated_url: str) -> None:
+    """c6e8a0b2d4f3. Before: with no channel configured (the default) every outcome inserted
+    an outbox row that the owed-channels trigger then marked done: two writes per order for
+    nothing. An outcome that owes a channel is queued with its delivery rows, as before."""
+    conn = psycopg2.connect(migrated_url)
+    try:
+        conn.autocommit = True
+        with conn.cursor() as cur:
+
+            def run(order: str, ending: str) -> None:
+                for stage in ("Import Pending", "Import Started", ending):
+                    cur.execute(
+                        "INSERT INTO imports (group_name, user_name, destination_id,"
+                        " destination_type, stage, uuid, files)"
+                        " VALUES ('Lab', 'alice', '1', 'Dataset', %s, %s, '[]')",
+                        (stage, order),
+                    )
+
+            run("quiet", "Import Completed")
+            cur.execute("SELECT count(*) FROM importer_outbox")
+            assert cur.fetchone() == (0,)
+            cur.execute(
+                "INSERT INTO importer_notify_replicas (worker_id, channels)"
+                " VALUES ('A', '{webhook,email}')"
+            )
+            run("told", "Import Failed")
+            cur.execute(
+                "SELECT b.uuid, b.stage, b.done_at IS NULL, array_agg(d.channel ORDER BY 1)"
+                " FROM importer_outbox b JOIN importer_outbox_delivery d ON d.outbox_id = b.id"
+                " GROUP BY 1, 2, 3"
+            )
+            assert cur.fetchall() == [("told", "Import Failed", True, ["email", "webhook"])]
     finally:
         conn.close()
 

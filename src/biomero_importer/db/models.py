@@ -252,8 +252,9 @@ class ImporterUser(Base):
 
 
 class ImporterOutbox(Base):
-    """One notification per order outcome, queued in the outcome's transaction by the
-    ``importer_order_stage_changed`` trigger (migration f4a7c2e9b1d3)."""
+    """One notification per order outcome that owes a channel, queued in the outcome's
+    transaction by the ``importer_order_stage_changed`` trigger (migrations f4a7c2e9b1d3,
+    c6e8a0b2d4f3)."""
 
     __tablename__ = "importer_outbox"
 
@@ -286,8 +287,8 @@ class ImporterOutbox(Base):
 
 
 class ImporterOutboxDelivery(Base):
-    """One channel an outcome owes, decided by the ``importer_outbox_owed`` trigger
-    (migration b3d5f7a9c1e4); ``generation`` is the claim's fencing token."""
+    """One channel an outcome owes, decided by the stage trigger when it queues the outcome
+    (migrations b3d5f7a9c1e4, c6e8a0b2d4f3); ``generation`` is the claim's fencing token."""
 
     __tablename__ = "importer_outbox_delivery"
 

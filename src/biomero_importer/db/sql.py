@@ -355,9 +355,10 @@ RETURNING id
 # Everything here walks the partial indexes importer_outbox_ix_due (undelivered, by due time)
 # and importer_outbox_ix_done (delivered, by when), never the whole table.
 
-# The channels a replica has: recorded at its start and refreshed while it runs; the outbox
-# trigger (importer_outbox_owed) owes an outcome every channel of the replicas seen within the
-# hour before the latest one was. $1 worker id, $2 channels, $3 where each points (JSON, no
+# The channels a replica has: recorded at its start and refreshed while it runs; the stage
+# trigger (importer_owed_channels(), revision c6e8a0b2d4f3) owes an outcome every channel of
+# the replicas seen within the hour before the latest one was, and queues no outbox row for
+# an outcome that owes none. $1 worker id, $2 channels, $3 where each points (JSON, no
 # secrets). Rows of replicas gone for a day are dropped. Outbox rows from before per-channel
 # delivery (no delivery rows) owe what is owed now, minus what they already settled
 # (ADOPT_LEGACY_OUTBOX).

@@ -2,9 +2,9 @@
 
 Used by the unit tier (``pytest -m unit``) with a controllable clock. It mirrors the queue
 trigger (duplicate submissions, retries, the SQL retry UPDATE), the stage trigger's outbox
-rows (one per outcome), claims, leases, recovery and cancel, and it refuses what PostgreSQL
-refuses in text (invalid UTF-8, NUL), so a value that would break the real store breaks this
-one too. ``available = False`` simulates an outage.
+rows (one per outcome that owes a channel), claims, leases, recovery and cancel, and it
+refuses what PostgreSQL refuses in text (invalid UTF-8, NUL), so a value that would break the
+real store breaks this one too. ``available = False`` simulates an outage.
 """
 
 from __future__ import annotations
@@ -276,14 +276,14 @@ class MemoryStore(OrderStore):
         )
         order.rows.append(row)
         order.updated_at = self.clock()
-        if _stage_changed(order, previous):
-            # one outbox row per outcome, in the outcome's transaction
+        owed = self._owed() if _stage_changed(order, previous) else []
+        if owed:
+            # one outbox row per outcome that owes a channel, in the outcome's transaction
             entry_id = max(self._outbox, default=0) + 1
             now = self.clock()
-            self._outbox[entry_id] = entry = _OutboxEntry(
-                entry_id, order.new.uuid, row.id, stage, now, now
-            )
-            self._owe(entry)
+            entry = _OutboxEntry(entry_id, order.new.uuid, row.id, stage, now, now)
+            entry.deliveries = {c: _Delivery(c, now) for c in owed}
+            self._outbox[entry_id] = entry
         return row
 
     def _ignore_duplicate(self, order: _Order, note: str) -> None:
@@ -700,6 +700,7 @@ class MemoryStore(OrderStore):
 
     # --- notifications (the outbox) -------------------------------------------------------
     def _owed(self) -> list[str]:
+        """``importer_owed_channels()``: what an outcome queued now owes."""
         latest = max((seen for _, _, seen in self._replicas.values()), default=0.0)
         return sorted(
             {
@@ -709,13 +710,6 @@ class MemoryStore(OrderStore):
                 for c in chans
             }
         )
-
-    def _owe(self, entry: _OutboxEntry) -> None:
-        """What the ``importer_outbox_owed`` trigger does to a new outbox row."""
-        owed = self._owed()
-        entry.deliveries = {c: _Delivery(c, entry.created_at) for c in owed}
-        if not owed:
-            entry.done_at = entry.created_at
 
     def _others(self, exclude: str | None) -> list[ReplicaChannels]:
         now = self.clock()
