@@ -34,6 +34,9 @@ DECLARE
     claimed record;
     taken integer := 0;
     tries integer := 0;
+    id_seq text := pg_get_serial_sequence('imports', 'id');
+    previous_id integer;
+    started_id integer;
 BEGIN
     -- Due waits become ready: a bounded batch, oldest due first; orders or users another
     -- transaction holds are left for the next claim, so this never waits on a lock.
@@ -128,7 +131,7 @@ BEGIN
             CONTINUE WHEN running_now >= max_running;
         END IF;
         -- (a range over the user, as in importer_refresh_user: plans never walk another index)
-        SELECT o.uuid INTO picked FROM importer_orders o
+        SELECT o.uuid, o.latest_id INTO picked, previous_id FROM importer_orders o
         WHERE (o.stage = 'Import Pending' AND o.worker_id IS NULL AND NOT o.cancel_requested AND NOT o.waiting)
           AND (o.user_name, o.queued_at, o.queue_seq) >= (chosen, h_at, h_seq)
           AND o.user_name <= chosen
@@ -139,15 +142,20 @@ BEGIN
         -- this user may have more to give in a later step
         skipped := skipped[1:array_length(skipped, 1) - 1];
 
+        -- The claim and its 'Import Started' row in one update of the queue row: the row's id
+        -- is drawn first, so importer_track_order finds it already applied.
+        started_id := nextval(id_seq);
         UPDATE importer_orders o
-        SET worker_id = worker,
+        SET stage = 'Import Started',
+            latest_id = started_id,
+            worker_id = worker,
             last_worker_id = worker,
             lease_expires_at = now() + make_interval(secs => lease_seconds),
             attempts = o.attempts + 1,
             runs = o.runs + 1,
             updated_at = now()
         WHERE o.uuid = picked
-        RETURNING o.latest_id, o.group_name, o.attempts, o.runs, o.objects::text AS objects,
+        RETURNING o.group_name, o.attempts, o.runs, o.objects::text AS objects,
                   extract(epoch FROM o.queued_at)::float8 AS queued_at, o.retries,
                   extract(epoch FROM o.waiting_since)::float8 AS waiting_since,
                   extract(epoch FROM o.not_before)::float8 AS not_before
@@ -170,13 +178,13 @@ BEGIN
 
         RETURN QUERY
         WITH started AS (
-            INSERT INTO imports (group_name, user_name, destination_id, destination_type,
+            INSERT INTO imports (id, group_name, user_name, destination_id, destination_type,
                                  stage, uuid, files, file_names, description,
                                  preprocessing_id, timestamp, import_options)
-            SELECT i.group_name, i.user_name, i.destination_id, i.destination_type,
+            SELECT started_id, i.group_name, i.user_name, i.destination_id, i.destination_type,
                    'Import Started', i.uuid, i.files, i.file_names, NULL, i.preprocessing_id,
                    clock_timestamp(), i.import_options
-            FROM imports i WHERE i.id = claimed.latest_id
+            FROM imports i WHERE i.id = previous_id
             RETURNING *
         )
         SELECT s.uuid, s.group_name, s.user_name, s.destination_id, s.destination_type,
@@ -440,7 +448,8 @@ BEGIN
         INSERT INTO importer_orders (uuid, stage, latest_id) VALUES (NEW.uuid, NEW.stage, NEW.id)
         ON CONFLICT (uuid) DO UPDATE SET stage = EXCLUDED.stage, latest_id = EXCLUDED.latest_id
         WHERE importer_orders.latest_id < EXCLUDED.latest_id;
-    ELSIF current.latest_id > NEW.id THEN
+    ELSIF current.latest_id >= NEW.id THEN
+        -- an older row, or this very row: its writer (a claim, an ending) already applied it
         RETURN NULL;
     ELSIF NEW.stage = 'Import Pending' AND (
         (current.stage IN ('Import Started', 'Import Preprocessing')

@@ -20,10 +20,14 @@ ORDER_COLUMNS = (
 )
 
 
-def _copy_latest(stage: str, description: str, file_names: str, source: str) -> str:
-    """SELECT list that copies an order's latest row ``i`` with a new stage and description."""
+def _copy_latest(
+    stage: str, description: str, file_names: str, source: str, row_id: str | None = None
+) -> str:
+    """SELECT list that copies an order's latest row ``i`` with a new stage and description
+    (and, given ``row_id``, the new row's id first: for ``INSERT INTO imports (id, ...)``)."""
     return (
-        "SELECT i.group_name, i.user_name, i.destination_id, i.destination_type,"
+        f"SELECT {'' if row_id is None else row_id + ', '}"
+        "i.group_name, i.user_name, i.destination_id, i.destination_type,"
         f" {stage}, i.uuid, i.files, {file_names}, {description}, i.preprocessing_id,"
         f" clock_timestamp(), i.import_options FROM {source}"
     )
@@ -81,6 +85,10 @@ RETURNING id
 # $7 delays (seconds; NULL: no wait), $8 transient retries, $9 settle waits (booleans),
 # $10 wait causes (NULL: none), $11 runs (each claim's run number). One batch can hold two
 # endings of one order, a stale run's and the current one's: only the current one is written.
+# An ending writes the queue row once: its history row's id is drawn under the row's lock (no
+# row committed meanwhile can be newer) and stage, latest_id and the release are one update;
+# importer_track_order then finds the row applied. A hand-back leaves stage and latest_id to
+# that trigger, which also wakes the claimers for it (revision d8f0b2c4e6a5).
 # A hand-back ('Import Pending') does not count as an attempt and keeps the order's place. A
 # wait sets waiting, its cause and not_before (from the database clock, the one the claim
 # compares with); its history row wakes nobody; a transient retry counts in retries;
@@ -94,9 +102,25 @@ WITH args AS (
         AS a(uuid, stage, description, file_names, objects, delay, transient_retry, settling,
              wait_cause, run)
 ),
+owned AS (
+    SELECT o.uuid, o.latest_id AS previous_id,
+           a.stage IN ('Import Completed', 'Import Failed') AS ends
+    FROM importer_orders o JOIN args a ON a.uuid = o.uuid AND a.run = o.runs
+    WHERE o.worker_id = $6
+    FOR UPDATE OF o
+),
+ids AS (
+    SELECT w.uuid, w.previous_id,
+           CASE WHEN w.ends THEN nextval(pg_get_serial_sequence('imports', 'id'))::integer
+           END AS ended_id
+    FROM owned w
+),
 released AS (
     UPDATE importer_orders o
-    SET worker_id = NULL,
+    SET stage = CASE WHEN d.ended_id IS NULL THEN o.stage ELSE a.stage END,
+        latest_id = COALESCE(d.ended_id, o.latest_id),
+        updated_at = CASE WHEN d.ended_id IS NULL THEN o.updated_at ELSE now() END,
+        worker_id = NULL,
         lease_expires_at = NULL,
         objects = COALESCE(a.objects::json, o.objects),
         attempts = o.attempts - CASE WHEN a.stage = 'Import Pending' THEN 1 ELSE 0 END,
@@ -106,19 +130,20 @@ released AS (
         wait_cause = CASE WHEN a.delay IS NULL THEN NULL ELSE a.wait_cause END,
         retries = o.retries + CASE WHEN a.transient_retry THEN 1 ELSE 0 END,
         waiting_since = CASE WHEN a.settling THEN COALESCE(o.waiting_since, now()) END
-    FROM args a
-    WHERE o.uuid = a.uuid AND o.worker_id = $6 AND o.runs = a.run
-    RETURNING o.uuid, o.latest_id, o.runs
+    FROM ids d JOIN args a ON a.uuid = d.uuid
+    WHERE o.uuid = d.uuid AND o.worker_id = $6 AND o.runs = a.run
+    RETURNING o.uuid, o.runs, d.previous_id, d.ended_id
 ),
 written AS (
-    INSERT INTO imports ({ORDER_COLUMNS})
+    INSERT INTO imports (id, {ORDER_COLUMNS})
     {
     _copy_latest(
         "a.stage",
         "a.description",
         "COALESCE(a.file_names, i.file_names)",
         "released r JOIN args a ON a.uuid = r.uuid AND a.run = r.runs"
-        " JOIN imports i ON i.id = r.latest_id",
+        " JOIN imports i ON i.id = r.previous_id",
+        row_id="COALESCE(r.ended_id, nextval(pg_get_serial_sequence('imports', 'id')))",
     )
 }
 )
