@@ -213,7 +213,7 @@ async def test_an_order_claimed_again_by_its_own_replica_runs_once_at_a_time(
     run ended. Before: both runs imported and both endings were written. Now the old run is
     stopped and writes nothing, the new one starts once it has unwound, and the file is in
     OMERO once."""
-    settings = unit_settings(tmp_path, root, lease_seconds=3.0, omero_simulator_import_delay=1.0)
+    settings = unit_settings(tmp_path, root, lease_seconds=3.0, omero_simulator_import_delay=0.5)
     store = MemoryStore(worker_id=settings.worker_id, lease_seconds=settings.lease_seconds)
     other = MemoryStore(worker_id="other", lease_seconds=settings.lease_seconds, shared=store)
     with structlog.testing.capture_logs() as logs:
@@ -227,7 +227,7 @@ async def test_an_order_claimed_again_by_its_own_replica_runs_once_at_a_time(
             assert dict(await other.recover_expired(max_attempts=3)) == {new.uuid: STAGE_NEW_ORDER}
             service.dispatcher.wake()  # claims it again before its lease loop looks
             assert (await finished(store, new.uuid))[0] == STAGE_IMPORTED
-            await asyncio.sleep(1.5)  # time for a second ending, had the old run gone on
+            await asyncio.sleep(0.5)  # time for a second ending, had the old run gone on
             stages = [e.stage for e in await store.order_events(new.uuid)]
     assert stages == [
         STAGE_NEW_ORDER,
@@ -236,6 +236,6 @@ async def test_an_order_claimed_again_by_its_own_replica_runs_once_at_a_time(
         STAGE_IMPORTING,
         STAGE_IMPORTED,
     ]
-    assert any(e["event"] == "order_claimed_again_while_running" for e in logs)
     objects = simulator_objects(settings.simulator_dir)
     assert [(uuid, count) for uuid, _, count in objects] == [(new.uuid, 1)]
+    assert any(e["event"] == "order_claimed_again_while_running" for e in logs)
