@@ -61,14 +61,15 @@ BEGIN
         PERFORM pg_notify(importer_channel(), 'due');
     END IF;
 
-    SELECT COALESCE(array_agg(r.user_name), '{}'), COALESCE(array_agg(r.n), '{}')
-    INTO run_users, run_counts
-    FROM (SELECT o.user_name, count(*)::integer AS n FROM importer_orders o
-          WHERE o.worker_id IS NOT NULL GROUP BY o.user_name) r;
-    SELECT COALESCE(array_agg(r.group_name), '{}'), COALESCE(array_agg(r.n), '{}')
-    INTO run_groups, group_counts
-    FROM (SELECT o.group_name, count(*)::integer AS n FROM importer_orders o
-          WHERE o.worker_id IS NOT NULL GROUP BY o.group_name) r;
+    SELECT COALESCE(array_agg(r.user_name) FILTER (WHERE r.grouped = 1), '{}'),
+           COALESCE(array_agg(r.n) FILTER (WHERE r.grouped = 1), '{}'),
+           COALESCE(array_agg(r.group_name) FILTER (WHERE r.grouped = 2), '{}'),
+           COALESCE(array_agg(r.n) FILTER (WHERE r.grouped = 2), '{}')
+    INTO run_users, run_counts, run_groups, group_counts
+    FROM (SELECT o.user_name, o.group_name, count(*)::integer AS n,
+                 GROUPING(o.user_name, o.group_name) AS grouped
+          FROM importer_orders o WHERE o.worker_id IS NOT NULL
+          GROUP BY GROUPING SETS ((o.user_name), (o.group_name))) r;
 
     -- One order per step, each step counting the previous ones: the user
     -- with the fewest running orders, then the group of that user's head with the fewest,

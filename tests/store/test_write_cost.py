@@ -82,3 +82,26 @@ async def test_a_claim_and_an_ending_each_write_the_queue_row_once(migrated_url:
         await conn.close()
     assert [r["stage"] for r in stages] == ["Import Pending", STAGE_IMPORTING, STAGE_IMPORTED]
     assert tuple(queue) == (STAGE_IMPORTED, None, STAGE_IMPORTED)
+
+
+SCANS = """
+SELECT seq_scan + COALESCE(idx_scan, 0) FROM pg_stat_xact_user_tables
+WHERE relname = 'importer_orders'
+"""
+
+
+async def test_a_claim_reads_the_running_orders_once(migrated_url: str) -> None:
+    """The claim counts the running orders per user and per group from one scan of the
+    queue (revision e2c4a6b8d0f1; before, one scan each)."""
+    await insert_order(migrated_url, ["/data/a.tif"])
+    conn = await asyncpg.connect(asyncpg_dsn(migrated_url))
+    try:
+        async with conn.transaction():
+            before = await conn.fetchval(SCANS)
+            assert len(await conn.fetch(sql.CLAIM, 1, "A", 60.0, None)) == 1
+            scans = await conn.fetchval(SCANS) - before
+    finally:
+        await conn.close()
+    # the due waits; the running orders; the pick; its update; the next head of the user
+    # (importer_refresh_user); the history row's trigger (importer_track_order)
+    assert scans == 6
