@@ -15,6 +15,7 @@ $$;
 
 CREATE FUNCTION public.importer_claim(slots integer, worker character varying, lease_seconds double precision, max_running integer) RETURNS TABLE(uuid character varying, group_name character varying, user_name character varying, destination_id character varying, destination_type character varying, files text, file_names text, preprocessing_id integer, container character varying, input_file character varying, output_folder character varying, alt_output_folder character varying, extra_params text, import_options text, attempts integer, runs integer, objects text, queued_at double precision, retries integer, waiting_since double precision, not_before double precision)
     LANGUAGE plpgsql
+    SET enable_sort TO 'off'
     AS $$
 #variable_conflict use_column
 DECLARE
@@ -322,6 +323,7 @@ $$;
 
 CREATE FUNCTION public.importer_refresh_user(name character varying, lost_at timestamp with time zone, lost_seq bigint, gained_at timestamp with time zone, gained_seq bigint, gained_group character varying) RETURNS void
     LANGUAGE plpgsql
+    SET enable_sort TO 'off'
     AS $$
 DECLARE
     known importer_users%ROWTYPE;
