@@ -15,7 +15,6 @@ $$;
 
 CREATE FUNCTION public.importer_claim(slots integer, worker character varying, lease_seconds double precision, max_running integer) RETURNS TABLE(uuid character varying, group_name character varying, user_name character varying, destination_id character varying, destination_type character varying, files text, file_names text, preprocessing_id integer, container character varying, input_file character varying, output_folder character varying, alt_output_folder character varying, extra_params text, import_options text, attempts integer, runs integer, objects text, queued_at double precision, retries integer, waiting_since double precision, not_before double precision)
     LANGUAGE plpgsql
-    SET enable_sort TO 'off'
     AS $$
 #variable_conflict use_column
 DECLARE
@@ -38,9 +37,13 @@ DECLARE
     id_seq text := pg_get_serial_sequence('imports', 'id');
     previous_id integer;
     started_id integer;
+    -- the session's setting, restored after each pick is planned and run
+    sort_setting text := current_setting('enable_sort');
+    got boolean;
 BEGIN
     -- Due waits become ready: a bounded batch, oldest due first; orders or users another
     -- transaction holds are left for the next claim, so this never waits on a lock.
+    PERFORM set_config('enable_sort', 'off', true);
     WITH due AS (
         SELECT o.uuid, o.user_name FROM importer_orders o
         WHERE o.stage = 'Import Pending' AND o.worker_id IS NULL AND o.waiting
@@ -58,6 +61,7 @@ BEGIN
     FROM due d
     WHERE o.uuid = d.uuid AND d.user_name IN (SELECT w.user_name FROM owners w);
     GET DIAGNOSTICS promoted = ROW_COUNT;
+    PERFORM set_config('enable_sort', sort_setting, true);
     IF promoted > 0 THEN
         PERFORM pg_notify(importer_channel(), 'due');
     END IF;
@@ -133,6 +137,7 @@ BEGIN
             CONTINUE WHEN running_now >= max_running;
         END IF;
         -- (a range over the user, as in importer_refresh_user: plans never walk another index)
+        PERFORM set_config('enable_sort', 'off', true);
         SELECT o.uuid, o.latest_id INTO picked, previous_id FROM importer_orders o
         WHERE (o.stage = 'Import Pending' AND o.worker_id IS NULL AND NOT o.cancel_requested AND NOT o.waiting)
           AND (o.user_name, o.queued_at, o.queue_seq) >= (chosen, h_at, h_seq)
@@ -140,7 +145,9 @@ BEGIN
         ORDER BY o.user_name, o.queued_at, o.queue_seq
         LIMIT 1
         FOR UPDATE SKIP LOCKED;
-        CONTINUE WHEN NOT FOUND;
+        got := FOUND;
+        PERFORM set_config('enable_sort', sort_setting, true);
+        CONTINUE WHEN NOT got;
         -- this user may have more to give in a later step
         skipped := skipped[1:array_length(skipped, 1) - 1];
 
