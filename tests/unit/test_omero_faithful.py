@@ -47,11 +47,11 @@ def new_store(settings: Any, shared: MemoryStore | None = None) -> MemoryStore:
     )
 
 
-async def wait_until(check: Any, timeout: float = 20.0) -> None:
+async def wait_until(check: Any, timeout: float = 20.0, what: str = "condition") -> None:
     deadline = asyncio.get_running_loop().time() + timeout
     while not check():
         if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError("condition not met in time")
+            raise AssertionError(f"{what} not met in {timeout:g} s")
         await asyncio.sleep(0.01)
 
 
@@ -318,21 +318,27 @@ async def test_a_cancel_during_session_opening_leaves_no_open_session(
     tmp_path: Path, root: Path
 ) -> None:
     files = make_tiffs(root / "c", 1)
-    settings = unit_settings(tmp_path, root)
+    # the lease loop notices the cancel within a third of a lease (0.2 s): well inside the
+    # 0.6 s the session takes to open
+    settings = unit_settings(tmp_path, root, lease_seconds=0.6)
     store = new_store(settings)
     placed = order(files)
     async with memory_replica(settings, store) as (service, _):
         gateway = service.gateway
         assert isinstance(gateway, SimulatorGateway)
-        gateway.open_delay = 1.0
+        gateway.open_delay = 0.6
         opening = gateway.open_session
 
         started = asyncio.Event()
+        opened = asyncio.Event()
         loop = asyncio.get_running_loop()
 
         def watched(*args: Any, **kw: Any) -> Any:
             loop.call_soon_threadsafe(started.set)
-            return opening(*args, **kw)
+            try:
+                return opening(*args, **kw)
+            finally:
+                loop.call_soon_threadsafe(opened.set)
 
         gateway.open_session = watched  # type: ignore[method-assign]
         await store.submit(placed)
@@ -340,9 +346,12 @@ async def test_a_cancel_during_session_opening_leaves_no_open_session(
         await store.request_cancel(placed.uuid)
         stage, description = await finished(store, placed.uuid)
         assert (stage, description) == (STAGE_INGEST_FAILED, "Cancelled")
+        assert not opened.is_set(), "the cancel landed after the session had opened"
         # the session that finishes opening after the cancel is closed as soon as it exists
-        await asyncio.sleep(1.2)
-        assert gateway.open_sessions == set()
+        await asyncio.wait_for(opened.wait(), 10)
+        await wait_until(
+            lambda: gateway.open_sessions == set(), timeout=1.0, what="no open session"
+        )
     assert images_of(settings, placed.uuid) == []
 
 
