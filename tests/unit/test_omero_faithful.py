@@ -379,6 +379,10 @@ async def test_a_cancel_keeps_the_ledger_of_what_was_imported_and_a_retry_comple
         gateway = service.gateway
         assert isinstance(gateway, SimulatorGateway)
         await wait_until(lambda: not gateway.open_sessions, 5)
+    # the retry needs no slow imports: a replica without the delay (the same orders) runs it
+    fast = unit_settings(tmp_path, root)
+    store = new_store(fast, store)
+    async with memory_replica(fast, store):
         await store.retry(placed.uuid, "retry")
         assert (await finished(store, placed.uuid))[0] == STAGE_IMPORTED
     assert sorted(images_of(settings, placed.uuid)) == sorted(str(f) for f in files)
