@@ -326,11 +326,14 @@ async def test_a_black_holed_smtp_server_never_delays_a_webhook(
             store = service.store
             assert isinstance(store, MemoryStore)
             started = time.monotonic()
-            # one after another, so later outcomes find the email channel already stuck
+            # one after another, each webhook delivered before the next order: the later
+            # outcomes find the email channel already stuck on the silent server
+            submitted: list[str] = []
             for new in orders:
                 await store.submit(new)
-                await asyncio.sleep(0.3)
-            await until(lambda: len(webhook.deliveries) == len(orders), timeout=15)
+                submitted.append(new.uuid)
+                await until(lambda: len(webhook.deliveries) == len(submitted), timeout=15)
+                await until(lambda: hole.connections >= 1, timeout=15)
             took = time.monotonic() - started
             assert hole.connections >= 1  # the emails are stuck on the silent server
             assert not any(done for *_, done in store.outbox())
