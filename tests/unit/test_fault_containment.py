@@ -118,12 +118,13 @@ async def test_failing_helpers_are_logged_restarted_and_the_replica_recovers(
 async def test_a_helper_that_keeps_failing_turns_health_red_and_stops_claiming(
     tmp_path: Path, root: Path
 ) -> None:
-    settings = unit_settings(tmp_path, root, lease_seconds=0.5)
+    # no order runs here: the lease only sets when recovery starts
+    settings = unit_settings(tmp_path, root, lease_seconds=0.25)
     store = MemoryStore(worker_id=settings.worker_id, lease_seconds=settings.lease_seconds)
     supervisor = Supervisor(backoff_start=0.01, backoff_max=0.02, max_failures=3, window=30)
     async with memory_replica(settings, store, supervisor) as (service, _):
         break_helper(service, store, "recovery", times=10_000)
-        # recovery starts a lease period (0.5 s) after start, then fails at every restart
+        # recovery starts a lease period (0.25 s) after start, then fails at every restart
         for _ in range(500):
             if service.health.failing_helpers:
                 break
