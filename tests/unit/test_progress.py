@@ -221,12 +221,15 @@ def test_metrics_follow_an_orders_progress_and_forget_it_at_the_end() -> None:
 async def test_a_running_order_shows_its_progress_in_status_and_metrics(
     tmp_path: Path, root: Path
 ) -> None:
-    """A real replica (memory store, simulator taking 50 ms per file): status reads 'import
+    """A real replica (memory store, simulator taking 20 ms per file): status reads 'import
     N/20' while the order runs, /metrics has its series, and both are gone at the end."""
     files = make_tiffs(root / "slow", 20)
-    settings = unit_settings(tmp_path, root, omero_simulator_import_delay=0.05)
+    settings = unit_settings(tmp_path, root, omero_simulator_import_delay=0.02)
     store = MemoryStore(worker_id=settings.worker_id, lease_seconds=settings.lease_seconds)
     async with memory_replica(settings, store) as (service, _):
+        # progress first written after 0.1 s, not the 0.5 s a service waits: the 0.4 s
+        # import is then seen half way, as a 1 s one was
+        service.dispatcher.pipeline.progress_delay = 0.1
         slow = order(files)
         await store.submit(slow)
         seen: list[Progress] = []
