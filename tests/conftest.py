@@ -66,10 +66,32 @@ def _uncached_loggers() -> Iterator[None]:
     structlog.configure = real
 
 
+def _plain_tracebacks() -> None:
+    """structlog's default chain, but rendering exceptions as configure_logging does.
+
+    A test that runs a service without configuring logging gets structlog's defaults, whose
+    rich traceback prints every local of every frame: the repr of a dispatcher, its store and
+    its orders, 0.5 to 1 s for each logged exception (the unit tier logs dozens). The service
+    itself never renders them that way (plain tracebacks, see configure_logging); what a test
+    asserts on is the event (capture_logs), not its rendering.
+    """
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.StackInfoRenderer(),
+            structlog.dev.set_exc_info,
+            structlog.processors.TimeStamper(fmt="%Y-%m-%d %H:%M:%S", utc=False),
+            structlog.dev.ConsoleRenderer(exception_formatter=structlog.dev.plain_traceback),
+        ]
+    )
+
+
 @pytest.fixture(autouse=True)
 def _clean_logging() -> Iterator[None]:
     """Services and commands run in-process configure logging: leave the defaults behind."""
     levels = {name: logging.getLogger(name).level for name in ("", "asyncpg", "sqlalchemy")}
+    _plain_tracebacks()
     yield
     reset_logging()
     structlog.contextvars.clear_contextvars()

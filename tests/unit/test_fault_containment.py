@@ -118,12 +118,13 @@ async def test_failing_helpers_are_logged_restarted_and_the_replica_recovers(
 async def test_a_helper_that_keeps_failing_turns_health_red_and_stops_claiming(
     tmp_path: Path, root: Path
 ) -> None:
-    settings = unit_settings(tmp_path, root, lease_seconds=0.5)
+    # no order runs here: the lease only sets when recovery starts
+    settings = unit_settings(tmp_path, root, lease_seconds=0.25)
     store = MemoryStore(worker_id=settings.worker_id, lease_seconds=settings.lease_seconds)
     supervisor = Supervisor(backoff_start=0.01, backoff_max=0.02, max_failures=3, window=30)
     async with memory_replica(settings, store, supervisor) as (service, _):
         break_helper(service, store, "recovery", times=10_000)
-        # recovery starts a lease period (0.5 s) after start, then fails at every restart
+        # recovery starts a lease period (0.25 s) after start, then fails at every restart
         for _ in range(500):
             if service.health.failing_helpers:
                 break
@@ -180,13 +181,15 @@ async def finished_or_pending(store: MemoryStore, uuid: str) -> tuple[str, str |
 
 async def test_shutdown_is_bounded_while_the_database_is_down(tmp_path: Path, root: Path) -> None:
     """Before: closing the store waited for terminal writes that could never be made."""
+    # 0.2 s of grace and of hand-back: the bound below is then 1.6 s, tighter than a store
+    # close that waits out its own 1.5 s budget on top of them
     settings = unit_settings(
-        tmp_path, root, shutdown_timeout=0.5, omero_simulator_import_delay=30.0
+        tmp_path, root, shutdown_timeout=0.2, omero_simulator_import_delay=30.0
     )
     store = MemoryStore(worker_id=settings.worker_id, lease_seconds=60)
     replica = memory_replica(settings, store)
     service, task = await replica.__aenter__()
-    service.dispatcher.handback_grace = 0.5
+    service.dispatcher.handback_grace = 0.2
     slow = order(make_tiffs(root / "slow", 1))
     await store.submit(slow)
     while not service.dispatcher.running_count:
@@ -195,7 +198,7 @@ async def test_shutdown_is_bounded_while_the_database_is_down(tmp_path: Path, ro
     started = time.monotonic()
     with structlog.testing.capture_logs() as logs:
         await replica.__aexit__(None, None, None)
-    assert time.monotonic() - started < settings.shutdown_timeout + 2 * 0.5 + 1
+    assert time.monotonic() - started < settings.shutdown_timeout + 2 * 0.2 + 1
     assert task.done()
     assert any(e["event"] == "shutdown_handback_abandoned" for e in logs)
     store.available = True
@@ -227,7 +230,10 @@ async def test_an_order_claimed_again_by_its_own_replica_runs_once_at_a_time(
             assert dict(await other.recover_expired(max_attempts=3)) == {new.uuid: STAGE_NEW_ORDER}
             service.dispatcher.wake()  # claims it again before its lease loop looks
             assert (await finished(store, new.uuid))[0] == STAGE_IMPORTED
-            await asyncio.sleep(0.5)  # time for a second ending, had the old run gone on
+            # every run of the order has ended (the dispatcher's bookkeeping aside: the old
+            # run's task is found by its name), so a second ending would be written by now
+            runs = [t for t in asyncio.all_tasks() if t.get_name() == f"order-{new.uuid}"]
+            await asyncio.wait_for(asyncio.gather(*runs, return_exceptions=True), 10)
             stages = [e.stage for e in await store.order_events(new.uuid)]
     assert stages == [
         STAGE_NEW_ORDER,

@@ -179,8 +179,14 @@ async def test_every_answer_but_410_is_retried_until_it_is_accepted(
     """A receiver answering 401 while its secret is rotated must not lose the outcomes that
     finish meanwhile: only 410 Gone is final."""
     webhook.statuses = [status, status, status]
+    # a channel with nothing in flight claims its due retries at the next poll: at 10 ms
+    # the three retries wait out their backoffs (0.02, 0.04, 0.08 s), not 50 ms polls
     settings = unit_settings(
-        tmp_path, root, notify_retry_backoff=0.02, **notify_settings(webhook, None)
+        tmp_path,
+        root,
+        notify_retry_backoff=0.02,
+        poll_interval=0.01,
+        **notify_settings(webhook, None),
     )
     new = order(make_tiffs(root, 1))
     async with memory_replica(settings) as (service, _):
@@ -326,11 +332,14 @@ async def test_a_black_holed_smtp_server_never_delays_a_webhook(
             store = service.store
             assert isinstance(store, MemoryStore)
             started = time.monotonic()
-            # one after another, so later outcomes find the email channel already stuck
+            # one after another, each webhook delivered before the next order: the later
+            # outcomes find the email channel already stuck on the silent server
+            submitted: list[str] = []
             for new in orders:
                 await store.submit(new)
-                await asyncio.sleep(0.3)
-            await until(lambda: len(webhook.deliveries) == len(orders), timeout=15)
+                submitted.append(new.uuid)
+                await until(lambda: len(webhook.deliveries) == len(submitted), timeout=15)
+                await until(lambda: hole.connections >= 1, timeout=15)
             took = time.monotonic() - started
             assert hole.connections >= 1  # the emails are stuck on the silent server
             assert not any(done for *_, done in store.outbox())

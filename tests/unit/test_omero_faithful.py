@@ -47,11 +47,11 @@ def new_store(settings: Any, shared: MemoryStore | None = None) -> MemoryStore:
     )
 
 
-async def wait_until(check: Any, timeout: float = 20.0) -> None:
+async def wait_until(check: Any, timeout: float = 20.0, what: str = "condition") -> None:
     deadline = asyncio.get_running_loop().time() + timeout
     while not check():
         if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError("condition not met in time")
+            raise AssertionError(f"{what} not met in {timeout:g} s")
         await asyncio.sleep(0.01)
 
 
@@ -318,21 +318,27 @@ async def test_a_cancel_during_session_opening_leaves_no_open_session(
     tmp_path: Path, root: Path
 ) -> None:
     files = make_tiffs(root / "c", 1)
-    settings = unit_settings(tmp_path, root)
+    # the lease loop notices the cancel within a third of a lease (0.2 s): well inside the
+    # 0.6 s the session takes to open
+    settings = unit_settings(tmp_path, root, lease_seconds=0.6)
     store = new_store(settings)
     placed = order(files)
     async with memory_replica(settings, store) as (service, _):
         gateway = service.gateway
         assert isinstance(gateway, SimulatorGateway)
-        gateway.open_delay = 1.0
+        gateway.open_delay = 0.6
         opening = gateway.open_session
 
         started = asyncio.Event()
+        opened = asyncio.Event()
         loop = asyncio.get_running_loop()
 
         def watched(*args: Any, **kw: Any) -> Any:
             loop.call_soon_threadsafe(started.set)
-            return opening(*args, **kw)
+            try:
+                return opening(*args, **kw)
+            finally:
+                loop.call_soon_threadsafe(opened.set)
 
         gateway.open_session = watched  # type: ignore[method-assign]
         await store.submit(placed)
@@ -340,9 +346,12 @@ async def test_a_cancel_during_session_opening_leaves_no_open_session(
         await store.request_cancel(placed.uuid)
         stage, description = await finished(store, placed.uuid)
         assert (stage, description) == (STAGE_INGEST_FAILED, "Cancelled")
+        assert not opened.is_set(), "the cancel landed after the session had opened"
         # the session that finishes opening after the cancel is closed as soon as it exists
-        await asyncio.sleep(1.2)
-        assert gateway.open_sessions == set()
+        await asyncio.wait_for(opened.wait(), 10)
+        await wait_until(
+            lambda: gateway.open_sessions == set(), timeout=1.0, what="no open session"
+        )
     assert images_of(settings, placed.uuid) == []
 
 
@@ -370,6 +379,10 @@ async def test_a_cancel_keeps_the_ledger_of_what_was_imported_and_a_retry_comple
         gateway = service.gateway
         assert isinstance(gateway, SimulatorGateway)
         await wait_until(lambda: not gateway.open_sessions, 5)
+    # the retry needs no slow imports: a replica without the delay (the same orders) runs it
+    fast = unit_settings(tmp_path, root)
+    store = new_store(fast, store)
+    async with memory_replica(fast, store):
         await store.retry(placed.uuid, "retry")
         assert (await finished(store, placed.uuid))[0] == STAGE_IMPORTED
     assert sorted(images_of(settings, placed.uuid)) == sorted(str(f) for f in files)
@@ -384,15 +397,22 @@ async def test_a_cancel_in_the_middle_of_a_registration_stops_between_steps(
     )
     store = new_store(settings)
     placed = order([series])
-    async with memory_replica(settings, store):
+    async with memory_replica(settings, store) as (service, _):
         await store.submit(placed)
         await wait_until(lambda: len(images_of(settings, placed.uuid)) >= 2)
         await store.request_cancel(placed.uuid)
         assert (await finished(store, placed.uuid))[1] == "Cancelled"
         stopped = images_of(settings, placed.uuid)
-        await asyncio.sleep(0.5)  # nothing more is registered after the cancel
+        # Every OMERO call of the run has ended once its threads are idle: a registration
+        # that went on after the cancel would hold one until its last image (0.15 s a step),
+        # and this waits for it, where a fixed sleep only watched 0.5 s of it.
+        await asyncio.to_thread(service.executor.shutdown)
         assert images_of(settings, placed.uuid) == stopped and len(stopped) < 6
         assert len(await ledger(store, placed.uuid)) == len(stopped)
+    # the retry needs no slow steps: a replica without the delay (the same orders) runs it
+    fast = unit_settings(tmp_path, root, use_register_zarr=True)
+    store = new_store(fast, store)
+    async with memory_replica(fast, store):
         await store.retry(placed.uuid, "retry")
         assert (await finished(store, placed.uuid))[0] == STAGE_IMPORTED
     assert sorted(images_of(settings, placed.uuid)) == sorted(

@@ -51,20 +51,21 @@ async def test_a_stream_of_updates_is_written_at_most_once_per_interval() -> Non
     sink = Sink()
     reporter = ProgressReporter("o", sink, run=1, interval=0.05, delay=0)
     reporter.start()
-    reporter.start_step("import", 500)
-    for done in range(500):
+    # 250 updates a millisecond or more apart: at least five intervals of them
+    reporter.start_step("import", 250)
+    for done in range(250):
         reporter.advance(units_done=done, current_file=f"image{done}.tif")
         await asyncio.sleep(0.001)  # an import unit
-    reporter.advance(units_done=500)
+    reporter.advance(units_done=250)
     reporter.end_step()
-    await sink.until(Progress("import", 500, 500))
+    await sink.until(Progress("import", 250, 250))
     await reporter.stop()
     steps = [p for _, p in sink.writes]
     # the first state of the step is written at once (with what came before the writer ran),
     # the last one too
-    assert (steps[0].step, steps[0].units_done, steps[0].units_total) == ("import", 0, 500)
-    assert steps[-1] == Progress("import", 500, 500)
-    # in between, the writes are an interval apart: 500 updates, a handful of rows
+    assert (steps[0].step, steps[0].units_done, steps[0].units_total) == ("import", 0, 250)
+    assert steps[-1] == Progress("import", 250, 250)
+    # in between, the writes are an interval apart: 250 updates, a handful of rows
     between = [t for t, p in sink.writes if p.current_file is not None]
     gaps = [b - a for a, b in itertools.pairwise(between)]
     assert all(gap >= 0.05 - 1e-3 for gap in gaps), gaps
@@ -106,7 +107,8 @@ async def test_an_order_that_ends_within_the_delay_writes_nothing() -> None:
 
 
 async def test_a_slow_database_merges_states_and_never_holds_up_the_order() -> None:
-    sink = Sink(pause=0.2)
+    # each write takes 0.1 s: the 500 updates (a few ms) all come while the first is written
+    sink = Sink(pause=0.1)
     reporter = ProgressReporter("o", sink, run=1, interval=0, delay=0)
     reporter.start()
     reporter.start_step("import", 500)
@@ -219,12 +221,15 @@ def test_metrics_follow_an_orders_progress_and_forget_it_at_the_end() -> None:
 async def test_a_running_order_shows_its_progress_in_status_and_metrics(
     tmp_path: Path, root: Path
 ) -> None:
-    """A real replica (memory store, simulator taking 50 ms per file): status reads 'import
+    """A real replica (memory store, simulator taking 20 ms per file): status reads 'import
     N/20' while the order runs, /metrics has its series, and both are gone at the end."""
     files = make_tiffs(root / "slow", 20)
-    settings = unit_settings(tmp_path, root, omero_simulator_import_delay=0.05)
+    settings = unit_settings(tmp_path, root, omero_simulator_import_delay=0.02)
     store = MemoryStore(worker_id=settings.worker_id, lease_seconds=settings.lease_seconds)
     async with memory_replica(settings, store) as (service, _):
+        # progress first written after 0.1 s, not the 0.5 s a service waits: the 0.4 s
+        # import is then seen half way, as a 1 s one was
+        service.dispatcher.pipeline.progress_delay = 0.1
         slow = order(files)
         await store.submit(slow)
         seen: list[Progress] = []

@@ -234,7 +234,7 @@ async def test_an_order_waits_while_a_file_in_its_folder_changes(
 ) -> None:
     folder = root / "acquisition"
     (file,) = make_tiffs(folder, 1)
-    settings = unit_settings(tmp_path, root, settle_seconds=0.5, poll_interval=60.0)
+    settings = unit_settings(tmp_path, root, settle_seconds=0.3, poll_interval=60.0)
     store = MemoryStore(worker_id=settings.worker_id, lease_seconds=settings.lease_seconds)
     placed = order([folder])
     async with memory_replica(settings, store):

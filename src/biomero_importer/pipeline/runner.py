@@ -51,7 +51,7 @@ from biomero_importer.omero.port import (
     OmeroSession,
     OmeroUnavailable,
 )
-from biomero_importer.pipeline.progress import ProgressReporter, file_sizes
+from biomero_importer.pipeline.progress import PROGRESS_DELAY, ProgressReporter, file_sizes
 from biomero_importer.pipeline.settle import Look, look
 from biomero_importer.pipeline.storage import StorageError, StorageTimeout, failure
 from biomero_importer.pipeline.validate import InvalidOrder, validate
@@ -405,6 +405,7 @@ class Pipeline:
         *,
         storage: Executor | None = None,
         observe_progress: Callable[[str, Progress | None], None] | None = None,
+        progress_delay: float = PROGRESS_DELAY,
     ) -> None:
         self.settings = settings
         self.gateway = gateway
@@ -414,6 +415,8 @@ class Pipeline:
         self.observe_step = observe_step
         #: hears every progress state of every order, and (uuid, None) when one ends
         self.observe_progress = observe_progress
+        #: seconds an order runs before its progress is first written (tests shorten it)
+        self.progress_delay = progress_delay
         # resolved once: every order's paths are checked against it
         self.area = paths.import_area(settings.effective_import_roots)
         # each waiting order's last settle look, compared with its next one
@@ -426,6 +429,7 @@ class Pipeline:
             claimed.uuid,
             self.sink,
             run=claimed.runs,
+            delay=self.progress_delay,
             observe=None if observe is None else partial(observe, claimed.uuid),
         )
         # the writer is this task's child: stopped on every way out, a cancel included
