@@ -67,12 +67,6 @@ JITTER = 0.2
 # The wake-up for an order this replica made wait comes this much after its not_before, so
 # the claim (on the database's clock, written a moment before) finds it due.
 WAKE_MARGIN = 0.05
-# While orders wait for a slot, the next claim waits (at most CLAIM_GATHER seconds) until an
-# eighth of the slots are free: each claim has a fixed cost in PostgreSQL (the running counts,
-# the fair pick's set-up, a round trip), paid once per batch rather than once per order that
-# ends. With nothing waiting, a claim runs the moment an order is notified or a slot frees.
-CLAIM_BATCH_FRACTION = 1 / 8
-CLAIM_GATHER = 0.005
 
 
 @dataclass(frozen=True)
@@ -230,41 +224,25 @@ class Dispatcher:
             self.health.failing_helpers = failing
             # A replica whose helpers keep failing cannot look after what it claims.
             self.health.claiming = not failing
-            claimed, backlog = await self._claim_all() if not failing else (0, False)
+            claimed = await self._claim_all() if not failing else 0
             if claimed and not notified:
                 self.metrics.fallback_poll_orders.inc(claimed)
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=self.poll_interval)
-            if backlog:
-                await self._gather_slots()
 
-    async def _gather_slots(self) -> None:
-        """Let a batch of slots come free (or CLAIM_GATHER pass) before the next claim."""
-        wanted = max(1, int(self.max_workers * CLAIM_BATCH_FRACTION))
-        deadline = time.monotonic() + CLAIM_GATHER
-        while not self._stopping.is_set() and self.max_workers - len(self._running) < wanted:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return
-            # a notification cleared here is not lost: the claim follows within CLAIM_GATHER
-            self._wake.clear()
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=left)
-
-    async def _claim_all(self) -> tuple[int, bool]:
-        """Claim until the queue is empty or every slot is busy: (orders claimed, whether
-        every slot is busy with the queue perhaps not empty, i.e. orders may be waiting)."""
+    async def _claim_all(self) -> int:
+        """Claim until the queue is empty or every slot is busy."""
         total = 0
         while not self._stopping.is_set():
             free = self.max_workers - len(self._running)
             if free <= 0:
-                return total, True
+                return total
             try:
                 orders = await self._unless_stopping(self.store.claim(free))
             except StoreClosed:
-                return total, False
+                return total
             if orders is None:
-                return total, False
+                return total
             now = time.time()
             for order in orders:
                 # a deliberate wait is not latency: it counts from when the order was due
@@ -273,8 +251,8 @@ class Dispatcher:
                 self._start(order)
             total += len(orders)
             if len(orders) < free:
-                return total, False
-        return total, False
+                return total
+        return total
 
     async def _unless_stopping(self, call: Awaitable[T]) -> T | None:
         """``call``'s result, or None once a stop is requested: a claim that waits out a
