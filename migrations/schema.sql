@@ -37,7 +37,7 @@ DECLARE
     id_seq text := pg_get_serial_sequence('imports', 'id');
     previous_id integer;
     started_id integer;
-    -- the session's setting, restored after each pick is planned and run
+    -- the session's setting, restored after the promotion and after each pick
     sort_setting text := current_setting('enable_sort');
     got boolean;
 BEGIN

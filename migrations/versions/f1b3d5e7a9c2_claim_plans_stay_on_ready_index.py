@@ -40,7 +40,7 @@ DECLARED = """
 """
 DECLARED_NOW = """
     started_id integer;
-    -- the session's setting, restored after each pick is planned and run
+    -- the session's setting, restored after the promotion and after each pick
     sort_setting text := current_setting('enable_sort');
     got boolean;
 """
@@ -59,6 +59,9 @@ PICK_NOW = """
 PICK_START = """
         SELECT o.uuid, o.latest_id INTO picked, previous_id FROM importer_orders o
 """
+# Set right before each of the two statements: they are planned (and planned again after an
+# invalidation) only there. The due waits read importer_orders_ix_waiting in not_before order,
+# not every pending order.
 DUE = """
     WITH due AS (
 """
@@ -73,9 +76,6 @@ PROMOTED_NOW = """
     GET DIAGNOSTICS promoted = ROW_COUNT;
     PERFORM set_config('enable_sort', sort_setting, true);
 """
-# Set right before each of the two statements: they are planned (and planned again after an
-# invalidation) only there. The due waits read importer_orders_ix_waiting in not_before order,
-# not every pending order.
 PICK_START_NOW = """
         PERFORM set_config('enable_sort', 'off', true);
         SELECT o.uuid, o.latest_id INTO picked, previous_id FROM importer_orders o

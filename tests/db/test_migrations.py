@@ -544,3 +544,41 @@ async def test_a_delivery_of_a_channel_no_replica_has_is_found_for_giving_up(
         await a.close()
         await b.close()
     assert (orphan.channel, orphan.uuid, orphan.token) == ("email", "o", 0)
+
+
+def _claim_functions(url: str) -> tuple[str, list[str] | None]:
+    conn = psycopg2.connect(url)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT pg_get_functiondef('importer_claim'::regproc)")
+            claim = cur.fetchone()[0]
+            cur.execute("SELECT proconfig FROM pg_proc WHERE proname = 'importer_refresh_user'")
+            refresh_config = cur.fetchone()[0]
+    finally:
+        conn.close()
+    return claim, refresh_config
+
+
+def test_the_claim_revisions_downgrade_to_the_claim_they_replaced(database_url: str) -> None:
+    """e2c4a6b8d0f1 and f1b3d5e7a9c2 rebuild importer_claim from d8f0b2c4e6a5's text: their
+    downgrades restore it exactly, and upgrading again gives head's functions back."""
+    engine = create_engine(sync_url(database_url), poolclass=NullPool)
+    try:
+        with engine.connect() as conn:
+            command.upgrade(alembic_config(conn), "d8f0b2c4e6a5")
+            conn.commit()
+        before = _claim_functions(database_url)
+        migrate(database_url, channel=DEFAULT_CHANNEL)
+        head = _claim_functions(database_url)
+        assert "GROUPING SETS" in head[0]
+        assert head[0].count("set_config('enable_sort'") == 4
+        assert head[1] == ["enable_sort=off"]
+        with engine.connect() as conn:
+            command.downgrade(alembic_config(conn), "d8f0b2c4e6a5")
+            conn.commit()
+        assert _claim_functions(database_url) == before
+        assert before[1] is None
+        migrate(database_url, channel=DEFAULT_CHANNEL)
+        assert _claim_functions(database_url) == head
+    finally:
+        engine.dispose()
