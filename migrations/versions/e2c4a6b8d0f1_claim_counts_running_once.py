@@ -14,9 +14,7 @@ cannot drift; the downgrade restores that text.
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Sequence
-from pathlib import Path
 
 from alembic import op
 
@@ -53,20 +51,24 @@ ONE_SCAN = """
 
 
 def _previous_claim() -> str:
-    path = Path(__file__).with_name("d8f0b2c4e6a5_claim_writes_once.py")
-    spec = importlib.util.spec_from_file_location("_claim_writes_once", path)
-    if spec is None or spec.loader is None:
-        raise RuntimeError(f"cannot load {path}")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    claim: str = module.CLAIM
+    """d8f0b2c4e6a5's importer_claim, from its module as alembic loaded it for this run."""
+    script = op.get_context().script
+    found = None if script is None else script.get_revision("d8f0b2c4e6a5")
+    if found is None:
+        raise RuntimeError("revision d8f0b2c4e6a5 is not in this migration run's scripts")
+    claim: str = found.module.CLAIM
     if claim.count(TWO_SCANS) != 1:
-        raise RuntimeError(f"{path.name}: the running-order counts are not where expected")
+        raise RuntimeError("d8f0b2c4e6a5: the running-order counts are not where expected")
     return claim
 
 
+def claim() -> str:
+    """importer_claim as this revision defines it (f1b3d5e7a9c2 builds on it)."""
+    return _previous_claim().replace(TWO_SCANS, ONE_SCAN)
+
+
 def upgrade() -> None:
-    op.execute(_previous_claim().replace(TWO_SCANS, ONE_SCAN))
+    op.execute(claim())
 
 
 def downgrade() -> None:

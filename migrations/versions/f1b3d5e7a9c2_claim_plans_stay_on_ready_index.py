@@ -22,9 +22,7 @@ that change, derived from its text; the downgrade restores it.
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Sequence
-from pathlib import Path
 
 from alembic import op
 
@@ -83,13 +81,12 @@ PICK_START_NOW = """
 
 
 def _previous_claim() -> str:
-    path = Path(__file__).with_name("e2c4a6b8d0f1_claim_counts_running_once.py")
-    spec = importlib.util.spec_from_file_location("_claim_counts_running_once", path)
-    if spec is None or spec.loader is None:
-        raise RuntimeError(f"cannot load {path}")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    claim: str = module._previous_claim().replace(module.TWO_SCANS, module.ONE_SCAN)
+    """e2c4a6b8d0f1's importer_claim, from its module as alembic loaded it for this run."""
+    script = op.get_context().script
+    found = None if script is None else script.get_revision("e2c4a6b8d0f1")
+    if found is None:
+        raise RuntimeError("revision e2c4a6b8d0f1 is not in this migration run's scripts")
+    claim: str = found.module.claim()
     return claim
 
 
