@@ -169,14 +169,6 @@ class PostgresCpu:
 OWN_TRANSACTIONS = 1
 
 
-async def analyze_queue(url: str) -> None:
-    conn = await asyncpg.connect(url)
-    try:
-        await conn.execute("ANALYZE importer_orders, importer_users")
-    finally:
-        await conn.close()
-
-
 async def transactions(url: str) -> int:
     """Transactions committed or rolled back in this database so far. Unlike CPU the count
     does not drift with the machine's load: each pool call outside a transaction is one, and
@@ -374,7 +366,7 @@ async def run(args: argparse.Namespace, backend: str) -> dict[str, Any]:
         # The backlog comes after a quiet spell, with the statistics autovacuum takes of a
         # table where every order has finished: taken here, not whenever autovacuum runs, so
         # every run meets the planner's worst case (revision f1b3d5e7a9c2) the same way.
-        await analyze_queue(url)
+        _admin_exec(url, "ANALYZE importer_orders, importer_users")
 
         # The replicas start before the backlog is queued (in one transaction), so the CPU
         # they spend on it is the orders', not their start-up's.
