@@ -75,16 +75,10 @@ def _plain_tracebacks() -> None:
     itself never renders them that way (plain tracebacks, see configure_logging); what a test
     asserts on is the event (capture_logs), not its rendering.
     """
-    structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.StackInfoRenderer(),
-            structlog.dev.set_exc_info,
-            structlog.processors.TimeStamper(fmt="%Y-%m-%d %H:%M:%S", utc=False),
-            structlog.dev.ConsoleRenderer(exception_formatter=structlog.dev.plain_traceback),
-        ]
-    )
+    structlog.reset_defaults()
+    *chain, _renderer = structlog.get_config()["processors"]
+    plain = structlog.dev.ConsoleRenderer(exception_formatter=structlog.dev.plain_traceback)
+    structlog.configure(processors=[*chain, plain])
 
 
 @pytest.fixture(autouse=True)
