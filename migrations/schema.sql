@@ -5,12 +5,16 @@
 -- (tests/db/test_schema.py checks that it matches the migrations).
 
 CREATE FUNCTION public.importer_channel() RETURNS text
-    LANGUAGE sql STABLE
+    LANGUAGE plpgsql STABLE
     AS $$
-    SELECT convert_from(substring(t.tgargs FROM 1 FOR position('\x00'::bytea IN t.tgargs) - 1),
-                        'UTF8')
-    FROM pg_trigger t
-    WHERE t.tgname = 'importer_track_insert' AND t.tgrelid = 'imports'::regclass
+BEGIN
+    RETURN (
+        SELECT convert_from(substring(t.tgargs FROM 1 FOR position('\x00'::bytea IN t.tgargs)
+                                      - 1), 'UTF8')
+        FROM pg_trigger t
+        WHERE t.tgname = 'importer_track_insert' AND t.tgrelid = 'imports'::regclass
+    );
+END;
 $$;
 
 CREATE FUNCTION public.importer_claim(slots integer, worker character varying, lease_seconds double precision, max_running integer) RETURNS TABLE(uuid character varying, group_name character varying, user_name character varying, destination_id character varying, destination_type character varying, files text, file_names text, preprocessing_id integer, container character varying, input_file character varying, output_folder character varying, alt_output_folder character varying, extra_params text, import_options text, attempts integer, runs integer, objects text, queued_at double precision, retries integer, waiting_since double precision, not_before double precision)
@@ -321,11 +325,16 @@ END;
 $$;
 
 CREATE FUNCTION public.importer_owed_channels() RETURNS character varying[]
-    LANGUAGE sql STABLE
+    LANGUAGE plpgsql STABLE
     AS $$
-    SELECT COALESCE(array_agg(DISTINCT c ORDER BY c), '{}')
-    FROM importer_notify_replicas r, unnest(r.channels) c
-    WHERE r.seen_at > (SELECT max(seen_at) FROM importer_notify_replicas) - interval '1 hour'
+BEGIN
+    RETURN (
+        SELECT COALESCE(array_agg(DISTINCT c ORDER BY c), '{}')
+        FROM importer_notify_replicas r, unnest(r.channels) c
+        WHERE r.seen_at > (SELECT max(seen_at) FROM importer_notify_replicas)
+                          - interval '1 hour'
+    );
+END;
 $$;
 
 CREATE FUNCTION public.importer_refresh_user(name character varying, lost_at timestamp with time zone, lost_seq bigint, gained_at timestamp with time zone, gained_seq bigint, gained_group character varying) RETURNS void
