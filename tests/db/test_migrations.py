@@ -5,8 +5,9 @@ from __future__ import annotations
 import ast
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg2
 import pytest
@@ -32,6 +33,8 @@ from biomero_importer.db.urls import asyncpg_dsn, sync_url
 from biomero_importer.store import PostgresStore
 
 from .upstream import columns, create_upstream, dump
+
+T = TypeVar("T")
 
 
 def _queue(url: str) -> dict[str, tuple[str, int]]:
@@ -546,6 +549,28 @@ async def test_a_delivery_of_a_channel_no_replica_has_is_found_for_giving_up(
     assert (orphan.channel, orphan.uuid, orphan.token) == ("email", "o", 0)
 
 
+def _round_trip(url: str, revision: str, read: Callable[[str], T]) -> tuple[T, T]:
+    """``read`` at ``revision`` and at head, after checking that downgrading from head to
+    ``revision`` gives the first back exactly and upgrading again the second."""
+    engine = create_engine(sync_url(url), poolclass=NullPool)
+    try:
+        with engine.connect() as conn:
+            command.upgrade(alembic_config(conn), revision)
+            conn.commit()
+        before = read(url)
+        migrate(url, channel=DEFAULT_CHANNEL)
+        head = read(url)
+        with engine.connect() as conn:
+            command.downgrade(alembic_config(conn), revision)
+            conn.commit()
+        assert read(url) == before
+        migrate(url, channel=DEFAULT_CHANNEL)
+        assert read(url) == head
+    finally:
+        engine.dispose()
+    return before, head
+
+
 def _claim_functions(url: str) -> tuple[str, list[str] | None]:
     conn = psycopg2.connect(url)
     try:
@@ -562,26 +587,11 @@ def _claim_functions(url: str) -> tuple[str, list[str] | None]:
 def test_the_claim_revisions_downgrade_to_the_claim_they_replaced(database_url: str) -> None:
     """e2c4a6b8d0f1 and f1b3d5e7a9c2 rebuild importer_claim from d8f0b2c4e6a5's text: their
     downgrades restore it exactly, and upgrading again gives head's functions back."""
-    engine = create_engine(sync_url(database_url), poolclass=NullPool)
-    try:
-        with engine.connect() as conn:
-            command.upgrade(alembic_config(conn), "d8f0b2c4e6a5")
-            conn.commit()
-        before = _claim_functions(database_url)
-        migrate(database_url, channel=DEFAULT_CHANNEL)
-        head = _claim_functions(database_url)
-        assert "GROUPING SETS" in head[0]
-        assert head[0].count("set_config('enable_sort'") == 4
-        assert head[1] == ["enable_sort=off"]
-        with engine.connect() as conn:
-            command.downgrade(alembic_config(conn), "d8f0b2c4e6a5")
-            conn.commit()
-        assert _claim_functions(database_url) == before
-        assert before[1] is None
-        migrate(database_url, channel=DEFAULT_CHANNEL)
-        assert _claim_functions(database_url) == head
-    finally:
-        engine.dispose()
+    before, head = _round_trip(database_url, "d8f0b2c4e6a5", _claim_functions)
+    assert "GROUPING SETS" in head[0]
+    assert head[0].count("set_config('enable_sort'") == 4
+    assert head[1] == ["enable_sort=off"]
+    assert before[1] is None
 
 
 def _functions(url: str) -> dict[str, tuple[str, str]]:
@@ -606,25 +616,10 @@ def test_no_function_of_ours_is_planned_again_on_every_call(database_url: str) -
     pg_stat_statements with track_planning) that was 2,934 plannings and 889 ms, about 0.15
     ms of PostgreSQL's 2.3 ms per order. Revision a3c5e7f9b1d4 makes both SQL functions
     plpgsql; its downgrade gives the SQL ones back as they were."""
-    engine = create_engine(sync_url(database_url), poolclass=NullPool)
-    try:
-        with engine.connect() as conn:
-            command.upgrade(alembic_config(conn), "f1b3d5e7a9c2")
-            conn.commit()
-        before = _functions(database_url)
-        assert {name for name, (language, _) in before.items() if language == "sql"} == {
-            "importer_channel",
-            "importer_owed_channels",
-        }
-        migrate(database_url, channel=DEFAULT_CHANNEL)
-        head = _functions(database_url)
-        assert {name for name, (language, _) in head.items() if language != "plpgsql"} == set()
-        assert head.keys() == before.keys()
-        with engine.connect() as conn:
-            command.downgrade(alembic_config(conn), "f1b3d5e7a9c2")
-            conn.commit()
-        assert _functions(database_url) == before
-        migrate(database_url, channel=DEFAULT_CHANNEL)
-        assert _functions(database_url) == head
-    finally:
-        engine.dispose()
+    before, head = _round_trip(database_url, "f1b3d5e7a9c2", _functions)
+    assert {name for name, (language, _) in before.items() if language == "sql"} == {
+        "importer_channel",
+        "importer_owed_channels",
+    }
+    assert {name for name, (language, _) in head.items() if language != "plpgsql"} == set()
+    assert head.keys() == before.keys()
