@@ -886,3 +886,61 @@ async def test_a_run_the_same_replica_lost_writes_nothing_after_its_reclaim(
     assert events[-1].description == "new run"
     detail = await harness.a.order_detail(order.uuid)
     assert detail is not None and detail.objects == []
+
+
+# --- an ending racing a client's write to the same running order ------------------------------
+@pytest.mark.parametrize(
+    "client_write",
+    [
+        # the documented SQL retry, on the latest row: refused, the running state restored
+        "UPDATE imports SET stage = 'Import Pending'"
+        " WHERE id = (SELECT max(id) FROM imports WHERE uuid = $1)",
+        # a second submission of the running order: ignored, the running state restored
+        "INSERT INTO imports (group_name, user_name, destination_id, destination_type, stage,"
+        " uuid, files) VALUES ('Demo', 'alice', '1', 'Dataset', 'Import Pending', $1,"
+        " '[\"/data/a.tif\"]')",
+    ],
+    ids=["sql-retry", "duplicate-submission"],
+)
+async def test_an_ending_that_waited_for_a_clients_write_is_still_recorded(
+    migrated_url: str, client_write: str
+) -> None:
+    """Found by the hostile-order fuzz run: the run's ending started while a client's write
+    to the same order held its row lock, and that write appended a row restoring the running
+    state. The ending then updated the queue row to 'Import Failed' but copied its history
+    row from the restored one, which its snapshot (taken before it waited) could not see, so
+    no row was written: the order's latest row said 'Import Started' for ever."""
+    url = asyncpg_dsn(migrated_url)
+    store = PostgresStore(url, worker_id="A", lease_seconds=60, pool_size=2)
+    await store.open()
+    client = await asyncpg.connect(url)
+    try:
+        order = new_order()
+        await store.submit(order)
+        [claimed] = await store.claim(1)
+        writing = client.transaction()
+        await writing.start()
+        await client.execute(client_write, order.uuid)
+        ending = asyncio.create_task(
+            store.finish(Finish(order.uuid, STAGE_INGEST_FAILED, CANCELLED, run=claimed.runs))
+        )
+        # the ending's statement has begun (its snapshot is taken) and waits for the lock
+        for _ in range(200):
+            waiting = await store.pool.fetchval(
+                "SELECT count(*) FROM pg_stat_activity"
+                " WHERE wait_event_type = 'Lock' AND query LIKE '%released AS%'"
+            )
+            if waiting:
+                break
+            await asyncio.sleep(0.01)
+        assert waiting, "the ending never waited for the client's row lock"
+        await writing.commit()
+        assert await ending
+        events = await store.order_events(order.uuid)
+        assert events[-1].stage == STAGE_INGEST_FAILED, [(e.stage, e.description) for e in events]
+        assert events[-1].description == CANCELLED
+        state = await store.order_state(order.uuid)
+        assert state is not None and state.stage == STAGE_INGEST_FAILED
+    finally:
+        await client.close()
+        await store.close()

@@ -95,6 +95,11 @@ RETURNING id
 # a settle wait keeps the time of the first of a stretch of them (settle_max_wait bounds the
 # stretch), and any other finish ends the stretch: that run got past them. The stage trigger
 # clears all three when the order reaches a terminal stage.
+# The new row copies the latest row this statement's snapshot sees (seen), not the one the
+# locked queue row names: an ending that waited for the lock of a client's write (a refused
+# retry, an ignored second submission) finds the row naming that write's restoring row, which
+# committed after the snapshot, so a copy of it would write nothing while the queue row still
+# ended. Every row of an order carries the same order, so either copy is the same.
 FINISH_MANY = f"""
 WITH args AS (
     SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
@@ -102,10 +107,14 @@ WITH args AS (
         AS a(uuid, stage, description, file_names, objects, delay, transient_retry, settling,
              wait_cause, run)
 ),
+seen AS (
+    SELECT o.uuid, o.latest_id FROM importer_orders o WHERE o.uuid = ANY($1::text[])
+),
 owned AS (
-    SELECT o.uuid, o.latest_id AS previous_id,
+    SELECT o.uuid, s.latest_id AS previous_id,
            a.stage IN ('Import Completed', 'Import Failed') AS ends
     FROM importer_orders o JOIN args a ON a.uuid = o.uuid AND a.run = o.runs
+        JOIN seen s ON s.uuid = o.uuid
     WHERE o.worker_id = $6
     FOR UPDATE OF o
 ),
