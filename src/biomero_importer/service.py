@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import signal
 import sys
 import time
@@ -37,6 +38,10 @@ from biomero_importer.store import OrderStore, PostgresStore
 log = structlog.get_logger(__name__)
 
 
+# objects allocated and not yet freed before the collector looks at the young generation
+SERVING_GC_THRESHOLD = 10_000
+
+
 class StartupError(Exception):
     """The service cannot start; the message says what to fix."""
 
@@ -61,12 +66,26 @@ def run_event_loop(main: Coroutine[Any, Any, None]) -> None:
     # The event loop shares the GIL with executor threads running blocking OMERO calls; a
     # shorter switch interval keeps a busy thread from delaying a claim by up to 5 ms.
     sys.setswitchinterval(0.001)
+    # Every running order holds objects until it ends (its task, futures, rows). With the
+    # default young-generation threshold (700) the collector ran every dozen orders, walking
+    # them, and every full collection walked the ~100,000 objects start-up leaves: 0.25 ms of
+    # CPU per order (docs/performance.md). Start-up's objects are left out of collections
+    # and the young generation waits for 10,000 objects; reference counting still frees all
+    # that is not a cycle at once, so memory does not grow.
+    threshold, frozen = gc.get_threshold(), gc.get_freeze_count()
+    gc.freeze()
+    gc.set_threshold(SERVING_GC_THRESHOLD, *threshold[1:])
     try:
-        import uvloop  # noqa: PLC0415 - optional speed-up, absent on some platforms
-    except ImportError:
-        asyncio.run(main)
-    else:
-        uvloop.run(main)
+        try:
+            import uvloop  # noqa: PLC0415 - optional speed-up, absent on some platforms
+        except ImportError:
+            asyncio.run(main)
+        else:
+            uvloop.run(main)
+    finally:
+        gc.set_threshold(*threshold)
+        if not frozen:  # what others froze stays frozen: gc cannot thaw only ours
+            gc.unfreeze()
 
 
 def prepare_schema(settings: Settings, url: str, *, force: bool = False, wait: float = 0.0) -> None:
