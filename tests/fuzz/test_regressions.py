@@ -4,6 +4,9 @@ Each test drives a real in-process replica on PostgreSQL: the hostile order, the
 order that must still complete (the replica keeps claiming), then a shutdown that must end
 within ``shutdown_timeout`` + 10 s. Tests marked xfail fail on the code they were written
 against; the fix removes the mark (strict: a fixed defect turns the xfail into a failure).
+A race the suite found is reproduced where its timing can be held still: an ending that
+waited for a client's write to its order is
+tests/store/test_store.py::test_an_ending_that_waited_for_a_clients_write_is_still_recorded.
 """
 
 from __future__ import annotations
