@@ -237,8 +237,8 @@ async def fill_history(url: str, rows: int) -> None:
 # Whether any order of a phase is left: the oldest pending entry of importer_orders_ix_pending
 # and any running one of importer_orders_ix_stage_updated, so a poll costs the same with 30,000
 # orders left as with one. (Counting the completed orders at every poll read the whole queue
-# table: at 30,000 orders its 20 polls a second took 19 s of PostgreSQL's CPU, charged to the
-# service's figure and taken from the replica's cores.)
+# table: at 30,000 orders its 20 polls a second took 19 s of PostgreSQL's CPU, taken from the
+# two cores the replica and PostgreSQL share.)
 ORDERS_LEFT = """
 SELECT EXISTS (SELECT 1 FROM (
            SELECT uuid FROM importer_orders

@@ -68,7 +68,7 @@ def run_event_loop(main: Coroutine[Any, Any, None]) -> None:
     sys.setswitchinterval(0.001)
     # Every running order holds objects until it ends (its task, futures, rows). With the
     # default young-generation threshold (700) the collector ran every dozen orders, walking
-    # them, and every full collection walked the ~100,000 objects start-up leaves: 0.25 ms of
+    # them, and every full collection walked the ~100,000 objects start-up leaves: 0.13 ms of
     # CPU per order (docs/performance.md). Start-up's objects are left out of collections
     # and the young generation waits for 10,000 objects; reference counting still frees all
     # that is not a cycle at once, so memory does not grow.

@@ -99,7 +99,8 @@ RETURNING id
 # locked queue row names: an ending that waited for the lock of a client's write (a refused
 # retry, an ignored second submission) finds the row naming that write's restoring row, which
 # committed after the snapshot, so a copy of it would write nothing while the queue row still
-# ended. Every row of an order carries the same order, so either copy is the same.
+# ended. Each row of an order copies the one before (stage and description aside), so the
+# copy is the same.
 FINISH_MANY = f"""
 WITH args AS (
     SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
