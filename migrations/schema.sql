@@ -34,13 +34,23 @@ DECLARE
     skipped varchar[] := '{}';
     chosen varchar;
     running_now integer;
-    picked varchar;
-    claimed record;
+    picks varchar[];
+    previous_ids integer[];
+    started_ids integer[];
+    claimed_groups varchar[];
+    claimed_uuids varchar[];
+    claimed_attempts integer[];
+    claimed_runs integer[];
+    claimed_objects text[];
+    claimed_queued float8[];
+    claimed_retries integer[];
+    claimed_waiting float8[];
+    claimed_not_before float8[];
+    claimed_group varchar;
+    run_size integer;
     taken integer := 0;
     tries integer := 0;
     id_seq text := pg_get_serial_sequence('imports', 'id');
-    previous_id integer;
-    started_id integer;
     -- the session's setting, restored after the promotion and after each pick
     sort_setting text := current_setting('enable_sort');
     got boolean;
@@ -140,72 +150,102 @@ BEGIN
             WHERE o.user_name = chosen AND o.worker_id IS NOT NULL;
             CONTINUE WHEN running_now >= max_running;
         END IF;
+        -- No other user has an order ready: each remaining step would choose this user
+        -- again, so the steps are taken as one run (users skipped here count as ready).
+        run_size := 1;
+        IF NOT EXISTS (SELECT 1 FROM importer_users u
+                       WHERE u.head_seq IS NOT NULL AND u.user_name <> chosen) THEN
+            run_size := slots - taken;
+            IF max_running IS NOT NULL THEN
+                run_size := LEAST(run_size, max_running - running_now);
+            END IF;
+        END IF;
         -- (a range over the user, as in importer_refresh_user: plans never walk another index)
         PERFORM set_config('enable_sort', 'off', true);
-        SELECT o.uuid, o.latest_id INTO picked, previous_id FROM importer_orders o
-        WHERE (o.stage = 'Import Pending' AND o.worker_id IS NULL AND NOT o.cancel_requested AND NOT o.waiting)
-          AND (o.user_name, o.queued_at, o.queue_seq) >= (chosen, h_at, h_seq)
-          AND o.user_name <= chosen
-        ORDER BY o.user_name, o.queued_at, o.queue_seq
-        LIMIT 1
-        FOR UPDATE SKIP LOCKED;
-        got := FOUND;
+        SELECT array_agg(p.uuid), array_agg(p.latest_id) INTO picks, previous_ids
+        FROM (SELECT o.uuid, o.latest_id FROM importer_orders o
+              WHERE (o.stage = 'Import Pending' AND o.worker_id IS NULL AND NOT o.cancel_requested AND NOT o.waiting)
+                AND (o.user_name, o.queued_at, o.queue_seq) >= (chosen, h_at, h_seq)
+                AND o.user_name <= chosen
+              ORDER BY o.user_name, o.queued_at, o.queue_seq
+              LIMIT run_size
+              FOR UPDATE SKIP LOCKED) p;
+        got := picks IS NOT NULL;
         PERFORM set_config('enable_sort', sort_setting, true);
         CONTINUE WHEN NOT got;
         -- this user may have more to give in a later step
         skipped := skipped[1:array_length(skipped, 1) - 1];
 
-        -- The claim and its 'Import Started' row in one update of the queue row: the row's id
-        -- is drawn first, so importer_track_order finds it already applied.
-        started_id := nextval(id_seq);
-        UPDATE importer_orders o
-        SET stage = 'Import Started',
-            latest_id = started_id,
-            worker_id = worker,
-            last_worker_id = worker,
-            lease_expires_at = now() + make_interval(secs => lease_seconds),
-            attempts = o.attempts + 1,
-            runs = o.runs + 1,
-            updated_at = now()
-        WHERE o.uuid = picked
-        RETURNING o.group_name, o.attempts, o.runs, o.objects::text AS objects,
-                  extract(epoch FROM o.queued_at)::float8 AS queued_at, o.retries,
-                  extract(epoch FROM o.waiting_since)::float8 AS waiting_since,
-                  extract(epoch FROM o.not_before)::float8 AS not_before
-        INTO claimed;
-        taken := taken + 1;
+        -- The claim and its 'Import Started' rows in one update of the queue rows: the rows'
+        -- ids are drawn first, so importer_track_order finds them already applied. Each row
+        -- is reached by its key (= ANY, or a lookup per pick that cannot be turned into a
+        -- join): a join with the picks could plan a scan of the whole table when its
+        -- statistics were taken with nothing pending.
+        SELECT array_agg(nextval(id_seq)::integer) INTO started_ids
+        FROM generate_series(1, cardinality(picks));
+        WITH claimed AS (
+            UPDATE importer_orders o
+            SET stage = 'Import Started',
+                latest_id = started_ids[array_position(picks, o.uuid)],
+                worker_id = worker,
+                last_worker_id = worker,
+                lease_expires_at = now() + make_interval(secs => lease_seconds),
+                attempts = o.attempts + 1,
+                runs = o.runs + 1,
+                updated_at = now()
+            WHERE o.uuid = ANY (picks)
+            RETURNING o.uuid, o.group_name, o.attempts, o.runs, o.objects::text AS objects,
+                      extract(epoch FROM o.queued_at)::float8 AS queued_at, o.retries,
+                      extract(epoch FROM o.waiting_since)::float8 AS waiting_since,
+                      extract(epoch FROM o.not_before)::float8 AS not_before
+        )
+        SELECT array_agg(c.group_name), array_agg(c.uuid), array_agg(c.attempts),
+               array_agg(c.runs), array_agg(c.objects), array_agg(c.queued_at),
+               array_agg(c.retries), array_agg(c.waiting_since), array_agg(c.not_before)
+        INTO claimed_groups, claimed_uuids, claimed_attempts, claimed_runs, claimed_objects,
+             claimed_queued, claimed_retries, claimed_waiting, claimed_not_before
+        FROM claimed c;
+        taken := taken + cardinality(picks);
         slot := array_position(run_users, chosen);
         IF slot IS NULL THEN
             run_users := run_users || chosen;
-            run_counts := run_counts || 1;
+            run_counts := run_counts || cardinality(picks);
         ELSE
-            run_counts[slot] := run_counts[slot] + 1;
+            run_counts[slot] := run_counts[slot] + cardinality(picks);
         END IF;
-        slot := array_position(run_groups, claimed.group_name);
-        IF slot IS NULL THEN
-            run_groups := run_groups || claimed.group_name;
-            group_counts := group_counts || 1;
-        ELSE
-            group_counts[slot] := group_counts[slot] + 1;
-        END IF;
+        FOREACH claimed_group IN ARRAY claimed_groups LOOP
+            slot := array_position(run_groups, claimed_group);
+            IF slot IS NULL THEN
+                run_groups := run_groups || claimed_group;
+                group_counts := group_counts || 1;
+            ELSE
+                group_counts[slot] := group_counts[slot] + 1;
+            END IF;
+        END LOOP;
 
         RETURN QUERY
         WITH started AS (
             INSERT INTO imports (id, group_name, user_name, destination_id, destination_type,
                                  stage, uuid, files, file_names, description,
                                  preprocessing_id, timestamp, import_options)
-            SELECT started_id, i.group_name, i.user_name, i.destination_id, i.destination_type,
+            SELECT s.new_id, i.group_name, i.user_name, i.destination_id, i.destination_type,
                    'Import Started', i.uuid, i.files, i.file_names, NULL, i.preprocessing_id,
                    clock_timestamp(), i.import_options
-            FROM imports i WHERE i.id = previous_id
+            FROM unnest(previous_ids, started_ids) AS s(old_id, new_id)
+            CROSS JOIN LATERAL (SELECT * FROM imports r WHERE r.id = s.old_id LIMIT 1) i
             RETURNING *
         )
         SELECT s.uuid, s.group_name, s.user_name, s.destination_id, s.destination_type,
                s.files, s.file_names, s.preprocessing_id, p.container, p.input_file,
                p.output_folder, p.alt_output_folder, p.extra_params::text, s.import_options,
-               claimed.attempts, claimed.runs, claimed.objects, claimed.queued_at,
-               claimed.retries, claimed.waiting_since, claimed.not_before
-        FROM started s LEFT JOIN imports_preprocessing p ON p.id = s.preprocessing_id;
+               c.attempts, c.runs, c.objects, c.queued_at, c.retries, c.waiting_since,
+               c.not_before
+        FROM started s
+        JOIN unnest(claimed_uuids, claimed_attempts, claimed_runs, claimed_objects,
+                    claimed_queued, claimed_retries, claimed_waiting, claimed_not_before)
+             AS c(uuid, attempts, runs, objects, queued_at, retries, waiting_since, not_before)
+             ON c.uuid = s.uuid
+        LEFT JOIN imports_preprocessing p ON p.id = s.preprocessing_id;
     END LOOP;
 END;
 $$;

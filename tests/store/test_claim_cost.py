@@ -183,3 +183,35 @@ async def test_a_burst_after_a_quiet_spell_is_claimed_from_the_ready_index(
             assert reads <= bound, (slots, reads, bound)
     finally:
         await conn.close()
+
+
+@pytest.mark.reliability
+async def test_one_users_backlog_is_claimed_as_one_run(migrated_url: str) -> None:
+    """Issue 22: a claim of N slots from one user's backlog moved that user's head N times
+    (one update of importer_users, one probe and one pick per order); when no other user has
+    an order ready, the claim takes the run of N in one pick and moves the head once."""
+    conn = await asyncpg.connect(asyncpg_dsn(migrated_url))
+    try:
+        await conn.execute(
+            "INSERT INTO imports (group_name, user_name, destination_id, destination_type,"
+            " stage, uuid, files) SELECT 'lab', 'alice', '1', 'Dataset', 'Import Pending',"
+            " 'a-' || n, '[]' FROM generate_series(1, 20) n"
+        )
+        counts = (
+            "SELECT pg_stat_get_xact_tuples_updated('importer_users'::regclass),"
+            " pg_stat_get_xact_tuples_inserted('imports'::regclass)"
+        )
+        tx = conn.transaction()
+        await tx.start()
+        try:
+            before = await conn.fetchrow(counts)
+            claimed = await conn.fetch(sql.CLAIM, 8, "bench", 60.0, None)
+            after = await conn.fetchrow(counts)
+        finally:
+            await tx.rollback()
+        # the oldest eight, each with its 'Import Started' row
+        assert sorted(int(row["uuid"][2:]) for row in claimed) == list(range(1, 9))
+        assert after[1] - before[1] == 8
+        assert after[0] - before[0] == 1
+    finally:
+        await conn.close()
