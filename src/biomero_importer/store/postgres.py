@@ -60,6 +60,10 @@ log = structlog.get_logger(__name__)
 T = TypeVar("T")
 
 FINISH_BATCH = 500
+# A batch of endings is written at most this long after the previous one: under load, endings
+# that arrive one at a time share a statement (pgqueuer buffers its acknowledgements the same
+# way), while an ending after a quiet spell is written at once.
+FINISH_PACE_SECONDS = 0.01
 # orders one wake_waiting statement makes due
 WAKE_BATCH = 1000
 # Seconds one progress write may take: it is one attempt, made for people watching.
@@ -267,13 +271,19 @@ class PostgresStore(OrderStore):
     async def serve(self) -> None:
         """The batched finish writer: one statement for every terminal row waiting."""
         self._serving = True
+        loop = asyncio.get_running_loop()
+        previous = float("-inf")  # the first ending is written at once
         try:
             while True:
                 batch = [await self._finish_queue.get()]
-                while not self._finish_queue.empty() and len(batch) < FINISH_BATCH:
-                    batch.append(self._finish_queue.get_nowait())
                 written: set[tuple[str, int]] = set()
                 try:
+                    pause = previous + FINISH_PACE_SECONDS - loop.time()
+                    if pause > 0 and not self._closing.is_set():
+                        await asyncio.sleep(pause)
+                    while not self._finish_queue.empty() and len(batch) < FINISH_BATCH:
+                        batch.append(self._finish_queue.get_nowait())
+                    previous = loop.time()
                     written = await self._finish_batch([item for item, _ in batch])
                 finally:
                     # Every future is answered, whatever happened: no caller waits forever.
