@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from biomero_importer import paths
 from biomero_importer.model import STAGE_IMPORTED, STAGE_INGEST_FAILED
 from biomero_importer.omero.simulator import SimulatorGateway
 from biomero_importer.store import MemoryStore
@@ -111,3 +112,31 @@ async def test_a_cancel_stops_a_one_job_import_within_a_second(tmp_path: Path, r
         took = time.monotonic() - asked
         assert gateway.open_sessions == set()
     assert took < 1.0
+
+
+@pytest.mark.parametrize("settle", [0.0, 0.05])
+async def test_a_one_file_order_resolves_its_file_once_unless_it_settled_between(
+    tmp_path: Path, root: Path, settle: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before: resolved and walked twice in the same storage job, validation then the
+    re-check, with nothing between them. After a settle look (which takes time) the re-check
+    before use stays."""
+    (file,) = make_tiffs(root / "run", 1)
+    settings = unit_settings(
+        tmp_path, root, omero_backend="null", settle_seconds=settle, poll_interval=60.0
+    )
+    resolved: list[Path] = []
+    contained = paths.contained
+
+    def counted(path: Path, *args: Any, **kwargs: Any) -> Path:
+        resolved.append(path)
+        return contained(path, *args, **kwargs)
+
+    monkeypatch.setattr(paths, "contained", counted)
+    store = MemoryStore(worker_id=settings.worker_id, lease_seconds=settings.lease_seconds)
+    placed = order([file])
+    async with memory_replica(settings, store):
+        await store.submit(placed)
+        assert await finished(store, placed.uuid) == (STAGE_IMPORTED, None)
+    # with settle: a first run validates and looks; the second validates, looks, re-checks
+    assert resolved == ([file] * 3 if settle else [file])

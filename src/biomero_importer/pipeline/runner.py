@@ -524,11 +524,16 @@ class Pipeline:
         unit = self._one_job_unit(order)
         if unit is None:
             return prepared  # each unit is re-checked right before its own import
-        # What is imported is what was checked, checked once more now (the look took time,
-        # and a file swapped for a symlink meanwhile fails the order here).
-        watch(str(unit.path))
         prepared.unit = unit
-        prepared.source = paths.recheck(unit.path, unit.checked, unit.area)
+        if settle > 0:
+            # What is imported is what was checked, checked once more now (the look took
+            # time, and a file swapped for a symlink meanwhile fails the order here).
+            watch(str(unit.path))
+            prepared.source = paths.recheck(unit.path, unit.checked, unit.area)
+        else:
+            # No look: the validation a moment ago, in this same job, is the check right
+            # before use (a second one found the same, at the cost of another resolve).
+            prepared.source = order.checked[unit.path]
         # reads metadata.csv beside the data
         prepared.pairs = build_annotation_pairs(
             order,

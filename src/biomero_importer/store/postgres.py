@@ -60,9 +60,10 @@ log = structlog.get_logger(__name__)
 T = TypeVar("T")
 
 FINISH_BATCH = 500
-# A batch of endings is written at most this long after the previous one: under load, endings
-# that arrive one at a time share a statement (pgqueuer buffers its acknowledgements the same
-# way), while an ending after a quiet spell is written at once.
+# A batch of endings starts no sooner than this after the previous one: under load, endings
+# that arrive one at a time share a statement, while an ending after a quiet spell is written
+# at once. (pgqueuer 1.6 holds its acknowledgements up to 100 ms: JobStatusLogBuffer in
+# pgqueuer/core/buffers.py.)
 FINISH_PACE_SECONDS = 0.01
 # orders one wake_waiting statement makes due
 WAKE_BATCH = 1000
