@@ -10,28 +10,17 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid as uuidlib
 
 import pytest
 
 from biomero_importer.db.urls import asyncpg_dsn
-from biomero_importer.model import STAGE_IMPORTED, NewOrder
+from biomero_importer.model import STAGE_IMPORTED
 from biomero_importer.store import Finish, PostgresStore, postgres
 from biomero_importer.store.postgres import FINISH_PACE_SECONDS
+from tests.store.test_store import new_order
 
 ORDERS = 60
 SPACING = 0.001  # one ending a millisecond: a replica draining a backlog
-
-
-def _order() -> NewOrder:
-    return NewOrder(
-        uuid=str(uuidlib.uuid4()),
-        group="Demo",
-        user="alice",
-        destination_type="Dataset",
-        destination_id="1",
-        files='["/data/a.tif"]',
-    )
 
 
 async def _serving(migrated_url: str) -> tuple[PostgresStore, list[int], asyncio.Task[None]]:
@@ -60,7 +49,7 @@ async def test_endings_one_at_a_time_are_written_in_batches(migrated_url: str) -
     store, writes, server = await _serving(migrated_url)
     try:
         for _ in range(ORDERS):
-            await store.submit(_order())
+            await store.submit(new_order())
         claimed = await store.claim(ORDERS)
         assert len(claimed) == ORDERS
         endings = []
@@ -88,7 +77,7 @@ async def test_an_ending_after_a_quiet_spell_is_written_at_once(
     store, writes, server = await _serving(migrated_url)
     try:
         for _ in range(2):
-            await store.submit(_order())
+            await store.submit(new_order())
         first, second = await store.claim(2)
         assert await store.finish(Finish(first.uuid, STAGE_IMPORTED, None, run=first.runs))
         await asyncio.sleep(0.6)

@@ -19,12 +19,13 @@ import pytest
 from biomero_importer.dispatcher import dispatcher
 from biomero_importer.model import ClaimedOrder
 from biomero_importer.store import Finish, MemoryStore
+from tests.support import make_tiffs
 from tests.unit.conftest import finished, memory_replica, order, unit_settings
 
 pytestmark = pytest.mark.unit
 
 SLOTS = 32
-ORDERS = 400
+ORDERS = 200
 ROUND_TRIP = 0.002  # a claim's time on PostgreSQL, as measured above
 
 
@@ -51,14 +52,8 @@ class PacedStore(MemoryStore):
         return await super().finish(item)
 
 
-def _image(root: Path) -> Path:
-    image = root / "image.tif"
-    image.write_bytes(b"II*\x00" + bytes(64))
-    return image
-
-
 async def test_a_backlog_is_claimed_in_batches(tmp_path: Path, root: Path) -> None:
-    image = _image(root)
+    (image,) = make_tiffs(root / "run", 1)
     settings = unit_settings(tmp_path, root, omero_backend="null", max_workers=SLOTS)
     store = PacedStore(worker_id=settings.worker_id, lease_seconds=settings.lease_seconds)
     async with memory_replica(settings, store):
@@ -83,7 +78,7 @@ async def test_a_new_order_with_slots_free_is_claimed_at_once(
     after a backlog."""
     # a long window, so that a claim held for it would show whatever the machine's load
     monkeypatch.setattr(dispatcher, "CLAIM_GATHER_SECONDS", 1.0)
-    image = _image(root)
+    (image,) = make_tiffs(root / "run", 1)
     settings = unit_settings(tmp_path, root, omero_backend="null", max_workers=SLOTS)
     store = PacedStore(worker_id=settings.worker_id, lease_seconds=settings.lease_seconds)
     store.finish_spread = 0.0
