@@ -38,10 +38,11 @@ def safe_text(text: str, limit: int | None = None) -> str:
     surrogates ``\\uNNNN``, NUL ``\\0``; cut in the middle to ``limit`` characters."""
     if "\x00" in text:
         text = text.replace("\x00", "\\0")
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        text = "".join(_escape_char(ch) for ch in text)
+    if not text.isascii():  # ASCII, most text, is UTF-8 as it is: no copy to find that out
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            text = "".join(_escape_char(ch) for ch in text)
     return short(text, limit) if limit is not None else text
 
 

@@ -467,6 +467,26 @@ def test_annotate_writes_one_row_per_pair_and_rename_changes_the_name(
     assert name == "renamed"
 
 
+def test_a_long_annotation_is_one_map_annotation_with_its_pairs_in_order(
+    gateway: SimulatorGateway, data_dir: Path
+) -> None:
+    """A metadata.csv of many keys: the pairs are written in statements of many rows, and
+    the annotation is the same as one row at a time (ids in order, one map_id)."""
+    (source,) = write_files(data_dir, "x.tif")
+    session = gateway.open_session("alice", "lab", order_uuid="u1")
+    (image,) = session.import_path(source, DATASET, order_uuid="u1", exclude_existing=False)
+    pairs = [(f"key {n}", f"value {n}") for n in range(250)]
+    first = session.annotate(image, "biomero.import", pairs)
+    with sqlite3.connect(gateway.db_path) as conn:
+        rows = conn.execute(
+            "SELECT id, object_id, key, value, map_id FROM annotations ORDER BY id"
+        ).fetchall()
+    assert rows == [
+        (first + n, image.id, key, value, first) for n, (key, value) in enumerate(pairs)
+    ]
+    assert session.annotate(image, "biomero.import", [("again", "x")]) == first
+
+
 _WORKER = """
 import sys
 from pathlib import Path

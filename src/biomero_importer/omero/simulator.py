@@ -111,6 +111,8 @@ CREATE INDEX IF NOT EXISTS annotations_object ON annotations (object_id, ns);
 
 # Long enough to ride out another replica's write transaction, which never waits on I/O.
 _BUSY_TIMEOUT_MS = 30_000
+# 7 parameters a row: within SQLite's oldest limit of 999 parameters a statement
+_ROWS_PER_INSERT = 100
 
 
 def _is_under(candidate: str, path: str) -> bool:
@@ -165,6 +167,8 @@ class SimulatorGateway:
         self.root = settings.simulator_dir
         self.db_path = self.root / DB_NAME
         self.repository = self.root / MANAGED_REPOSITORY
+        # looked up before every call: a plain string spares the path arithmetic
+        self._offline = os.fspath(self.root / OFFLINE_FILE)
         self.fail_pattern = (
             re.compile(settings.omero_simulator_fail_pattern)
             if settings.omero_simulator_fail_pattern
@@ -287,9 +291,9 @@ class SimulatorGateway:
         """OMERO rule: a server that is down refuses the connection (Ice
         ConnectionRefusedException) for a new session and for every call of an open one;
         omero-py reports both the same way, and nothing the call would have done happens."""
-        if (self.root / OFFLINE_FILE).exists():
+        if os.path.exists(self._offline):
             raise OmeroUnavailable(
-                f"Ice.ConnectionRefusedException (simulated: {self.root / OFFLINE_FILE} exists)"
+                f"Ice.ConnectionRefusedException (simulated: {self._offline} exists)"
             )
 
     def user_id(self, user: str) -> int:
@@ -381,8 +385,9 @@ class SimulatorSession:
         seconds = self.gateway.settings.omero_simulator_import_seconds
         if seconds > 0:
             self.gateway.advance(seconds)
-        # the import ran in this session: it fails when the session ended meanwhile
-        self._alive(what)
+        if delay > 0 or seconds > 0:
+            # the import ran in this session: it fails when the session ended meanwhile
+            self._alive(what)
 
     def _failing(self, files: Sequence[Path]) -> list[Path]:
         pattern = self.gateway.fail_pattern
@@ -736,14 +741,19 @@ class SimulatorSession:
             if found is not None:
                 return int(found)
             first = int(last) + 1
-            db.executemany(
-                "INSERT INTO annotations (id, object_type, object_id, ns, key, value, map_id)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                [
-                    (first + n, obj.type, obj.id, namespace, key, value, first)
-                    for n, (key, value) in enumerate(pairs)
-                ],
-            )
+            rows = [
+                (first + n, obj.type, obj.id, namespace, key, value, first)
+                for n, (key, value) in enumerate(pairs)
+            ]
+            # a statement of many rows, not one per pair: each runs with the GIL released
+            # and taken back, which the event loop pays for while other threads import
+            for start in range(0, len(rows), _ROWS_PER_INSERT):
+                chunk = rows[start : start + _ROWS_PER_INSERT]
+                db.execute(
+                    "INSERT INTO annotations (id, object_type, object_id, ns, key, value, map_id)"
+                    " VALUES " + ",".join(["(?, ?, ?, ?, ?, ?, ?)"] * len(chunk)),
+                    [value for row in chunk for value in row],
+                )
         return first
 
     @staticmethod
