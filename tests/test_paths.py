@@ -152,6 +152,29 @@ def test_recheck_without_an_earlier_check_reports_the_first_problem(
         recheck(root / "link.tif", None, paths.import_area([root]))
 
 
+@pytest.mark.parametrize(
+    ("path", "root"),
+    [
+        ("/data/lab", "/data/lab"),
+        ("/data/lab/a.tif", "/data/lab"),
+        ("/data/lab2/a.tif", "/data/lab"),  # a sibling that shares the root's text
+        ("/data/lab/../x", "/data/lab"),  # pathlib keeps '..': normpath's job, not this one
+        ("/data", "/data/lab"),
+        ("//data/lab/a.tif", "/data/lab"),  # POSIX keeps a leading '//'
+        ("//data/lab/a.tif", "//data/lab"),
+        ("/data/lab/a.tif", "/"),
+        ("//data/lab/a.tif", "/"),
+        ("/", "/"),
+        ("//", "/"),
+        ("/data/läb/a.tif", "/data/läb"),
+        ("/data/lab/a\udcff.tif", "/data/lab"),  # a file name that is not UTF-8
+    ],
+)
+def test_lying_inside_is_what_is_relative_to_says(path: str, root: str) -> None:
+    """The area check reads the paths' text; it must agree with pathlib's own answer."""
+    assert paths._inside(Path(path), [Path(root)]) is Path(path).is_relative_to(Path(root))
+
+
 def test_paths_sits_below_every_other_layer() -> None:
     """paths.py may import only the bottom modules, so everything else can call it."""
     tree = ast.parse(Path(paths.__file__).read_text(encoding="utf-8"))

@@ -80,7 +80,21 @@ def import_area(roots: Iterable[Path]) -> Area:
 
 
 def _inside(path: Path, roots: Iterable[Path]) -> bool:
-    return any(path == root or path.is_relative_to(root) for root in roots)
+    """``path`` is one of ``roots`` or lies under one, as ``Path.is_relative_to`` says, read
+    off the paths' text (pathlib's normalised form): relative_to, which is_relative_to calls,
+    builds a path and its parts for every root, for every path checked."""
+    text = str(path)
+    for root in roots:
+        base = str(root)
+        if text == base:
+            return True
+        if base == "/":
+            # pathlib roots '//x' at '//' (POSIX leaves its meaning to the system), not '/'
+            if text.startswith("/") and not text.startswith("//"):
+                return True
+        elif text.startswith(base if base.endswith("/") else base + "/"):
+            return True
+    return False
 
 
 def entries(folder: Path, area: Area) -> Iterator[os.DirEntry[str]]:

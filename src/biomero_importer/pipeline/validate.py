@@ -75,17 +75,17 @@ def _file_list(raw: str) -> list[str]:
     return files
 
 
-def check_file(raw: str, roots: paths.Area) -> tuple[Path, int | None]:
-    """One file of an order: absolute, readable, and contained in the import roots
-    (:func:`biomero_importer.paths.contained`); returns its resolved path and, for a plain
-    file, its size (the progress of its import counts it)."""
+def check_file(raw: str, path: Path, roots: paths.Area) -> tuple[Path, int | None]:
+    """One file of an order (``raw`` as written, ``path`` made of it): absolute, readable, and
+    contained in the import roots (:func:`biomero_importer.paths.contained`); returns its
+    resolved path and, for a plain file, its size (the progress of its import counts it)."""
     if "\x00" in raw:
         printable = raw.replace("\x00", "\\0")
         raise InvalidOrder(f"Path contains a NUL byte: {short(printable)}")
     if len(raw) > MAX_PATH_LENGTH:
         raise InvalidOrder(f"Path is too long ({len(raw)} characters)")
     try:
-        resolved = paths.contained(Path(raw), roots)
+        resolved = paths.contained(path, roots)
     except paths.PathRefused as exc:
         raise InvalidOrder(exc.reason) from None
     # OMERO reads the file in place too: a file nobody may read fails even for a root importer.
@@ -123,15 +123,17 @@ def validate(
     # Checked before Path() sees them: it would hide a trailing '/' or a NUL's position.
     checked = {}
     sizes = {}
+    written = []
     for raw in raws:
         if watch is not None:
             watch(raw)
+        path = Path(raw)
         try:
-            checked[Path(raw)], sizes[Path(raw)] = check_file(raw, area)
+            checked[path], sizes[path] = check_file(raw, path, area)
         except UnicodeEncodeError:
             # a lone surrogate that did not come from a file name: no file can have it
             raise InvalidOrder(f"Path is not a valid file name: {safe_text(raw, 160)}") from None
-    written = [Path(raw) for raw in raws]
+        written.append(path)
     if claimed.preprocessing_problem is not None:
         raise InvalidOrder(claimed.preprocessing_problem)
     if claimed.preprocessing is not None and not claimed.preprocessing.container.strip():
