@@ -17,6 +17,7 @@ from typing import Any
 import structlog
 from sqlalchemy.exc import OperationalError
 
+from biomero_importer import cpus
 from biomero_importer.db.embedded import EmbeddedPostgres
 from biomero_importer.db.migrate import is_at_head, migrate
 from biomero_importer.db.urls import asyncpg_dsn
@@ -227,6 +228,15 @@ async def serve(settings: Settings, url: str) -> None:
     warning = allowlist_warning(settings)
     if warning:
         log.warning("containers_not_restricted", message=warning)
+    # before any of the replica's threads exists: each inherits the CPU
+    cpu = cpus.pin_threads() if settings.one_cpu else None
+    try:
+        await _serve(settings, url, cpu)
+    finally:
+        cpus.unpin_threads()
+
+
+async def _serve(settings: Settings, url: str, cpu: int | None) -> None:
     async with open_service(settings, url, create_metrics()) as service:
         server = None
         if settings.metrics_port is not None:
@@ -258,6 +268,7 @@ async def serve(settings: Settings, url: str) -> None:
             worker_id=settings.worker_id,
             database=settings.masked_db_url(),
             omero=service.gateway.describe(),
+            cpu=cpu,
         )
         try:
             await service.dispatcher.run()

@@ -165,6 +165,8 @@ class Settings(BaseModel):
 
     # --- dispatcher -----------------------------------------------------------------------
     max_workers: int = Field(default=4, ge=1, le=10_000)
+    # the replica's own threads share one CPU (biomero_importer.cpus); its children do not
+    one_cpu: bool = True
     # unset: no cap; a user's orders still interleave fairly with everyone else's
     max_running_per_user: int | None = Field(default=None, ge=1)
     poll_interval: PositiveFloat = 2.0

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from concurrent.futures import Executor, Future
 from typing import Any, TypeVar
 
+from biomero_importer.cpus import children_on_every_cpu
 from biomero_importer.model import TransientKind
 from biomero_importer.omero.port import OmeroError, OmeroGateway, OmeroUnavailable
 from biomero_importer.preprocessing.command import runtime_prefix
@@ -111,14 +112,15 @@ def storage_probe(settings: Settings, executor: Executor) -> Probe:
 def runtime_probe(settings: Settings) -> Probe:
     async def probe() -> str | None:
         try:
-            proc = await asyncio.create_subprocess_exec(
-                *runtime_prefix(settings),
-                "info",
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.DEVNULL,
-                stderr=asyncio.subprocess.PIPE,
-                start_new_session=True,
-            )
+            with children_on_every_cpu():
+                proc = await asyncio.create_subprocess_exec(
+                    *runtime_prefix(settings),
+                    "info",
+                    stdin=asyncio.subprocess.DEVNULL,
+                    stdout=asyncio.subprocess.DEVNULL,
+                    stderr=asyncio.subprocess.PIPE,
+                    start_new_session=True,
+                )
         except OSError as exc:
             return f"{settings.container_runtime} cannot be started: {exc.strerror or exc}"
         try:

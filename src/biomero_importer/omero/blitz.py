@@ -30,6 +30,7 @@ import omero.sys
 import structlog
 from omero.model.enums import UnitsLength
 
+from biomero_importer.cpus import children_on_every_cpu
 from biomero_importer.omero.importcli import (
     SERVER_UNREACHABLE,
     LogPaths,
@@ -610,14 +611,15 @@ class BlitzSession:
         with self._proc_lock:
             if self._aborted.is_set():
                 raise ImportAborted(f"aborted before importing {name}")
-            proc = subprocess.Popen(
-                argv,
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                start_new_session=True,
-            )
+            with children_on_every_cpu():  # the Java importer's work is not the replica's
+                proc = subprocess.Popen(
+                    argv,
+                    env=env,
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    start_new_session=True,
+                )
             self._proc = proc
         try:
             out, err = proc.communicate(timeout=timeout)

@@ -26,6 +26,7 @@ from typing import Any, TypeVar
 from structlog.typing import FilteringBoundLogger
 
 from biomero_importer import paths
+from biomero_importer.cpus import children_on_every_cpu
 from biomero_importer.model import Order
 from biomero_importer.preprocessing.command import (
     ContainerJob,
@@ -111,14 +112,15 @@ async def _stop_tasks(tasks: Sequence[asyncio.Future[Any]]) -> None:
 
 
 async def _runtime_command(settings: Settings, args: list[str], log: FilteringBoundLogger) -> None:
-    proc = await asyncio.create_subprocess_exec(
-        *runtime_prefix(settings),
-        *args,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    with children_on_every_cpu():
+        proc = await asyncio.create_subprocess_exec(
+            *runtime_prefix(settings),
+            *args,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
+            start_new_session=True,
+        )
     try:
         await asyncio.wait_for(proc.wait(), REMOVE_TIMEOUT)
     except asyncio.TimeoutError:
@@ -163,16 +165,17 @@ async def _run_container(
     log.info("preprocessing_container_started", image=job.image, source=str(job.source))
     started = time.monotonic()
     try:
-        proc = await asyncio.create_subprocess_exec(
-            *job.argv,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            # Its own session: a Ctrl-C to the service must not reach the runtime client
-            # (podman would forward it to the converter), and the kill reaches all of it.
-            start_new_session=True,
-            limit=READ_CHUNK,
-        )
+        with children_on_every_cpu():  # the converter's work is not the replica's
+            proc = await asyncio.create_subprocess_exec(
+                *job.argv,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                # Its own session: a Ctrl-C to the service must not reach the runtime client
+                # (podman would forward it to the converter), and the kill reaches all of it.
+                start_new_session=True,
+                limit=READ_CHUNK,
+            )
     except OSError as exc:
         raise PreprocessingError(
             f"Container runtime '{settings.container_runtime}' cannot be started",
