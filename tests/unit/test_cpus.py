@@ -45,9 +45,14 @@ def in_thread(check: Callable[[], None]) -> None:
         raise failure[0]
 
 
-def child_cpus() -> list[int]:
-    out = subprocess.run(CHILD, capture_output=True, text=True, check=True, timeout=30).stdout
+def printed_cpus(out: str) -> list[int]:
     return [int(cpu) for cpu in out.strip("[]\n").split(",")]
+
+
+def child_cpus() -> list[int]:
+    return printed_cpus(
+        subprocess.run(CHILD, capture_output=True, text=True, check=True, timeout=30).stdout
+    )
 
 
 def test_threads_stay_on_the_cpu_and_children_get_every_cpu() -> None:
@@ -80,7 +85,7 @@ def test_overlapping_spawns_of_the_event_loop_share_one_widening() -> None:
         with cpus.children_on_every_cpu():
             proc = await asyncio.create_subprocess_exec(*CHILD, stdout=asyncio.subprocess.PIPE)
             out, _ = await proc.communicate()
-        return [int(cpu) for cpu in out.decode().strip("[]\n").split(",")]
+        return printed_cpus(out.decode())
 
     async def spawns() -> list[list[int]]:
         return list(await asyncio.gather(*(spawn() for _ in range(4))))
