@@ -436,120 +436,140 @@ BEGIN
 END;
 $$;
 
+CREATE FUNCTION public.importer_track_inserts() RETURNS trigger
+    LANGUAGE plpgsql
+    AS $$
+DECLARE
+    r record;
+    current importer_orders%ROWTYPE;
+    note text;
+    requeued boolean;
+BEGIN
+    -- A row the queue row names (or a later one) was applied by its writer: a claim, an
+    -- ending. latest_id only grows, so one look before the steps is enough to leave those.
+    -- (A lookup per row by the queue's key: planned as a join, the look read the whole
+    -- queue, not knowing how few rows a statement inserts.)
+    FOR r IN
+        SELECT n.id, n.uuid, n.stage FROM inserted n
+        WHERE n.id > COALESCE((SELECT o.latest_id FROM importer_orders o
+                               WHERE o.uuid = n.uuid), 0)
+        ORDER BY n.id
+    LOOP
+        SELECT * INTO current FROM importer_orders WHERE uuid = r.uuid FOR UPDATE;
+        IF NOT FOUND THEN
+            INSERT INTO importer_orders (uuid, stage, latest_id) VALUES (r.uuid, r.stage, r.id)
+            ON CONFLICT (uuid) DO UPDATE SET stage = EXCLUDED.stage,
+                                             latest_id = EXCLUDED.latest_id
+            WHERE importer_orders.latest_id < EXCLUDED.latest_id;
+        ELSIF current.latest_id >= r.id THEN
+            -- applied since the look (an earlier row of this statement, a writer we waited for)
+            CONTINUE;
+        ELSIF r.stage = 'Import Pending' AND (
+            (current.stage IN ('Import Started', 'Import Preprocessing')
+                AND current.worker_id IS NOT NULL)
+            OR (current.stage IN ('Import Completed', 'Import Failed')
+                AND current_setting('biomero_importer.requeue', true) IS DISTINCT FROM 'on')
+        ) THEN
+            -- A second submission of an order that is running or finished: keep one run and
+            -- restore the order's state, saying why, so latest-row readers never see a false
+            -- 'Import Pending'.
+            note := CASE WHEN current.stage IN ('Import Completed', 'Import Failed')
+                THEN 'Duplicate submission ignored: this order already finished;'
+                     || ' re-run it with biomero-importer retry'
+                ELSE 'Duplicate submission ignored: this order is already running' END;
+            INSERT INTO imports (group_name, user_name, destination_id, destination_type,
+                                 stage, uuid, files, file_names, description,
+                                 preprocessing_id, timestamp, import_options)
+            SELECT group_name, user_name, destination_id, destination_type, stage, uuid,
+                   files, file_names, note, preprocessing_id, clock_timestamp(),
+                   import_options
+            FROM imports WHERE id = current.latest_id;
+            CONTINUE;
+        ELSE
+            -- Only a finished order queued again (a retry) takes a new place in the queue; a
+            -- hand-back (a wait, a shutdown, a recovered lease) keeps the one it had.
+            requeued := r.stage = 'Import Pending'
+                        AND current.stage IN ('Import Completed', 'Import Failed');
+            UPDATE importer_orders SET
+                stage = r.stage,
+                latest_id = r.id,
+                updated_at = now(),
+                queued_at = CASE WHEN requeued THEN now() ELSE queued_at END,
+                queue_seq = CASE WHEN requeued THEN nextval('importer_orders_queue_seq')
+                                 ELSE queue_seq END,
+                attempts = CASE WHEN requeued THEN 0 ELSE attempts END,
+                cancel_requested = CASE WHEN requeued THEN false ELSE cancel_requested END
+            WHERE uuid = r.uuid;
+        END IF;
+        -- A wait wakes nobody: whoever makes it due (the claim's promotion, wake_waiting, a
+        -- retry) wakes the claimers.
+        IF r.stage = 'Import Pending' AND NOT COALESCE(current.waiting, false) THEN
+            PERFORM pg_notify(TG_ARGV[0], r.uuid);
+        END IF;
+    END LOOP;
+    RETURN NULL;
+END;
+$$;
+
 CREATE FUNCTION public.importer_track_order() RETURNS trigger
     LANGUAGE plpgsql
     AS $$
 DECLARE
     current importer_orders%ROWTYPE;
-    note text;
-    requeued boolean;
 BEGIN
-    IF TG_OP = 'UPDATE' THEN
-        -- The documented manual retry rewrites every row of the uuid to 'Import Pending'.
-        -- This fires for each of them; only the first changes the queue row.
-        IF OLD.stage IS DISTINCT FROM 'Import Pending' THEN
-            SELECT * INTO current FROM importer_orders WHERE uuid = NEW.uuid FOR UPDATE;
-            IF NOT FOUND THEN
-                RETURN NULL;
-            END IF;
-            IF current.worker_id IS NOT NULL
-               AND current.stage IN ('Import Started', 'Import Preprocessing') THEN
-                -- A retry of a running order would leave it 'Import Pending' with a worker
-                -- attached, and the run would then drop it: refuse it (once per statement)
-                -- and restore the running state.
-                IF current_setting('biomero_importer.refused', true)
-                   IS DISTINCT FROM NEW.uuid THEN
-                    PERFORM set_config('biomero_importer.refused', NEW.uuid, true);
-                    INSERT INTO imports (group_name, user_name, destination_id,
-                                         destination_type, stage, uuid, files, file_names,
-                                         description, preprocessing_id, timestamp,
-                                         import_options)
-                    SELECT group_name, user_name, destination_id, destination_type,
-                           current.stage, uuid, files, file_names,
-                           'Retry refused: this order is running; cancel it first or wait'
-                           || ' until it ends', preprocessing_id, clock_timestamp(),
-                           import_options
-                    FROM imports WHERE id = current.latest_id;
-                END IF;
-                RETURN NULL;
-            END IF;
-            IF current.stage <> 'Import Pending' THEN
-                -- a finished order (or one the original importer left running) goes to the
-                -- back of the queue with a fresh attempt count
-                UPDATE importer_orders SET
-                    stage = 'Import Pending', queued_at = now(),
-                    queue_seq = nextval('importer_orders_queue_seq'), updated_at = now(),
-                    attempts = CASE WHEN stage IN ('Import Completed', 'Import Failed')
-                                    THEN 0 ELSE attempts END,
-                    cancel_requested = false
-                WHERE uuid = NEW.uuid;
-                PERFORM pg_notify(TG_ARGV[0], NEW.uuid);
-            ELSIF current.waiting THEN
-                -- a waiting order is due at once (keeping its place); the row appended here
-                -- says so, and its insert wakes the claimers
-                UPDATE importer_orders SET waiting = false, not_before = LEAST(not_before, now())
-                WHERE uuid = NEW.uuid;
-                INSERT INTO imports (group_name, user_name, destination_id, destination_type,
-                                     stage, uuid, files, file_names, description,
-                                     preprocessing_id, timestamp, import_options)
+    -- The documented manual retry rewrites every row of the uuid to 'Import Pending'.
+    -- This fires for each of them; only the first changes the queue row.
+    IF OLD.stage IS DISTINCT FROM 'Import Pending' THEN
+        SELECT * INTO current FROM importer_orders WHERE uuid = NEW.uuid FOR UPDATE;
+        IF NOT FOUND THEN
+            RETURN NULL;
+        END IF;
+        IF current.worker_id IS NOT NULL
+           AND current.stage IN ('Import Started', 'Import Preprocessing') THEN
+            -- A retry of a running order would leave it 'Import Pending' with a worker
+            -- attached, and the run would then drop it: refuse it (once per statement)
+            -- and restore the running state.
+            IF current_setting('biomero_importer.refused', true)
+               IS DISTINCT FROM NEW.uuid THEN
+                PERFORM set_config('biomero_importer.refused', NEW.uuid, true);
+                INSERT INTO imports (group_name, user_name, destination_id,
+                                     destination_type, stage, uuid, files, file_names,
+                                     description, preprocessing_id, timestamp,
+                                     import_options)
                 SELECT group_name, user_name, destination_id, destination_type,
-                       'Import Pending', uuid, files, file_names,
-                       'Retried: no longer waiting, due now', preprocessing_id,
-                       clock_timestamp(), import_options
+                       current.stage, uuid, files, file_names,
+                       'Retry refused: this order is running; cancel it first or wait'
+                       || ' until it ends', preprocessing_id, clock_timestamp(),
+                       import_options
                 FROM imports WHERE id = current.latest_id;
             END IF;
+            RETURN NULL;
         END IF;
-        RETURN NULL;
-    END IF;
-
-    SELECT * INTO current FROM importer_orders WHERE uuid = NEW.uuid FOR UPDATE;
-    IF NOT FOUND THEN
-        INSERT INTO importer_orders (uuid, stage, latest_id) VALUES (NEW.uuid, NEW.stage, NEW.id)
-        ON CONFLICT (uuid) DO UPDATE SET stage = EXCLUDED.stage, latest_id = EXCLUDED.latest_id
-        WHERE importer_orders.latest_id < EXCLUDED.latest_id;
-    ELSIF current.latest_id >= NEW.id THEN
-        -- an older row, or this very row: its writer (a claim, an ending) already applied it
-        RETURN NULL;
-    ELSIF NEW.stage = 'Import Pending' AND (
-        (current.stage IN ('Import Started', 'Import Preprocessing')
-            AND current.worker_id IS NOT NULL)
-        OR (current.stage IN ('Import Completed', 'Import Failed')
-            AND current_setting('biomero_importer.requeue', true) IS DISTINCT FROM 'on')
-    ) THEN
-        -- A second submission of an order that is running or finished: keep one run and
-        -- restore the order's state, saying why, so latest-row readers never see a false
-        -- 'Import Pending'.
-        note := CASE WHEN current.stage IN ('Import Completed', 'Import Failed')
-            THEN 'Duplicate submission ignored: this order already finished;'
-                 || ' re-run it with biomero-importer retry'
-            ELSE 'Duplicate submission ignored: this order is already running' END;
-        INSERT INTO imports (group_name, user_name, destination_id, destination_type, stage,
-                             uuid, files, file_names, description, preprocessing_id, timestamp,
-                             import_options)
-        SELECT group_name, user_name, destination_id, destination_type, stage, uuid, files,
-               file_names, note, preprocessing_id, clock_timestamp(), import_options
-        FROM imports WHERE id = current.latest_id;
-        RETURN NULL;
-    ELSE
-        -- Only a finished order queued again (a retry) takes a new place in the queue; a
-        -- hand-back (a wait, a shutdown, a recovered lease) keeps the one it had.
-        requeued := NEW.stage = 'Import Pending'
-                    AND current.stage IN ('Import Completed', 'Import Failed');
-        UPDATE importer_orders SET
-            stage = NEW.stage,
-            latest_id = NEW.id,
-            updated_at = now(),
-            queued_at = CASE WHEN requeued THEN now() ELSE queued_at END,
-            queue_seq = CASE WHEN requeued THEN nextval('importer_orders_queue_seq')
-                             ELSE queue_seq END,
-            attempts = CASE WHEN requeued THEN 0 ELSE attempts END,
-            cancel_requested = CASE WHEN requeued THEN false ELSE cancel_requested END
-        WHERE uuid = NEW.uuid;
-    END IF;
-    -- A wait wakes nobody: whoever makes it due (the claim's promotion, wake_waiting, a
-    -- retry) wakes the claimers.
-    IF NEW.stage = 'Import Pending' AND NOT COALESCE(current.waiting, false) THEN
-        PERFORM pg_notify(TG_ARGV[0], NEW.uuid);
+        IF current.stage <> 'Import Pending' THEN
+            -- a finished order (or one the original importer left running) goes to the
+            -- back of the queue with a fresh attempt count
+            UPDATE importer_orders SET
+                stage = 'Import Pending', queued_at = now(),
+                queue_seq = nextval('importer_orders_queue_seq'), updated_at = now(),
+                attempts = CASE WHEN stage IN ('Import Completed', 'Import Failed')
+                                THEN 0 ELSE attempts END,
+                cancel_requested = false
+            WHERE uuid = NEW.uuid;
+            PERFORM pg_notify(TG_ARGV[0], NEW.uuid);
+        ELSIF current.waiting THEN
+            -- a waiting order is due at once (keeping its place); the row appended here
+            -- says so, and its insert wakes the claimers
+            UPDATE importer_orders SET waiting = false, not_before = LEAST(not_before, now())
+            WHERE uuid = NEW.uuid;
+            INSERT INTO imports (group_name, user_name, destination_id, destination_type,
+                                 stage, uuid, files, file_names, description,
+                                 preprocessing_id, timestamp, import_options)
+            SELECT group_name, user_name, destination_id, destination_type,
+                   'Import Pending', uuid, files, file_names,
+                   'Retried: no longer waiting, due now', preprocessing_id,
+                   clock_timestamp(), import_options
+            FROM imports WHERE id = current.latest_id;
+        END IF;
     END IF;
     RETURN NULL;
 END;
@@ -755,7 +775,9 @@ CREATE INDEX ix_imports_uuid ON public.imports USING btree (uuid);
 
 CREATE TRIGGER importer_cancel_requested AFTER UPDATE OF cancel_requested ON public.importer_orders FOR EACH ROW WHEN ((new.cancel_requested AND (NOT old.cancel_requested))) EXECUTE FUNCTION public.importer_notify_cancel('biomero_importer_orders');
 
-CREATE TRIGGER importer_order_owner BEFORE INSERT OR UPDATE OF latest_id ON public.importer_orders FOR EACH ROW EXECUTE FUNCTION public.importer_order_owner();
+CREATE TRIGGER importer_order_owner BEFORE INSERT ON public.importer_orders FOR EACH ROW EXECUTE FUNCTION public.importer_order_owner();
+
+CREATE TRIGGER importer_order_owner_moved BEFORE UPDATE OF latest_id ON public.importer_orders FOR EACH ROW WHEN ((NOT ((old.worker_id)::text IS DISTINCT FROM (new.worker_id)::text))) EXECUTE FUNCTION public.importer_order_owner();
 
 CREATE TRIGGER importer_order_ready_delete AFTER DELETE ON public.importer_orders FOR EACH ROW WHEN ((((old.stage)::text = 'Import Pending'::text) AND (old.worker_id IS NULL) AND (NOT old.cancel_requested) AND (NOT old.waiting))) EXECUTE FUNCTION public.importer_order_ready();
 
@@ -763,11 +785,11 @@ CREATE TRIGGER importer_order_ready_insert AFTER INSERT ON public.importer_order
 
 CREATE TRIGGER importer_order_ready_update AFTER UPDATE ON public.importer_orders FOR EACH ROW WHEN ((((((old.stage)::text = 'Import Pending'::text) AND (old.worker_id IS NULL) AND (NOT old.cancel_requested) AND (NOT old.waiting)) IS DISTINCT FROM (((new.stage)::text = 'Import Pending'::text) AND (new.worker_id IS NULL) AND (NOT new.cancel_requested) AND (NOT new.waiting))) OR ((old.user_name)::text IS DISTINCT FROM (new.user_name)::text) OR (((new.stage)::text = 'Import Pending'::text) AND (new.worker_id IS NULL) AND (NOT new.cancel_requested) AND (NOT new.waiting) AND ((((old.group_name)::text IS DISTINCT FROM (new.group_name)::text) OR (old.queued_at IS DISTINCT FROM new.queued_at)) OR (old.queue_seq IS DISTINCT FROM new.queue_seq))))) EXECUTE FUNCTION public.importer_order_ready();
 
-CREATE TRIGGER importer_order_stage_changed BEFORE UPDATE OF stage ON public.importer_orders FOR EACH ROW WHEN (((old.stage)::text IS DISTINCT FROM (new.stage)::text)) EXECUTE FUNCTION public.importer_order_stage_changed();
+CREATE TRIGGER importer_order_stage_changed BEFORE UPDATE OF stage ON public.importer_orders FOR EACH ROW WHEN ((((old.stage)::text IS DISTINCT FROM (new.stage)::text) AND ((new.stage)::text <> ALL ((ARRAY['Import Started'::character varying, 'Import Preprocessing'::character varying])::text[])))) EXECUTE FUNCTION public.importer_order_stage_changed();
 
 CREATE TRIGGER importer_order_wait BEFORE INSERT OR UPDATE ON public.importer_orders FOR EACH ROW WHEN ((new.waiting OR (new.wait_cause IS NOT NULL))) EXECUTE FUNCTION public.importer_order_wait();
 
-CREATE TRIGGER importer_track_insert AFTER INSERT ON public.imports FOR EACH ROW EXECUTE FUNCTION public.importer_track_order('biomero_importer_orders');
+CREATE TRIGGER importer_track_insert AFTER INSERT ON public.imports REFERENCING NEW TABLE AS inserted FOR EACH STATEMENT EXECUTE FUNCTION public.importer_track_inserts('biomero_importer_orders');
 
 CREATE TRIGGER importer_track_retry AFTER UPDATE OF stage ON public.imports FOR EACH ROW WHEN (((new.stage)::text = 'Import Pending'::text)) EXECUTE FUNCTION public.importer_track_order('biomero_importer_orders');
 

@@ -44,7 +44,8 @@ def trigger_statements(channel: str) -> list[str]:
         "DROP TRIGGER IF EXISTS importer_track_retry ON imports",
         "DROP TRIGGER IF EXISTS importer_cancel_requested ON importer_orders",
         "CREATE TRIGGER importer_track_insert AFTER INSERT ON imports"
-        f" FOR EACH ROW EXECUTE FUNCTION importer_track_order('{channel}')",
+        " REFERENCING NEW TABLE AS inserted FOR EACH STATEMENT"
+        f" EXECUTE FUNCTION importer_track_inserts('{channel}')",
         "CREATE TRIGGER importer_track_retry AFTER UPDATE OF stage ON imports"
         " FOR EACH ROW WHEN (NEW.stage = 'Import Pending')"
         f" EXECUTE FUNCTION importer_track_order('{channel}')",
