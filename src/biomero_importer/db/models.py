@@ -137,7 +137,8 @@ class IngestionTracking(Base):
 
 
 class ImporterOrder(Base):
-    """Queue state of one order uuid; maintained by the ``importer_track_order`` trigger."""
+    """Queue state of one order uuid; maintained by the triggers on ``imports``
+    (``importer_track_inserts``, and ``importer_track_order`` for a manual retry)."""
 
     __tablename__ = "importer_orders"
 

@@ -88,7 +88,7 @@ RETURNING id
 # endings of one order, a stale run's and the current one's: only the current one is written.
 # An ending writes the queue row once: its history row's id is drawn under the row's lock (no
 # row committed meanwhile can be newer) and stage, latest_id and the release are one update;
-# importer_track_order then finds the row applied. A hand-back leaves stage and latest_id to
+# importer_track_inserts then finds the row applied. A hand-back leaves stage and latest_id to
 # that trigger, which also wakes the claimers for it (revision d8f0b2c4e6a5).
 # A hand-back ('Import Pending') does not count as an attempt and keeps the order's place. A
 # wait sets waiting, its cause and not_before (from the database clock, the one the claim
@@ -374,7 +374,7 @@ WHERE o.uuid = b.uuid AND (SELECT count(*) FROM owners) >= 0
 WAKE_CLAIMERS = "SELECT pg_notify(importer_channel(), 'due')"
 
 # Lets the next 'Import Pending' row of a finished order through the duplicate-submission guard
-# of ``importer_track_order``, for this transaction only.
+# of ``importer_track_inserts``, for this transaction only.
 ALLOW_REQUEUE = "SELECT set_config('biomero_importer.requeue', 'on', true)"
 
 # $1 uuid, $2 description. Appends a copy of the latest row as 'Import Pending'.
