@@ -11,6 +11,7 @@ that owes no notification channel inserts no outbox row (revision c6e8a0b2d4f3).
 from __future__ import annotations
 
 import asyncpg
+import pytest
 
 from biomero_importer.db import sql
 from biomero_importer.db.urls import asyncpg_dsn
@@ -103,7 +104,7 @@ async def test_a_claim_reads_the_running_orders_once(migrated_url: str) -> None:
     finally:
         await conn.close()
     # the due waits; the running orders; the pick; its update; the next head of the user
-    # (importer_refresh_user); the history row's trigger (importer_track_order)
+    # (importer_refresh_user); the history rows' trigger (importer_track_inserts: its look)
     assert scans == 6
 
 
@@ -131,6 +132,8 @@ async def test_a_claim_and_an_ending_run_no_trigger_for_rows_they_applied(
     uuids = {await insert_order(migrated_url, [f"/data/{n}.tif"]) for n in range(3)}
     conn = await asyncpg.connect(asyncpg_dsn(migrated_url))
     try:
+        if not await conn.fetchval("SELECT rolsuper FROM pg_roles WHERE rolname = current_user"):
+            pytest.skip("counting function calls (track_functions) needs a superuser")
         async with conn.transaction():
             await conn.execute("SET LOCAL track_functions = 'pl'")
             before = await _calls(conn)
