@@ -177,12 +177,14 @@ BEGIN
         skipped := skipped[1:array_length(skipped, 1) - 1];
 
         -- The claim and its 'Import Started' rows in one update of the queue rows: the rows'
-        -- ids are drawn first, so importer_track_order finds them already applied. Each row
+        -- ids are drawn first, so importer_track_inserts finds them already applied. Each row
         -- is reached by its key (= ANY, or a lookup per pick that cannot be turned into a
         -- join): a join with the picks could plan a scan of the whole table when its
         -- statistics were taken with nothing pending.
         SELECT array_agg(nextval(id_seq)::integer) INTO started_ids
         FROM generate_series(1, cardinality(picks));
+        -- the ready trigger leaves this update to the head move below
+        PERFORM set_config('biomero_importer.claiming', 'on', true);
         WITH claimed AS (
             UPDATE importer_orders o
             SET stage = 'Import Started',
@@ -205,6 +207,9 @@ BEGIN
         INTO claimed_groups, claimed_uuids, claimed_attempts, claimed_runs, claimed_objects,
              claimed_queued, claimed_retries, claimed_waiting, claimed_not_before
         FROM claimed c;
+        PERFORM set_config('biomero_importer.claiming', 'off', true);
+        -- the run began at the head read under the user's lock: the head moves past it once
+        PERFORM importer_refresh_user(chosen, h_at, h_seq, NULL, NULL, NULL);
         taken := taken + cardinality(picks);
         slot := array_position(run_users, chosen);
         IF slot IS NULL THEN
@@ -783,7 +788,7 @@ CREATE TRIGGER importer_order_ready_delete AFTER DELETE ON public.importer_order
 
 CREATE TRIGGER importer_order_ready_insert AFTER INSERT ON public.importer_orders REFERENCING NEW TABLE AS inserted FOR EACH STATEMENT EXECUTE FUNCTION public.importer_orders_inserted();
 
-CREATE TRIGGER importer_order_ready_update AFTER UPDATE ON public.importer_orders FOR EACH ROW WHEN ((((((old.stage)::text = 'Import Pending'::text) AND (old.worker_id IS NULL) AND (NOT old.cancel_requested) AND (NOT old.waiting)) IS DISTINCT FROM (((new.stage)::text = 'Import Pending'::text) AND (new.worker_id IS NULL) AND (NOT new.cancel_requested) AND (NOT new.waiting))) OR ((old.user_name)::text IS DISTINCT FROM (new.user_name)::text) OR (((new.stage)::text = 'Import Pending'::text) AND (new.worker_id IS NULL) AND (NOT new.cancel_requested) AND (NOT new.waiting) AND ((((old.group_name)::text IS DISTINCT FROM (new.group_name)::text) OR (old.queued_at IS DISTINCT FROM new.queued_at)) OR (old.queue_seq IS DISTINCT FROM new.queue_seq))))) EXECUTE FUNCTION public.importer_order_ready();
+CREATE TRIGGER importer_order_ready_update AFTER UPDATE ON public.importer_orders FOR EACH ROW WHEN (((((((old.stage)::text = 'Import Pending'::text) AND (old.worker_id IS NULL) AND (NOT old.cancel_requested) AND (NOT old.waiting)) IS DISTINCT FROM (((new.stage)::text = 'Import Pending'::text) AND (new.worker_id IS NULL) AND (NOT new.cancel_requested) AND (NOT new.waiting))) OR ((old.user_name)::text IS DISTINCT FROM (new.user_name)::text) OR (((new.stage)::text = 'Import Pending'::text) AND (new.worker_id IS NULL) AND (NOT new.cancel_requested) AND (NOT new.waiting) AND ((((old.group_name)::text IS DISTINCT FROM (new.group_name)::text) OR (old.queued_at IS DISTINCT FROM new.queued_at)) OR (old.queue_seq IS DISTINCT FROM new.queue_seq)))) AND (current_setting('biomero_importer.claiming'::text, true) IS DISTINCT FROM 'on'::text))) EXECUTE FUNCTION public.importer_order_ready();
 
 CREATE TRIGGER importer_order_stage_changed BEFORE UPDATE OF stage ON public.importer_orders FOR EACH ROW WHEN ((((old.stage)::text IS DISTINCT FROM (new.stage)::text) AND ((new.stage)::text <> ALL ((ARRAY['Import Started'::character varying, 'Import Preprocessing'::character varying])::text[])))) EXECUTE FUNCTION public.importer_order_stage_changed();
 

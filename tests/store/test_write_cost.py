@@ -198,3 +198,29 @@ async def test_a_clients_insert_of_several_rows_is_applied_row_by_row(migrated_u
         ("u-1", "Import Pending", last["u-1"], "ann"),
         ("u-2", "Import Pending", last["u-2"], "bob"),
     ]
+
+
+async def test_a_claims_run_moves_its_users_head_once(migrated_url: str) -> None:
+    """A pick that takes a run of one user's orders moves the user's head once, past the run
+    (revision d1f3a5c7e9b2; before, the ready trigger ran and locked the user's row for every
+    order of the run)."""
+    uuids = [await insert_order(migrated_url, [f"/data/{n}.tif"], user="ann") for n in range(5)]
+    conn = await asyncpg.connect(asyncpg_dsn(migrated_url))
+    try:
+        if not await conn.fetchval("SELECT rolsuper FROM pg_roles WHERE rolname = current_user"):
+            pytest.skip("counting function calls (track_functions) needs a superuser")
+        head = "SELECT head_seq FROM importer_users WHERE user_name = 'ann'"
+        seqs = dict(await conn.fetch("SELECT uuid, queue_seq FROM importer_orders"))
+        async with conn.transaction():
+            await conn.execute("SET LOCAL track_functions = 'pl'")
+            before = await _calls(conn)
+            claimed = await conn.fetch(sql.CLAIM, 3, "A", 60.0, None)
+            calls = _calls_since(before, await _calls(conn))
+        assert [r["uuid"] for r in claimed] == uuids[:3]
+        assert "importer_order_ready" not in calls
+        assert calls["importer_refresh_user"] == 1
+        assert await conn.fetchval(head) == seqs[uuids[3]]
+        assert [r["uuid"] for r in await conn.fetch(sql.CLAIM, 5, "A", 60.0, None)] == uuids[3:]
+        assert await conn.fetchval(head) is None
+    finally:
+        await conn.close()
