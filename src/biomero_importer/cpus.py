@@ -27,6 +27,8 @@ class _Pinning:
         self.lock = threading.Lock()
         # the CPUs the process was given before pinning: what children get (None: not pinned)
         self.given: set[int] | None = None
+        # the one CPU of the replica's threads (None: not pinned)
+        self.cpu: int | None = None
 
 
 _pinning = _Pinning()
@@ -61,14 +63,26 @@ def pin_threads() -> int | None:
         return None
     with _pinning.lock:
         _pinning.given = set(given)
+        _pinning.cpu = cpu
     return cpu
+
+
+def pool_thread_joins() -> None:
+    """A pool's initializer: the new thread runs on the replica's CPU, whatever CPUs the
+    thread that started it had then (the event loop stays widened across the awaits of a
+    spawn, and pools start their threads lazily, from the submitting thread)."""
+    with _pinning.lock:
+        cpu = _pinning.cpu
+    if cpu is not None:
+        with suppress(OSError):
+            os.sched_setaffinity(0, {cpu})
 
 
 def unpin_threads() -> None:
     """The calling thread back on every CPU it was given (a replica that stops in a process
     that goes on, such as a test's)."""
     with _pinning.lock:
-        given, _pinning.given = _pinning.given, None
+        given, _pinning.given, _pinning.cpu = _pinning.given, None, None
     if given is not None:
         with suppress(OSError):
             os.sched_setaffinity(0, given)

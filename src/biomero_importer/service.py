@@ -168,9 +168,17 @@ async def assemble(
     is closed, within a bound, when the block ends."""
     metrics.follow_health(health.liveness)
     gateway = create_gateway(settings)
-    executor = ThreadPoolExecutor(max_workers=settings.omero_threads, thread_name_prefix="omero")
+    executor = ThreadPoolExecutor(
+        max_workers=settings.omero_threads,
+        thread_name_prefix="omero",
+        initializer=cpus.pool_thread_joins,
+    )
     # Storage calls get their own threads: a hung mount must not starve OMERO calls.
-    storage = ThreadPoolExecutor(max_workers=STORAGE_THREADS, thread_name_prefix="storage")
+    storage = ThreadPoolExecutor(
+        max_workers=STORAGE_THREADS,
+        thread_name_prefix="storage",
+        initializer=cpus.pool_thread_joins,
+    )
     pipeline = Pipeline(
         settings,
         gateway,

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -106,5 +107,19 @@ def test_nothing_changes_when_not_pinned() -> None:
         with cpus.children_on_every_cpu():
             assert os.sched_getaffinity(0) == given
         assert child_cpus() == sorted(given)
+
+    in_thread(check)
+
+
+def test_a_pool_thread_started_while_the_loop_is_widened_joins_the_cpu() -> None:
+    """Pools start threads lazily, from the submitting thread: one first needed while the
+    event loop is widened for a spawn still runs on the replica's CPU."""
+
+    def check() -> None:
+        cpu = cpus.pin_threads()
+        pool = ThreadPoolExecutor(max_workers=1, initializer=cpus.pool_thread_joins)
+        with pool, cpus.children_on_every_cpu():
+            found = pool.submit(os.sched_getaffinity, 0).result(timeout=30)
+        assert found == {cpu}
 
     in_thread(check)
