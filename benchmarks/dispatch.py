@@ -326,10 +326,16 @@ async def steady(url: str, orders: int, rate: float, files: str) -> dict[str, fl
     }
 
 
-async def backlog_insert(url: str, orders: int, files: str) -> None:
+async def backlog_insert(url: str, orders: int, files: str) -> float:
+    """Queue the backlog as a client does, one INSERT per order on one connection; returns
+    the seconds it took. The session plans the insert triggers' lookups at its first rows:
+    with statistics of a near-empty queue (``--steady-orders 50``), a plan that scans the
+    queue would make this grow with the square of the orders (revision f3c5e7a9b1d4)."""
     conn = await asyncpg.connect(url)
     try:
+        start = time.perf_counter()
         await conn.executemany(INSERT, [(bench_uuid("z", n), files) for n in range(orders)])
+        return time.perf_counter() - start
     finally:
         await conn.close()
 
@@ -397,7 +403,7 @@ async def run(args: argparse.Namespace, backend: str) -> dict[str, Any]:
         polls = await wait_listening(url, args.replicas)
         await asyncio.sleep(1.0)  # past start-up work that follows the LISTEN
         replica_cpu, pg_cpu = replicas.cpu_seconds(), postgres.seconds()
-        await backlog_insert(url, args.orders, files)
+        insert_seconds = await backlog_insert(url, args.orders, files)
         polls += await wait_all_done(url, "z", args.orders, timeout=max(300, args.orders / 100))
         replica_cpu = replicas.cpu_seconds() - replica_cpu
         pg_after = postgres.seconds()
@@ -407,6 +413,7 @@ async def run(args: argparse.Namespace, backend: str) -> dict[str, Any]:
         xacts = await transactions(url) - xacts - OWN_TRANSACTIONS - polls - 1
         backlog.update(await backlog_result(url, args.orders))
         backlog["transactions_per_order"] = xacts / args.orders
+        backlog["client_insert_us_per_order"] = insert_seconds / args.orders * 1e6
         backlog["replica_cpu_ms_per_order"] = per_order_ms(replica_cpu, args.orders)
         backlog["postgres_cpu_ms_per_order"] = per_order_ms(
             None if pg_cpu is None or pg_after is None else pg_after - pg_cpu, args.orders
@@ -573,6 +580,11 @@ def report(result: dict[str, Any], args: argparse.Namespace) -> None:
         f"cpu per order: replicas {_ms(backlog['replica_cpu_ms_per_order'])},"
         f" postgresql {_ms(backlog['postgres_cpu_ms_per_order'])};"
         f" postgresql transactions per order {backlog['transactions_per_order']:.2f}"
+    )
+    print(
+        f"client insert: {backlog['client_insert_us_per_order']:.0f} µs/order"
+        f" ({args.orders} single-row INSERTs on one connection, after the steady phase's"
+        " statistics)"
     )
     peer = result.get("peer")
     if peer is None:

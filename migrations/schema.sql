@@ -19,6 +19,7 @@ $$;
 
 CREATE FUNCTION public.importer_claim(slots integer, worker character varying, lease_seconds double precision, max_running integer) RETURNS TABLE(uuid character varying, group_name character varying, user_name character varying, destination_id character varying, destination_type character varying, files text, file_names text, preprocessing_id integer, container character varying, input_file character varying, output_folder character varying, alt_output_folder character varying, extra_params text, import_options text, attempts integer, runs integer, objects text, queued_at double precision, retries integer, waiting_since double precision, not_before double precision)
     LANGUAGE plpgsql
+    SET enable_seqscan TO 'off'
     AS $$
 #variable_conflict use_column
 DECLARE
@@ -255,6 +256,70 @@ BEGIN
 END;
 $$;
 
+CREATE FUNCTION public.importer_finish(text[], text[], text[], text[], text[], character varying, double precision[], boolean[], boolean[], text[], integer[]) RETURNS TABLE(uuid character varying, runs integer)
+    LANGUAGE plpgsql
+    SET enable_seqscan TO 'off'
+    AS $_$
+#variable_conflict use_column
+BEGIN
+    RETURN QUERY
+    WITH args AS (
+        SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
+                             $7::float8[], $8::bool[], $9::bool[], $10::text[], $11::int[])
+            AS a(uuid, stage, description, file_names, objects, delay, transient_retry, settling,
+                 wait_cause, run)
+    ),
+    seen AS (
+        SELECT o.uuid, o.latest_id FROM importer_orders o WHERE o.uuid = ANY($1::text[])
+    ),
+    owned AS (
+        SELECT o.uuid, s.latest_id AS previous_id,
+               a.stage IN ('Import Completed', 'Import Failed') AS ends
+        FROM importer_orders o JOIN args a ON a.uuid = o.uuid AND a.run = o.runs
+            JOIN seen s ON s.uuid = o.uuid
+        WHERE o.worker_id = $6
+        FOR UPDATE OF o
+    ),
+    ids AS (
+        SELECT w.uuid, w.previous_id,
+               CASE WHEN w.ends THEN nextval(pg_get_serial_sequence('imports', 'id'))::integer
+               END AS ended_id
+        FROM owned w
+    ),
+    released AS (
+        UPDATE importer_orders o
+        SET stage = CASE WHEN d.ended_id IS NULL THEN o.stage ELSE a.stage END,
+            latest_id = COALESCE(d.ended_id, o.latest_id),
+            updated_at = CASE WHEN d.ended_id IS NULL THEN o.updated_at ELSE now() END,
+            worker_id = NULL,
+            lease_expires_at = NULL,
+            objects = COALESCE(a.objects::json, o.objects),
+            attempts = o.attempts - CASE WHEN a.stage = 'Import Pending' THEN 1 ELSE 0 END,
+            not_before = CASE WHEN a.delay IS NULL THEN NULL
+                              ELSE now() + make_interval(secs => a.delay) END,
+            waiting = a.delay IS NOT NULL,
+            wait_cause = CASE WHEN a.delay IS NULL THEN NULL ELSE a.wait_cause END,
+            retries = o.retries + CASE WHEN a.transient_retry THEN 1 ELSE 0 END,
+            waiting_since = CASE WHEN a.settling THEN COALESCE(o.waiting_since, now()) END
+        FROM ids d JOIN args a ON a.uuid = d.uuid
+        WHERE o.uuid = d.uuid AND o.worker_id = $6 AND o.runs = a.run
+        RETURNING o.uuid, o.runs, d.previous_id, d.ended_id
+    ),
+    written AS (
+        INSERT INTO imports (id, group_name, user_name, destination_id, destination_type,
+                             stage, uuid, files, file_names, description, preprocessing_id,
+                             timestamp, import_options)
+        SELECT COALESCE(r.ended_id, nextval(pg_get_serial_sequence('imports', 'id'))),
+               i.group_name, i.user_name, i.destination_id, i.destination_type, a.stage,
+               i.uuid, i.files, COALESCE(a.file_names, i.file_names), a.description,
+               i.preprocessing_id, clock_timestamp(), i.import_options
+        FROM released r JOIN args a ON a.uuid = r.uuid AND a.run = r.runs
+            JOIN imports i ON i.id = r.previous_id
+    )
+    SELECT released.uuid, released.runs FROM released;
+END;
+$_$;
+
 CREATE FUNCTION public.importer_notify_cancel() RETURNS trigger
     LANGUAGE plpgsql
     AS $$
@@ -443,6 +508,7 @@ $$;
 
 CREATE FUNCTION public.importer_track_inserts() RETURNS trigger
     LANGUAGE plpgsql
+    SET enable_seqscan TO 'off'
     AS $$
 DECLARE
     r record;
@@ -518,6 +584,7 @@ $$;
 
 CREATE FUNCTION public.importer_track_order() RETURNS trigger
     LANGUAGE plpgsql
+    SET enable_seqscan TO 'off'
     AS $$
 DECLARE
     current importer_orders%ROWTYPE;

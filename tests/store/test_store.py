@@ -928,7 +928,7 @@ async def test_an_ending_that_waited_for_a_clients_write_is_still_recorded(
         for _ in range(200):
             waiting = await store.pool.fetchval(
                 "SELECT count(*) FROM pg_stat_activity"
-                " WHERE wait_event_type = 'Lock' AND query LIKE '%released AS%'"
+                " WHERE wait_event_type = 'Lock' AND query LIKE '%importer_finish(%'"
             )
             if waiting:
                 break

@@ -20,14 +20,10 @@ ORDER_COLUMNS = (
 )
 
 
-def _copy_latest(
-    stage: str, description: str, file_names: str, source: str, row_id: str | None = None
-) -> str:
-    """SELECT list that copies an order's latest row ``i`` with a new stage and description
-    (and, given ``row_id``, the new row's id first: for ``INSERT INTO imports (id, ...)``)."""
+def _copy_latest(stage: str, description: str, file_names: str, source: str) -> str:
+    """SELECT list that copies an order's latest row ``i`` with a new stage and description."""
     return (
-        f"SELECT {'' if row_id is None else row_id + ', '}"
-        "i.group_name, i.user_name, i.destination_id, i.destination_type,"
+        "SELECT i.group_name, i.user_name, i.destination_id, i.destination_type,"
         f" {stage}, i.uuid, i.files, {file_names}, {description}, i.preprocessing_id,"
         f" clock_timestamp(), i.import_options FROM {source}"
     )
@@ -81,7 +77,9 @@ WHERE o.uuid = $1 AND o.worker_id = $2 AND o.runs = $6
 RETURNING id
 """
 
-# Ends (or hands back) several owned orders in one statement.
+# Ends (or hands back) several owned orders in one statement: importer_finish (revision
+# f3c5e7a9b1d4, which made the statement a function so that its plans never scan the queue;
+# its text is in migrations/schema.sql).
 # $1 uuids, $2 stages, $3 descriptions, $4 file_names, $5 objects (json text), $6 worker id,
 # $7 delays (seconds; NULL: no wait), $8 transient retries, $9 settle waits (booleans),
 # $10 wait causes (NULL: none), $11 runs (each claim's run number). One batch can hold two
@@ -102,64 +100,10 @@ RETURNING id
 # committed after the snapshot, so a copy of it would write nothing while the queue row still
 # ended. Each row of an order copies the one before (stage and description aside), so the
 # copy is the same.
-FINISH_MANY = f"""
-WITH args AS (
-    SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
-                         $7::float8[], $8::bool[], $9::bool[], $10::text[], $11::int[])
-        AS a(uuid, stage, description, file_names, objects, delay, transient_retry, settling,
-             wait_cause, run)
-),
-seen AS (
-    SELECT o.uuid, o.latest_id FROM importer_orders o WHERE o.uuid = ANY($1::text[])
-),
-owned AS (
-    SELECT o.uuid, s.latest_id AS previous_id,
-           a.stage IN ('Import Completed', 'Import Failed') AS ends
-    FROM importer_orders o JOIN args a ON a.uuid = o.uuid AND a.run = o.runs
-        JOIN seen s ON s.uuid = o.uuid
-    WHERE o.worker_id = $6
-    FOR UPDATE OF o
-),
-ids AS (
-    SELECT w.uuid, w.previous_id,
-           CASE WHEN w.ends THEN nextval(pg_get_serial_sequence('imports', 'id'))::integer
-           END AS ended_id
-    FROM owned w
-),
-released AS (
-    UPDATE importer_orders o
-    SET stage = CASE WHEN d.ended_id IS NULL THEN o.stage ELSE a.stage END,
-        latest_id = COALESCE(d.ended_id, o.latest_id),
-        updated_at = CASE WHEN d.ended_id IS NULL THEN o.updated_at ELSE now() END,
-        worker_id = NULL,
-        lease_expires_at = NULL,
-        objects = COALESCE(a.objects::json, o.objects),
-        attempts = o.attempts - CASE WHEN a.stage = 'Import Pending' THEN 1 ELSE 0 END,
-        not_before = CASE WHEN a.delay IS NULL THEN NULL
-                          ELSE now() + make_interval(secs => a.delay) END,
-        waiting = a.delay IS NOT NULL,
-        wait_cause = CASE WHEN a.delay IS NULL THEN NULL ELSE a.wait_cause END,
-        retries = o.retries + CASE WHEN a.transient_retry THEN 1 ELSE 0 END,
-        waiting_since = CASE WHEN a.settling THEN COALESCE(o.waiting_since, now()) END
-    FROM ids d JOIN args a ON a.uuid = d.uuid
-    WHERE o.uuid = d.uuid AND o.worker_id = $6 AND o.runs = a.run
-    RETURNING o.uuid, o.runs, d.previous_id, d.ended_id
-),
-written AS (
-    INSERT INTO imports (id, {ORDER_COLUMNS})
-    {
-    _copy_latest(
-        "a.stage",
-        "a.description",
-        "COALESCE(a.file_names, i.file_names)",
-        "released r JOIN args a ON a.uuid = r.uuid AND a.run = r.runs"
-        " JOIN imports i ON i.id = r.previous_id",
-        row_id="COALESCE(r.ended_id, nextval(pg_get_serial_sequence('imports', 'id')))",
-    )
-}
+FINISH_MANY = (
+    "SELECT uuid, runs FROM importer_finish($1::text[], $2::text[], $3::text[], $4::text[],"
+    " $5::text[], $6::varchar, $7::float8[], $8::bool[], $9::bool[], $10::text[], $11::int[])"
 )
-SELECT uuid, runs FROM released
-"""
 
 # $1 uuid, $2 worker id, $3 objects json, $4 run
 RECORD_OBJECTS = """
