@@ -20,6 +20,7 @@ $$;
 CREATE FUNCTION public.importer_claim(slots integer, worker character varying, lease_seconds double precision, max_running integer) RETURNS TABLE(uuid character varying, group_name character varying, user_name character varying, destination_id character varying, destination_type character varying, files text, file_names text, preprocessing_id integer, container character varying, input_file character varying, output_folder character varying, alt_output_folder character varying, extra_params text, import_options text, attempts integer, runs integer, objects text, queued_at double precision, retries integer, waiting_since double precision, not_before double precision)
     LANGUAGE plpgsql
     SET enable_seqscan TO 'off'
+    SET jit TO 'off'
     AS $$
 #variable_conflict use_column
 DECLARE
@@ -259,6 +260,7 @@ $$;
 CREATE FUNCTION public.importer_finish(text[], text[], text[], text[], text[], character varying, double precision[], boolean[], boolean[], text[], integer[]) RETURNS TABLE(uuid character varying, runs integer)
     LANGUAGE plpgsql
     SET enable_seqscan TO 'off'
+    SET jit TO 'off'
     AS $_$
 #variable_conflict use_column
 BEGIN
@@ -509,6 +511,7 @@ $$;
 CREATE FUNCTION public.importer_track_inserts() RETURNS trigger
     LANGUAGE plpgsql
     SET enable_seqscan TO 'off'
+    SET jit TO 'off'
     AS $$
 DECLARE
     r record;
@@ -585,6 +588,7 @@ $$;
 CREATE FUNCTION public.importer_track_order() RETURNS trigger
     LANGUAGE plpgsql
     SET enable_seqscan TO 'off'
+    SET jit TO 'off'
     AS $$
 DECLARE
     current importer_orders%ROWTYPE;

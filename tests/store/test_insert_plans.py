@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 
 import asyncpg
+import pytest
 
 from biomero_importer.db import sql
 from biomero_importer.db.urls import asyncpg_dsn
@@ -108,3 +109,60 @@ async def test_a_replicas_claims_and_endings_never_scan_the_queue_after_small_st
     scans = {table: after[table] - before.get(table, 0) for table in after}
     assert scans.get("importer_orders", 0) == 0, scans
     assert scans.get("imports", 0) == 0, scans
+
+
+OUR_SETTINGS = """
+SELECT p.proname, p.proconfig FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+WHERE n.nspname = current_schema() AND p.proname LIKE 'importer%'
+  AND p.proconfig IS NOT NULL
+"""
+
+
+async def test_every_function_that_prices_out_scans_also_turns_jit_off(migrated_url: str) -> None:
+    """A scan a plan cannot avoid costs 10^10 with ``enable_seqscan = off``, past every JIT
+    threshold: where the server has JIT, such a statement is compiled at each execution (83 ms
+    each for the ending's channel lookup on PostgreSQL 15). So the two settings go together."""
+    conn = await asyncpg.connect(asyncpg_dsn(migrated_url))
+    try:
+        settings = {r["proname"]: set(r["proconfig"]) for r in await conn.fetch(OUR_SETTINGS)}
+    finally:
+        await conn.close()
+    pricing_out = {name for name, config in settings.items() if "enable_seqscan=off" in config}
+    assert {"importer_track_inserts", "importer_claim", "importer_finish"} <= pricing_out
+    assert all("jit=off" in settings[name] for name in pricing_out), settings
+
+
+async def test_no_statement_of_an_orders_path_is_compiled_by_jit(migrated_url: str) -> None:
+    """Where the server has JIT (the embedded PostgreSQL has none: run it with
+    BIOMERO_IMPORTER_TEST_DATABASE_URL naming one that has), auto_explain reports every
+    statement of a client's insert, a claim and an ending, nested ones included."""
+    conn = await asyncpg.connect(asyncpg_dsn(migrated_url))
+    try:
+        if not await conn.fetchval("SELECT pg_jit_available()"):
+            pytest.skip("this PostgreSQL has no JIT")
+        try:
+            await conn.execute("LOAD 'auto_explain'")
+        except (asyncpg.InsufficientPrivilegeError, asyncpg.UndefinedFileError) as exc:
+            pytest.skip(f"auto_explain cannot be loaded here: {exc}")
+        for setting in (
+            "auto_explain.log_min_duration = 0",
+            "auto_explain.log_nested_statements = on",
+            "auto_explain.log_analyze = on",
+            "auto_explain.log_timing = off",
+            "auto_explain.log_level = notice",
+            "client_min_messages = notice",
+        ):
+            await conn.execute(f"SET {setting}")
+        plans: list[str] = []
+        conn.add_log_listener(lambda _conn, message: plans.append(message.message))
+        await conn.execute(INSERT, "researcher", "jit-1", FILES)
+        claimed = await conn.fetch(sql.CLAIM, 1, "A", 60.0, None)
+        assert len(claimed) == 1
+        assert len(await conn.fetch(sql.FINISH_MANY, *_finish_args(claimed, "A"))) == 1
+        await conn.execute("SELECT 1")  # the notices above have arrived
+    finally:
+        await conn.close()
+    assert plans, "auto_explain reported nothing"
+    # each report: its duration, then "Query Text:" and the statement
+    jitted = [" ".join(plan.split())[:160] for plan in plans if "JIT:" in plan]
+    assert not jitted, jitted
