@@ -21,6 +21,7 @@ CREATE FUNCTION public.importer_claim(slots integer, worker character varying, l
     LANGUAGE plpgsql
     SET enable_seqscan TO 'off'
     SET jit TO 'off'
+    SET plan_cache_mode TO 'force_generic_plan'
     AS $$
 #variable_conflict use_column
 DECLARE
