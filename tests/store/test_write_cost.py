@@ -114,6 +114,11 @@ FUNCTION_CALLS = "SELECT funcname, calls FROM pg_stat_xact_user_functions"
 PER_ROW_TRIGGERS = ("importer_track_order", "importer_order_owner", "importer_order_stage_changed")
 
 
+async def _skip_unless_superuser(conn: asyncpg.Connection) -> None:
+    if not await conn.fetchval("SELECT rolsuper FROM pg_roles WHERE rolname = current_user"):
+        pytest.skip("counting function calls (track_functions) needs a superuser")
+
+
 async def _calls(conn: asyncpg.Connection) -> dict[str, int]:
     return {r["funcname"]: r["calls"] for r in await conn.fetch(FUNCTION_CALLS)}
 
@@ -132,8 +137,7 @@ async def test_a_claim_and_an_ending_run_no_trigger_for_rows_they_applied(
     uuids = {await insert_order(migrated_url, [f"/data/{n}.tif"]) for n in range(3)}
     conn = await asyncpg.connect(asyncpg_dsn(migrated_url))
     try:
-        if not await conn.fetchval("SELECT rolsuper FROM pg_roles WHERE rolname = current_user"):
-            pytest.skip("counting function calls (track_functions) needs a superuser")
+        await _skip_unless_superuser(conn)
         async with conn.transaction():
             await conn.execute("SET LOCAL track_functions = 'pl'")
             before = await _calls(conn)
@@ -207,8 +211,7 @@ async def test_a_claims_run_moves_its_users_head_once(migrated_url: str) -> None
     uuids = [await insert_order(migrated_url, [f"/data/{n}.tif"], user="ann") for n in range(5)]
     conn = await asyncpg.connect(asyncpg_dsn(migrated_url))
     try:
-        if not await conn.fetchval("SELECT rolsuper FROM pg_roles WHERE rolname = current_user"):
-            pytest.skip("counting function calls (track_functions) needs a superuser")
+        await _skip_unless_superuser(conn)
         head = "SELECT head_seq FROM importer_users WHERE user_name = 'ann'"
         seqs = dict(await conn.fetch("SELECT uuid, queue_seq FROM importer_orders"))
         async with conn.transaction():
