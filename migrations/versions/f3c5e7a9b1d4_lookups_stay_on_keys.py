@@ -1,4 +1,4 @@
-"""The insert triggers and the claim never plan a scan of the whole queue for a keyed lookup.
+"""The insert triggers, the claim and the ending never plan a scan of the whole queue for a key.
 
 Revision ID: f3c5e7a9b1d4
 Revises: d1f3a5c7e9b2
