@@ -35,14 +35,46 @@ WHERE relname IN ('importer_orders', 'importer_users', 'imports')
 """
 
 
+async def _young_queue(conn: asyncpg.Connection, rows: list[tuple[str, str, str]]) -> None:
+    """Queue ``rows`` and take the statistics of that small queue."""
+    await conn.executemany(INSERT, rows)
+    await conn.execute("ANALYZE importer_orders, importer_users, imports")
+
+
+async def _seq_scans(conn: asyncpg.Connection) -> dict[str, int]:
+    """Sequential scans per table so far in this transaction."""
+    return {r["relname"]: r["seq_scan"] for r in await conn.fetch(SCANS)}
+
+
+async def _claim_and_end(conn: asyncpg.Connection, slots: int) -> list[asyncpg.Record]:
+    """A claim of ``slots`` by worker A and the ending of every order it took."""
+    claimed = await conn.fetch(sql.CLAIM, slots, "A", 60.0, None)
+    n = len(claimed)
+    ended = await conn.fetch(
+        sql.FINISH_MANY,
+        [c["uuid"] for c in claimed],
+        [STAGE_IMPORTED] * n,
+        [None] * n,
+        [None] * n,
+        [None] * n,
+        "A",
+        [None] * n,
+        [False] * n,
+        [False] * n,
+        [None] * n,
+        [c["runs"] for c in claimed],
+    )
+    assert {r["uuid"] for r in ended} == {c["uuid"] for c in claimed}
+    return claimed
+
+
 async def test_a_long_client_session_never_scans_the_queue_after_small_statistics(
     migrated_url: str,
 ) -> None:
     conn = await asyncpg.connect(asyncpg_dsn(migrated_url))
     try:
-        await conn.executemany(INSERT, [("researcher", f"early-{n}", FILES) for n in range(20)])
         # the statistics of a young queue: 20 rows on one page
-        await conn.execute("ANALYZE importer_orders, importer_users, imports")
+        await _young_queue(conn, [("researcher", f"early-{n}", FILES) for n in range(20)])
     finally:
         await conn.close()
 
@@ -55,32 +87,15 @@ async def test_a_long_client_session_never_scans_the_queue_after_small_statistic
         rows += [("other", f"other-{n}", FILES) for n in range(20)]
         rows.append(("researcher", "burst-7", FILES))
         async with client.transaction():
-            before = {r["relname"]: r["seq_scan"] for r in await client.fetch(SCANS)}
+            before = await _seq_scans(client)
             await client.executemany(INSERT, rows)
-            after = {r["relname"]: r["seq_scan"] for r in await client.fetch(SCANS)}
+            after = await _seq_scans(client)
     finally:
         await client.close()
     scans = {table: after[table] - before.get(table, 0) for table in after}
     # importer_users has a row per user: a scan of it reads two rows here and stays tiny
     assert scans.get("importer_orders", 0) == 0, scans
     assert scans.get("imports", 0) == 0, scans
-
-
-def _finish_args(claimed: list[asyncpg.Record], worker: str) -> tuple[object, ...]:
-    n = len(claimed)
-    return (
-        [c["uuid"] for c in claimed],
-        [STAGE_IMPORTED] * n,
-        [None] * n,
-        [None] * n,
-        [None] * n,
-        worker,
-        [None] * n,
-        [False] * n,
-        [False] * n,
-        [None] * n,
-        [c["runs"] for c in claimed],
-    )
 
 
 async def test_a_replicas_claims_and_endings_never_scan_the_queue_after_small_statistics(
@@ -91,20 +106,16 @@ async def test_a_replicas_claims_and_endings_never_scan_the_queue_after_small_st
     client = await asyncpg.connect(asyncpg_dsn(migrated_url))
     replica = await asyncpg.connect(asyncpg_dsn(migrated_url))
     try:
-        await client.executemany(INSERT, [("researcher", f"early-{n}", FILES) for n in range(20)])
-        await client.execute("ANALYZE importer_orders, importer_users, imports")
+        await _young_queue(client, [("researcher", f"early-{n}", FILES) for n in range(20)])
         # more than the five runs after which PostgreSQL may keep a generic plan
         for _ in range(8):
-            claimed = await replica.fetch(sql.CLAIM, 2, "A", 60.0, None)
-            await replica.fetch(sql.FINISH_MANY, *_finish_args(claimed, "A"))
+            await _claim_and_end(replica, 2)
         await client.executemany(INSERT, [("researcher", f"burst-{n}", FILES) for n in range(500)])
         async with replica.transaction():
-            before = {r["relname"]: r["seq_scan"] for r in await replica.fetch(SCANS)}
+            before = await _seq_scans(replica)
             for _ in range(5):
-                claimed = await replica.fetch(sql.CLAIM, 8, "A", 60.0, None)
-                assert len(claimed) == 8
-                await replica.fetch(sql.FINISH_MANY, *_finish_args(claimed, "A"))
-            after = {r["relname"]: r["seq_scan"] for r in await replica.fetch(SCANS)}
+                assert len(await _claim_and_end(replica, 8)) == 8
+            after = await _seq_scans(replica)
     finally:
         await client.close()
         await replica.close()
@@ -158,9 +169,7 @@ async def test_no_statement_of_an_orders_path_is_compiled_by_jit(migrated_url: s
         plans: list[str] = []
         conn.add_log_listener(lambda _conn, message: plans.append(message.message))
         await conn.execute(INSERT, "researcher", "jit-1", FILES)
-        claimed = await conn.fetch(sql.CLAIM, 1, "A", 60.0, None)
-        assert len(claimed) == 1
-        assert len(await conn.fetch(sql.FINISH_MANY, *_finish_args(claimed, "A"))) == 1
+        assert len(await _claim_and_end(conn, 1)) == 1
         await conn.execute("SELECT 1")  # the notices above have arrived
     finally:
         await conn.close()
@@ -183,11 +192,9 @@ async def test_a_claim_and_an_ending_are_not_planned_again_once_the_session_has_
     try:
         # two users: a claim of 2 takes one order per pick, two picks per claim
         rows = [(user, f"{user}-{n}", FILES) for n in range(40) for user in ("ann", "bob")]
-        await client.executemany(INSERT, rows)
-        await client.execute("ANALYZE importer_orders, importer_users, imports")
+        await _young_queue(client, rows)
         for _ in range(8):  # past the five calls after which a kept plan may be chosen
-            claimed = await replica.fetch(sql.CLAIM, 2, "A", 60.0, None)
-            await replica.fetch(sql.FINISH_MANY, *_finish_args(claimed, "A"))
+            await _claim_and_end(replica, 2)
         plannings: list[str] = []
         replica.add_log_listener(lambda _conn, message: plannings.append(message.message))
         try:
@@ -196,9 +203,7 @@ async def test_a_claim_and_an_ending_are_not_planned_again_once_the_session_has_
             pytest.skip("log_planner_stats needs a superuser")
         await replica.execute("SET client_min_messages = log")
         for _ in range(3):
-            claimed = await replica.fetch(sql.CLAIM, 2, "A", 60.0, None)
-            assert len(claimed) == 2
-            await replica.fetch(sql.FINISH_MANY, *_finish_args(claimed, "A"))
+            assert len(await _claim_and_end(replica, 2)) == 2
         await replica.execute("RESET log_planner_stats")
     finally:
         await client.close()
