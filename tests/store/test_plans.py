@@ -22,7 +22,7 @@ import pytest
 
 from biomero_importer.db import sql
 from biomero_importer.db.urls import asyncpg_dsn
-from biomero_importer.model import STAGE_IMPORTED
+from biomero_importer.model import STAGE_IMPORTED, STAGE_PREPROCESSING
 
 INSERT = (
     "INSERT INTO imports (group_name, user_name, destination_id, destination_type, stage,"
@@ -212,7 +212,18 @@ async def test_a_claim_and_an_ending_are_not_planned_again_once_the_session_has_
     assert [p for p in plannings if "PLANNER STATISTICS" in p] == []
 
 
-INDEX_READS = "SELECT pg_stat_get_xact_tuples_returned('importer_orders_ix_leases'::regclass)"
+LEASE_READS = "SELECT pg_stat_get_xact_tuples_returned('importer_orders_ix_leases'::regclass)"
+
+
+async def _many_running(client: asyncpg.Connection, replica: asyncpg.Connection) -> None:
+    """Statistics taken while nothing ran, the replica's session past its first plans, and
+    300 orders running on another replica (B) beside 8 ready ones."""
+    await _young_queue(client, [("researcher", f"early-{n}", FILES) for n in range(20)])
+    for _ in range(8):  # past the five calls after which a kept plan may be chosen
+        await _claim_and_end(replica, 2)
+    await client.executemany(INSERT, [("other", f"busy-{n}", FILES) for n in range(300)])
+    assert len(await client.fetch(sql.CLAIM, 300, "B", 600.0, None)) == 300
+    await client.executemany(INSERT, [("researcher", f"late-{n}", FILES) for n in range(8)])
 
 
 async def test_an_ending_reads_its_own_orders_however_many_others_are_running(
@@ -225,17 +236,11 @@ async def test_an_ending_reads_its_own_orders_however_many_others_are_running(
     client = await asyncpg.connect(asyncpg_dsn(migrated_url))
     replica = await asyncpg.connect(asyncpg_dsn(migrated_url))
     try:
-        await _young_queue(client, [("researcher", f"early-{n}", FILES) for n in range(20)])
-        for _ in range(8):  # past the five calls after which a kept plan may be chosen
-            await _claim_and_end(replica, 2)
-        await client.executemany(INSERT, [("other", f"busy-{n}", FILES) for n in range(300)])
-        # another replica's running orders
-        assert len(await client.fetch(sql.CLAIM, 300, "B", 600.0, None)) == 300
-        await client.executemany(INSERT, [("researcher", f"late-{n}", FILES) for n in range(8)])
+        await _many_running(client, replica)
         async with replica.transaction():
             claimed = await replica.fetch(sql.CLAIM, 8, "A", 60.0, None)
             assert len(claimed) == 8
-            before = await replica.fetchval(INDEX_READS)
+            before = await replica.fetchval(LEASE_READS)
             ended = await replica.fetch(
                 sql.FINISH_MANY,
                 [c["uuid"] for c in claimed],
@@ -248,9 +253,66 @@ async def test_an_ending_reads_its_own_orders_however_many_others_are_running(
                 [None] * 8,
                 [c["runs"] for c in claimed],
             )
-            reads = await replica.fetchval(INDEX_READS) - before
+            reads = await replica.fetchval(LEASE_READS) - before
     finally:
         await client.close()
         await replica.close()
     assert len(ended) == 8
     assert reads == 0, f"the ending read {reads} leases"
+
+
+@pytest.mark.parametrize(
+    ("statement", "args"),
+    [
+        (sql.APPEND_STAGE, (STAGE_PREPROCESSING, None, None)),
+        (sql.RECORD_OBJECTS, ("[]",)),
+        (sql.RECORD_PROGRESS, ('{"units_done": 1}',)),
+    ],
+    ids=["append_stage", "record_objects", "record_progress"],
+)
+async def test_an_owners_write_reads_its_own_order_however_many_others_are_running(
+    migrated_url: str, statement: str, args: tuple[str | None, ...]
+) -> None:
+    """The same for the owner's writes to one order, prepared statements the pool keeps:
+    their generic plans walked every running order's lease to find the one they name."""
+    client = await asyncpg.connect(asyncpg_dsn(migrated_url))
+    replica = await asyncpg.connect(asyncpg_dsn(migrated_url))
+    try:
+        await _many_running(client, replica)
+        claimed = await replica.fetch(sql.CLAIM, 8, "A", 60.0, None)
+        assert len(claimed) == 8
+        # uuid and worker first and the run last, as each of these statements takes them
+        calls = [(c["uuid"], "A", *args, c["runs"]) for c in claimed]
+        for call in calls[:6]:  # past the five runs after which the generic plan may be kept
+            await replica.execute(statement, *call)
+        async with replica.transaction():
+            before = await replica.fetchval(LEASE_READS)
+            for call in calls[6:]:
+                await replica.execute(statement, *call)
+            reads = await replica.fetchval(LEASE_READS) - before
+    finally:
+        await client.close()
+        await replica.close()
+    assert reads == 0, f"two writes read {reads} leases"
+
+
+async def test_a_lease_renewal_reads_its_own_orders_however_many_others_are_running(
+    migrated_url: str,
+) -> None:
+    """A heartbeat renews the replica's own leases; its generic plan walked every replica's."""
+    client = await asyncpg.connect(asyncpg_dsn(migrated_url))
+    replica = await asyncpg.connect(asyncpg_dsn(migrated_url))
+    try:
+        await _many_running(client, replica)
+        uuids = [c["uuid"] for c in await replica.fetch(sql.CLAIM, 8, "A", 60.0, None)]
+        for _ in range(6):  # past the five runs after which the generic plan may be kept
+            await replica.fetch(sql.RENEW_LEASES, "A", uuids, 60.0)
+        async with replica.transaction():
+            before = await replica.fetchval(LEASE_READS)
+            renewed = await replica.fetch(sql.RENEW_LEASES, "A", uuids, 60.0)
+            reads = await replica.fetchval(LEASE_READS) - before
+    finally:
+        await client.close()
+        await replica.close()
+    assert sorted(r["uuid"] for r in renewed if r["renewed"]) == sorted(uuids)
+    assert reads == 0, f"a renewal of 8 read {reads} leases"
