@@ -11,7 +11,6 @@ job too. The blitz port keeps one job per call, so a cancel is heard between cal
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import os
 import shutil
 import threading
@@ -54,6 +53,7 @@ from biomero_importer.omero.port import (
 from biomero_importer.pipeline.progress import PROGRESS_DELAY, ProgressReporter, file_sizes
 from biomero_importer.pipeline.settle import Look, look
 from biomero_importer.pipeline.storage import StorageError, StorageTimeout, failure
+from biomero_importer.pipeline.threads import in_thread
 from biomero_importer.pipeline.validate import InvalidOrder, validate
 from biomero_importer.preprocessing import (
     PreprocessingError,
@@ -75,22 +75,6 @@ RECORD_WAIT = 60.0
 # Settle looks a replica keeps for orders that wait (the oldest go first; such an order looks
 # once more): about 200 bytes each.
 LOOKS_KEPT = 10_000
-
-
-def _retrieve(future: asyncio.Future[Any]) -> None:
-    if not future.cancelled() and future.exception() is not None:
-        log.debug("abandoned_call_ended", error=repr(future.exception()))
-
-
-def _in_thread(executor: Executor, call: Callable[[], T]) -> asyncio.Future[T]:
-    """``call`` in one of the executor's threads, with this task's context: the order's log
-    fields (order_uuid, stage, worker_id) stay on what it logs."""
-    context = contextvars.copy_context()
-    future = asyncio.get_running_loop().run_in_executor(executor, context.run, call)
-    # A caller that stops waiting (cancel, storage timeout) leaves the outcome behind; it is
-    # expected (usually ImportAborted or the order's own error), not an unhandled fault.
-    future.add_done_callback(_retrieve)
-    return future
 
 
 Failure = (
@@ -622,7 +606,7 @@ class Pipeline:
 
         timeout = self.settings.storage_timeout
         watch.heard = time.monotonic()
-        future = _in_thread(self.storage, guarded)
+        future = in_thread(self.storage, guarded)
         while True:
             left = watch.heard + timeout - time.monotonic()
             try:
@@ -659,7 +643,7 @@ class Pipeline:
                 raise ImportAborted("cancelled before the call started")
             return call()
 
-        future = _in_thread(self.executor, guarded)
+        future = in_thread(self.executor, guarded)
         try:
             return await asyncio.shield(future)
         except asyncio.CancelledError:
@@ -680,7 +664,7 @@ class Pipeline:
                 raise ImportAborted("cancelled before the session opened")
             return self.gateway.open_session(order.user, order.group, order_uuid=order.uuid)
 
-        future = _in_thread(self.executor, guarded)
+        future = in_thread(self.executor, guarded)
         try:
             return await asyncio.shield(future)
         except asyncio.CancelledError:
@@ -814,7 +798,7 @@ class Pipeline:
         progress.advance(
             units_done=0, current_file=unit.path.name, bytes_done=None if size is None else 0
         )
-        future = _in_thread(self.executor, job.run)
+        future = in_thread(self.executor, job.run)
         try:
             await asyncio.shield(future)
         except asyncio.CancelledError:
