@@ -280,7 +280,7 @@ BEGIN
                a.stage IN ('Import Completed', 'Import Failed') AS ends
         FROM importer_orders o JOIN args a ON a.uuid = o.uuid AND a.run = o.runs
             JOIN seen s ON s.uuid = o.uuid
-        WHERE o.worker_id IS NOT DISTINCT FROM $6
+        WHERE COALESCE(o.worker_id = $6, false)
         FOR UPDATE OF o
     ),
     ids AS (
@@ -305,7 +305,7 @@ BEGIN
             retries = o.retries + CASE WHEN a.transient_retry THEN 1 ELSE 0 END,
             waiting_since = CASE WHEN a.settling THEN COALESCE(o.waiting_since, now()) END
         FROM ids d JOIN args a ON a.uuid = d.uuid
-        WHERE o.uuid = d.uuid AND o.worker_id IS NOT DISTINCT FROM $6 AND o.runs = a.run
+        WHERE o.uuid = d.uuid AND COALESCE(o.worker_id = $6, false) AND o.runs = a.run
         RETURNING o.uuid, o.runs, d.previous_id, d.ended_id
     ),
     written AS (

@@ -13,8 +13,8 @@ one row. The kept plan then found the ending's orders by walking every lease in
 cost grew with the orders running on every replica, not with the ones it ended. Measured on
 PostgreSQL 15 with 6,400 orders running: an ending of 32 took 50 ms instead of 3.
 
-The test that the worker still owns an order is now ``worker_id IS NOT DISTINCT FROM $6``.
-For a worker id (never NULL) it is the same test, but it is not strict: PostgreSQL cannot
+The test that the worker still owns an order is now ``COALESCE(o.worker_id = $6, false)``:
+the same answer (an order nobody owns, or a NULL worker, is not owned), but PostgreSQL cannot
 prove from it that ``worker_id IS NOT NULL``, the leases index's predicate, so no plan can walk
 that index for it, and the orders are found by their primary key, as every other plan of the
 ending finds them. The body is otherwise the one of revision f3c5e7a9b1d4.
@@ -31,7 +31,7 @@ down_revision: str | None = "a7c9e1b3d5f6"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
-# {owned_by}: the comparison of the order's worker with the caller (see above)
+# {owned_by}: the test that the caller ($6) owns the order (see above)
 FINISH = """
 CREATE OR REPLACE FUNCTION importer_finish(text[], text[], text[], text[], text[], varchar, float8[],
                                 boolean[], boolean[], text[], integer[])
@@ -57,7 +57,7 @@ BEGIN
                a.stage IN ('Import Completed', 'Import Failed') AS ends
         FROM importer_orders o JOIN args a ON a.uuid = o.uuid AND a.run = o.runs
             JOIN seen s ON s.uuid = o.uuid
-        WHERE o.worker_id {owned_by} $6
+        WHERE {owned_by}
         FOR UPDATE OF o
     ),
     ids AS (
@@ -82,7 +82,7 @@ BEGIN
             retries = o.retries + CASE WHEN a.transient_retry THEN 1 ELSE 0 END,
             waiting_since = CASE WHEN a.settling THEN COALESCE(o.waiting_since, now()) END
         FROM ids d JOIN args a ON a.uuid = d.uuid
-        WHERE o.uuid = d.uuid AND o.worker_id {owned_by} $6 AND o.runs = a.run
+        WHERE o.uuid = d.uuid AND {owned_by} AND o.runs = a.run
         RETURNING o.uuid, o.runs, d.previous_id, d.ended_id
     ),
     written AS (
@@ -103,8 +103,8 @@ $$
 
 
 def upgrade() -> None:
-    op.execute(FINISH.replace("{owned_by}", "IS NOT DISTINCT FROM"))
+    op.execute(FINISH.replace("{owned_by}", "COALESCE(o.worker_id = $6, false)"))
 
 
 def downgrade() -> None:
-    op.execute(FINISH.replace("{owned_by}", "="))
+    op.execute(FINISH.replace("{owned_by}", "o.worker_id = $6"))

@@ -316,3 +316,36 @@ async def test_a_lease_renewal_reads_its_own_orders_however_many_others_are_runn
         await replica.close()
     assert sorted(r["uuid"] for r in renewed if r["renewed"]) == sorted(uuids)
     assert reads == 0, f"a renewal of 8 read {reads} leases"
+
+
+async def test_the_owner_test_takes_no_worker_for_the_owner_of_an_unowned_order(
+    migrated_url: str,
+) -> None:
+    """The owner test that keeps the plans off the leases index must still answer as '=':
+    an ending or a progress write in the name of no worker (NULL) touches no order, least of
+    all the waiting ones nobody owns (``IS NOT DISTINCT FROM`` would have ended them)."""
+    conn = await asyncpg.connect(asyncpg_dsn(migrated_url))
+    try:
+        await conn.executemany(INSERT, [("researcher", f"unowned-{n}", FILES) for n in range(2)])
+        uuids = ["unowned-0", "unowned-1"]
+        ended = await conn.fetch(
+            sql.FINISH_MANY,
+            uuids,
+            [STAGE_IMPORTED] * 2,
+            *([[None] * 2] * 3),
+            None,
+            [None] * 2,
+            [False] * 2,
+            [False] * 2,
+            [None] * 2,
+            [0, 0],
+        )
+        written = await conn.execute(sql.RECORD_OBJECTS, "unowned-0", None, "[]", 0)
+        stages = await conn.fetch(
+            "SELECT stage FROM importer_orders WHERE uuid = ANY($1::text[])", uuids
+        )
+    finally:
+        await conn.close()
+    assert ended == []
+    assert written == "UPDATE 0"
+    assert [r["stage"] for r in stages] == ["Import Pending"] * 2

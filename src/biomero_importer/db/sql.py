@@ -30,15 +30,17 @@ def _copy_latest(stage: str, description: str, file_names: str, source: str) -> 
 
 
 _OWNED_LATEST = "importer_orders o JOIN imports i ON i.id = o.latest_id"
-
-# How a worker's write to one order tests that the worker still owns it. For a worker id
-# (never NULL) it is the same test as '=', but it is not strict, so PostgreSQL cannot infer
-# from it 'worker_id IS NOT NULL', the predicate of importer_orders_ix_leases: no plan finds
-# the order by walking every running order's lease. The pool keeps these statements, and with
-# statistics taken while nothing ran (worker_id all NULL) their generic plans did exactly
-# that. The ending (importer_finish) tests the same way (revision b8d0f2a4c6e8).
-_OWNED_BY = "IS NOT DISTINCT FROM"
 _PICKED_LATEST = "picked p JOIN imports i ON i.id = p.latest_id"
+
+
+def _owned_by(worker: str, column: str = "worker_id") -> str:
+    """How a worker's write to one order tests that the worker still owns it: the same answer
+    as ``column = worker`` (a NULL on either side is no owner), but PostgreSQL cannot prove
+    from it ``worker_id IS NOT NULL``, the predicate of importer_orders_ix_leases, so no plan
+    finds the order by walking every running order's lease. The pool keeps these statements,
+    and with statistics taken while nothing ran (worker_id all NULL) their generic plans did
+    exactly that. The ending (importer_finish) tests the same way (revision b8d0f2a4c6e8)."""
+    return f"COALESCE({column} = {worker}, false)"
 
 
 def trigger_statements(channel: str) -> list[str]:
@@ -81,7 +83,7 @@ CLAIM = "SELECT * FROM importer_claim($1::int, $2::varchar, $3::float8, $4::int)
 APPEND_STAGE = f"""
 INSERT INTO imports ({ORDER_COLUMNS})
 {_copy_latest("$3", "$4", "COALESCE($5, i.file_names)", _OWNED_LATEST)}
-WHERE o.uuid = $1 AND o.worker_id {_OWNED_BY} $2 AND o.runs = $6
+WHERE o.uuid = $1 AND {_owned_by("$2", "o.worker_id")} AND o.runs = $6
 RETURNING id
 """
 
@@ -116,7 +118,7 @@ FINISH_MANY = (
 # $1 uuid, $2 worker id, $3 objects json, $4 run
 RECORD_OBJECTS = f"""
 UPDATE importer_orders SET objects = $3::json
-WHERE uuid = $1 AND worker_id {_OWNED_BY} $2 AND runs = $4
+WHERE uuid = $1 AND {_owned_by("$2")} AND runs = $4
 """
 
 # $1 uuid, $2 worker id, $3 progress json, $4 run. Only the owner writes it; the stage trigger
@@ -124,7 +126,7 @@ WHERE uuid = $1 AND worker_id {_OWNED_BY} $2 AND runs = $4
 # updated_at nor an indexed column changes, so it stays a cheap (HOT) update.
 RECORD_PROGRESS = f"""
 UPDATE importer_orders SET progress = $3::json, progress_at = now()
-WHERE uuid = $1 AND worker_id {_OWNED_BY} $2 AND runs = $4
+WHERE uuid = $1 AND {_owned_by("$2")} AND runs = $4
   AND stage IN ('Import Started', 'Import Preprocessing')
 """
 
@@ -134,7 +136,7 @@ WHERE uuid = $1 AND worker_id {_OWNED_BY} $2 AND runs = $4
 RENEW_LEASES = f"""
 WITH mine AS (
     SELECT uuid FROM importer_orders
-    WHERE worker_id {_OWNED_BY} $1 AND uuid = ANY($2::text[])
+    WHERE {_owned_by("$1")} AND uuid = ANY($2::text[])
     FOR UPDATE SKIP LOCKED
 ),
 renewed AS (
@@ -147,7 +149,7 @@ renewed AS (
 SELECT o.uuid, r.uuid IS NOT NULL AS renewed,
        COALESCE(r.cancel_requested, o.cancel_requested) AS cancel_requested
 FROM importer_orders o LEFT JOIN renewed r ON r.uuid = o.uuid
-WHERE o.worker_id {_OWNED_BY} $1 AND o.uuid = ANY($2::text[])
+WHERE {_owned_by("$1", "o.worker_id")} AND o.uuid = ANY($2::text[])
 """
 
 # Orders whose replica stopped renewing, and orders the original importer left running.
