@@ -262,6 +262,7 @@ CREATE FUNCTION public.importer_finish(text[], text[], text[], text[], text[], c
     LANGUAGE plpgsql
     SET enable_seqscan TO 'off'
     SET jit TO 'off'
+    SET "biomero_importer.finishing" TO 'on'
     AS $_$
 #variable_conflict use_column
 BEGIN
@@ -298,12 +299,16 @@ BEGIN
             lease_expires_at = NULL,
             objects = COALESCE(a.objects::json, o.objects),
             attempts = o.attempts - CASE WHEN a.stage = 'Import Pending' THEN 1 ELSE 0 END,
-            not_before = CASE WHEN a.delay IS NULL THEN NULL
+            not_before = CASE WHEN d.ended_id IS NOT NULL OR a.delay IS NULL THEN NULL
                               ELSE now() + make_interval(secs => a.delay) END,
             waiting = a.delay IS NOT NULL,
             wait_cause = CASE WHEN a.delay IS NULL THEN NULL ELSE a.wait_cause END,
-            retries = o.retries + CASE WHEN a.transient_retry THEN 1 ELSE 0 END,
-            waiting_since = CASE WHEN a.settling THEN COALESCE(o.waiting_since, now()) END
+            retries = CASE WHEN d.ended_id IS NOT NULL THEN 0
+                           ELSE o.retries + CASE WHEN a.transient_retry THEN 1 ELSE 0 END END,
+            waiting_since = CASE WHEN d.ended_id IS NULL AND a.settling
+                                 THEN COALESCE(o.waiting_since, now()) END,
+            progress = NULL,
+            progress_at = NULL
         FROM ids d JOIN args a ON a.uuid = d.uuid
         WHERE o.uuid = d.uuid AND COALESCE(o.worker_id = $6, false) AND o.runs = a.run
         RETURNING o.uuid, o.runs, d.previous_id, d.ended_id
@@ -318,6 +323,21 @@ BEGIN
                i.preprocessing_id, clock_timestamp(), i.import_options
         FROM released r JOIN args a ON a.uuid = r.uuid AND a.run = r.runs
             JOIN imports i ON i.id = r.previous_id
+    ),
+    owed AS (
+        SELECT importer_owed_channels() AS channels
+    ),
+    queued AS (
+        INSERT INTO importer_outbox (uuid, event_id, stage)
+        SELECT r.uuid, r.ended_id, a.stage
+        FROM released r JOIN args a ON a.uuid = r.uuid AND a.run = r.runs CROSS JOIN owed w
+        WHERE r.ended_id IS NOT NULL AND cardinality(w.channels) > 0
+        ON CONFLICT (event_id) DO NOTHING
+        RETURNING id
+    ),
+    delivered AS (
+        INSERT INTO importer_outbox_delivery (outbox_id, channel)
+        SELECT q.id, c FROM queued q CROSS JOIN owed w CROSS JOIN unnest(w.channels) c
     )
     SELECT released.uuid, released.runs FROM released;
 END;
@@ -862,7 +882,7 @@ CREATE TRIGGER importer_order_ready_insert AFTER INSERT ON public.importer_order
 
 CREATE TRIGGER importer_order_ready_update AFTER UPDATE ON public.importer_orders FOR EACH ROW WHEN (((((((old.stage)::text = 'Import Pending'::text) AND (old.worker_id IS NULL) AND (NOT old.cancel_requested) AND (NOT old.waiting)) IS DISTINCT FROM (((new.stage)::text = 'Import Pending'::text) AND (new.worker_id IS NULL) AND (NOT new.cancel_requested) AND (NOT new.waiting))) OR ((old.user_name)::text IS DISTINCT FROM (new.user_name)::text) OR (((new.stage)::text = 'Import Pending'::text) AND (new.worker_id IS NULL) AND (NOT new.cancel_requested) AND (NOT new.waiting) AND ((((old.group_name)::text IS DISTINCT FROM (new.group_name)::text) OR (old.queued_at IS DISTINCT FROM new.queued_at)) OR (old.queue_seq IS DISTINCT FROM new.queue_seq)))) AND (current_setting('biomero_importer.claiming'::text, true) IS DISTINCT FROM 'on'::text))) EXECUTE FUNCTION public.importer_order_ready();
 
-CREATE TRIGGER importer_order_stage_changed BEFORE UPDATE OF stage ON public.importer_orders FOR EACH ROW WHEN ((((old.stage)::text IS DISTINCT FROM (new.stage)::text) AND ((new.stage)::text <> ALL ((ARRAY['Import Started'::character varying, 'Import Preprocessing'::character varying])::text[])))) EXECUTE FUNCTION public.importer_order_stage_changed();
+CREATE TRIGGER importer_order_stage_changed BEFORE UPDATE OF stage ON public.importer_orders FOR EACH ROW WHEN ((((old.stage)::text IS DISTINCT FROM (new.stage)::text) AND ((new.stage)::text <> ALL ((ARRAY['Import Started'::character varying, 'Import Preprocessing'::character varying])::text[])) AND (current_setting('biomero_importer.finishing'::text, true) IS DISTINCT FROM 'on'::text))) EXECUTE FUNCTION public.importer_order_stage_changed();
 
 CREATE TRIGGER importer_order_wait BEFORE INSERT OR UPDATE ON public.importer_orders FOR EACH ROW WHEN ((new.waiting OR (new.wait_cause IS NOT NULL))) EXECUTE FUNCTION public.importer_order_wait();
 

@@ -102,8 +102,12 @@ $$
 """
 
 
+# the owner test this revision makes (d0f2b4c6e8a1's downgrade builds this ending from it too)
+OWNED_BY = "COALESCE(o.worker_id = $6, false)"
+
+
 def upgrade() -> None:
-    op.execute(FINISH.replace("{owned_by}", "COALESCE(o.worker_id = $6, false)"))
+    op.execute(FINISH.replace("{owned_by}", OWNED_BY))
 
 
 def downgrade() -> None:

@@ -676,3 +676,21 @@ def test_the_insert_trigger_becomes_a_statement_trigger_on_the_channel_it_had(
         assert _triggers(database_url) == before
     finally:
         engine.dispose()
+
+
+def _ending(url: str) -> tuple[str, str]:
+    """importer_finish's definition (its settings included) and the stage trigger's."""
+    return _functions(url)["importer_finish"][1], _triggers(url)["importer_order_stage_changed"]
+
+
+def test_the_ending_that_does_the_stage_work_downgrades_to_the_one_it_replaced(
+    database_url: str,
+) -> None:
+    """d0f2b4c6e8a1 builds its downgrade's ending from b8d0f2a4c6e8's own text: the
+    downgrade restores that ending, its settings and the trigger exactly."""
+    before, head = _round_trip(database_url, "b8d0f2a4c6e8", _ending)
+    assert "importer_owed_channels()" not in before[0]
+    assert "importer_owed_channels()" in head[0]
+    assert "SET \"biomero_importer.finishing\" TO 'on'" in head[0]
+    assert "biomero_importer.finishing" not in before[1]
+    assert "biomero_importer.finishing" in head[1]

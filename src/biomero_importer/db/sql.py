@@ -102,8 +102,10 @@ RETURNING id
 # wait sets waiting, its cause and not_before (from the database clock, the one the claim
 # compares with); its history row wakes nobody; a transient retry counts in retries;
 # a settle wait keeps the time of the first of a stretch of them (settle_max_wait bounds the
-# stretch), and any other finish ends the stretch: that run got past them. The stage trigger
-# clears all three when the order reaches a terminal stage.
+# stretch), and any other finish ends the stretch: that run got past them. An ending clears
+# all three and the progress, and queues its outcomes' notifications (the owed channels looked
+# up once per call): the stage trigger, which does that for every other writer of a stage,
+# leaves the ending's rows alone (revision d0f2b4c6e8a1).
 # The new row copies the latest row this statement's snapshot sees (seen), not the one the
 # locked queue row names: an ending that waited for the lock of a client's write (a refused
 # retry, an ignored second submission) finds the row naming that write's restoring row, which
@@ -121,9 +123,10 @@ UPDATE importer_orders SET objects = $3::json
 WHERE uuid = $1 AND {_owned_by("$2")} AND runs = $4
 """
 
-# $1 uuid, $2 worker id, $3 progress json, $4 run. Only the owner writes it; the stage trigger
-# (importer_order_stage_changed) clears it when the order leaves the running stages. Neither
-# updated_at nor an indexed column changes, so it stays a cheap (HOT) update.
+# $1 uuid, $2 worker id, $3 progress json, $4 run. Only the owner writes it; the ending (for
+# other writers, the stage trigger importer_order_stage_changed) clears it when the order
+# leaves the running stages. Neither updated_at nor an indexed column changes, so it stays a
+# cheap (HOT) update.
 RECORD_PROGRESS = f"""
 UPDATE importer_orders SET progress = $3::json, progress_at = now()
 WHERE uuid = $1 AND {_owned_by("$2")} AND runs = $4
@@ -342,7 +345,8 @@ RETURNING id
 
 
 # --- the notification outbox ---
-# One row per order outcome, queued by the stage trigger in the outcome's own transaction.
+# One row per order outcome, queued in the outcome's own transaction: by the ending
+# (importer_finish), or by the stage trigger for any other writer of a terminal stage.
 # Everything here walks the partial indexes importer_outbox_ix_due (undelivered, by due time)
 # and importer_outbox_ix_done (delivered, by when), never the whole table.
 
