@@ -6,9 +6,10 @@ Create Date: 2026-12-04
 
 The stage trigger (``importer_order_stage_changed``) ran once for every order an ending
 ended: a plpgsql call that cleared the order's progress and waits and looked up the channels
-owed a notification (``importer_owed_channels``), then queued the outcome. With no channel
-owed that was about 20 µs of a 130 µs ending per order (PostgreSQL 15, endings of 16 with 64
-orders in flight: 126-146 µs per order with the trigger, 106-127 without).
+owed a notification (``importer_owed_channels``), then queued the outcome. In
+``benchmarks/ending.py`` (endings of 16, 64 orders in flight) an ending cost 73-74 µs per order
+with no channel owed and 123-186 with two; with this revision 64-67 and 97-143, the same outbox
+rows written (embedded PostgreSQL 16; the drift of the machine is in the ranges).
 
 ``importer_finish`` now does that work for all its orders at once: its update clears the
 progress, and for an ended order ``not_before``, ``waiting_since`` and ``retries``, as the

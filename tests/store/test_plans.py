@@ -47,24 +47,29 @@ async def _seq_scans(conn: asyncpg.Connection) -> dict[str, int]:
     return {r["relname"]: r["seq_scan"] for r in await conn.fetch(SCANS)}
 
 
+async def _end(
+    conn: asyncpg.Connection, worker: str | None, uuids: list[str], runs: list[int]
+) -> list[asyncpg.Record]:
+    """An ending of ``uuids`` ('Import Completed') in the name of ``worker``."""
+    n = len(uuids)
+    return await conn.fetch(
+        sql.FINISH_MANY,
+        uuids,
+        [STAGE_IMPORTED] * n,
+        *([[None] * n] * 3),
+        worker,
+        [None] * n,
+        [False] * n,
+        [False] * n,
+        [None] * n,
+        runs,
+    )
+
+
 async def _claim_and_end(conn: asyncpg.Connection, slots: int) -> list[asyncpg.Record]:
     """A claim of ``slots`` by worker A and the ending of every order it took."""
     claimed = await conn.fetch(sql.CLAIM, slots, "A", 60.0, None)
-    n = len(claimed)
-    ended = await conn.fetch(
-        sql.FINISH_MANY,
-        [c["uuid"] for c in claimed],
-        [STAGE_IMPORTED] * n,
-        [None] * n,
-        [None] * n,
-        [None] * n,
-        "A",
-        [None] * n,
-        [False] * n,
-        [False] * n,
-        [None] * n,
-        [c["runs"] for c in claimed],
-    )
+    ended = await _end(conn, "A", [c["uuid"] for c in claimed], [c["runs"] for c in claimed])
     assert {r["uuid"] for r in ended} == {c["uuid"] for c in claimed}
     return claimed
 
@@ -241,17 +246,8 @@ async def test_an_ending_reads_its_own_orders_however_many_others_are_running(
             claimed = await replica.fetch(sql.CLAIM, 8, "A", 60.0, None)
             assert len(claimed) == 8
             before = await replica.fetchval(LEASE_READS)
-            ended = await replica.fetch(
-                sql.FINISH_MANY,
-                [c["uuid"] for c in claimed],
-                [STAGE_IMPORTED] * 8,
-                *([[None] * 8] * 3),
-                "A",
-                [None] * 8,
-                [False] * 8,
-                [False] * 8,
-                [None] * 8,
-                [c["runs"] for c in claimed],
+            ended = await _end(
+                replica, "A", [c["uuid"] for c in claimed], [c["runs"] for c in claimed]
             )
             reads = await replica.fetchval(LEASE_READS) - before
     finally:
@@ -328,18 +324,7 @@ async def test_the_owner_test_takes_no_worker_for_the_owner_of_an_unowned_order(
     try:
         await conn.executemany(INSERT, [("researcher", f"unowned-{n}", FILES) for n in range(2)])
         uuids = ["unowned-0", "unowned-1"]
-        ended = await conn.fetch(
-            sql.FINISH_MANY,
-            uuids,
-            [STAGE_IMPORTED] * 2,
-            *([[None] * 2] * 3),
-            None,
-            [None] * 2,
-            [False] * 2,
-            [False] * 2,
-            [None] * 2,
-            [0, 0],
-        )
+        ended = await _end(conn, None, uuids, [0, 0])
         written = await conn.execute(sql.RECORD_OBJECTS, "unowned-0", None, "[]", 0)
         stages = await conn.fetch(
             "SELECT stage FROM importer_orders WHERE uuid = ANY($1::text[])", uuids
