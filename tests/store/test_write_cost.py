@@ -165,9 +165,9 @@ async def test_a_claim_and_an_ending_run_no_trigger_for_rows_they_applied(
             calls = _calls_since(before, await _calls(conn))
         assert len(ended) == 3
         assert calls.get("importer_track_inserts") == 1
-        # The ending clears the waits and queues the notifications of all its orders itself:
-        # the stage trigger ran once per order (revision d0f2b4c6e8a1; about 20 µs each, the
-        # owed channels looked up every time), and the owed channels are looked up once.
+        # The ending clears the waits and queues the notifications of all its orders itself,
+        # the owed channels looked up once; before revision d0f2b4c6e8a1 the stage trigger
+        # ran once per order for that, looking the owed channels up every time.
         assert {f: calls[f] for f in PER_ROW_TRIGGERS if f in calls} == {}
         assert calls.get("importer_owed_channels") == 1
         queue = await conn.fetch(

@@ -1,5 +1,5 @@
 """The hand-off of blocking calls to pool threads (``pipeline.threads.in_thread``): what
-``run_in_executor`` gave the pipeline, at half its CPU."""
+``run_in_executor`` gave the pipeline, at two thirds of its CPU."""
 
 from __future__ import annotations
 
